@@ -1,0 +1,140 @@
+"""Named text corpora, their calibration/evaluation split, and deterministic sampling.
+
+Named sets come from the plain-text corpora bundled in the ``exllamav2`` package:
+
+* ``wiki``: 2,349 Wikipedia articles in ``<doc ...>`` blocks. Calibration uses articles
+  [0, 1000); evaluation uses articles [1500, 2349). Articles [1000, 1500) are unused, a
+  guard band, so no article is ever seen by both.
+* ``c4``: 118 web documents, one per line. Calibration uses [0, 59), evaluation [59, 118).
+
+A local text file (``<doc>`` blocks, else blank-line-separated paragraphs) or a
+``datasets.save_to_disk`` folder with a ``text`` column is used whole for calibration;
+evaluation only ever reads the named sets' evaluation split.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Split:
+    calibration: tuple[int, int | None]
+    evaluation: tuple[int, int | None]
+
+
+NAMED_CORPORA: dict[str, tuple[str, Split]] = {
+    "wiki": ("wiki.utf8", Split(calibration=(0, 1000), evaluation=(1500, None))),
+    "c4": ("c4.utf8", Split(calibration=(0, 59), evaluation=(59, None))),
+}
+
+_DOC_BLOCK = re.compile(r"<doc[^>]*>(.*?)</doc>", re.S)
+
+
+class CorpusError(ValueError):
+    """Calibration text is missing, unreadable or too short."""
+
+
+def load_documents(name_or_path: str) -> datasets.Dataset:
+    """All documents of a named corpus or a local source, as a ``text`` column."""
+    if name_or_path in NAMED_CORPORA:
+        from vllm_miprun import assets
+
+        filename, _ = NAMED_CORPORA[name_or_path]
+        return _documents_from_text_file(assets.corpus_dir() / filename, one_per_line=name_or_path == "c4")
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return _documents_from_saved_dataset(path)
+    if path.is_file():
+        return _documents_from_text_file(path, one_per_line=False)
+    raise CorpusError(
+        f"calibration set must be one of {', '.join(NAMED_CORPORA)}, a text file or a "
+        f"datasets.save_to_disk folder; got {name_or_path!r}, which does not exist"
+    )
+
+
+def split_documents(name_or_path: str, part: str) -> datasets.Dataset:
+    """The ``calibration`` or ``evaluation`` part of a corpus (see the module docstring)."""
+    docs = load_documents(name_or_path)
+    if name_or_path not in NAMED_CORPORA:
+        if part == "evaluation":
+            raise CorpusError(
+                f"evaluation text comes only from the named sets {list(NAMED_CORPORA)}; "
+                f"got {name_or_path!r}"
+            )
+        return docs
+    start, stop = getattr(NAMED_CORPORA[name_or_path][1], part)
+    return docs.select(range(start, min(stop or len(docs), len(docs))))
+
+
+def sample_token_windows(
+    tokenizer, name_or_path: str, samples: int, seq_len: int, seed: int, part: str = "calibration"
+) -> np.ndarray:
+    """``samples`` windows of ``seq_len`` tokens, deterministic given the seed.
+
+    Documents are visited in a seeded order and tokenised one by one (only as many as
+    needed), joined by the tokenizer's EOS (or BOS) token, and the stream is cut into
+    consecutive windows, so no two windows overlap.
+    """
+    docs = split_documents(name_or_path, part)
+    order = np.random.default_rng(seed).permutation(len(docs)) if part == "calibration" else range(len(docs))
+    needed = samples * seq_len
+    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+    stream: list[int] = []
+    for index in order:
+        ids = tokenizer(docs[int(index)]["text"], add_special_tokens=False)["input_ids"]
+        if ids:
+            stream.extend(ids + ([separator] if separator is not None else []))
+        if len(stream) >= needed:
+            break
+    if len(stream) < needed:
+        raise CorpusError(
+            f"the {part} text of {name_or_path!r} has {len(stream)} tokens, but samples x seq_len = "
+            f"{samples} x {seq_len} = {needed}; lower --samples or --seq-len, or use a larger set"
+        )
+    return np.asarray(stream[:needed], dtype=np.int64).reshape(samples, seq_len)
+
+
+def _documents_from_text_file(path: Path, one_per_line: bool) -> datasets.Dataset:
+    raw = path.read_bytes()
+    if b"\x00" in raw:
+        raise CorpusError(f"{path} looks binary (it contains NUL bytes); expected UTF-8 text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CorpusError(f"{path} is not UTF-8 text ({err}); expected a plain text file") from None
+    if "<doc" in text:
+        pieces = _DOC_BLOCK.findall(text)
+    elif one_per_line:
+        pieces = text.splitlines()
+    else:
+        pieces = re.split(r"\n\s*\n", text)
+    docs = [p.strip() for p in pieces if p.strip()]
+    if not docs:
+        raise CorpusError(f"{path} holds no text; expected at least one non-empty document")
+    return datasets.Dataset.from_dict({"text": docs})
+
+
+def _documents_from_saved_dataset(path: Path) -> datasets.Dataset:
+    try:
+        data = datasets.load_from_disk(str(path))
+    except Exception as err:  # datasets raises several types for a foreign folder
+        raise CorpusError(
+            f"{path} is a folder but not one that datasets.load_from_disk reads ({err})"
+        ) from None
+    if isinstance(data, datasets.DatasetDict):
+        data = data[sorted(data)[0]]
+    if "text" not in data.column_names:
+        raise CorpusError(f"{path} has columns {data.column_names}; expected a 'text' column")
+    data = data.filter(lambda row: bool(row["text"] and row["text"].strip()))
+    if len(data) == 0:
+        raise CorpusError(f"{path} holds no non-empty 'text' rows")
+    return data.select_columns(["text"])

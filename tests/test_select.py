@@ -1,0 +1,314 @@
+"""Selection: objective, exact DP, Fast-Block-Select, baselines, keep ratio, protect."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from vllm_miprun.select import (
+    METHODS,
+    Selection,
+    dpi_violations,
+    exact_select,
+    fast_block_select,
+    keep_count,
+    maximal_runs,
+    objective_value,
+    parse_protect,
+    prune_count,
+    random_dpi_cost,
+    select,
+    select_angular,
+    select_last,
+    select_random,
+    select_shortgpt,
+    select_sleb,
+)
+
+
+def brute_force(cost, k, protect=frozenset()):
+    num_blocks = cost.shape[0] - 1
+    free = [b for b in range(num_blocks) if b not in protect]
+    return min(objective_value(cost, p) for p in itertools.combinations(free, k))
+
+
+def close(a, b):
+    return abs(a - b) <= 1e-9 * max(1.0, abs(b))
+
+
+# --------------------------------------------------------------------------- objective
+
+
+def test_maximal_runs_merge_adjacent_blocks():
+    assert maximal_runs([5, 1, 2, 7, 6]) == ((1, 3), (5, 8))
+    assert maximal_runs([]) == ()
+
+
+def test_adjacent_cheap_singles_are_scored_as_one_expensive_run():
+    # Blocks 1 and 2 are cheap alone but expensive together; block 4 costs a bit more.
+    L = 6
+    cost = np.full((L + 1, L + 1), np.nan)
+    for i in range(L):
+        for j in range(i + 1, L + 1):
+            cost[i, j] = 10.0 * (j - i)
+    cost[1, 2] = cost[2, 3] = 0.1
+    cost[4, 5] = 0.5
+    cost[1, 3] = 5.0
+    assert dpi_violations(cost) == 0
+    assert objective_value(cost, [1, 2]) == 5.0  # not 0.2
+    for solver in (exact_select, fast_block_select):
+        chosen = solver(cost, 2)
+        assert chosen.pruned == (1, 4) or chosen.pruned == (2, 4)
+        assert close(chosen.objective, 0.6)
+
+
+def test_random_instances_obey_dpi_and_are_not_additive():
+    rng = np.random.default_rng(0)
+    for kind in ("channels", "mixed", "planted"):
+        cost = random_dpi_cost(16, rng, kind)
+        assert dpi_violations(cost) == 0
+        singles = np.array([cost[b, b + 1] for b in range(16)])
+        assert not np.allclose(cost[0, 16], singles.sum())
+
+
+# --------------------------------------------------------------------------- exact
+
+
+@pytest.mark.parametrize("num_blocks", [1, 2, 5, 8, 10])
+def test_exact_matches_brute_force_for_every_k(num_blocks):
+    rng = np.random.default_rng(num_blocks)
+    for _ in range(3):
+        cost = random_dpi_cost(num_blocks, rng)
+        for k in range(num_blocks):
+            assert close(exact_select(cost, k).objective, brute_force(cost, k))
+
+
+@pytest.mark.parametrize("protect", [{0}, {9}, {0, 9}, {3, 4}, {2, 5, 7}])
+def test_exact_matches_brute_force_with_protect(protect):
+    rng = np.random.default_rng(7)
+    cost = random_dpi_cost(10, rng)
+    for k in range(10 - len(protect) + 1):
+        if k > 9:
+            continue
+        chosen = exact_select(cost, k, protect)
+        assert not set(chosen.pruned) & protect
+        assert len(chosen.pruned) == k
+        assert close(chosen.objective, brute_force(cost, k, protect))
+
+
+def test_exact_ties_prefer_lexicographically_smallest():
+    cost = np.full((7, 7), np.nan)
+    for i in range(6):
+        for j in range(i + 1, 7):
+            cost[i, j] = float(j - i)  # additive and flat: every 2-set ties at 2
+    assert exact_select(cost, 2).pruned == (0, 1)
+    cost[0, 2] = 3.0  # merging 0 and 1 now costs more, so (0, 2) is the smallest optimum
+    cost[0, 3:] = np.maximum(cost[0, 3:], 3.0)
+    assert dpi_violations(cost) == 0
+    assert exact_select(cost, 2).pruned == (0, 2)
+
+
+# --------------------------------------------------------------------------- Fast-Block-Select
+
+
+@pytest.mark.parametrize("num_blocks", [12, 24, 32])
+def test_fast_block_select_reaches_the_optimum_with_fewer_reads(num_blocks):
+    rng = np.random.default_rng(100 + num_blocks)
+    instances = 30
+    hits, fbs_reads, exact_reads = 0, 0, 0
+    for _ in range(instances):
+        cost = random_dpi_cost(num_blocks, rng)
+        k = int(rng.integers(1, num_blocks // 2 + 1))
+        fast = fast_block_select(cost, k)
+        best = exact_select(cost, k)
+        hits += close(fast.objective, best.objective) or fast.objective < best.objective
+        fbs_reads += fast.run_evaluations
+        exact_reads += best.run_evaluations
+        assert len(fast.pruned) == k
+    assert hits / instances >= 0.95
+    assert fbs_reads < exact_reads
+    assert fbs_reads < math.comb(num_blocks, num_blocks // 4) * instances
+
+
+def test_fast_block_select_finds_a_planted_cheap_run_of_expensive_blocks():
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        cost = random_dpi_cost(24, rng, "planted")
+        for k in (3, 6, 8):
+            assert close(fast_block_select(cost, k).objective, exact_select(cost, k).objective)
+
+
+def test_fast_block_select_respects_protect_and_is_deterministic():
+    rng = np.random.default_rng(5)
+    cost = random_dpi_cost(20, rng)
+    protect = frozenset({0, 19, 7})
+    first = fast_block_select(cost, 8, protect)
+    second = fast_block_select(cost.copy(), 8, protect)
+    assert first == second
+    assert not set(first.pruned) & protect
+    assert close(first.objective, exact_select(cost, 8, protect).objective)
+
+
+def test_fast_block_select_without_certificate_still_returns_a_valid_set():
+    rng = np.random.default_rng(6)
+    cost = random_dpi_cost(24, rng)
+    chosen = fast_block_select(cost, 9, certify=False)
+    assert len(chosen.pruned) == 9
+    assert chosen.details["certified_optimal"] is False
+    assert chosen.objective >= exact_select(cost, 9).objective - 1e-9
+
+
+def test_zero_pruned_keeps_everything():
+    cost = random_dpi_cost(6, np.random.default_rng(0))
+    for solver in (exact_select, fast_block_select):
+        chosen = solver(cost, 0)
+        assert chosen.pruned == () and chosen.kept == tuple(range(6)) and chosen.objective == 0.0
+
+
+def test_selection_to_json_round_trips_the_sets():
+    cost = random_dpi_cost(10, np.random.default_rng(1))
+    data = fast_block_select(cost, 3).to_json()
+    assert sorted(data["kept"] + data["pruned"]) == list(range(10))
+    assert data["method"] == "mi-prun" and data["num_blocks"] == 10
+    assert isinstance(data["run_evaluations"], int)
+
+
+def test_cost_matrix_errors():
+    with pytest.raises(ValueError, match="square"):
+        exact_select(np.zeros((3, 4)), 1)
+    bad = random_dpi_cost(5, np.random.default_rng(0))
+    bad[1, 3] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        fast_block_select(bad, 2)
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def test_shortgpt_removes_lowest_influence_ties_by_index():
+    bi = [0.5, 0.1, 0.3, 0.1, 0.9]
+    assert select_shortgpt(bi, 2).pruned == (1, 3)
+    assert select_shortgpt(bi, 2, {3}).pruned == (1, 2)
+
+
+def test_angular_picks_the_closest_run_avoiding_protected():
+    L = 6
+    ang = np.full((L + 1, L + 1), 0.9)
+    ang[1, 3] = 0.1
+    ang[3, 5] = 0.2
+    assert select_angular(ang, 2).pruned == (1, 2)
+    assert select_angular(ang, 2, {2}).pruned == (3, 4)
+    with pytest.raises(ValueError, match="consecutive"):
+        select_angular(ang, 3, {2, 4})
+
+
+def test_last_prunes_before_the_final_block():
+    assert select_last(10, 3).pruned == (6, 7, 8)
+    assert select_last(10, 3, {7}).pruned == (5, 6, 8)
+    assert select_last(4, 3, {0}).pruned == (1, 2, 3)
+
+
+def test_random_is_seeded():
+    a = select_random(20, 5, {0}, seed=3)
+    assert a == select_random(20, 5, {0}, seed=3)
+    assert 0 not in a.pruned and len(a.pruned) == 5
+
+
+def test_sleb_is_greedy_and_counts_calls():
+    weights = [5.0, 1.0, 3.0, 1.0, 2.0]
+
+    def evaluate(pruned):
+        return sum(weights[b] for b in pruned)
+
+    chosen = select_sleb(5, 2, evaluate=evaluate)
+    assert chosen.pruned == (1, 3)  # tie between 1 and 3 goes to 1 first
+    assert chosen.run_evaluations == 5 + 4
+    assert chosen.details["trace"][0]["block"] == 1
+    with pytest.raises(ValueError, match="evaluate"):
+        select_sleb(5, 2)
+
+
+def test_dispatcher_runs_every_method():
+    L = 8
+    rng = np.random.default_rng(2)
+    cost = random_dpi_cost(L, rng)
+    inputs = dict(
+        cost=cost,
+        block_influence=rng.uniform(size=L),
+        angular=rng.uniform(size=(L + 1, L + 1)),
+        evaluate=lambda p: float(sum(p)),
+        protect=parse_protect("first,last", L),
+    )
+    for method in METHODS:
+        chosen = select(method, L, 3, **inputs)
+        assert isinstance(chosen, Selection) and chosen.method == method
+        assert len(chosen.pruned) == 3 and not {0, L - 1} & set(chosen.pruned)
+        assert chosen.objective == pytest.approx(objective_value(cost, chosen.pruned))
+    assert select("mi-prun", L, 3, cost=cost).objective == pytest.approx(exact_select(cost, 3).objective)
+
+
+def test_dispatcher_errors():
+    cost = random_dpi_cost(8, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="mi-prun, shortgpt"):
+        select("blockpruner", 8, 2, cost=cost)
+    with pytest.raises(ValueError, match="0..7"):
+        select("last", 8, 8)
+    with pytest.raises(ValueError, match="0..7"):
+        select("last", 8, -1)
+    with pytest.raises(ValueError, match="needs cost"):
+        select("mi-prun", 8, 2)
+    with pytest.raises(ValueError, match="out of range"):
+        select("last", 8, 2, protect={8})
+    with pytest.raises(ValueError, match="only 2 prunable"):
+        select("last", 8, 3, protect=set(range(6)))
+    with pytest.raises(ValueError, match="recalibrate"):
+        select("shortgpt", 8, 2, block_influence=np.ones(7))
+
+
+# --------------------------------------------------------------------------- keep ratio, protect
+
+
+@pytest.mark.parametrize(
+    "ratio, num_blocks, expected",
+    [
+        (0.9, 30, 27),
+        (0.75, 30, 23),  # 22.5 rounds up
+        (0.5, 30, 15),
+        (0.7, 30, 21),  # 20.999... is float noise for 21
+        (1.0, 30, 30),
+        (0.01, 30, 1),  # never zero kept
+        (1e-9, 5, 1),
+        (0.5, 5, 3),  # 2.5 rounds up
+        (0.3, 5, 2),
+    ],
+)
+def test_keep_count_rounding_table(ratio, num_blocks, expected):
+    assert keep_count(ratio, num_blocks) == expected
+    assert prune_count(ratio, num_blocks) == num_blocks - expected
+
+
+@pytest.mark.parametrize("ratio", [0, 1.5, -0.1, float("nan"), float("inf"), "abc", "0.5", None, True])
+def test_keep_count_errors(ratio):
+    with pytest.raises(ValueError, match="keep ratio"):
+        keep_count(ratio, 30)
+
+
+def test_keep_count_error_message_says_what_to_do():
+    with pytest.raises(ValueError, match=r"got 1.5; pass e.g."):
+        keep_count(1.5, 30)
+    with pytest.raises(ValueError, match="number of blocks"):
+        keep_count(0.5, 0)
+
+
+def test_parse_protect():
+    assert parse_protect("first,last", 30) == {0, 29}
+    assert parse_protect("first", 30) == {0}
+    assert parse_protect(" last , 3", 30) == {29, 3}
+    assert parse_protect([0, "last"], 30) == {0, 29}
+    assert parse_protect(5, 30) == {5}
+    assert parse_protect("", 30) == frozenset()
+    assert parse_protect(None, 30) == frozenset()
+    for bad in ("middle", "30", "-1", [1.5], {"a": 1}):
+        with pytest.raises(ValueError, match="protect"):
+            parse_protect(bad, 30)

@@ -1,0 +1,179 @@
+"""Run a causal LM one decoder block at a time, reading each block's weights only when it runs.
+
+The model skeleton is built on the ``meta`` device (no memory). The embeddings, final
+norm and LM head are read once; each block is materialised from the safetensors files
+just before it runs and dropped right after. Peak memory is therefore the embeddings,
+one block and the activations, so a model larger than RAM can still be calibrated.
+
+Per-token attention is causal SDPA over each calibration sequence; sliding windows are
+not applied (calibration sequences are shorter than any supported window).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+LAYER_PREFIX = "model.layers."
+
+
+class ModelFolderError(ValueError):
+    """The model folder is missing something the project needs."""
+
+
+def read_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ModelFolderError(
+            f"{model_dir} has no config.json; expected a Hugging Face model folder "
+            "(config.json plus *.safetensors)"
+        )
+    return json.loads(path.read_text())
+
+
+def safetensors_files(model_dir: str | Path) -> list[Path]:
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise ModelFolderError(
+            f"{model_dir} holds no *.safetensors files; convert the checkpoint to safetensors "
+            "(pickled .bin weights are never loaded)"
+        )
+    return files
+
+
+class TensorIndex:
+    """Where each tensor lives, from the safetensors headers only."""
+
+    def __init__(self, model_dir: str | Path):
+        self.location: dict[str, Path] = {}
+        for file in safetensors_files(model_dir):
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    self.location[name] = file
+
+    def read(self, names: list[str], device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.location[name], []).append(name)
+        tensors = {}
+        for file, file_names in by_file.items():
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for name in file_names:
+                    tensors[name] = handle.get_tensor(name).to(device=device, dtype=dtype)
+        return tensors
+
+    def names_with_prefix(self, prefix: str) -> list[str]:
+        return sorted(n for n in self.location if n.startswith(prefix))
+
+
+class BlockwiseModel:
+    """Embeddings, blocks and head of a causal LM, with blocks loaded on demand."""
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 resident_blocks: bool = False):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.model_dir = Path(model_dir)
+        self.device, self.dtype = device, dtype
+        self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
+        self.config._attn_implementation = "sdpa"
+        self.index = TensorIndex(self.model_dir)
+        with torch.device("meta"):
+            self.skeleton = AutoModelForCausalLM.from_config(self.config, trust_remote_code=False)
+        self.num_blocks = len(self.skeleton.model.layers)
+        self.embed = self._materialise(self.skeleton.model.embed_tokens, "model.embed_tokens.")
+        self.norm = self._materialise(self.skeleton.model.norm, "model.norm.")
+        self.lm_head_weight = self._lm_head_weight()
+        self.rotary = type(self.skeleton.model.rotary_emb)(config=self.config).to(device)
+        # Small models may keep loaded blocks (SLEB re-runs them many times); default is not to.
+        self.resident_blocks = resident_blocks
+        self._resident: dict[int, nn.Module] = {}
+        self.blocks_loaded = 0
+
+    def _materialise(self, module: nn.Module, prefix: str) -> nn.Module:
+        names = self.index.names_with_prefix(prefix)
+        tensors = self.index.read(names, self.device, self.dtype)
+        state = {name[len(prefix):]: t for name, t in tensors.items()}
+        module.load_state_dict(state, strict=True, assign=True)
+        return module.requires_grad_(False)
+
+    def _lm_head_weight(self) -> torch.Tensor:
+        if "lm_head.weight" in self.index.location:
+            return self.index.read(["lm_head.weight"], self.device, self.dtype)["lm_head.weight"]
+        return self.embed.weight  # tied embeddings
+
+    @contextmanager
+    def block(self, index: int) -> Iterator[nn.Module]:
+        """Block ``index`` with its weights read from disk, dropped again on exit."""
+        if index in self._resident:
+            yield self._resident[index]
+            return
+        layer = self.skeleton.model.layers[index]
+        prefix = f"{LAYER_PREFIX}{index}."
+        names = self.index.names_with_prefix(prefix)
+        if not names:
+            raise ModelFolderError(f"{self.model_dir} has no tensors for block {index} ({prefix}*)")
+        self._materialise(layer, prefix)
+        self.blocks_loaded += 1
+        try:
+            yield layer
+        finally:
+            if self.resident_blocks:
+                self._resident[index] = layer
+            else:
+                layer.to("meta")  # frees the block's weights
+
+    @torch.inference_mode()
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids.to(self.device))
+
+    def position_embeddings(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(hidden.shape[1], device=self.device).unsqueeze(0)
+        return self.rotary(hidden, positions)
+
+    @torch.inference_mode()
+    def run_block(self, layer: nn.Module, hidden: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """Apply one loaded block to ``hidden`` [sequences, tokens, dim] in micro-batches."""
+        rope = self.position_embeddings(hidden[:1])
+        outputs = []
+        for start in range(0, hidden.shape[0], batch_size):
+            chunk = hidden[start:start + batch_size]
+            out = layer(chunk, attention_mask=None, position_embeddings=rope)
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+        return torch.cat(outputs)
+
+    @torch.inference_mode()
+    def token_nll(self, hidden: torch.Tensor, input_ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """Mean next-token negative log-likelihood (nats) from the last boundary state."""
+        total, count = 0.0, 0
+        targets = input_ids.to(self.device)
+        for start in range(0, hidden.shape[0], batch_size):
+            logits = self.norm(hidden[start:start + batch_size]) @ self.lm_head_weight.T
+            nll = nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                targets[start:start + batch_size, 1:].reshape(-1),
+                reduction="sum",
+            )
+            total += float(nll)
+            count += logits.shape[0] * (logits.shape[1] - 1)
+        return torch.tensor(total / count)
+
+    @torch.inference_mode()
+    def forward_from(self, hidden: torch.Tensor, start_block: int, pruned: frozenset[int] = frozenset(),
+                     batch_size: int = 8) -> torch.Tensor:
+        """The last boundary state, running blocks ``start_block..L-1`` except ``pruned``."""
+        for index in range(start_block, self.num_blocks):
+            if index in pruned:
+                continue
+            with self.block(index) as layer:
+                hidden = self.run_block(layer, hidden, batch_size)
+        return hidden

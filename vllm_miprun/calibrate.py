@@ -1,0 +1,160 @@
+"""Calibration: text -> block-by-block forward -> boundary statistics -> scores -> cache.
+
+One pass over the calibration batch, one block at a time, keeps only what the scores
+need from each boundary state: a seeded subsample of token rows for the MI estimator,
+each sequence's last token for the angular distance, and the running cosine between
+consecutive states for ShortGPT. The full activations of one boundary are all that is
+ever held, besides the embeddings and the block that is running.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from vllm_miprun import cache as score_cache
+from vllm_miprun import scoring
+from vllm_miprun.blockwise import BlockwiseModel, ModelFolderError, read_config
+from vllm_miprun.fingerprint import model_fingerprint
+from vllm_miprun.options import CalibrationSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BoundaryStats:
+    mi_states: list[torch.Tensor]      # L+1 x [mi_tokens, d]
+    last_tokens: list[torch.Tensor]    # L+1 x [samples, d]
+    block_influence: list[float]       # L
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    cache: score_cache.ScoreCache
+    path: Path
+    reused: bool
+
+
+def calibration_key(settings: CalibrationSettings) -> dict:
+    """Everything that defines a cache entry: the settings plus the estimator's parameters."""
+    return {**settings.to_json(), "estimator_params": scoring.estimator_params(settings.estimator)}
+
+
+def locate(model_dir: str | Path, settings: CalibrationSettings,
+           cache_dir: str | Path | None = None) -> tuple[Path, str]:
+    """Where the cache for these weights and settings lives, and the weights' fingerprint."""
+    fingerprint = model_fingerprint(model_dir)
+    return score_cache.cache_path(model_dir, fingerprint, calibration_key(settings), cache_dir), fingerprint
+
+
+def load_tokenizer(model_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as err:
+        raise ModelFolderError(
+            f"{model_dir} has no usable tokenizer ({type(err).__name__}); calibration needs "
+            "tokenizer.json or tokenizer_config.json in the model folder"
+        ) from None
+
+
+def calibration_ids(model_dir: str | Path, settings: CalibrationSettings) -> torch.Tensor:
+    from calibration.corpora import sample_token_windows
+
+    tokenizer = load_tokenizer(model_dir)
+    windows = sample_token_windows(tokenizer, settings.dataset, settings.samples, settings.seq_len, settings.seed)
+    return torch.from_numpy(windows)
+
+
+def calibrate(model_dir: str | Path, settings: CalibrationSettings, device: str = "cpu",
+              cache_dir: str | Path | None = None, force: bool = False, progress: bool = True) -> CalibrationResult:
+    """Return the cached scores for these weights and settings, computing them if needed."""
+    read_config(model_dir)  # clear error for a folder that is not a model
+    path, fingerprint = locate(model_dir, settings, cache_dir)
+    key = calibration_key(settings)
+    if path.exists() and not force:
+        return CalibrationResult(score_cache.read_cache(path, fingerprint, key), path, reused=True)
+    score_cache.ensure_writable(path.parent)  # fail before the expensive pass
+    cache = compute_scores(model_dir, settings, fingerprint, device=device, progress=progress)
+    score_cache.write_cache(path, cache)
+    logger.info("wrote score cache %s", path)
+    return CalibrationResult(cache, path, reused=False)
+
+
+def compute_scores(model_dir: str | Path, settings: CalibrationSettings, fingerprint: str,
+                   device: str = "cpu", progress: bool = True) -> score_cache.ScoreCache:
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    input_ids = calibration_ids(model_dir, settings)
+    timings["tokenize_s"] = time.perf_counter() - started
+
+    params = scoring.estimator_params(settings.estimator)
+    tic = time.perf_counter()
+    model = BlockwiseModel(model_dir, device=device)
+    stats = collect_boundary_stats(model, input_ids, params["mi_tokens"], settings.seed, progress)
+    timings["forward_s"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    span = scoring.span_mi_matrix(stats.mi_states, settings.estimator, params)
+    timings["span_mi_s"] = time.perf_counter() - tic
+    angular = scoring.angular_matrix(stats.last_tokens)
+    timings["total_s"] = time.perf_counter() - started
+
+    num_blocks = model.num_blocks
+    config = read_config(model_dir)
+    return score_cache.ScoreCache(
+        fingerprint=fingerprint,
+        model={
+            "name": Path(model_dir).resolve().name,
+            "architecture": (config.get("architectures") or ["unknown"])[0],
+            "num_blocks": num_blocks,
+            "hidden_size": config.get("hidden_size"),
+        },
+        calibration=calibration_key(settings),
+        estimator={"name": settings.estimator, **params, "units": "nats"},
+        block_scores=[float(span[b, b + 1]) for b in range(num_blocks)],
+        span_scores=scoring.to_nested_list(span),
+        baselines={"block_influence": stats.block_influence, "angular": scoring.to_nested_list(angular)},
+        timings=timings,
+    )
+
+
+def collect_boundary_stats(model: BlockwiseModel, input_ids: torch.Tensor, mi_tokens: int, seed: int,
+                           progress: bool = True) -> BoundaryStats:
+    """Run the batch through every block once and keep what the scores need."""
+    samples, seq_len = input_ids.shape
+    rows = _mi_rows(samples, seq_len, mi_tokens, seed)
+    hidden = model.embed_tokens(input_ids)
+    stats = BoundaryStats([], [], [])
+    _keep_boundary(stats, hidden, rows)
+    for index in tqdm(range(model.num_blocks), desc="calibrating blocks", disable=not progress):
+        with model.block(index) as layer:
+            nxt = model.run_block(layer, hidden)
+        stats.block_influence.append(1.0 - scoring.mean_cosine(hidden.flatten(0, 1), nxt.flatten(0, 1)))
+        hidden = nxt
+        _keep_boundary(stats, hidden, rows)
+    return stats
+
+
+def _mi_rows(samples: int, seq_len: int, mi_tokens: int, seed: int) -> torch.Tensor:
+    """Seeded token rows for the MI estimator, never position 0.
+
+    The first position of every sequence is an attention sink with outsized activations;
+    it would dominate every covariance while saying nothing about the block.
+    """
+    candidates = torch.arange(samples * seq_len).view(samples, seq_len)[:, 1:].flatten()
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(candidates), generator=generator)[: min(mi_tokens, len(candidates))]
+    return candidates[order.sort().values]
+
+
+def _keep_boundary(stats: BoundaryStats, hidden: torch.Tensor, rows: torch.Tensor) -> None:
+    flat = hidden.flatten(0, 1)
+    stats.mi_states.append(flat[rows].float().cpu().clone())
+    stats.last_tokens.append(hidden[:, -1].float().cpu().clone())

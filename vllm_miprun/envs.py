@@ -1,0 +1,24 @@
+"""Every environment variable the project reads, with its parser and default.
+
+The README's option table lists the same names; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENV_VARS: dict[str, str] = {
+    "MIPRUN_HOME": "root of converted models and score caches (default ~/.cache/vllm-miprun)",
+    "MIPRUN_CACHE_DIR": "where score caches are written (default $MIPRUN_HOME/scores)",
+}
+
+
+def home() -> Path:
+    value = os.environ.get("MIPRUN_HOME")
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "vllm-miprun"
+
+
+def cache_dir() -> Path:
+    value = os.environ.get("MIPRUN_CACHE_DIR")
+    return Path(value).expanduser() if value else home() / "scores"

@@ -1,0 +1,45 @@
+"""A model fingerprint that identifies the weights, not the path.
+
+It hashes config.json, every safetensors header (names, dtypes, shapes, offsets) and a
+sample of every tensor's bytes: the first and last 4 KiB of its data. Rewriting weights
+in place changes the samples even when shapes stay the same; reading 8 KiB a tensor keeps
+it fast for multi-GB checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+from vllm_miprun.blockwise import read_config, safetensors_files
+
+SAMPLE_BYTES = 4096
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    digest = hashlib.sha256()
+    config = read_config(model_dir)
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    for file in safetensors_files(model_dir):
+        digest.update(file.name.encode())
+        _hash_safetensors_file(file, digest)
+    return "sha256:" + digest.hexdigest()
+
+
+def _hash_safetensors_file(file: Path, digest) -> None:
+    with open(file, "rb") as handle:
+        header_len_bytes = handle.read(8)
+        if len(header_len_bytes) != 8:
+            raise ValueError(f"{file} is not a safetensors file (shorter than 8 bytes)")
+        (header_len,) = struct.unpack("<Q", header_len_bytes)
+        header_bytes = handle.read(header_len)
+        digest.update(header_bytes)
+        header = json.loads(header_bytes)
+        data_start = 8 + header_len
+        for name in sorted(k for k in header if k != "__metadata__"):
+            begin, end = header[name]["data_offsets"]
+            for offset in sorted({begin, max(begin, end - SAMPLE_BYTES)}):
+                handle.seek(data_start + offset)
+                digest.update(handle.read(min(SAMPLE_BYTES, end - offset)))

@@ -1,0 +1,256 @@
+"""Per-block latency model: predicts the per-token decode latency of a pruned model.
+
+The unit everywhere is seconds per decode step at a stated batch size, i.e. the
+per-output-token latency each sequence sees (inter-token latency). A model is
+``fixed_s`` (embeddings, final norm, LM head, sampling and per-step overhead) plus one
+cost per kept block. It comes either from a measured profile (``source="profile"``,
+written by ``vllm-miprun profile`` or the speed benchmark) or, when none exists, from a
+FLOP-and-byte estimate built from the Hugging Face config (``source="flop-byte-estimate"``).
+
+Budgets (:func:`parse_latency_budget`) are either a fraction of the full model's latency
+(``"0.8"``) or milliseconds per output token at a batch size (``"12ms"``, ``"12ms@bs8"``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+logger = logging.getLogger(__name__)
+
+SOURCES = ("profile", "flop-byte-estimate")
+
+# Default machine for the estimate: a server CPU running vLLM-CPU in bf16, the project's
+# reference setup. Only ratios matter for speed-ups; absolute ms budgets should use a
+# measured profile.
+DEFAULT_PEAK_FLOPS = 1.0e12  # FLOP/s sustained in GEMMs
+DEFAULT_BANDWIDTH = 5.0e10  # bytes/s from memory
+DEFAULT_BYTES_PER_PARAM = 2  # bf16 weights
+DEFAULT_STEP_OVERHEAD_S = 1.0e-3  # scheduler, sampling, framework per decode step
+DEFAULT_CONTEXT_TOKENS = 512  # KV entries each sequence attends to per step
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """``latency(kept) = fixed_s + sum(block_s[b] for b in kept)`` at ``batch_size``."""
+
+    fixed_s: float
+    block_s: tuple[float, ...]
+    batch_size: int = 1
+    source: str = "profile"
+    details: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"latency source must be one of {SOURCES}, got {self.source!r}")
+        if not _finite_non_negative(self.fixed_s):
+            raise ValueError(f"fixed_s must be a finite number >= 0 seconds, got {self.fixed_s!r}")
+        if len(self.block_s) < 1 or not all(_finite_non_negative(x) for x in self.block_s):
+            raise ValueError(
+                f"block_s must be one finite cost >= 0 seconds per block, got {list(self.block_s)!r}; "
+                "re-run `vllm-miprun profile MODEL_DIR`"
+            )
+        _check_batch_size(self.batch_size)
+        object.__setattr__(self, "block_s", tuple(float(x) for x in self.block_s))
+        object.__setattr__(self, "fixed_s", float(self.fixed_s))
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_s)
+
+    @property
+    def full_s(self) -> float:
+        """Latency of the unpruned model."""
+        return self.fixed_s + sum(self.block_s)
+
+    def predict(self, kept: Iterable[int]) -> float:
+        """Predicted seconds per output token when only ``kept`` blocks run."""
+        kept = set(kept)
+        bad = [b for b in kept if not (isinstance(b, numbers.Integral) and 0 <= b < self.num_blocks)]
+        if bad:
+            raise ValueError(
+                f"kept blocks must be indices in 0..{self.num_blocks - 1}, got {sorted(bad, key=str)}"
+            )
+        return self.fixed_s + sum(self.block_s[b] for b in kept)
+
+    def speedup(self, kept: Iterable[int]) -> float:
+        """Full-model latency over pruned latency (> 1 means faster)."""
+        return self.full_s / self.predict(kept)
+
+    # ----------------------------------------------------------------- profiles
+
+    @classmethod
+    def from_profile(cls, profile: Mapping) -> "LatencyModel":
+        """Build from a measured profile ``{"batch_size", "fixed_s", "block_s": [...]}``."""
+        if not isinstance(profile, Mapping):
+            raise ValueError(f"latency profile must be a dict, got {type(profile).__name__}")
+        missing = [key for key in ("batch_size", "fixed_s", "block_s") if key not in profile]
+        if missing:
+            raise ValueError(
+                f"latency profile lacks {missing}; expected keys batch_size, fixed_s, block_s. "
+                "Re-run `vllm-miprun profile MODEL_DIR`"
+            )
+        details = {k: v for k, v in profile.items() if k not in ("batch_size", "fixed_s", "block_s", "source")}
+        return cls(
+            fixed_s=profile["fixed_s"],
+            block_s=tuple(profile["block_s"]),
+            batch_size=profile["batch_size"],
+            source="profile",
+            details=details,
+        )
+
+    def to_profile(self) -> dict:
+        """The dict :meth:`from_profile` reads, plus ``source`` and any details."""
+        return {
+            **self.details,
+            "batch_size": self.batch_size,
+            "fixed_s": self.fixed_s,
+            "block_s": list(self.block_s),
+            "source": self.source,
+        }
+
+    # ----------------------------------------------------------------- estimate
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Mapping,
+        batch_size: int = 1,
+        *,
+        peak_flops: float = DEFAULT_PEAK_FLOPS,
+        bandwidth: float = DEFAULT_BANDWIDTH,
+        bytes_per_param: float = DEFAULT_BYTES_PER_PARAM,
+        step_overhead_s: float = DEFAULT_STEP_OVERHEAD_S,
+        context_tokens: int = DEFAULT_CONTEXT_TOKENS,
+    ) -> "LatencyModel":
+        """FLOP-and-byte fallback from a Hugging Face config dict.
+
+        Per block and decode step: weights of the q/k/v/o projections and the gated MLP
+        (gate, up, down) are read once; FLOPs are ``2 * params * batch`` for the matmuls
+        plus ``4 * batch * context * heads * head_dim`` for attention scores and values;
+        bytes add the KV cache read (``2 * kv_heads * head_dim * context * batch``
+        values). Time is ``max(flops / peak_flops, bytes / bandwidth)`` (roofline). The
+        fixed cost is the LM head (``vocab * hidden`` params; tied embeddings still cost a
+        read) plus ``step_overhead_s``. All blocks are identical under this model.
+        """
+        if not isinstance(config, Mapping):
+            raise ValueError(f"model config must be a dict (config.json), got {type(config).__name__}")
+        _check_batch_size(batch_size)
+        hidden = _config_int(config, "hidden_size")
+        intermediate = _config_int(config, "intermediate_size")
+        heads = _config_int(config, "num_attention_heads")
+        kv_heads = _config_int(config, "num_key_value_heads", default=heads)
+        vocab = _config_int(config, "vocab_size")
+        layers = _config_int(config, "num_hidden_layers")
+        head_dim = _config_int(config, "head_dim", default=None) or hidden // heads
+
+        attn_params = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
+        mlp_params = 3 * hidden * intermediate
+        block_params = attn_params + mlp_params
+        block_flops = 2.0 * block_params * batch_size + 4.0 * batch_size * context_tokens * heads * head_dim
+        kv_bytes = 2.0 * kv_heads * head_dim * context_tokens * batch_size * bytes_per_param
+        block_bytes = block_params * bytes_per_param + kv_bytes
+        block = max(block_flops / peak_flops, block_bytes / bandwidth)
+
+        head_params = vocab * hidden
+        head = max(2.0 * head_params * batch_size / peak_flops, head_params * bytes_per_param / bandwidth)
+        logger.info("no latency profile; using the FLOP-and-byte estimate from the model config")
+        return cls(
+            fixed_s=head + step_overhead_s,
+            block_s=(block,) * layers,
+            batch_size=batch_size,
+            source="flop-byte-estimate",
+            details={
+                "peak_flops": peak_flops,
+                "bandwidth": bandwidth,
+                "bytes_per_param": bytes_per_param,
+                "step_overhead_s": step_overhead_s,
+                "context_tokens": context_tokens,
+                "block_params": block_params,
+                "lm_head_params": head_params,
+                "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
+            },
+        )
+
+    # ----------------------------------------------------------------- budgets
+
+    def budget_seconds(self, budget) -> float:
+        """Seconds per output token for a budget string or :func:`parse_latency_budget` tuple."""
+        kind, value, batch_size = parse_latency_budget(budget) if isinstance(budget, str) else budget
+        if kind == "fraction":
+            return value * self.full_s
+        if batch_size != self.batch_size:
+            raise ValueError(
+                f"budget is {value:g} ms per token at batch size {batch_size}, but the latency "
+                f"model is for batch size {self.batch_size}; profile at batch size {batch_size} "
+                f"or give the budget as '{value:g}ms@bs{self.batch_size}'"
+            )
+        return value / 1000.0
+
+    def format_seconds(self, seconds: float, kind: str) -> str:
+        """Express a latency in the budget's units (a fraction or ms per token)."""
+        if kind == "fraction":
+            return f"{seconds / self.full_s:.4f} of the full model's latency"
+        return f"{seconds * 1000.0:.4f} ms per token at batch size {self.batch_size}"
+
+
+_MS_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*ms\s*(?:@\s*bs\s*([0-9]+))?\s*$", re.I)
+
+
+def parse_latency_budget(spec) -> tuple[str, float, int | None]:
+    """Parse a latency budget.
+
+    - ``"0.8"`` or ``0.8``: ``("fraction", 0.8, None)`` -- a fraction in (0, 1] of the
+      full model's per-token latency.
+    - ``"12ms"``: ``("ms", 12.0, 1)``; ``"12ms@bs8"``: ``("ms", 12.0, 8)`` -- milliseconds
+      per output token at a batch size (default 1).
+    """
+    hint = "pass e.g. --latency-budget 0.8 (fraction of full latency) or 12ms@bs8"
+    if isinstance(spec, numbers.Real) and not isinstance(spec, bool):
+        return ("fraction", _check_fraction(float(spec), hint), None)
+    if not isinstance(spec, str):
+        raise ValueError(f"latency budget must be a string or number, got {spec!r}; {hint}")
+    match = _MS_PATTERN.match(spec)
+    if match:
+        ms = float(match.group(1))
+        batch_size = int(match.group(2)) if match.group(2) else 1
+        if not (math.isfinite(ms) and ms > 0):
+            raise ValueError(f"latency budget must be > 0 ms, got {spec!r}; {hint}")
+        _check_batch_size(batch_size)
+        return ("ms", ms, batch_size)
+    try:
+        value = float(spec)
+    except ValueError:
+        raise ValueError(f"cannot read latency budget {spec!r}; {hint}") from None
+    return ("fraction", _check_fraction(value, hint), None)
+
+
+def _check_fraction(value: float, hint: str) -> float:
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise ValueError(f"latency budget fraction must be in (0, 1], got {value}; {hint}")
+    return value
+
+
+def _check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+    return int(batch_size)
+
+
+def _finite_non_negative(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+
+def _config_int(config: Mapping, key: str, default=...):
+    value = config.get(key, default)
+    if value is ...:
+        raise ValueError(f"model config lacks {key!r}; pass the model's config.json as a dict")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"model config {key!r} must be a positive integer, got {value!r}")
+    return int(value)

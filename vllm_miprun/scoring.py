@@ -1,0 +1,89 @@
+"""Block and span scores from the hidden states at the L+1 block boundaries (pure maths).
+
+``span_mi[i][j] = I(h_i; h_j)`` for ``i < j`` scores pruning the run of blocks ``[i, j)``:
+if the state entering the run already carries most of what leaves it, the run adds
+little. ``block_scores[b] = span_mi[b][b+1]``. The baselines' scores come from the same
+states: ShortGPT's block influence ``1 - mean cos(h_b, h_{b+1})`` over every calibration
+token, and Gromov et al.'s angular distance ``arccos(cos(h_i, h_j)) / pi`` on each
+sequence's last token, averaged over sequences.
+
+Tokens are treated as independent samples; attention mixes positions, so the chain is
+Markov per sequence rather than per token and the per-token MI is an approximation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from vllm_miprun import mi
+
+GAUSSIAN_DEFAULTS = {"shrinkage": 1e-3, "pca_dim": 128, "mi_tokens": 4096}
+RENYI_DEFAULTS = {"alpha": 1.01, "sigma": "median", "mi_tokens": 512}
+
+
+def estimator_params(estimator: str) -> dict:
+    return dict(GAUSSIAN_DEFAULTS if estimator == "gaussian" else RENYI_DEFAULTS)
+
+
+def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean cosine similarity of matching rows (tokens) of ``a`` and ``b`` [N, d]."""
+    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).mean())
+
+
+def angular_matrix(last_tokens: Sequence[torch.Tensor]) -> np.ndarray:
+    """(L+1)x(L+1) mean angular distance between boundary states on the last token."""
+    size = len(last_tokens)
+    unit = torch.stack([torch.nn.functional.normalize(t.double(), dim=-1) for t in last_tokens])
+    cos = torch.einsum("isd,jsd->ijs", unit, unit).clamp(-1.0, 1.0)
+    angle = (torch.arccos(cos) / math.pi).mean(dim=-1).numpy()
+    return _upper(angle, size)
+
+
+@torch.no_grad()
+def span_mi_matrix(states: Sequence[torch.Tensor], estimator: str, params: dict) -> np.ndarray:
+    """(L+1)x(L+1) matrix of ``I(h_i; h_j)`` for ``i < j``, NaN elsewhere, in nats."""
+    if estimator == "gaussian":
+        projected = _shared_pca(states, params["pca_dim"])
+        matrix = mi.gaussian_mi_matrix(projected, shrinkage=params["shrinkage"]).cpu().numpy()
+        return _upper(matrix, len(states))
+    if estimator == "renyi":
+        return _renyi_matrix(states, params)
+    raise ValueError(f"estimator must be gaussian or renyi, got {estimator!r}")
+
+
+def _shared_pca(states: Sequence[torch.Tensor], dim: int | None) -> list[torch.Tensor]:
+    """Project each state on its own top principal components (MI is invariant to this map
+    when no information is cut, and it keeps N well above the joint dimension)."""
+    if not dim or dim >= states[0].shape[1]:
+        return list(states)
+    return [mi.pca_project(s, dim) for s in states]
+
+
+def _renyi_matrix(states: Sequence[torch.Tensor], params: dict) -> np.ndarray:
+    size = len(states)
+    matrix = np.full((size, size), np.nan)
+    for i in range(size):
+        for j in range(i + 1, size):
+            matrix[i, j] = mi.renyi_mi(states[i], states[j], alpha=params["alpha"])
+    return matrix
+
+
+def _upper(matrix: np.ndarray, size: int) -> np.ndarray:
+    out = np.full((size, size), np.nan)
+    rows, cols = np.triu_indices(size, k=1)
+    out[rows, cols] = matrix[rows, cols]
+    return out
+
+
+def to_nested_list(matrix: np.ndarray) -> list[list[float | None]]:
+    """JSON form: floats above the diagonal, ``None`` elsewhere."""
+    size = matrix.shape[0]
+    return [[float(matrix[i, j]) if i < j else None for j in range(size)] for i in range(size)]
+
+
+def from_nested_list(rows: list[list[float | None]]) -> np.ndarray:
+    return np.array([[np.nan if v is None else float(v) for v in row] for row in rows], dtype=np.float64)

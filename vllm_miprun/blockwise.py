@@ -24,6 +24,15 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 LAYER_PREFIX = "model.layers."
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
+
+
+def _numel(shape) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
 
 
 class ModelFolderError(ValueError):
@@ -55,10 +64,13 @@ class TensorIndex:
 
     def __init__(self, model_dir: str | Path):
         self.location: dict[str, Path] = {}
+        self.size: dict[str, int] = {}
         for file in safetensors_files(model_dir):
             with safe_open(str(file), framework="pt") as handle:
                 for name in handle.keys():
                     self.location[name] = file
+                    sliced = handle.get_slice(name)
+                    self.size[name] = _numel(sliced.get_shape()) * _DTYPE_BYTES.get(sliced.get_dtype(), 4)
 
     def read(self, names: list[str], device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         by_file: dict[Path, list[str]] = {}
@@ -73,6 +85,10 @@ class TensorIndex:
 
     def names_with_prefix(self, prefix: str) -> list[str]:
         return sorted(n for n in self.location if n.startswith(prefix))
+
+    def bytes_with_prefix(self, prefix: str) -> int:
+        """On-disk size of the tensors under ``prefix``, from the headers alone."""
+        return sum(self.size[n] for n in self.names_with_prefix(prefix))
 
 
 class BlockwiseModel:

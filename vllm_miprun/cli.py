@@ -1,0 +1,254 @@
+"""``vllm-miprun``: calibrate, inspect scores, plan, check stability, serve, export, evaluate.
+
+Bad input exits with status 2 and one line on stderr (what was expected, what was given,
+what to do), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import sys
+from pathlib import Path
+
+from vllm_miprun.options import DATASETS, ESTIMATORS, METHODS, CalibrationSettings, MiprunOptions
+
+logger = logging.getLogger("vllm_miprun")
+
+# Subcommands that hand their arguments to another parser (vLLM's, or the module's own).
+PASSTHROUGH = {
+    "serve": "vllm_miprun.serve:serve_main",
+    "vllm": "vllm_miprun.serve:vllm_main",
+    "export": "vllm_miprun.export:export_main",
+    "eval": "vllm_miprun.evaluate:eval_main",
+}
+
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def add_calibration_args(parser: argparse.ArgumentParser) -> None:
+    defaults = CalibrationSettings()
+    group = parser.add_argument_group("calibration (each setting gives its own cache entry)")
+    group.add_argument("--dataset", default=defaults.dataset,
+                       help=f"{' | '.join(DATASETS)} | PATH (text file or datasets folder); default %(default)s")
+    group.add_argument("--samples", type=int, default=defaults.samples, help="sequences; default %(default)s")
+    group.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per sequence; default %(default)s")
+    group.add_argument("--seed", type=int, default=defaults.seed, help="sampling seed; default %(default)s")
+    group.add_argument("--estimator", choices=ESTIMATORS, default=defaults.estimator, help="default %(default)s")
+    group.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default %(default)s")
+    group.add_argument("--cache-dir", default=None, help="score cache folder (default $MIPRUN_CACHE_DIR)")
+
+
+def settings_from_args(args: argparse.Namespace) -> CalibrationSettings:
+    return CalibrationSettings(dataset=args.dataset, samples=args.samples, seq_len=args.seq_len,
+                               seed=args.seed, estimator=args.estimator)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm-miprun", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    calibrate = sub.add_parser("calibrate", help="score every block and run of blocks; write the cache")
+    calibrate.add_argument("model_dir")
+    add_calibration_args(calibrate)
+    calibrate.add_argument("--force", action="store_true", help="recompute even if a cache matches")
+
+    scores = sub.add_parser("scores", help="show the cached scores (never computes)")
+    scores.add_argument("model_dir")
+    add_calibration_args(scores)
+    scores.add_argument("--json", action="store_true", help="print one JSON object")
+
+    plan = sub.add_parser("plan", help="choose the blocks to keep from the cached scores")
+    plan.add_argument("model_dir")
+    target = plan.add_mutually_exclusive_group(required=True)
+    target.add_argument("--keep", help="keep ratio in (0, 1]")
+    target.add_argument("--latency-budget", help="0.8 (fraction of full latency) or 12ms[@bsN]")
+    plan.add_argument("--method", default="mi-prun", help=f"{' | '.join(METHODS)}; default %(default)s")
+    plan.add_argument("--protect", default=None, help="blocks never dropped: first,last or indices")
+    add_calibration_args(plan)
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+
+    stability = sub.add_parser("stability", help="agreement of pruned sets across calibration seeds")
+    stability.add_argument("model_dir")
+    stability.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1; default %(default)s")
+    stability.add_argument("--keep", default="0.75", help="keep ratio; default %(default)s")
+    stability.add_argument("--methods", default="mi-prun,shortgpt,angular",
+                           help="comma list; default %(default)s (sleb is slow: add it explicitly)")
+    add_calibration_args(stability)
+    stability.add_argument("--json-out", default=None, help="also write the table as JSON here")
+
+    for name, target_fn in PASSTHROUGH.items():
+        passthrough = sub.add_parser(name, help=f"see `vllm-miprun {name} --help`", add_help=False)
+        passthrough.set_defaults(passthrough=target_fn)
+    return parser
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from vllm_miprun.calibrate import calibrate
+
+    result = calibrate(args.model_dir, settings_from_args(args), device=args.device,
+                       cache_dir=args.cache_dir, force=args.force)
+    verb = "reused" if result.reused else "wrote"
+    _out(f"{verb} score cache {result.path}")
+    _out(format_block_table(result.cache))
+    return 0
+
+
+def cmd_scores(args: argparse.Namespace) -> int:
+    from vllm_miprun.cache import CacheError, read_cache
+    from vllm_miprun.calibrate import calibration_key, locate
+
+    settings = settings_from_args(args)
+    path, fingerprint = locate(args.model_dir, settings, args.cache_dir)
+    if not path.exists():
+        raise CacheError(
+            f"no score cache for {args.model_dir} with {settings.to_json()} (looked for {path}); "
+            f"create it with `vllm-miprun calibrate {args.model_dir}` and the same options"
+        )
+    cache = read_cache(path, fingerprint, calibration_key(settings))
+    if args.json:
+        data = cache.to_json()
+        data["cache_path"] = str(path)
+        _out(json.dumps(data))
+    else:
+        _out(f"score cache {path}")
+        _out(format_block_table(cache))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from vllm_miprun.plan import make_plan
+
+    options = MiprunOptions(
+        keep=args.keep, latency_budget=args.latency_budget, method=args.method, protect=args.protect,
+        require_cache=True, seed=args.seed, device=args.device, cache_dir=args.cache_dir,
+        calibration=settings_from_args(args),
+    )
+    plan = make_plan(args.model_dir, options)
+    if args.json:
+        _out(json.dumps(plan.to_json()))
+        return 0
+    memory = plan_memory(args.model_dir, plan)
+    _out(f"method {plan.method}: keep {len(plan.kept)}/{plan.num_blocks} blocks (ratio {plan.keep_ratio:.3f})")
+    _out(f"  kept:    {compact_ranges(plan.kept)}")
+    _out(f"  pruned:  {compact_ranges(plan.pruned)}")
+    _out(f"  predicted speed-up {plan.predicted_speedup:.2f}x ({plan.latency_source})")
+    _out(f"  weights saved {memory['weight_bytes_saved'] / 2**20:.1f} MiB, "
+         f"KV cache saved {memory['kv_bytes_per_token_saved']} bytes/token "
+         f"(capacity x{plan.num_blocks / len(plan.kept):.3f})")
+    if plan.objective is not None:
+        _out(f"  objective J = {plan.objective:.4f} (sum of span costs of the pruned runs; lower is better)")
+    return 0
+
+
+def cmd_stability(args: argparse.Namespace) -> int:
+    from vllm_miprun.plan import make_plan
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    table = {}
+    for method in methods:
+        pruned_sets = []
+        for seed in range(args.seeds):
+            settings = CalibrationSettings(dataset=args.dataset, samples=args.samples, seq_len=args.seq_len,
+                                           seed=seed, estimator=args.estimator)
+            options = MiprunOptions(keep=args.keep, method=method, seed=seed, device=args.device,
+                                    cache_dir=args.cache_dir, calibration=settings)
+            pruned_sets.append(set(make_plan(args.model_dir, options).pruned))
+        table[method] = {"mean_pairwise_jaccard": mean_pairwise_jaccard(pruned_sets),
+                         "pruned_sets": [sorted(s) for s in pruned_sets]}
+    _out(f"{'method':<10} {'Jaccard':>8}  pruned sets over seeds 0..{args.seeds - 1}")
+    for method, row in table.items():
+        sets = " | ".join(compact_ranges(s) for s in row["pruned_sets"])
+        _out(f"{method:<10} {row['mean_pairwise_jaccard']:>8.3f}  {sets}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"keep": args.keep, "seeds": args.seeds, "methods": table}, indent=1))
+    return 0
+
+
+def mean_pairwise_jaccard(sets: list[set[int]]) -> float:
+    pairs = list(itertools.combinations(sets, 2))
+    if not pairs:
+        return 1.0
+    return sum(len(a & b) / len(a | b) if a | b else 1.0 for a, b in pairs) / len(pairs)
+
+
+def plan_memory(model_dir: str, plan) -> dict[str, int]:
+    """Weight bytes and KV bytes per token saved by the pruned blocks (from headers only)."""
+    from vllm_miprun.blockwise import TensorIndex, read_config
+
+    config = read_config(model_dir)
+    index = TensorIndex(model_dir)
+    weight = 0
+    for block in plan.pruned:
+        weight += index.bytes_with_prefix(f"model.layers.{block}.")
+    heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    kv_per_block = 2 * heads * head_dim * 2  # K and V, bf16
+    return {"weight_bytes_saved": weight, "kv_bytes_per_token_saved": kv_per_block * len(plan.pruned)}
+
+
+def compact_ranges(indices) -> str:
+    items = sorted(indices)
+    if not items:
+        return "-"
+    parts, start, prev = [], items[0], items[0]
+    for value in items[1:] + [None]:
+        if value is not None and value == prev + 1:
+            prev = value
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if value is not None:
+            start = prev = value
+    return ",".join(parts)
+
+
+def format_block_table(cache) -> str:
+    """One row per block: MI with the next boundary, ShortGPT influence, angular step."""
+    lines = [f"{cache.model.get('name')}: {cache.num_blocks} blocks, estimator {cache.estimator.get('name')}, "
+             f"calibration {cache.calibration.get('dataset')} {cache.calibration.get('samples')}x"
+             f"{cache.calibration.get('seq_len')} seed {cache.calibration.get('seed')}",
+             f"{'block':>5} {'I(h_b;h_b+1)':>13} {'ShortGPT BI':>12} {'angular':>8}"]
+    influence = cache.baselines["block_influence"]
+    angular = cache.baselines["angular"]
+    for b in range(cache.num_blocks):
+        lines.append(f"{b:>5} {cache.block_scores[b]:>13.3f} {influence[b]:>12.4f} {angular[b][b + 1]:>8.4f}")
+    lines.append(f"span matrix: {cache.num_blocks + 1}x{cache.num_blocks + 1} (I(h_i;h_j) for i<j); "
+                 f"timings {', '.join(f'{k}={v:.1f}' for k, v in cache.timings.items())}")
+    return "\n".join(lines)
+
+
+COMMANDS = {"calibrate": cmd_calibrate, "scores": cmd_scores, "plan": cmd_plan, "stability": cmd_stability}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASSTHROUGH:
+        return _run_passthrough(PASSTHROUGH[argv[0]], argv[1:])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, PermissionError) as err:
+        # OptionError, CacheError, CorpusError and ModelFolderError are ValueErrors.
+        sys.stderr.write(f"vllm-miprun {args.command}: error: {err}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"vllm-miprun {args.command}: interrupted; nothing was written\n")
+        return 130
+
+
+def _run_passthrough(target: str, argv: list[str]) -> int:
+    import importlib
+
+    module_name, function = target.split(":")
+    return getattr(importlib.import_module(module_name), function)(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Planning: options + model folder -> score cache -> selection -> the blocks to keep.
+
+This is the one place where the loader, the CLI and the benchmarks turn options into a
+plan, so all of them choose the same blocks for the same inputs. Methods that need
+forward passes (SLEB) store their result in the score cache, so the next plan for the
+same model, settings and count costs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vllm_miprun import cache as score_cache
+from vllm_miprun import select as selectors
+from vllm_miprun.blockwise import read_config
+from vllm_miprun.latency import LatencyModel
+from vllm_miprun.options import MiprunOptions, OptionError
+
+logger = logging.getLogger(__name__)
+
+SCORE_FREE_METHODS = ("last", "random")
+FORWARD_METHODS = ("sleb",)
+SLEB_MAX_SAMPLES = 8  # SLEB's greedy search re-runs the model ~L*k times: it sees 8 sequences
+
+
+@dataclass(frozen=True)
+class Plan:
+    num_blocks: int
+    kept: tuple[int, ...]
+    pruned: tuple[int, ...]
+    method: str
+    keep_ratio: float
+    predicted_speedup: float
+    latency_source: str
+    objective: float | None
+    scores_source: str          # "cache-hit" | "computed" | "none-needed"
+    cache_path: str | None
+    fingerprint: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["kept"], data["pruned"] = list(self.kept), list(self.pruned)
+        return data
+
+
+def make_plan(model_dir: str | Path, options: MiprunOptions, hf_config: dict | None = None,
+              progress: bool = True) -> Plan:
+    """Choose the blocks to keep; raise ``OptionError``/``CacheError`` on bad input."""
+    config = hf_config if hf_config is not None else read_config(model_dir)
+    num_blocks = _num_blocks(config)
+    try:
+        protect = selectors.parse_protect(options.protect, num_blocks)
+    except ValueError as err:
+        raise OptionError(str(err)) from None
+
+    cache, path, source = None, None, "none-needed"
+    if options.method not in SCORE_FREE_METHODS:
+        cache, path, source = load_scores(model_dir, options, progress=progress)
+        if cache.num_blocks != num_blocks:
+            raise score_cache.CacheError(
+                f"score cache {path} scores {cache.num_blocks} blocks but the model has {num_blocks}; "
+                "recalibrate this model"
+            )
+    latency = latency_model(config, cache)
+    selection = _select(model_dir, options, num_blocks, protect, cache, path, latency, progress)
+    return Plan(
+        num_blocks=num_blocks,
+        kept=selection.kept,
+        pruned=selection.pruned,
+        method=options.method,
+        keep_ratio=len(selection.kept) / num_blocks,
+        predicted_speedup=latency.speedup(selection.kept),
+        latency_source=latency.source,
+        objective=selection.objective,
+        scores_source=source,
+        cache_path=str(path) if path else None,
+        fingerprint=cache.fingerprint if cache else None,
+    )
+
+
+def load_scores(model_dir: str | Path, options: MiprunOptions, progress: bool = True):
+    """(cache, path, source): the explicit ``scores`` file, the matching cache, or a new one."""
+    from vllm_miprun.calibrate import calibrate, calibration_key, locate
+
+    settings = options.calibration
+    if options.scores:
+        path = Path(options.scores).expanduser()
+        _, fingerprint = locate(model_dir, settings, options.cache_dir)
+        return score_cache.read_cache(path, fingerprint=fingerprint), path, "cache-hit"
+    path, fingerprint = locate(model_dir, settings, options.cache_dir)
+    if path.exists():
+        cache = score_cache.read_cache(path, fingerprint, calibration_key(settings))
+        return cache, path, "cache-hit"
+    if options.require_cache:
+        raise score_cache.CacheError(
+            f"no score cache for {model_dir} with calibration {settings.to_json()} at {path}, and "
+            f"require_cache is set; run `vllm-miprun calibrate {model_dir}` first or drop require_cache"
+        )
+    logger.info("no score cache for %s; calibrating now (%s)", model_dir, settings.to_json())
+    result = calibrate(model_dir, settings, device=options.device, cache_dir=options.cache_dir, progress=progress)
+    return result.cache, result.path, "computed"
+
+
+def latency_model(config: dict, cache: score_cache.ScoreCache | None) -> LatencyModel:
+    """The measured per-block profile from the cache, else the FLOP-and-byte estimate."""
+    if cache is not None and cache.profile:
+        return LatencyModel.from_profile(cache.profile)
+    return LatencyModel.from_config(config)
+
+
+def _select(model_dir, options: MiprunOptions, num_blocks: int, protect: frozenset[int],
+            cache, path, latency: LatencyModel, progress: bool) -> selectors.Selection:
+    kwargs = dict(protect=protect, seed=options.seed, **_score_inputs(cache))
+    try:
+        if options.method in FORWARD_METHODS:
+            kwargs["evaluate"] = _lazy_evaluator(model_dir, options, progress)
+        if options.keep is not None:
+            num_prune = num_blocks - selectors.keep_count(options.keep, num_blocks)
+            return _cached_selection(options.method, num_blocks, num_prune, protect, path, kwargs)
+        return selectors.select_for_latency(options.method, options.latency_budget, latency, **kwargs)
+    except ValueError as err:
+        if isinstance(err, (OptionError, score_cache.CacheError)):
+            raise
+        raise OptionError(str(err)) from None
+
+
+def _score_inputs(cache) -> dict[str, Any]:
+    if cache is None:
+        return {}
+    from vllm_miprun.objective import span_cost_matrix
+
+    return {
+        "cost": span_cost_matrix(cache),
+        "block_influence": np.asarray(cache.baselines["block_influence"], dtype=float),
+        "angular": np.array([[np.nan if v is None else v for v in row] for row in cache.baselines["angular"]]),
+    }
+
+
+def _cached_selection(method: str, num_blocks: int, num_prune: int, protect: frozenset[int],
+                      path, kwargs: dict) -> selectors.Selection:
+    """Forward-pass methods reuse (and fill) ``cache.selections[method][num_prune]``."""
+    if method not in FORWARD_METHODS or protect or path is None:
+        return selectors.select(method, num_blocks, num_prune, **kwargs)
+    stored = score_cache.read_cache(path).selections.get(method, {}).get(str(num_prune))
+    if stored is not None:
+        return selectors._make_selection(method, num_blocks, stored, cost=kwargs.get("cost"))
+    result = selectors.select(method, num_blocks, num_prune, **kwargs)
+    trace = result.details.get("trace") or []
+    prefixes = {str(len(step["pruned"])): list(step["pruned"]) for step in trace if "pruned" in step}
+    prefixes[str(num_prune)] = list(result.pruned)
+
+    def remember(cache):
+        cache.selections.setdefault(method, {}).update(prefixes)
+
+    score_cache.update_cache(path, remember)
+    return result
+
+
+def _lazy_evaluator(model_dir, options: MiprunOptions, progress: bool):
+    """Calibration NLL of a pruned set, built on first use (it loads the model)."""
+    state: dict[str, Any] = {}
+
+    def evaluate(pruned: frozenset) -> float:
+        if "fn" not in state:
+            from vllm_miprun.calibrate import calibration_nll_evaluator
+
+            state["fn"] = calibration_nll_evaluator(model_dir, options.calibration, options.device,
+                                                    max_samples=SLEB_MAX_SAMPLES)
+        return state["fn"](pruned)
+
+    return evaluate
+
+
+def _num_blocks(config: dict) -> int:
+    value = config.get("num_hidden_layers")
+    if not isinstance(value, int) or value < 1:
+        raise OptionError(f"config.json must give num_hidden_layers as a positive integer, got {value!r}")
+    return value

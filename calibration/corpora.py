@@ -7,6 +7,9 @@ Named sets come from the plain-text corpora bundled in the ``exllamav2`` package
   guard band, so no article is ever seen by both.
 * ``c4``: 118 web documents, one per line. Calibration uses [0, 59), evaluation [59, 118).
 
+Both corpora repeat a few documents, so evaluation also drops any document whose text
+occurs in the calibration part.
+
 A local text file (``<doc>`` blocks, else blank-line-separated paragraphs) or a
 ``datasets.save_to_disk`` folder with a ``text`` column is used whole for calibration;
 evaluation only ever reads the named sets' evaluation split.
@@ -71,8 +74,17 @@ def split_documents(name_or_path: str, part: str) -> datasets.Dataset:
                 f"got {name_or_path!r}"
             )
         return docs
-    start, stop = getattr(NAMED_CORPORA[name_or_path][1], part)
-    return docs.select(range(start, min(stop or len(docs), len(docs))))
+    split = NAMED_CORPORA[name_or_path][1]
+    chosen = docs.select(_index_range(split, part, len(docs)))
+    if part == "evaluation":  # the corpora repeat a few documents; never evaluate on calibration text
+        seen = set(docs.select(_index_range(split, "calibration", len(docs)))["text"])
+        chosen = chosen.filter(lambda row: row["text"] not in seen)
+    return chosen
+
+
+def _index_range(split: Split, part: str, size: int) -> range:
+    start, stop = getattr(split, part)
+    return range(start, min(stop or size, size))
 
 
 def sample_token_windows(

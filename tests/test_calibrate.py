@@ -1,0 +1,147 @@
+"""Block-by-block calibration on tiny seeded models: exactness, memory behaviour, caching, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from vllm_miprun import cli
+from vllm_miprun.blockwise import BlockwiseModel, ModelFolderError
+from vllm_miprun.calibrate import calibrate, calibration_nll_evaluator
+from vllm_miprun.cache import read_cache
+from vllm_miprun.fingerprint import model_fingerprint
+from vllm_miprun.options import CalibrationSettings
+
+SMALL = CalibrationSettings(samples=4, seq_len=32)
+
+
+def test_blockwise_matches_a_full_forward(tiny_llama_dir):
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    full = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    with torch.inference_mode():
+        reference = full(ids, output_hidden_states=True)
+    model = BlockwiseModel(tiny_llama_dir)
+    hidden = model.embed_tokens(ids)
+    torch.testing.assert_close(hidden, reference.hidden_states[0])
+    for index in range(model.num_blocks - 1):  # HF's last hidden state is after the final norm
+        with model.block(index) as layer:
+            hidden = model.run_block(layer, hidden)
+        torch.testing.assert_close(hidden, reference.hidden_states[index + 1], rtol=1e-4, atol=1e-5)
+    with model.block(model.num_blocks - 1) as layer:
+        hidden = model.run_block(layer, hidden)
+    logits = model.norm(hidden) @ model.lm_head_weight.T
+    torch.testing.assert_close(logits, reference.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_blocks_are_read_one_at_a_time(tiny_llama_dir):
+    model = BlockwiseModel(tiny_llama_dir)
+    resident = lambda: sum(p.numel() for p in model.skeleton.model.layers.parameters() if not p.is_meta)  # noqa: E731
+    assert resident() == 0
+    with model.block(3):
+        one_block = resident()
+        assert one_block > 0
+    assert resident() == 0
+    assert model.blocks_loaded == 1
+
+
+def test_calibrate_writes_then_reuses(tiny_llama_dir, tmp_path):
+    first = calibrate(tiny_llama_dir, SMALL, cache_dir=tmp_path, progress=False)
+    assert not first.reused
+    cache = first.cache
+    assert cache.num_blocks == 8 and len(cache.block_scores) == 8
+    assert len(cache.span_scores) == 9 and all(len(row) == 9 for row in cache.span_scores)
+    assert all(cache.span_scores[i][j] is None for i in range(9) for j in range(9) if i >= j)
+    assert all(math.isfinite(cache.span_scores[i][j]) for i in range(9) for j in range(i + 1, 9))
+    assert cache.block_scores[2] == cache.span_scores[2][3]
+    assert len(cache.baselines["block_influence"]) == 8
+    mtime = first.path.stat().st_mtime_ns
+    second = calibrate(tiny_llama_dir, SMALL, cache_dir=tmp_path, progress=False)
+    assert second.reused and second.path == first.path and first.path.stat().st_mtime_ns == mtime
+    other_seed = calibrate(tiny_llama_dir, CalibrationSettings(samples=4, seq_len=32, seed=1),
+                           cache_dir=tmp_path, progress=False)
+    other_set = calibrate(tiny_llama_dir, CalibrationSettings(samples=4, seq_len=32, dataset="c4"),
+                          cache_dir=tmp_path, progress=False)
+    assert len({first.path, other_seed.path, other_set.path}) == 3
+    assert other_seed.cache.block_scores != cache.block_scores
+
+
+def test_fingerprint_follows_weights_not_path(tiny_llama_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_llama_dir, copy)
+    assert model_fingerprint(copy) == model_fingerprint(tiny_llama_dir)
+    tensors = load_file(copy / "model.safetensors")
+    name = "model.layers.5.mlp.down_proj.weight"
+    tensors[name] = tensors[name] * 1.5  # same shapes, different weights
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    assert model_fingerprint(copy) != model_fingerprint(tiny_llama_dir)
+
+
+def test_changed_weights_never_reuse_the_cache(tiny_llama_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    first = calibrate(model, SMALL, cache_dir=tmp_path / "c", progress=False)
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1.0
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    second = calibrate(model, SMALL, cache_dir=tmp_path / "c", progress=False)
+    assert not second.reused and second.path != first.path
+
+
+def test_calibration_nll_sees_pruning(tiny_llama_dir):
+    evaluate = calibration_nll_evaluator(tiny_llama_dir, SMALL, max_samples=2)
+    dense = evaluate(frozenset())
+    assert math.isfinite(dense)
+    assert evaluate(frozenset({2, 3})) != pytest.approx(dense)
+    assert evaluate(frozenset()) == pytest.approx(dense)
+
+
+def test_model_folder_without_safetensors_is_refused(tiny_llama_dir, tmp_path):
+    folder = tmp_path / "nosafe"
+    folder.mkdir()
+    shutil.copy(tiny_llama_dir / "config.json", folder / "config.json")
+    with pytest.raises(ModelFolderError, match="no \\*.safetensors"):
+        calibrate(folder, SMALL, cache_dir=tmp_path, progress=False)
+
+
+def test_missing_tokenizer_is_refused(tiny_llama_dir, tmp_path):
+    folder = tmp_path / "notok"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_llama_dir / name, folder / name)
+    with pytest.raises(ModelFolderError, match="no usable tokenizer"):
+        calibrate(folder, SMALL, cache_dir=tmp_path / "c", progress=False)
+
+
+def test_cli_calibrate_and_scores_json(tiny_llama_dir, tmp_path, capsys):
+    args = [str(tiny_llama_dir), "--samples", "4", "--seq-len", "32", "--cache-dir", str(tmp_path)]
+    assert cli.main(["scores", *args, "--json"]) == 2
+    assert "vllm-miprun calibrate" in capsys.readouterr().err
+    assert cli.main(["calibrate", *args]) == 0
+    out = capsys.readouterr().out
+    assert "wrote score cache" in out and out.count("\n") > 8
+    assert cli.main(["scores", *args, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["num_blocks"] == 8 and len(data["block_scores"]) == 8
+    assert data["span_scores"][3][1] is None and isinstance(data["span_scores"][1][3], float)
+    assert data["fingerprint"].startswith("sha256:")
+    assert data["calibration"]["samples"] == 4 and data["calibration"]["seq_len"] == 32
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--samples", "0"], "samples must be an integer >= 1"),
+    (["--estimator", "knn"], "invalid choice"),
+])
+def test_cli_rejects_bad_settings(tiny_llama_dir, tmp_path, capsys, argv, message):
+    try:
+        code = cli.main(["calibrate", str(tiny_llama_dir), "--cache-dir", str(tmp_path), *argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.json"))

@@ -65,12 +65,14 @@ class TensorIndex:
     def __init__(self, model_dir: str | Path):
         self.location: dict[str, Path] = {}
         self.size: dict[str, int] = {}
+        self.numel: dict[str, int] = {}
         for file in safetensors_files(model_dir):
             with safe_open(str(file), framework="pt") as handle:
                 for name in handle.keys():
                     self.location[name] = file
                     sliced = handle.get_slice(name)
-                    self.size[name] = _numel(sliced.get_shape()) * _DTYPE_BYTES.get(sliced.get_dtype(), 4)
+                    self.numel[name] = _numel(sliced.get_shape())
+                    self.size[name] = self.numel[name] * _DTYPE_BYTES.get(sliced.get_dtype(), 4)
 
     def read(self, names: list[str], device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         by_file: dict[Path, list[str]] = {}

@@ -10,7 +10,9 @@ import argparse
 import itertools
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from vllm_miprun.options import DATASETS, ESTIMATORS, METHODS, CalibrationSettings, MiprunOptions
@@ -225,8 +227,15 @@ def format_block_table(cache) -> str:
 COMMANDS = {"calibrate": cmd_calibrate, "scores": cmd_scores, "plan": cmd_plan, "stability": cmd_stability}
 
 
+def _terminate_as_interrupt(signum, frame) -> None:
+    """SIGTERM unwinds like Ctrl-C, so temporary files are removed on the way out."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     if argv and argv[0] in PASSTHROUGH:
         return _run_passthrough(PASSTHROUGH[argv[0]], argv[1:])
     args = build_parser().parse_args(argv)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The README's main job: calibrate SmolLM2-135M, plan keep 0.75, serve the pruned model
+# with vLLM and answer a prompt through the OpenAI-compatible API. Idempotent: a second
+# run reuses the environment, the converted model and the score cache.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+MODEL=$(.venv/bin/python -c "from vllm_miprun import assets; print(assets.smollm2_dir())")
+KEEP=${KEEP:-0.75}
+PORT=${PORT:-8765}
+CLI=.venv/bin/vllm-miprun
+
+echo "== 1. calibrate (cached after the first run)"
+$CLI calibrate "$MODEL"
+echo "== 2. plan: which blocks keep ${KEEP} drops"
+$CLI plan "$MODEL" --keep "$KEEP"
+echo "== 3. serve the pruned model on 127.0.0.1:${PORT} and ask it a question"
+LOG=$(mktemp -t miprun-serve.XXXXXX.log)
+VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} $CLI serve "$MODEL" --miprun-keep "$KEEP" \
+  --miprun-require-cache --served-model-name smollm2-pruned --host 127.0.0.1 --port "$PORT" \
+  --enforce-eager --max-model-len 2048 >"$LOG" 2>&1 &
+SERVER=$!
+trap 'kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null || true' EXIT
+.venv/bin/python scripts/ask.py --port "$PORT" --model smollm2-pruned --server-pid "$SERVER" --log "$LOG"

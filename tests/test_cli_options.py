@@ -1,0 +1,100 @@
+"""The --miprun-* flags in vLLM's own serve parser, and planning before any engine starts.
+
+These import vLLM (a few seconds) but start no engine.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_miprun import remap
+from vllm_miprun.options import OptionError
+
+
+@pytest.fixture(scope="module")
+def serve_parser():
+    import vllm_miprun
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    vllm_miprun.register()
+    vllm_miprun.register()  # re-entrant: the flags are added once
+    return make_arg_parser(FlexibleArgumentParser())
+
+
+def _engine_args(parser, *argv):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return AsyncEngineArgs.from_cli_args(parser.parse_args(list(argv)))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--miprun-keep", "0"], "keep must be a number in (0, 1], got '0'"),
+    (["--miprun-keep", "1.5"], "got '1.5'"),
+    (["--miprun-keep", "abc"], "got 'abc'"),
+    (["--miprun-keep", "nan"], "got 'nan'"),
+    (["--miprun-method", "nope"], "invalid choice: 'nope'"),
+])
+def test_bad_flag_values_are_argparse_errors(serve_parser, tiny_llama_dir, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_:
+        serve_parser.parse_args(["--model", str(tiny_llama_dir), *flags])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_flags_become_extra_config_and_imply_miprun(serve_parser, tiny_llama_dir):
+    args = _engine_args(serve_parser, "--model", str(tiny_llama_dir), "--miprun-keep", "0.5",
+                        "--miprun-method", "last")
+    assert args.load_format == "miprun"
+    assert args.model_loader_extra_config == {"keep": 0.5, "method": "last"}
+    assert args.hf_overrides[remap.KEPT_FIELD] == [0, 1, 2, 7]
+    assert args.hf_overrides["num_hidden_layers"] == 4
+
+
+def test_dotted_extra_config_plans_too(serve_parser, tiny_llama_dir):
+    args = _engine_args(serve_parser, "--model", str(tiny_llama_dir), "--load-format", "miprun",
+                        "--model-loader-extra-config.keep", "0.75",
+                        "--model-loader-extra-config.method", "last")
+    assert args.hf_overrides["num_hidden_layers"] == 6
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--miprun-keep", "0.5", "--miprun-latency-budget", "0.8"], "not both"),
+    (["--miprun-keep", "0.5", "--model-loader-extra-config", '{"keep": 0.75}'], "given twice"),
+    (["--miprun-keep", "0.5", "--load-format", "safetensors"], "--load-format miprun"),
+    (["--load-format", "miprun"], "miprun needs a target"),
+    (["--load-format", "miprun", "--model-loader-extra-config", '{"keep": 0.5, "kep": 1}'], "unknown miprun option"),
+])
+def test_inconsistent_options_exit_with_one_line(serve_parser, tiny_llama_dir, flags, message):
+    with pytest.raises(SystemExit) as exit_:
+        _engine_args(serve_parser, "--model", str(tiny_llama_dir), *flags)
+    assert str(exit_.value.code).startswith("vllm-miprun: error: ")
+    assert message in str(exit_.value.code)
+
+
+def test_python_api_path_raises_option_error_before_engine(tiny_llama_dir):
+    from vllm.engine.arg_utils import EngineArgs
+
+    import vllm_miprun
+
+    vllm_miprun.register()
+    args = EngineArgs(model=str(tiny_llama_dir), load_format="miprun",
+                      model_loader_extra_config={"keep": 2})
+    with pytest.raises(OptionError, match="keep must be"):
+        args.create_engine_config()
+
+
+def test_model_hash_tells_kept_sets_of_equal_size_apart(tiny_llama_dir):
+    """vLLM's compile-cache key (ModelConfig.compute_hash) covers miprun_kept_layers."""
+    import json
+
+    from vllm.config import ModelConfig
+
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    hashes = {
+        tuple(kept): ModelConfig(model=str(tiny_llama_dir),
+                                 hf_overrides=remap.config_overrides(config, kept)).compute_hash()
+        for kept in ([0, 1, 2, 7], [0, 3, 5, 7])
+    }
+    full = ModelConfig(model=str(tiny_llama_dir)).compute_hash()
+    assert len(set(hashes.values()) | {full}) == 3

@@ -1,0 +1,319 @@
+"""The miprun loader inside real vLLM engines on CPU (slow: each engine start ~20-60 s).
+
+Engines run in subprocesses (``engine_runner.py``), several per process where a test
+only compares outputs, to keep the number of Python + vLLM imports small. Method
+"last" is used throughout: the scores are not the point here, the loader is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from safetensors.torch import load_file, save_file
+
+from engine_runner import RESULT_MARK
+from vllm_miprun.options import MiprunOptions
+
+pytestmark = pytest.mark.engine
+
+RUNNER = Path(__file__).with_name("engine_runner.py")
+KV_BYTES = 16 * 2**20  # fixed KV memory, so capacity depends only on the built layers
+KEEP_HALF = {"keep": 0.5, "method": "last"}
+KEPT_HALF = [0, 1, 2, 7]  # "last" at keep 0.5 of 8 blocks: drop the 4 before the final one
+
+
+def _engine_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
+    env.update(extra)
+    return env
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Processes still alive in session ``sid`` (what a test left behind)."""
+    alive = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc.pid)
+        except (ProcessLookupError, psutil.Error, PermissionError):
+            continue
+    return alive
+
+
+def _kill_session(sid: int) -> None:
+    try:
+        os.killpg(sid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def run_engines(specs: list[dict], timeout: int = 900, **env: str) -> list[dict]:
+    """Run ``specs`` in one fresh process; return one result dict per spec."""
+    proc = subprocess.Popen(
+        [sys.executable, str(RUNNER), json.dumps(specs)], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=_engine_env(**env), start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        _kill_session(proc.pid)
+    results = [json.loads(line[len(RESULT_MARK):]) for line in out.splitlines() if line.startswith(RESULT_MARK)]
+    assert proc.returncode == 0 and len(results) == len(specs), err[-4000:]
+    return results
+
+
+def _plan_kept(model_dir: Path, extra: dict) -> list[int]:
+    from vllm_miprun.plan import make_plan
+
+    config = json.loads((model_dir / "config.json").read_text())
+    return list(make_plan(model_dir, MiprunOptions.from_dict(extra), hf_config=config).kept)
+
+
+def _strip_pruned_blocks(model_dir: Path, out_dir: Path, kept: list[int]) -> Path:
+    """A copy of the checkpoint whose pruned blocks' tensors are gone from the file."""
+    from vllm_miprun.remap import layer_index
+
+    shutil.copytree(model_dir, out_dir)
+    tensors = load_file(model_dir / "model.safetensors")
+    kept_tensors = {n: t for n, t in tensors.items() if layer_index(n) is None or layer_index(n) in kept}
+    assert len(kept_tensors) < len(tensors)
+    save_file(kept_tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def llama_runs(tiny_llama_dir, tiny_qwen2_dir, tiny_qwen3_dir, tiny_mistral_dir, tmp_path_factory):
+    """One process, eight engines, one after another: every single-worker comparison."""
+    from vllm_miprun.export import export_pruned
+    from vllm_miprun.plan import make_plan
+
+    work = tmp_path_factory.mktemp("engine")
+    kept = _plan_kept(tiny_llama_dir, KEEP_HALF)
+    assert kept == KEPT_HALF
+    stripped = _strip_pruned_blocks(tiny_llama_dir, work / "stripped", kept)
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    plan = make_plan(tiny_llama_dir, MiprunOptions.from_dict(KEEP_HALF), hf_config=config)
+    exported = export_pruned(tiny_llama_dir, work / "exported", plan)
+    miprun = {"load_format": "miprun", "kv_bytes": KV_BYTES}
+    specs = {
+        "stock": {"model": str(tiny_llama_dir), "kv_bytes": KV_BYTES},
+        "keep1": {"model": str(tiny_llama_dir), "extra": {"keep": 1.0, "method": "last"}, **miprun},
+        "half": {"model": str(tiny_llama_dir), "extra": KEEP_HALF, **miprun},
+        "stripped": {"model": str(stripped), "extra": KEEP_HALF, **miprun},
+        "exported": {"model": str(exported), "kv_bytes": KV_BYTES},
+        "qwen2": {"model": str(tiny_qwen2_dir), "extra": KEEP_HALF, **miprun},
+        "qwen3": {"model": str(tiny_qwen3_dir), "extra": KEEP_HALF, **miprun},
+        "mistral": {"model": str(tiny_mistral_dir), "extra": KEEP_HALF, **miprun},
+    }
+    # In-process engine cores: no engine/worker spawns, ~15 s per engine instead of ~60 s.
+    results = run_engines(list(specs.values()), VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    return dict(zip(specs, results))
+
+
+def test_keep_one_matches_stock_loader(llama_runs):
+    assert llama_runs["keep1"]["kept"] == list(range(8))
+    assert llama_runs["keep1"]["tokens"] == llama_runs["stock"]["tokens"]
+
+
+def test_pruned_model_builds_only_kept_blocks(llama_runs):
+    assert llama_runs["half"]["num_hidden_layers"] == 4
+    assert llama_runs["half"]["kept"] == KEPT_HALF
+    assert llama_runs["half"]["tokens"] != llama_runs["keep1"]["tokens"]
+
+
+def test_kv_capacity_grows_by_exactly_l_over_k(llama_runs):
+    full, half = llama_runs["keep1"]["kv_tokens"], llama_runs["half"]["kv_tokens"]
+    assert full > 0
+    assert half == full * 8 // 4
+
+
+def test_checkpoint_without_pruned_tensors_loads_with_same_plan(llama_runs):
+    assert llama_runs["stripped"]["kept"] == llama_runs["half"]["kept"]
+    assert llama_runs["stripped"]["tokens"] == llama_runs["half"]["tokens"]
+
+
+def test_exported_checkpoint_served_by_stock_vllm_matches(llama_runs):
+    assert llama_runs["exported"]["num_hidden_layers"] == 4
+    assert llama_runs["exported"]["tokens"] == llama_runs["half"]["tokens"]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral"])
+def test_other_architectures_load_pruned(llama_runs, arch):
+    run = llama_runs[arch]
+    assert run["num_hidden_layers"] == 4 and run["kept"] == KEPT_HALF
+    assert all(len(tokens) == 16 for tokens in run["tokens"])
+
+
+def test_tensor_parallel_two_matches_one(tiny_llama_dir, llama_runs):
+    spec = {"model": str(tiny_llama_dir), "load_format": "miprun", "extra": KEEP_HALF,
+            "kv_bytes": KV_BYTES, "tp": 2}
+    (tp2,) = run_engines([spec], VLLM_CPU_OMP_THREADS_BIND="0|1")
+    assert tp2["kept"] == KEPT_HALF
+    assert tp2["tokens"] == llama_runs["half"]["tokens"]
+
+
+# --- the command line -------------------------------------------------------------
+
+SERVE = "import sys; from vllm_miprun.serve import serve_main; sys.exit(serve_main(sys.argv[1:]))"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_server(model_dir: Path, *flags: str, port: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", SERVE, str(model_dir), "--port", str(port), "--host", "127.0.0.1",
+         "--enforce-eager", "--dtype", "float32", "--max-model-len", "512",
+         "--kv-cache-memory-bytes", str(KV_BYTES), *flags],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=_engine_env(), start_new_session=True,
+    )
+
+
+def _wait_healthy(proc: subprocess.Popen, port: int, timeout: float = 300) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-4000:]
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise AssertionError("server did not become healthy in time")
+
+
+def test_miprun_serve_with_keep_flag_answers_openai_client(tiny_llama_dir):
+    from openai import OpenAI
+
+    port = _free_port()
+    proc = _start_server(tiny_llama_dir, "--miprun-keep", "0.5", "--miprun-method", "last", port=port)
+    try:
+        _wait_healthy(proc, port)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        assert [m.id for m in client.models.list().data] == [str(tiny_llama_dir)]
+        answer = client.completions.create(model=str(tiny_llama_dir), prompt="Once upon a time",
+                                           max_tokens=8, temperature=0.0)
+        assert answer.choices[0].text and answer.usage.completion_tokens == 8
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            _kill_session(proc.pid)
+            proc.stderr.close()
+
+
+def _run_cli_expecting_failure(model_dir: Path, *flags: str) -> tuple[int, str, float]:
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVE, str(model_dir), "--enforce-eager", *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_engine_env(),
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=180)
+        left = _session_pids(proc.pid)
+    finally:
+        _kill_session(proc.pid)
+    assert left == [], f"processes left behind: {left}"
+    return proc.returncode, out + err, time.monotonic() - start
+
+
+@pytest.fixture(scope="module")
+def unsupported_field_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("unsupported") / "model"
+    shutil.copytree(tiny_llama_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    config["no_rope_layers"] = [1, 0] * 4
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_bad_keep_exits_before_loading(tiny_llama_dir):
+    """One real process for the argparse path; test_cli_options covers the other values."""
+    code, output, _ = _run_cli_expecting_failure(tiny_llama_dir, "--miprun-keep", "1.5")
+    assert code == 2 and "keep must be a number in (0, 1], got '1.5'" in output
+    assert "Traceback" not in output and "EngineCore" not in output
+
+
+def test_unsupported_architecture_field_exits_before_loading(unsupported_field_dir):
+    code, output, _ = _run_cli_expecting_failure(unsupported_field_dir, "--miprun-keep", "0.5",
+                                                 "--miprun-method", "last")
+    assert code == 1 and "no_rope_layers" in output
+    assert "Traceback" not in output and "EngineCore" not in output
+
+
+# --- SmolLM2: agreement with transformers --------------------------------------------
+
+SMOLLM2_PROMPTS = [
+    "The capital of France is", "Water boils at a temperature of", "The largest planet in our solar system is",
+    "Once upon a time, there was a", "The quick brown fox", "In mathematics, a prime number is",
+    "The first president of the United States was", "Photosynthesis is the process by which",
+    "My favourite food is", "The theory of relativity was developed by",
+]
+
+
+def _transformers_greedy(model_dir: Path, kept: list[int], prompts: list[str], steps: int):
+    """Greedy tokens and their logprobs from transformers with the pruned blocks deleted."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model.model.layers = torch.nn.ModuleList(model.model.layers[i] for i in kept)
+    model.config.num_hidden_layers = len(kept)
+    for new_index, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = new_index  # the KV cache is indexed by block position
+    tokens, logprobs = [], []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        out, lps, past = [], [], None
+        with torch.no_grad():
+            for _ in range(steps):
+                result = model(input_ids=ids, past_key_values=past, use_cache=True)
+                past = result.past_key_values
+                logp = torch.log_softmax(result.logits[0, -1], -1)
+                token = int(logp.argmax())
+                out.append(token)
+                lps.append(float(logp[token]))
+                ids = torch.tensor([[token]])
+        tokens.append(out)
+        logprobs.append(lps)
+    return tokens, logprobs
+
+
+@pytest.mark.smollm2
+def test_smollm2_keep_075_agrees_with_transformers():
+    from vllm_miprun import assets
+
+    model_dir = assets.smollm2_dir()
+    if not (model_dir / "model.safetensors").is_file():
+        pytest.skip("run `python -m vllm_miprun.assets prepare` first")
+    extra = {"keep": 0.75, "method": "last"}
+    kept = _plan_kept(model_dir, extra)
+    spec = {"model": str(model_dir), "load_format": "miprun", "extra": extra,
+            "prompts": SMOLLM2_PROMPTS, "kv_bytes": 64 * 2**20}
+    (vllm_run,) = run_engines([spec], VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    assert vllm_run["kept"] == kept
+    hf_tokens, hf_logprobs = _transformers_greedy(model_dir, kept, SMOLLM2_PROMPTS, steps=16)
+    agree = sum(a == b for a, b in zip(vllm_run["tokens"], hf_tokens))
+    assert agree >= 9, (vllm_run["tokens"], hf_tokens)
+    first_steps = [(v[0], h[0]) for v, h in zip(vllm_run["logprobs"], hf_logprobs)]
+    assert all(abs(v - h) < 0.05 for v, h in first_steps), first_steps

@@ -1,0 +1,136 @@
+"""Config remapping, weight renaming, refusals, and reading only kept tensors (no engine)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import save_file
+
+from vllm_miprun import remap, weights
+from vllm_miprun.options import OptionError
+
+
+def _llama(num_layers: int = 8, **extra) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "num_hidden_layers": num_layers, "hidden_size": 128, "eos_token_id": [1, 2], **extra}
+
+
+def _qwen2(num_layers: int = 8, **extra) -> dict:
+    return _llama(num_layers, architectures=["Qwen2ForCausalLM"], model_type="qwen2", **extra)
+
+
+def test_remap_sets_layer_count_and_records_plan():
+    new = remap.remap_config(_llama(), [0, 1, 2, 7])
+    assert new["num_hidden_layers"] == 4
+    assert new[remap.KEPT_FIELD] == [0, 1, 2, 7]
+    assert new[remap.FULL_FIELD] == 8
+
+
+def test_remap_slices_per_layer_lists_but_not_token_ids():
+    types = [f"t{i}" for i in range(8)]
+    new = remap.remap_config(_llama(2, eos_token_id=[1, 2], layer_types=types[:2]), [1])
+    assert new["layer_types"] == ["t1"]
+    assert new["eos_token_id"] == [1, 2]
+    new = remap.remap_config(_llama(layer_types=types, my_per_layer=list(range(8))), [0, 3, 5])
+    assert new["layer_types"] == ["t0", "t3", "t5"]
+    assert new["my_per_layer"] == [0, 3, 5]
+
+
+def test_config_overrides_holds_only_changed_fields():
+    overrides = remap.config_overrides(_llama(), [0, 7])
+    assert overrides == {"num_hidden_layers": 2, remap.KEPT_FIELD: [0, 7], remap.FULL_FIELD: 8}
+
+
+def test_qwen2_max_window_layers_counts_kept_blocks_below_threshold():
+    config = _qwen2(use_sliding_window=True, sliding_window=64, max_window_layers=4,
+                    layer_types=["full_attention"] * 4 + ["sliding_attention"] * 4)
+    new = remap.remap_config(config, [0, 2, 5, 7])
+    assert new["max_window_layers"] == 2
+    assert new["layer_types"] == ["full_attention"] * 2 + ["sliding_attention"] * 2
+
+
+def test_qwen2_without_sliding_window_still_renumbers_threshold():
+    new = remap.remap_config(_qwen2(use_sliding_window=False, max_window_layers=28), [0, 7])
+    assert new["max_window_layers"] == 2
+
+
+def test_qwen2_inconsistent_layer_types_are_refused_naming_the_field():
+    config = _qwen2(use_sliding_window=True, sliding_window=64, max_window_layers=4,
+                    layer_types=["sliding_attention", "full_attention"] * 4)
+    with pytest.raises(OptionError, match="max_window_layers"):
+        remap.remap_config(config, [0, 1, 4])
+
+
+@pytest.mark.parametrize("field, value", [
+    ("first_k_dense_replace", 3), ("no_rope_layers", [1, 0] * 4),
+    ("moe_layer_freq", 2), ("num_kv_shared_layers", 4),
+])
+def test_index_based_fields_are_refused_by_name(field, value):
+    with pytest.raises(OptionError, match=field):
+        remap.remap_config(_llama(**{field: value}), [0, 7])
+
+
+def test_neutral_index_fields_are_accepted():
+    new = remap.remap_config(_llama(first_k_dense_replace=0, num_kv_shared_layers=None), [0, 7])
+    assert new["num_hidden_layers"] == 2
+
+
+def test_unsupported_architecture_lists_the_supported_ones():
+    config = _llama(architectures=["DeepseekV3ForCausalLM"])
+    with pytest.raises(OptionError) as error:
+        remap.remap_config(config, [0])
+    for arch in remap.SUPPORTED_ARCHITECTURES:
+        assert arch in str(error.value)
+
+
+@pytest.mark.parametrize("kept", [[], [0, 8], [3, 1], [1, 1], [-1], [True]])
+def test_tampered_kept_indices_are_refused(kept):
+    with pytest.raises(OptionError):
+        remap.remap_config(_llama(), kept)
+
+
+def test_already_pruned_config_is_refused():
+    pruned = remap.remap_config(_llama(), [0, 7])
+    with pytest.raises(OptionError, match="already pruned"):
+        remap.remap_config(pruned, [0])
+
+
+def test_renamed_weight():
+    kept = [0, 3, 7]
+    assert remap.renamed_weight("model.layers.3.mlp.up_proj.weight", kept) == "model.layers.1.mlp.up_proj.weight"
+    assert remap.renamed_weight("model.layers.7.input_layernorm.weight", kept) == "model.layers.2.input_layernorm.weight"
+    assert remap.renamed_weight("model.layers.4.self_attn.q_proj.weight", kept) is None
+    assert remap.renamed_weight("model.embed_tokens.weight", kept) == "model.embed_tokens.weight"
+    assert remap.renamed_weight("lm_head.weight", kept) == "lm_head.weight"
+
+
+def _write_sharded(tmp_path, num_layers: int = 4):
+    import torch
+
+    shard_of = {}
+    for layer in range(num_layers):
+        name = f"model-{layer:05d}.safetensors"
+        save_file({f"model.layers.{layer}.mlp.weight": torch.full((2, 2), float(layer))}, tmp_path / name)
+        shard_of[f"model.layers.{layer}.mlp.weight"] = name
+    save_file({"model.embed_tokens.weight": torch.zeros(3, 2)}, tmp_path / "model-extra.safetensors")
+    shard_of["model.embed_tokens.weight"] = "model-extra.safetensors"
+    (tmp_path / weights.INDEX_NAME).write_text(json.dumps({"weight_map": shard_of}))
+
+
+def test_only_kept_tensors_are_read_and_pruned_shards_never_opened(tmp_path):
+    _write_sharded(tmp_path)
+    kept = [0, 1, 3]
+    to_open, read_bytes, skipped = weights.plan_reads(weights.safetensors_files(tmp_path), kept)
+    assert tmp_path / "model-00002.safetensors" not in to_open
+    assert skipped == 16 and read_bytes == 3 * 16 + 24  # 2x2 and 3x2 float32 tensors
+    (tmp_path / "model-00002.safetensors").write_bytes(b"corrupt: must never be opened")
+    loaded = dict(weights.iter_kept_weights(to_open, kept))
+    assert sorted(loaded) == ["model.embed_tokens.weight", "model.layers.0.mlp.weight",
+                              "model.layers.1.mlp.weight", "model.layers.2.mlp.weight"]
+    assert float(loaded["model.layers.2.mlp.weight"][0, 0]) == 3.0  # original block 3
+
+
+def test_folder_without_safetensors_is_refused(tmp_path):
+    with pytest.raises(OptionError, match="safetensors"):
+        weights.safetensors_files(tmp_path)

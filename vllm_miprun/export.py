@@ -1,0 +1,107 @@
+"""Write a pruned Hugging Face checkpoint that any engine loads as a plain model.
+
+``config.json`` is rewritten by ``remap`` (fewer blocks, per-layer fields sliced, kept
+indices recorded), tensors are renumbered and copied shard by shard with safetensors,
+reading only non-block tensors and the kept blocks. Tokenizer and generation files are
+copied. The folder is built next to ``out_dir`` and renamed into place, so an
+interrupted export never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from vllm_miprun import remap, weights
+from vllm_miprun.options import MiprunOptions, OptionError
+
+# Files copied unchanged when present: tokenizer, chat template, generation settings.
+COPIED_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+
+
+def export_pruned(model_dir: str | Path, out_dir: str | Path, plan) -> Path:
+    """Write the model that keeps ``plan.kept`` of ``model_dir`` to ``out_dir``."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if out_dir.exists():
+        raise OptionError(f"output folder {out_dir} already exists; remove it or pick another")
+    hf_config = json.loads((model_dir / "config.json").read_text())
+    new_config = remap.remap_config(hf_config, plan.kept)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        _write_weights(model_dir, staging, list(plan.kept))
+        (staging / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
+        (staging / "miprun_plan.json").write_text(json.dumps(plan.to_json(), indent=2) + "\n")
+        for name in COPIED_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, staging / name)
+        os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def _write_weights(model_dir: Path, staging: Path, kept: list[int]) -> None:
+    """One output shard per input shard that holds a kept tensor, plus a fresh index."""
+    from safetensors.torch import save_file
+
+    files, _, _ = weights.plan_reads(weights.safetensors_files(model_dir), kept)
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    for path in files:
+        tensors = dict(weights.iter_kept_weights([path], kept))
+        save_file(tensors, staging / path.name, metadata={"format": "pt"})
+        weight_map.update({name: path.name for name in tensors})
+        total_size += sum(t.numel() * t.element_size() for t in tensors.values())
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (staging / weights.INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Arguments of ``vllm-miprun export``; pass a subparser to extend it in place."""
+    parser = parser or argparse.ArgumentParser(prog="vllm-miprun export")
+    parser.add_argument("model_dir", help="Hugging Face model folder (safetensors)")
+    parser.add_argument("out_dir", help="where to write the pruned checkpoint (must not exist)")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--keep", help="keep ratio in (0, 1]")
+    target.add_argument("--latency-budget", help="fraction of full latency (0.8) or 12ms")
+    parser.add_argument("--method", default="mi-prun", help="selection method (default mi-prun)")
+    parser.add_argument("--scores", help="explicit score cache file")
+    parser.add_argument("--protect", help="blocks never dropped: first, last, or 0,29")
+    parser.add_argument("--require-cache", action="store_true", help="refuse to calibrate")
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> MiprunOptions:
+    raw = {"keep": args.keep, "latency_budget": args.latency_budget, "method": args.method,
+           "scores": args.scores, "protect": args.protect, "require_cache": args.require_cache}
+    return MiprunOptions.from_dict({k: v for k, v in raw.items() if v is not None})
+
+
+def export_main(argv: list[str]) -> int:
+    """``vllm-miprun export MODEL_DIR OUT_DIR --keep R [--method M] ...``; exit status."""
+    import sys
+
+    args = build_parser().parse_args(argv)
+    try:
+        from vllm_miprun.plan import make_plan
+
+        options = options_from_args(args)
+        hf_config = json.loads((Path(args.model_dir) / "config.json").read_text())
+        remap.check_architecture(hf_config)
+        plan = make_plan(args.model_dir, options, hf_config=hf_config)
+        out = export_pruned(args.model_dir, args.out_dir, plan)
+    except (OptionError, FileNotFoundError) as error:
+        sys.stderr.write(f"vllm-miprun export: error: {error}\n")
+        return 1
+    sys.stderr.write(f"wrote {out}: kept blocks {list(plan.kept)} of {plan.num_blocks}\n")
+    return 0

@@ -1,0 +1,164 @@
+"""The ``miprun`` model loader: build only the kept blocks and read only their weights.
+
+The plan is normally made once in the front process (see ``engine_args``), which
+writes the kept indices into the HF config through vLLM's ``hf_overrides``. Every
+process then sees a model with K blocks: vLLM builds K decoder layers, registers K
+attention layers (so KV cache is sized for K), and hashes a config that records
+``miprun_kept_layers``, so no cache can confuse it with the full model. This loader
+only has to feed the kept blocks' tensors, renumbered, to the model's own
+``load_weights`` (which does dtype casts and tensor-parallel sharding).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+from vllm.config import ModelConfig, VllmConfig
+from vllm.config.load import LoadConfig
+from vllm.logger import init_logger
+from vllm.model_executor.model_loader import register_model_loader
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+from vllm_miprun import remap, weights
+from vllm_miprun.options import MiprunOptions, OptionError
+
+# Under "vllm." so vLLM's logging config (handler, level, format) applies to it.
+logger = init_logger(f"vllm.{__name__}")
+
+LOAD_FORMAT = "miprun"
+
+_report_lock = threading.Lock()
+_last_report: dict[str, Any] | None = None
+
+
+def last_load_report() -> dict[str, Any] | None:
+    """The plan and timings of the last plan or load in this process (a copy)."""
+    with _report_lock:
+        return dict(_last_report) if _last_report is not None else None
+
+
+def record_report(report: dict[str, Any]) -> None:
+    """Keep ``report`` for ``last_load_report`` and hand it to the metrics module."""
+    global _last_report
+    with _report_lock:
+        _last_report = {**(_last_report or {}), **report}
+        merged = dict(_last_report)
+    try:
+        from vllm_miprun import metrics
+    except ImportError:
+        return
+    metrics.publish(merged)
+
+
+def resolve_model_dir(model: str, revision: str | None = None) -> Path:
+    """A local folder for ``model``: the path itself, or an already cached hub snapshot."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure means "not available offline"
+        raise OptionError(
+            f"miprun needs a local model folder or a cached hub snapshot, got {model!r}; "
+            "download the model first (e.g. `huggingface-cli download`)"
+        ) from None
+
+
+def read_hf_config(model_dir: Path) -> dict[str, Any]:
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.is_file():
+        raise OptionError(f"no config.json in {model_dir}; is it a Hugging Face model folder?")
+    return json.loads(config_path.read_text())
+
+
+def make_plan_for(model_dir: Path, options: MiprunOptions, hf_config: dict[str, Any]):
+    """Check the architecture first (cheap), then make the plan."""
+    from vllm_miprun.plan import make_plan
+
+    remap.check_architecture(hf_config)
+    return make_plan(model_dir, options, hf_config=hf_config)
+
+
+def plan_report(plan, plan_seconds: float) -> dict[str, Any]:
+    return {**plan.to_json(), "kept": list(plan.kept), "pruned": list(plan.pruned),
+            "plan_seconds": round(plan_seconds, 3)}
+
+
+def _apply_overrides_in_place(model_config: ModelConfig, overrides: dict[str, Any]) -> None:
+    """Patch a config that reached the worker unpruned (no front-process plan)."""
+    for key, value in overrides.items():
+        setattr(model_config.hf_config, key, value)
+        if model_config.hf_text_config is not model_config.hf_config:
+            setattr(model_config.hf_text_config, key, value)
+    model_config.model_arch_config = model_config.get_model_arch_config()
+
+
+@register_model_loader(LOAD_FORMAT)
+class MiprunModelLoader(BaseModelLoader):
+    """Loads a model with only the blocks the MI-PRUN plan keeps."""
+
+    def __init__(self, load_config: LoadConfig):
+        super().__init__(load_config)
+        self.options = MiprunOptions.from_dict(load_config.model_loader_extra_config)
+        self._read_bytes = 0
+        self._skipped_bytes = 0
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        weights.safetensors_files(resolve_model_dir(model_config.model, model_config.revision))
+
+    def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
+        start = time.perf_counter()
+        self._ensure_pruned_config(model_config)
+        model = super().load_model(vllm_config, model_config, prefix)
+        kept = list(model_config.hf_config.miprun_kept_layers)
+        full = int(model_config.hf_config.miprun_num_blocks_full)
+        report = {
+            "kept": kept,
+            "pruned": [i for i in range(full) if i not in set(kept)],
+            "num_blocks": full,
+            "load_seconds": round(time.perf_counter() - start, 3),
+            "read_bytes": self._read_bytes,
+            "skipped_bytes": self._skipped_bytes,
+        }
+        logger.info(
+            "miprun: built %d of %d blocks, kept %s, pruned %s, read %.1f MiB, "
+            "skipped %.1f MiB, load %.2f s",
+            len(kept), full, kept, report["pruned"], self._read_bytes / 2**20,
+            self._skipped_bytes / 2**20, report["load_seconds"],
+        )
+        record_report(report)
+        return model
+
+    def _ensure_pruned_config(self, model_config: ModelConfig) -> None:
+        """Normally a no-op; plans here only when the front process did not."""
+        if getattr(model_config.hf_config, remap.KEPT_FIELD, None) is not None:
+            return
+        model_dir = resolve_model_dir(model_config.model, model_config.revision)
+        hf_config = read_hf_config(model_dir)
+        start = time.perf_counter()
+        plan = make_plan_for(model_dir, self.options, hf_config)
+        logger.warning(
+            "miprun: planning in the worker because the engine config was not made by "
+            "EngineArgs; kept %s", list(plan.kept),
+        )
+        _apply_overrides_in_place(model_config, remap.config_overrides(hf_config, plan.kept))
+        record_report(plan_report(plan, time.perf_counter() - start))
+
+    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        kept = list(model_config.hf_config.miprun_kept_layers)
+        model_dir = resolve_model_dir(model_config.model, model_config.revision)
+        files, self._read_bytes, self._skipped_bytes = weights.plan_reads(
+            weights.safetensors_files(model_dir), kept
+        )
+        loaded = model.load_weights(weights.iter_kept_weights(files, kept))
+        if loaded is not None and model_config.quantization is None:
+            # vLLM's own completeness check: every parameter came from the checkpoint.
+            DefaultModelLoader.track_weights_loading(self, model, loaded)

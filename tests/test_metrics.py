@@ -1,0 +1,308 @@
+"""The miprun_* Prometheus metrics: pure computations, then a live server in each
+Prometheus mode (one API server without PROMETHEUS_MULTIPROC_DIR, and with it)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vllm_miprun import metrics
+from vllm_miprun.metrics import Baseline, ThroughputWindow
+
+LLAMA = {"num_hidden_layers": 8, "hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+# --- pure computations (fast) ----------------------------------------------------------
+
+def test_kv_bytes_per_token_standard_attention():
+    # 2 (K and V) x 2 KV heads x head_dim 32 x 2 bytes
+    assert metrics.kv_bytes_per_token_per_block(LLAMA, 2) == 256
+    assert metrics.kv_bytes_per_token_saved(LLAMA, num_pruned=3, dtype_bytes=4) == 3 * 512
+    explicit = {**LLAMA, "head_dim": 64}
+    assert metrics.kv_bytes_per_token_per_block(explicit, 2) == 2 * 2 * 64 * 2
+    no_gqa = {k: v for k, v in LLAMA.items() if k != "num_key_value_heads"}
+    assert metrics.kv_bytes_per_token_per_block(no_gqa, 2) == 2 * 4 * 32 * 2
+
+
+def test_kv_bytes_per_token_latent_attention_and_multimodal():
+    mla = {"num_hidden_layers": 4, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "num_attention_heads": 16}
+    assert metrics.kv_bytes_per_token_per_block(mla, 2) == (512 + 64) * 2
+    assert metrics.kv_bytes_per_token_per_block({"text_config": LLAMA, "vision_config": {}}, 2) == 256
+    with pytest.raises(ValueError, match="dtype_bytes must be >= 1"):
+        metrics.kv_bytes_per_token_per_block(LLAMA, 0)
+
+
+def test_pruned_weight_bytes_from_headers(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {f"model.layers.{i}.mlp.weight": torch.zeros(4, 8 + i) for i in range(3)}
+    tensors["model.embed_tokens.weight"] = torch.zeros(10, 4)
+    tensors["model.layers.1.input_layernorm.weight"] = torch.zeros(4, dtype=torch.bfloat16)
+    save_file(tensors, tmp_path / "model.safetensors")
+    expected = 4 * 9 * 4 + 4 * 2 + 4 * 10 * 4  # blocks 1 and 2
+    assert metrics.pruned_weight_bytes([tmp_path / "model.safetensors"], [1, 2]) == expected
+    assert metrics.pruned_weight_bytes([tmp_path / "model.safetensors"], []) == 0
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"batch_size": 1}, "tokens_per_s must be a finite number > 0, got None"),
+    ({"tokens_per_s": float("nan"), "batch_size": 1}, "finite number > 0"),
+    ({"tokens_per_s": -3.0, "batch_size": 1}, "finite number > 0"),
+    ({"tokens_per_s": 10.0, "batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+    ([10.0], "must be a dict, got list"),
+])
+def test_bad_throughput_records_are_refused(record, message):
+    with pytest.raises(ValueError, match=message):
+        metrics.validate_throughput(record)
+
+
+def test_baseline_prefers_measured_then_profile_then_prediction():
+    record = {"tokens_per_s": 200.0, "batch_size": 4, "measured_by": "bench"}
+    profile = {"batch_size": 2, "fixed_s": 0.002, "block_s": [0.001] * 8}
+    assert metrics.choose_baseline(record, profile) == Baseline("measured", "benchmark", 200.0, 4)
+    from_profile = metrics.choose_baseline(None, profile)
+    assert (from_profile.kind, from_profile.source) == ("estimated", "latency-profile")
+    assert from_profile.tokens_per_s == pytest.approx(2 / 0.010)
+    assert metrics.choose_baseline({"tokens_per_s": 0}, None).source == "predicted-speedup"
+
+
+def test_throughput_gain_measured_and_estimated():
+    measured = Baseline("measured", "benchmark", 100.0, 1)
+    assert metrics.throughput_gain(130.0, measured, 1.2) == (100.0, pytest.approx(1.3))
+    base, gain = metrics.throughput_gain(0.0, measured, 1.2)
+    assert base == 100.0 and math.isnan(gain)
+    predicted = Baseline("estimated", "predicted-speedup", None)
+    assert metrics.throughput_gain(120.0, predicted, 1.2) == (pytest.approx(100.0), 1.2)
+    assert all(math.isnan(x) for x in metrics.throughput_gain(0.0, predicted, 1.2))
+
+
+def test_window_counts_only_busy_decode_steps():
+    window = ThroughputWindow(window_s=60)
+    window.step(100.0, 4, running_before=False)  # prefill after idle: not counted
+    for i in range(1, 11):
+        window.step(100.0 + 0.1 * i, 4, running_before=True)  # 10 steps of 0.1 s, 4 tokens each
+    window.step(200.0, 4, running_before=False)  # after a long idle spell: not counted
+    assert window.rate(now=101.0) == pytest.approx(40 / 1.0)
+    assert window.rate(now=161.5) == 0.0  # every counted step left the window
+    with pytest.raises(ValueError, match="window_s must be > 0"):
+        ThroughputWindow(0)
+
+
+def test_publish_writes_plan_and_load_reports(tmp_path, monkeypatch):
+    monkeypatch.setenv(metrics.RUN_DIR_ENV, str(tmp_path))
+    metrics.publish({"kept": [0, 1, 3], "num_blocks": 4, "predicted_speedup": 1.3, "scores_source": "computed"})
+    time.sleep(0.01)
+    metrics.publish({"kept": [0, 1, 3], "num_blocks": 4, "load_seconds": 0.5})
+    plan, seconds = metrics.read_reports([0, 1, 3])
+    assert plan["scores_source"] == "computed" and seconds == 0.5
+    assert (tmp_path / metrics.PLAN_FILE).is_file()
+    assert (tmp_path / f"{metrics.LOAD_PREFIX}{os.getpid()}.json").is_file()
+    assert metrics.read_reports([0, 1, 2]) == (None, None)  # another engine's reports
+
+
+def test_every_metric_has_help_text():
+    assert all(len(help_text) > 20 for help_text, _ in metrics.METRICS.values())
+
+
+# --- a live server in each Prometheus mode (slow) --------------------------------------
+
+SERVE = "import sys; from vllm_miprun.serve import serve_main; sys.exit(serve_main(sys.argv[1:]))"
+KEEP = 0.75
+KV_BYTES = 16 * 2**20
+MEASURED_TOKENS_PER_S = 1000.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(proc: subprocess.Popen, port: int, log: Path, timeout: float = 300) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-4000:]
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"server did not become healthy in {timeout} s: {log.read_text()[-4000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _write_measured_baseline(model_dir: Path, cache_dir: Path, num_blocks: int) -> None:
+    """A score cache for these weights that holds the benchmark's throughput record."""
+    from vllm_miprun import cache as sc
+    from vllm_miprun.fingerprint import model_fingerprint
+
+    size = num_blocks + 1
+    span = [[float(j - i) if i < j else None for j in range(size)] for i in range(size)]
+    fingerprint = model_fingerprint(model_dir)
+    record = sc.ScoreCache(
+        fingerprint=fingerprint, model={"name": model_dir.name, "num_blocks": num_blocks},
+        calibration={"dataset": "test"}, estimator={"name": "gaussian"},
+        block_scores=[1.0] * num_blocks, span_scores=span,
+        baselines={"block_influence": [0.1] * num_blocks, "angular": span}, timings={},
+        throughput={"tokens_per_s": MEASURED_TOKENS_PER_S, "batch_size": 1, "device": "cpu",
+                    "measured_by": "tests/test_metrics.py"},
+    )
+    sc.write_cache(sc.cache_path(model_dir, fingerprint, record.calibration, cache_dir), record)
+
+
+def _stored_bytes_of_blocks(model_dir: Path, blocks: list[int]) -> int:
+    """Independent of the code under test: parse the safetensors header by hand."""
+    total = 0
+    for path in model_dir.glob("*.safetensors"):
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        for name, info in header.items():
+            parts = name.split(".")
+            if name.startswith("model.layers.") and int(parts[2]) in blocks:
+                total += info["data_offsets"][1] - info["data_offsets"][0]
+    return total
+
+
+@pytest.fixture(scope="module", params=["single-process", "multiprocess"])
+def scraped(request, tiny_llama_dir, tmp_path_factory):
+    """Start `vllm-miprun serve`, send completions, scrape /metrics; stop the server."""
+    import requests
+    from openai import OpenAI
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from vllm_miprun.options import MiprunOptions
+    from vllm_miprun.plan import make_plan
+
+    mode = request.param
+    work = tmp_path_factory.mktemp(f"metrics-{mode}")
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    plan = make_plan(tiny_llama_dir, MiprunOptions.from_dict({"keep": KEEP, "method": "last"}), hf_config=config)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VLLM_CPU_KVCACHE_SPACE", "PROMETHEUS_MULTIPROC_DIR", metrics.RUN_DIR_ENV)}
+    env["MIPRUN_CACHE_DIR"] = str(work / "scores")
+    if mode == "multiprocess":
+        (work / "prom").mkdir()
+        env["PROMETHEUS_MULTIPROC_DIR"] = str(work / "prom")
+        _write_measured_baseline(tiny_llama_dir, work / "scores", plan.num_blocks)
+    port = _free_port()
+    log = work / "server.log"
+    started = time.monotonic()
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SERVE, str(tiny_llama_dir), "--port", str(port), "--host", "127.0.0.1",
+             "--enforce-eager", "--dtype", "float32", "--max-model-len", "512",
+             "--kv-cache-memory-bytes", str(KV_BYTES),
+             "--miprun-keep", str(KEEP), "--miprun-method", "last"],
+            stdout=log_file, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+        )
+    try:
+        _wait_healthy(proc, port, log)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        for prompt in ("Once upon a time", "The capital of France is", "In 1905, the physicist"):
+            answer = client.completions.create(model=str(tiny_llama_dir), prompt=prompt, max_tokens=24,
+                                               temperature=0.0, extra_body={"ignore_eos": True})
+            assert answer.usage.completion_tokens == 24
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        (work / "metrics.txt").write_text(text)  # for a failing test's reader
+    finally:
+        _stop(proc)
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    return {"mode": mode, "families": families, "plan": plan, "config": config, "model_dir": tiny_llama_dir,
+            "seconds": time.monotonic() - started, "log": log}
+
+
+def _value(scraped, name: str, **labels: str) -> float:
+    family = scraped["families"].get(name)
+    assert family is not None, f"{name} missing in {scraped['mode']} mode; server log {scraped['log']}"
+    samples = [s for s in family.samples if all(s.labels.get(k) == v for k, v in labels.items())]
+    assert len(samples) == 1, (name, family.samples)
+    assert samples[0].labels["model_name"] == str(scraped["model_dir"])
+    return samples[0].value
+
+
+@pytest.mark.engine
+def test_every_miprun_metric_is_served_with_help(scraped):
+    for name, (help_text, _) in metrics.METRICS.items():
+        family = scraped["families"].get(name)
+        assert family is not None, f"{name} missing in {scraped['mode']} mode"
+        assert family.type == "gauge" and family.documentation == help_text
+
+
+@pytest.mark.engine
+def test_vllm_metrics_share_the_endpoint(scraped):
+    names = set(scraped["families"])
+    assert "vllm:generation_tokens" in names and "vllm:num_requests_running" in names
+
+
+@pytest.mark.engine
+def test_plan_metrics_match_the_plan(scraped):
+    plan = scraped["plan"]
+    total, kept = plan.num_blocks, len(plan.kept)
+    assert (total, kept) == (8, 6)
+    assert _value(scraped, "miprun_blocks_total") == total
+    assert _value(scraped, "miprun_blocks_kept") == kept
+    assert _value(scraped, "miprun_keep_ratio") == pytest.approx(kept / total)
+    assert _value(scraped, "miprun_kv_capacity_ratio") == pytest.approx(total / kept)
+    assert _value(scraped, "miprun_predicted_speedup", latency_source=plan.latency_source) == \
+        pytest.approx(plan.predicted_speedup)
+    assert _value(scraped, "miprun_scores_source", source="none-needed", method="last") == 1
+    assert _value(scraped, "miprun_plan_seconds") >= 0
+
+
+@pytest.mark.engine
+def test_memory_metrics_match_headers_and_config(scraped):
+    plan, config = scraped["plan"], scraped["config"]
+    assert _value(scraped, "miprun_weight_bytes_saved") == \
+        _stored_bytes_of_blocks(scraped["model_dir"], list(plan.pruned)) > 0
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    float32 = 4  # served with --dtype float32 and the default KV cache dtype
+    per_block = 2 * config["num_key_value_heads"] * head_dim * float32
+    assert _value(scraped, "miprun_kv_cache_bytes_per_token_saved") == per_block * len(plan.pruned)
+
+
+@pytest.mark.engine
+def test_load_seconds_come_from_the_worker(scraped):
+    assert 0 < _value(scraped, "miprun_load_seconds") < scraped["seconds"]
+
+
+@pytest.mark.engine
+def test_throughput_gain_after_requests(scraped):
+    rate = _value(scraped, "miprun_generation_tokens_per_second")
+    assert rate > 0
+    if scraped["mode"] == "multiprocess":  # a throughput record in the score cache
+        base = _value(scraped, "miprun_throughput_baseline_tokens_per_second", baseline="measured",
+                      source="benchmark")
+        assert base == MEASURED_TOKENS_PER_S
+        assert _value(scraped, "miprun_throughput_gain", baseline="measured") == pytest.approx(rate / base)
+    else:  # no record: the gain is the predicted speed-up, flagged as an estimate
+        gain = _value(scraped, "miprun_throughput_gain", baseline="estimated")
+        assert gain == pytest.approx(scraped["plan"].predicted_speedup)
+        base = _value(scraped, "miprun_throughput_baseline_tokens_per_second", baseline="estimated",
+                      source="predicted-speedup")
+        assert base == pytest.approx(rate / gain)

@@ -98,3 +98,35 @@ def test_model_hash_tells_kept_sets_of_equal_size_apart(tiny_llama_dir):
     }
     full = ModelConfig(model=str(tiny_llama_dir)).compute_hash()
     assert len(set(hashes.values()) | {full}) == 3
+
+
+@pytest.fixture(scope="module")
+def foreign_cache(tiny_llama_dir, tmp_path_factory):
+    """A valid score cache for other weights: a second tiny model with another seed."""
+    from tiny_models import make_tiny_model
+    from vllm_miprun.calibrate import calibrate
+    from vllm_miprun.options import CalibrationSettings
+
+    other = make_tiny_model(tmp_path_factory.mktemp("other-weights"), seed=1)
+    result = calibrate(other, CalibrationSettings(samples=4, seq_len=32),
+                       cache_dir=tmp_path_factory.mktemp("scores"), progress=False)
+    return result.path
+
+
+def _exit_message(parser, model_dir, *flags) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        _engine_args(parser, "--model", str(model_dir), *flags)
+    message = str(exit_.value.code)
+    assert message.startswith("vllm-miprun: error: ")
+    return message
+
+
+def test_cache_for_other_weights_exits_with_one_line(serve_parser, tiny_llama_dir, foreign_cache):
+    message = _exit_message(serve_parser, tiny_llama_dir, "--miprun-keep", "0.75", "--miprun-scores", str(foreign_cache))
+    assert "belongs to other weights" in message
+
+
+def test_missing_cache_with_require_cache_exits_with_one_line(serve_parser, tiny_llama_dir, tmp_path):
+    message = _exit_message(serve_parser, tiny_llama_dir, "--miprun-keep", "0.75", "--miprun-require-cache",
+                            "--model-loader-extra-config", f'{{"cache_dir": "{tmp_path}"}}')
+    assert "require_cache is set" in message and "vllm-miprun calibrate" in message

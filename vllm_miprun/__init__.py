@@ -12,3 +12,18 @@ def register() -> None:
     from vllm_miprun import engine_args, loader  # noqa: F401 - import registers the loader
 
     engine_args.install()
+    _route_library_logs_to_vllm()
+
+
+def _route_library_logs_to_vllm() -> None:
+    """Inside vLLM, the library's standard loggers (planning, calibration) print through
+    vLLM's handler and format; outside vLLM they stay plain ``logging`` loggers."""
+    import logging
+
+    library, vllm_logger = logging.getLogger("vllm_miprun"), logging.getLogger("vllm")
+    if library.handlers or not vllm_logger.handlers:
+        return
+    for handler in vllm_logger.handlers:
+        library.addHandler(handler)
+    library.setLevel(vllm_logger.level or logging.INFO)
+    library.propagate = False

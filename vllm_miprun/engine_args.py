@@ -148,7 +148,8 @@ def _wrap_from_cli_args(original):
         try:
             apply_flags(engine_args, args)
             prepare_engine_args(engine_args)
-        except OptionError as error:  # CLI: one line, no traceback, nothing started yet
+        except ValueError as error:  # OptionError, CacheError, CorpusError, ModelFolderError:
+            # CLI: one line, no traceback, nothing started yet
             raise SystemExit(f"vllm-miprun: error: {error}") from None
         return engine_args
 

@@ -24,7 +24,6 @@ PASSTHROUGH = {
     "serve": "vllm_miprun.serve:serve_main",
     "vllm": "vllm_miprun.serve:vllm_main",
     "export": "vllm_miprun.export:export_main",
-    "eval": "vllm_miprun.evaluate:eval_main",
 }
 
 
@@ -84,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibration_args(stability)
     stability.add_argument("--json-out", default=None, help="also write the table as JSON here")
 
+    from vllm_miprun.evaluate import add_eval_parser
+
+    add_eval_parser(sub)
     for name, target_fn in PASSTHROUGH.items():
         passthrough = sub.add_parser(name, help=f"see `vllm-miprun {name} --help`", add_help=False)
         passthrough.set_defaults(passthrough=target_fn)
@@ -242,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return COMMANDS[args.command](args)
+        handler = getattr(args, "func", None) or COMMANDS[args.command]
+        return handler(args)
     except (ValueError, FileNotFoundError, PermissionError) as err:
         # OptionError, CacheError, CorpusError and ModelFolderError are ValueErrors.
         sys.stderr.write(f"vllm-miprun {args.command}: error: {err}\n")

@@ -1,0 +1,188 @@
+"""Quality of every block-selection method on one model (SmolLM2-135M by default).
+
+For each row of ``ROWS`` and each keep ratio, the script plans (``make_plan``, timed,
+with a fresh score cache per row and calibration seed so calibration is really paid
+once), evaluates the pruned model (``vllm_miprun.evaluate``), and records:
+
+- wiki and c4 perplexity (held-out split, ``--ppl-windows`` x ``--seq-len`` tokens);
+- the zero-shot tasks' acc / acc_norm and their average acc_norm (``--limit`` examples each);
+- stability: the mean pairwise Jaccard similarity of the pruned sets planned with
+  ``--stability-seeds`` calibration seeds (methods that do not calibrate are skipped,
+  except ``random``, whose seed is the calibration seed);
+- calibration + selection seconds: the first plan of a row, which fills its empty cache
+  (later ratios of the same row reuse the scores; their plan time is reported apart).
+
+What is timed: planning only, wall clock, on this machine's CPUs (or ``--device``).
+Model loading and evaluation time are recorded but are not the method's cost.
+
+Outputs ``quality.json`` and ``quality_ppl.png`` (perplexity against keep ratio, one line
+per method) in ``--out``:
+
+    python benchmarks/bench_quality.py --backend vllm --limit 200 \\
+        --out benchmarks/results/
+
+vLLM starts its workers with spawn: everything runs under the ``__main__`` guard below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from vllm_miprun import evaluate as ev  # noqa: E402
+
+logger = logging.getLogger("bench_quality")
+
+RATIOS = (0.9, 0.8, 0.75, 0.6)
+ZERO_SHOT = ev.MC_TASKS
+# (row name, plan options without keep or None for the dense model, seeds). The lead owns this list.
+ROWS: list[tuple[str, dict[str, Any] | None, tuple[int, ...]]] = [
+    ("dense", None, (0,)),
+    ("mi-prun/gaussian", {"method": "mi-prun", "estimator": "gaussian"}, (0,)),
+    ("mi-prun/renyi", {"method": "mi-prun", "estimator": "renyi"}, (0,)),
+    ("shortgpt", {"method": "shortgpt"}, (0,)),
+    ("angular", {"method": "angular"}, (0,)),
+    ("sleb", {"method": "sleb"}, (0,)),
+    ("last", {"method": "last"}, (0,)),
+    ("random", {"method": "random"}, (0, 1, 2)),
+]
+
+
+def jaccard(a: set[int], b: set[int]) -> float:
+    return 1.0 if not a and not b else len(a & b) / len(a | b)
+
+
+def mean_pairwise_jaccard(sets: list[set[int]]) -> float | None:
+    pairs = list(itertools.combinations(sets, 2))
+    return sum(jaccard(a, b) for a, b in pairs) / len(pairs) if pairs else None
+
+
+def timed_plan(model_dir: Path, options: dict[str, Any], cache_dir: Path):
+    from vllm_miprun.blockwise import read_config
+    from vllm_miprun.options import MiprunOptions
+    from vllm_miprun.plan import make_plan
+
+    start = time.perf_counter()
+    plan = make_plan(model_dir, MiprunOptions.from_dict({**options, "cache_dir": str(cache_dir)}),
+                     hf_config=read_config(model_dir), progress=False)
+    return plan, time.perf_counter() - start
+
+
+def run_row(args, name: str, base: dict[str, Any] | None, seeds: tuple[int, ...]) -> list[dict[str, Any]]:
+    tasks = ["wiki-ppl", "c4-ppl"] + ([] if args.no_zero_shot else list(ZERO_SHOT))
+    ratios = (1.0,) if base is None else args.ratios
+    records = []
+    for seed in seeds:
+        cache_dir = args.out / "caches" / f"{name.replace('/', '-')}-seed{seed}"
+        for ratio in ratios:
+            record: dict[str, Any] = {"row": name, "keep": ratio, "seed": seed}
+            prune = None
+            if base is not None:
+                options = {**base, "keep": ratio, "seed": seed}
+                plan, seconds = timed_plan(args.model, options, cache_dir)
+                record.update(kept=list(plan.kept), pruned=list(plan.pruned), plan_seconds=round(seconds, 3),
+                              scores_source=plan.scores_source)
+                # vLLM plans again in the loader: same options and cache, so the same blocks
+                prune = {**options, "cache_dir": str(cache_dir)} if args.backend == "vllm" else list(plan.kept)
+            report = ev.evaluate(args.model, tasks, backend=args.backend, prune=prune, limit=args.limit,
+                                 ppl_limit=args.ppl_windows, seed=args.seed, seq_len=args.seq_len,
+                                 dtype=args.dtype, progress=True)
+            if base is not None and report["kept"] != record["kept"]:
+                raise RuntimeError(f"{name} keep={ratio}: served blocks {report['kept']} differ from "
+                                   f"the plan's {record['kept']}")
+            record["eval"] = report
+            records.append(record)
+            logger.info("%s keep=%.2f seed=%d wiki=%.3f c4=%.3f", name, ratio, seed,
+                        report["tasks"]["wiki-ppl"]["ppl"], report["tasks"]["c4-ppl"]["ppl"])
+    return records
+
+
+def stability(args, base: dict[str, Any], name: str) -> dict[str, float | None]:
+    """Mean pairwise Jaccard of the pruned sets over calibration seeds, per keep ratio."""
+    if base["method"] in ("last",):
+        return {}
+    out = {}
+    for ratio in args.ratios:
+        sets = []
+        for seed in range(args.stability_seeds):
+            cache_dir = args.out / "caches" / f"{name.replace('/', '-')}-seed{seed}"
+            plan, _ = timed_plan(args.model, {**base, "keep": ratio, "seed": seed}, cache_dir)
+            sets.append(set(plan.pruned))
+        out[str(ratio)] = mean_pairwise_jaccard(sets)
+    return out
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, task in zip(axes, ("wiki-ppl", "c4-ppl")):
+        rows = sorted({r["row"] for r in records})
+        for row in rows:
+            points: dict[float, list[float]] = {}
+            for r in records:
+                if r["row"] == row:
+                    points.setdefault(r["keep"], []).append(r["eval"]["tasks"][task]["ppl"])
+            xs = sorted(points)
+            ys = [sum(points[x]) / len(points[x]) for x in xs]  # random: mean over its seeds
+            if row == "dense":
+                axis.axhline(ys[0], color="black", linestyle="--", label="dense")
+            else:
+                axis.plot(xs, ys, marker="o", label=row)
+        axis.set(xlabel="keep ratio", ylabel="perplexity", title=task, yscale="log")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from vllm_miprun import assets
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=None, help="model folder (default: converted SmolLM2-135M)")
+    parser.add_argument("--rows", default=None, help=f"comma-separated subset of {[r[0] for r in ROWS]}")
+    parser.add_argument("--ratios", type=lambda s: tuple(float(x) for x in s.split(",")), default=RATIOS)
+    parser.add_argument("--backend", choices=ev.BACKENDS, default="vllm")
+    parser.add_argument("--limit", type=int, default=None, help="zero-shot examples per task (default all)")
+    parser.add_argument("--ppl-windows", type=int, default=ev.DEFAULT_PPL_WINDOWS)
+    parser.add_argument("--seq-len", type=int, default=ev.DEFAULT_SEQ_LEN)
+    parser.add_argument("--no-zero-shot", action="store_true", help="perplexity only")
+    parser.add_argument("--stability-seeds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the zero-shot subsets")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args.model = args.model or assets.prepare_smollm2()
+    args.out.mkdir(parents=True, exist_ok=True)
+    wanted = set(args.rows.split(",")) if args.rows else None
+    rows = [r for r in ROWS if wanted is None or r[0] in wanted]
+
+    records, stable = [], {}
+    for name, base, seeds in rows:
+        records += run_row(args, name, base, seeds)
+        if base is not None and args.stability_seeds > 1:
+            stable[name] = stability(args, base, name)
+    result = {"model": str(args.model), "backend": args.backend, "ratios": list(args.ratios),
+              "limit": args.limit, "ppl_windows": args.ppl_windows, "seq_len": args.seq_len,
+              "dtype": args.dtype, "records": records, "stability": stable}
+    (args.out / "quality.json").write_text(json.dumps(result, indent=1))
+    plot(records, args.out / "quality_ppl.png")
+    logger.info("wrote %s and %s", args.out / "quality.json", args.out / "quality_ppl.png")
+
+
+if __name__ == "__main__":
+    main()

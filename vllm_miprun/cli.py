@@ -24,6 +24,7 @@ PASSTHROUGH = {
     "serve": "vllm_miprun.serve:serve_main",
     "vllm": "vllm_miprun.serve:vllm_main",
     "export": "vllm_miprun.export:export_main",
+    "profile": "vllm_miprun.profile:profile_main",
 }
 
 

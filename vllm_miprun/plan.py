@@ -66,7 +66,7 @@ def make_plan(model_dir: str | Path, options: MiprunOptions, hf_config: dict | N
                 f"score cache {path} scores {cache.num_blocks} blocks but the model has {num_blocks}; "
                 "recalibrate this model"
             )
-    latency = latency_model(config, cache)
+    latency = latency_model(model_dir, config, cache, options.cache_dir)
     selection = _select(model_dir, options, num_blocks, protect, cache, path, latency, progress)
     return Plan(
         num_blocks=num_blocks,
@@ -106,10 +106,17 @@ def load_scores(model_dir: str | Path, options: MiprunOptions, progress: bool = 
     return result.cache, result.path, "computed"
 
 
-def latency_model(config: dict, cache: score_cache.ScoreCache | None) -> LatencyModel:
-    """The measured per-block profile from the cache, else the FLOP-and-byte estimate."""
+def latency_model(model_dir, config: dict, cache: score_cache.ScoreCache | None,
+                  cache_dir: str | None = None) -> LatencyModel:
+    """The measured per-block profile (score cache, else the weights' speed sidecar that
+    ``vllm-miprun profile`` writes), else the FLOP-and-byte estimate."""
     if cache is not None and cache.profile:
         return LatencyModel.from_profile(cache.profile)
+    from vllm_miprun.profile import read_profile
+
+    profile = read_profile(model_dir, cache_dir)
+    if profile:
+        return LatencyModel.from_profile(profile)
     return LatencyModel.from_config(config)
 
 

@@ -1,0 +1,166 @@
+"""Fast unit tests of the pure parts of vllm_miprun.profile (no engine)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vllm_miprun import profile
+from vllm_miprun.latency import LatencyModel
+
+SMOL = {  # SmolLM2-135M's config.json, the fields the cost model reads
+    "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+    "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152, "num_hidden_layers": 30,
+}
+
+
+def test_fit_recovers_exact_line():
+    points = [(k, 0.004 + k * 0.0005) for k in (30, 23, 15)]
+    fit = profile.fit_fixed_and_block(points)
+    assert fit["fixed_s"] == pytest.approx(0.004)
+    assert fit["block_s"] == pytest.approx(0.0005)
+    assert fit["residual_rms_s"] == pytest.approx(0.0, abs=1e-12)
+    assert fit["clamped"] is None
+
+
+def test_fit_two_points_is_exact_and_least_squares_with_noise():
+    fit = profile.fit_fixed_and_block([(30, 0.020), (15, 0.012)])
+    assert fit["block_s"] == pytest.approx(0.008 / 15)
+    assert fit["fixed_s"] == pytest.approx(0.012 - 15 * 0.008 / 15)
+    noisy = profile.fit_fixed_and_block([(30, 0.0201), (23, 0.0160), (15, 0.0119)])
+    assert 0.0004 < noisy["block_s"] < 0.0006
+    assert noisy["residual_rms_s"] > 0
+
+
+def test_fit_clamps_negative_costs():
+    through_origin = profile.fit_fixed_and_block([(30, 0.030), (15, 0.010)])  # fixed would be < 0
+    assert through_origin["fixed_s"] == 0.0 and through_origin["block_s"] > 0
+    assert "fixed_s<0" in through_origin["clamped"]
+    flat = profile.fit_fixed_and_block([(30, 0.010), (15, 0.011)])  # slope would be < 0
+    assert flat["block_s"] == 0.0 and flat["fixed_s"] == pytest.approx(0.0105)
+
+
+@pytest.mark.parametrize("points", [[(30, 0.01)], [(30, 0.01), (30, 0.02)], [(30, -0.01), (15, 0.01)]])
+def test_fit_rejects_unidentifiable_or_bad_points(points):
+    with pytest.raises(ValueError):
+        profile.fit_fixed_and_block(points)
+
+
+def test_make_profile_round_trips_through_latency_model():
+    prof = profile.make_profile(30, 16, [(30, 0.019), (15, 0.011)], measured={"device": "test"})
+    assert prof["source"] == "profile" and len(prof["block_s"]) == 30
+    assert json.loads(json.dumps(prof)) == prof  # plain JSON
+    model = LatencyModel.from_profile(prof)
+    assert model.batch_size == 16 and model.source == "profile"
+    assert model.full_s == pytest.approx(0.019)
+    assert model.predict(range(15)) == pytest.approx(0.011)
+    assert model.speedup(range(15)) == pytest.approx(0.019 / 0.011)
+    assert model.details["measured"]["device"] == "test"
+
+
+def test_decode_seconds_per_token():
+    assert profile.decode_seconds_per_token(1.27, 0.02, 126) == pytest.approx(0.01)
+    assert profile.decode_seconds_per_token(0.01, 0.02, 8) == 0.0  # noise never goes negative
+    with pytest.raises(ValueError):
+        profile.decode_seconds_per_token(1.0, 0.5, 1)
+
+
+def test_ideal_speedup_arithmetic_on_smollm2():
+    costs = profile.per_token_costs(SMOL, batch_size=1, context_tokens=0)
+    block_params = 2 * 576 * 9 * 64 + 2 * 576 * 3 * 64 + 3 * 576 * 1536
+    assert costs["block_params"] == block_params == 3_538_944
+    assert costs["lm_head_params"] == 49152 * 576
+    ideal = profile.ideal_speedup(SMOL, 23, batch_size=1, context_tokens=0)
+    head = 49152 * 576
+    assert ideal["flops"] == pytest.approx((head + 30 * block_params) / (head + 23 * block_params))
+    assert 1.2 < ideal["flops"] < 1.3  # the LM head is ~8 blocks' worth: far below 30/23
+    assert profile.ideal_speedup(SMOL, 30)["flops"] == pytest.approx(1.0)
+    assert profile.ideal_speedup(SMOL, 30)["bytes"] == pytest.approx(1.0)
+    # attention over a longer context adds per-block work only: the ideal rises
+    assert profile.ideal_speedup(SMOL, 15, context_tokens=2048)["flops"] > profile.ideal_speedup(SMOL, 15)["flops"]
+    with pytest.raises(ValueError):
+        profile.ideal_speedup(SMOL, 0)
+
+
+def test_bytes_ideal_approaches_flop_ideal_at_batch_one():
+    # at batch 1 weights dominate both counts, so the two ceilings agree closely
+    ideal = profile.ideal_speedup(SMOL, 15, batch_size=1, context_tokens=64)
+    assert ideal["bytes"] == pytest.approx(ideal["flops"], rel=0.02)
+
+
+def test_exact_kv_memory_gives_exact_capacity_ratio():
+    per_layer = profile.kv_bytes_per_token_per_layer(SMOL, 2)
+    assert per_layer == 2 * 3 * 64 * 2
+    mem = profile.exact_kv_memory(SMOL, 2, kept=23, at_least=256 * 2**20)
+    assert mem >= 256 * 2**20
+    page = per_layer * 128
+    full_pages, pruned_pages = mem // (page * 30), mem // (page * 23)
+    assert mem % (page * 30) == 0 and mem % (page * 23) == 0
+    assert pruned_pages / full_pages == pytest.approx(30 / 23, rel=0, abs=1e-15)
+
+
+def test_weight_bytes_counts_kept_blocks(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    tensors = {
+        "model.embed_tokens.weight": torch.zeros(10, 4, dtype=torch.bfloat16),
+        "model.layers.0.mlp.up_proj.weight": torch.zeros(4, 4, dtype=torch.bfloat16),
+        "model.layers.1.mlp.up_proj.weight": torch.zeros(4, 4, dtype=torch.bfloat16),
+        "model.norm.weight": torch.zeros(4, dtype=torch.bfloat16),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    assert profile.weight_bytes(tmp_path, None) == (40 + 16 + 16 + 4) * 2
+    assert profile.weight_bytes(tmp_path, [1]) == (40 + 16 + 4) * 2
+    assert profile.weight_bytes(tmp_path, [1], dtype_bytes=4) == (40 + 16 + 4) * 4
+
+
+def test_store_and_read_speed_sidecar(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**SMOL, "num_hidden_layers": 2, "architectures": ["LlamaForCausalLM"]}))
+    save_file({"model.norm.weight": torch.ones(4)}, model / "model.safetensors")
+    cache_dir = tmp_path / "cache"
+    assert profile.read_profile(model, cache_dir) is None
+    prof = profile.make_profile(2, 1, [(2, 0.003), (1, 0.002)])
+    written = profile.store_speed(model, cache_dir, profile=prof)
+    assert written == [str(profile.speed_path(model, cache_dir))]
+    assert profile.read_profile(model, cache_dir) == prof
+    profile.store_speed(model, cache_dir, throughput={"tokens_per_s": 10.0})
+    data = profile.read_speed(model, cache_dir)
+    assert data["profile"] == prof and data["throughput"]["tokens_per_s"] == 10.0
+    save_file({"model.norm.weight": torch.zeros(4)}, model / "model.safetensors")  # new weights
+    assert profile.read_profile(model, cache_dir) is None
+
+
+def test_profile_main_rejects_bad_keeps(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        profile.profile_main(["/nonexistent", "--keeps", "1.0"])
+    assert exit_.value.code == 2
+    assert "two or more" in capsys.readouterr().err
+
+
+def test_parse_load_log_stock_and_miprun():
+    stock = ("INFO [base_loader.py:82] Initializing model took 0.499225 seconds\n"
+             "INFO [default_loader.py:501] Loading weights took 1.74 seconds\n"
+             "INFO [core.py:402] init engine (profile, create kv cache, warmup model) took 1.82 s\n")
+    got = profile.parse_load_log(stock)
+    assert got["model_load_s"] == pytest.approx(0.499225 + 1.74)
+    assert got["vllm_init_engine_s"] == pytest.approx(1.82)
+    assert "miprun_loader_s" not in got
+    miprun = stock + ("INFO [loader.py:130] miprun: built 23 of 30 blocks, kept [0, 1], pruned [2], "
+                      "read 200.1 MiB, skipped 50.2 MiB, load 2.31 s\n")
+    assert profile.parse_load_log(miprun)["model_load_s"] == pytest.approx(2.31)
+    assert profile.parse_load_log("nothing here") == {}
+
+
+def test_profile_problem_flags_noise_only():
+    good = profile.make_profile(30, 1, [(30, 0.02), (15, 0.012)])
+    assert profile.profile_problem(good) is None
+    flat = profile.make_profile(30, 1, [(30, 0.012), (15, 0.02)])  # slower with fewer blocks: noise
+    assert flat["block_s"][0] == 0.0
+    assert "noise" in profile.profile_problem(flat)

@@ -113,10 +113,17 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def load_cache(path: str) -> np.ndarray:
+    """The cost matrix of a real score cache (via the default objective), or of a JSON
+    file holding a bare ``cost`` matrix."""
     with open(path) as f:
         data = json.load(f)
+    if data.get("format") == "vllm-miprun-scores":
+        from vllm_miprun.cache import read_cache
+        from vllm_miprun.objective import span_cost_matrix
+
+        return span_cost_matrix(read_cache(path))
     if "cost" not in data:
-        raise SystemExit(f"{path} has no 'cost' key; expected an (L+1)x(L+1) list with null below the diagonal")
+        raise SystemExit(f"{path} is neither a score cache nor a JSON file with a 'cost' matrix")
     return np.array([[math.nan if v is None else v for v in row] for row in data["cost"]], dtype=float)
 
 

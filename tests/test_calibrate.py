@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from vllm_miprun import cli
 from vllm_miprun.blockwise import BlockwiseModel, ModelFolderError
-from vllm_miprun.calibrate import calibrate, calibration_nll_evaluator
+from vllm_miprun.calibrate import calibrate, calibration_ids
 from vllm_miprun.cache import read_cache
 from vllm_miprun.fingerprint import model_fingerprint
 from vllm_miprun.options import CalibrationSettings
@@ -93,8 +93,10 @@ def test_changed_weights_never_reuse_the_cache(tiny_llama_dir, tmp_path):
     assert not second.reused and second.path != first.path
 
 
-def test_calibration_nll_sees_pruning(tiny_llama_dir):
-    evaluate = calibration_nll_evaluator(tiny_llama_dir, SMALL, max_samples=2)
+def test_calibration_ce_sees_pruning(tiny_llama_dir):
+    from vllm_miprun.refine import CalibrationCE
+
+    evaluate = CalibrationCE(BlockwiseModel(tiny_llama_dir, resident_blocks=True), calibration_ids(tiny_llama_dir, SMALL)[:2])
     dense = evaluate(frozenset())
     assert math.isfinite(dense)
     assert evaluate(frozenset({2, 3})) != pytest.approx(dense)

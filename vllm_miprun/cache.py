@@ -230,6 +230,8 @@ def _check_shape(data: Any, source: str) -> None:
         raise bad(f"baselines.block_influence must list {count} numbers")
     _check_finite(influence, "baselines.block_influence", bad)
     _check_square(data["baselines"].get("angular"), count + 1, "baselines.angular", bad, upper_only=True)
+    if "skip_mi_iso" in data["baselines"]:
+        _check_square(data["baselines"]["skip_mi_iso"], count + 1, "baselines.skip_mi_iso", bad, upper_only=True)
     for method, by_count in (data.get("selections") or {}).items():
         for num_prune, pruned in by_count.items():
             if (not isinstance(pruned, list) or len(set(pruned)) != len(pruned) or str(len(pruned)) != num_prune

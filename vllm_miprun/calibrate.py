@@ -102,6 +102,7 @@ def compute_scores(model_dir: str | Path, settings: CalibrationSettings, fingerp
 
     tic = time.perf_counter()
     span = scoring.span_mi_matrix(stats.mi_states, settings.estimator, params)
+    skip_mi = scoring.extra_span_scores(stats.mi_states)["skip_mi_iso"]
     timings["span_mi_s"] = time.perf_counter() - tic
     angular = scoring.angular_matrix(stats.last_tokens)
     timings["total_s"] = time.perf_counter() - started
@@ -120,7 +121,8 @@ def compute_scores(model_dir: str | Path, settings: CalibrationSettings, fingerp
         estimator={"name": settings.estimator, **params, "units": "nats"},
         block_scores=[float(span[b, b + 1]) for b in range(num_blocks)],
         span_scores=scoring.to_nested_list(span),
-        baselines={"block_influence": stats.block_influence, "angular": scoring.to_nested_list(angular)},
+        baselines={"block_influence": stats.block_influence, "angular": scoring.to_nested_list(angular),
+                   "skip_mi_iso": scoring.to_nested_list(skip_mi)},
         timings=timings,
     )
 
@@ -159,27 +161,3 @@ def _keep_boundary(stats: BoundaryStats, hidden: torch.Tensor, rows: torch.Tenso
     stats.mi_states.append(flat[rows].float().cpu().clone())
     stats.last_tokens.append(hidden[:, -1].float().cpu().clone())
 
-
-def calibration_nll_evaluator(model_dir: str | Path, settings: CalibrationSettings, device: str = "cpu",
-                              max_samples: int | None = None):
-    """A function ``pruned -> mean next-token NLL`` on the calibration sequences.
-
-    The full model's boundary states are computed once; a pruned set starting at block
-    ``b`` reuses ``h_b`` and re-runs only blocks ``b..L-1``, which halves the work of
-    greedy searches such as SLEB. Blocks stay resident, so this is for models that fit.
-    """
-    input_ids = calibration_ids(model_dir, settings)[:max_samples]
-    model = BlockwiseModel(model_dir, device=device, resident_blocks=True)
-    states = [model.embed_tokens(input_ids)]
-    for index in range(model.num_blocks):
-        with model.block(index) as layer:
-            states.append(model.run_block(layer, states[-1]))
-
-    def evaluate(pruned: frozenset[int]) -> float:
-        if not pruned:
-            return float(model.token_nll(states[-1], input_ids))
-        start = min(pruned)
-        hidden = model.forward_from(states[start], start, frozenset(pruned))
-        return float(model.token_nll(hidden, input_ids))
-
-    return evaluate

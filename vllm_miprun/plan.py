@@ -24,8 +24,11 @@ from vllm_miprun.options import MiprunOptions, OptionError
 logger = logging.getLogger(__name__)
 
 SCORE_FREE_METHODS = ("last", "random")
-FORWARD_METHODS = ("sleb",)
-SLEB_MAX_SAMPLES = 8  # SLEB's greedy search re-runs the model ~L*k times: it sees 8 sequences
+# Methods whose search runs the model on calibration tokens; their results are cached.
+FORWARD_METHODS = ("sleb", "mi-prun")
+# Both forward-pass searches see the first 4 calibration sequences (SLEB re-runs the
+# model ~L*k times; MI-PRUN's refinement about a tenth of that).
+FORWARD_MAX_SAMPLES = 4
 
 
 @dataclass(frozen=True)
@@ -122,14 +125,20 @@ def latency_model(model_dir, config: dict, cache: score_cache.ScoreCache | None,
 
 def _select(model_dir, options: MiprunOptions, num_blocks: int, protect: frozenset[int],
             cache, path, latency: LatencyModel, progress: bool) -> selectors.Selection:
-    kwargs = dict(protect=protect, seed=options.seed, **_score_inputs(cache))
+    inputs = _score_inputs(cache)
+    forward = _ForwardSearch(model_dir, options, inputs.get("cost"))
+
+    def select_for(num_prune: int) -> selectors.Selection:
+        if options.method not in FORWARD_METHODS:
+            return selectors.select(options.method, num_blocks, num_prune, protect=protect, seed=options.seed,
+                                    **inputs)
+        return _cached_selection(options.method, num_blocks, num_prune, protect, path, forward, inputs)
+
     try:
-        if options.method in FORWARD_METHODS:
-            kwargs["evaluate"] = _lazy_evaluator(model_dir, options, progress)
         if options.keep is not None:
-            num_prune = num_blocks - selectors.keep_count(options.keep, num_blocks)
-            return _cached_selection(options.method, num_blocks, num_prune, protect, path, kwargs)
-        return selectors.select_for_latency(options.method, options.latency_budget, latency, **kwargs)
+            return select_for(num_blocks - selectors.keep_count(options.keep, num_blocks))
+        return selectors.select_for_latency(options.method, options.latency_budget, latency, selector=select_for,
+                                            protect=protect)
     except ValueError as err:
         if isinstance(err, (OptionError, score_cache.CacheError)):
             raise
@@ -149,38 +158,54 @@ def _score_inputs(cache) -> dict[str, Any]:
 
 
 def _cached_selection(method: str, num_blocks: int, num_prune: int, protect: frozenset[int],
-                      path, kwargs: dict) -> selectors.Selection:
+                      path, forward: "_ForwardSearch", inputs: dict) -> selectors.Selection:
     """Forward-pass methods reuse (and fill) ``cache.selections[method][num_prune]``."""
-    if method not in FORWARD_METHODS or protect or path is None:
-        return selectors.select(method, num_blocks, num_prune, **kwargs)
-    stored = score_cache.read_cache(path).selections.get(method, {}).get(str(num_prune))
-    if stored is not None:
-        return selectors._make_selection(method, num_blocks, stored, cost=kwargs.get("cost"))
-    result = selectors.select(method, num_blocks, num_prune, **kwargs)
-    trace = result.details.get("trace") or []
-    prefixes = {str(len(step["pruned"])): list(step["pruned"]) for step in trace if "pruned" in step}
-    prefixes[str(num_prune)] = list(result.pruned)
-
-    def remember(cache):
-        cache.selections.setdefault(method, {}).update(prefixes)
-
-    score_cache.update_cache(path, remember)
+    cost = inputs.get("cost")
+    cacheable = not protect and path is not None
+    if cacheable:
+        stored = score_cache.read_cache(path).selections.get(method, {}).get(str(num_prune))
+        if stored is not None:
+            return selectors._make_selection(method, num_blocks, stored, cost=cost)
+    selectors._check_prune_request(num_blocks, num_prune, protect)
+    result = forward.run(method, num_blocks, num_prune, protect)
+    if cacheable:
+        found = {str(num_prune): list(result.pruned)}
+        if method == "sleb":  # a greedy trace: every prefix is SLEB's answer for that count
+            found.update({str(len(step["pruned"])): list(step["pruned"])
+                          for step in result.details.get("trace") or [] if "pruned" in step})
+        score_cache.update_cache(path, lambda cache: cache.selections.setdefault(method, {}).update(found))
     return result
 
 
-def _lazy_evaluator(model_dir, options: MiprunOptions, progress: bool):
-    """Calibration NLL of a pruned set, built on first use (it loads the model)."""
-    state: dict[str, Any] = {}
+class _ForwardSearch:
+    """Searches that run the model on calibration tokens; the model is loaded on first use."""
 
-    def evaluate(pruned: frozenset) -> float:
-        if "fn" not in state:
-            from vllm_miprun.calibrate import calibration_nll_evaluator
+    def __init__(self, model_dir, options: MiprunOptions, cost):
+        self.model_dir, self.options, self.cost = model_dir, options, cost
+        self._model = None
+        self._ids = None
 
-            state["fn"] = calibration_nll_evaluator(model_dir, options.calibration, options.device,
-                                                    max_samples=SLEB_MAX_SAMPLES)
-        return state["fn"](pruned)
+    def _load(self):
+        if self._model is None:
+            from vllm_miprun.blockwise import BlockwiseModel
+            from vllm_miprun.calibrate import calibration_ids
 
-    return evaluate
+            self._ids = calibration_ids(self.model_dir, self.options.calibration)[:FORWARD_MAX_SAMPLES]
+            self._model = BlockwiseModel(self.model_dir, device=self.options.device, resident_blocks=True)
+        return self._model, self._ids
+
+    def run(self, method: str, num_blocks: int, num_prune: int, protect: frozenset[int]) -> selectors.Selection:
+        logger.info("%s: searching %d blocks to prune with forward passes on calibration tokens",
+                    method, num_prune)
+        model, ids = self._load()
+        if method == "mi-prun":
+            from vllm_miprun.refine import refine
+
+            return refine(self.model_dir, ids, self.cost, num_prune, protect, model=model)
+        from vllm_miprun.refine import CalibrationCE
+
+        evaluate = CalibrationCE(model, ids)
+        return selectors.select(method, num_blocks, num_prune, protect=protect, evaluate=evaluate, cost=self.cost)
 
 
 def _num_blocks(config: dict) -> int:

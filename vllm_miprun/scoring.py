@@ -87,3 +87,49 @@ def to_nested_list(matrix: np.ndarray) -> list[list[float | None]]:
 
 def from_nested_list(rows: list[list[float | None]]) -> np.ndarray:
     return np.array([[np.nan if v is None else float(v) for v in row] for row in rows], dtype=np.float64)
+
+
+# --------------------------------------------------------------------------- skip-channel MI
+# (research issue: the span statistics behind ``vllm_miprun.objective.span_cost_matrix``)
+
+
+def rms_normalise(x: torch.Tensor) -> torch.Tensor:
+    """Per-token RMS normalisation ``x / sqrt(mean(x^2))``: what the next block's input
+    norm sees (before its learned gain)."""
+    x = x.double()
+    return x / x.pow(2).mean(dim=1, keepdim=True).clamp_min(1e-30).sqrt()
+
+
+@torch.no_grad()
+def isotropic_skip_mi_matrix(states: Sequence[torch.Tensor]) -> np.ndarray:
+    """(L+1)x(L+1) isotropic skip-channel MI ``I_skip(h_i; h_j)``, nats, NaN for ``i >= j``.
+
+    Model pruning the run ``[i, j)`` as the channel ``g_j = g_i + n`` that the residual
+    skip path leaves, with ``g = rms_normalise(h)`` and isotropic Gaussian signal and
+    noise. Its MI is ``(d/2) * log(tr Cov(g_j) / E||g_j - g_i||^2)``: the information
+    about the state the next block expects that survives when the run is replaced by the
+    identity. Per dimension it is ``0.5 * log`` of the skip channel's SNR. Unlike the
+    plain ``I(h_i; h_j)`` it is NOT invariant to invertible maps, which is the point: an
+    invertible but essential run keeps ``I(h_i; h_j)`` high while destroying the skip
+    channel. Cost: O(L^2 N d).
+    """
+    g = [rms_normalise(s) for s in states]
+    size, d = len(g), g[0].shape[1]
+    signal = torch.stack([x.var(dim=0).sum() for x in g])
+    out = np.full((size, size), np.nan)
+    for i in range(size - 1):
+        for j in range(i + 1, size):
+            noise = (g[j] - g[i]).pow(2).mean(dim=0).sum()
+            out[i, j] = 0.5 * d * float(torch.log(signal[j] / noise.clamp_min(1e-30)))
+    return out
+
+
+def extra_span_scores(states: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
+    """Extra span statistics for the score cache, from the same ``[N, d]`` boundary-state
+    rows as the span MI (``collect_boundary_stats(...).mi_states``).
+
+    Returns ``{"skip_mi_iso": (L+1)x(L+1) array}`` (see :func:`isotropic_skip_mi_matrix`);
+    store it with :func:`to_nested_list` as ``cache.baselines["skip_mi_iso"]``.
+    ``vllm_miprun.objective.span_cost_matrix`` reads it from there.
+    """
+    return {"skip_mi_iso": isotropic_skip_mi_matrix(states)}

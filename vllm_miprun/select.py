@@ -870,7 +870,8 @@ def max_keep_for_budget(model, budget_seconds: float, protect: Iterable[int] = f
     return keep
 
 
-def select_for_latency(method: str, budget, latency_model, **select_kwargs) -> Selection:
+def select_for_latency(method: str, budget, latency_model, selector: Callable[[int], Selection] | None = None,
+                       **select_kwargs) -> Selection:
     """Best-scoring selection whose predicted latency meets ``budget``.
 
     ``budget`` is a string (``"0.8"``, ``"12ms@bs8"``) or a
@@ -880,7 +881,8 @@ def select_for_latency(method: str, budget, latency_model, **select_kwargs) -> S
     block costs the first K tried always fits (the largest K meeting the budget); with
     heterogeneous costs a method may pick expensive blocks to keep, so a smaller K is
     tried. A budget below the floor raises ``ValueError`` stating the floor in the
-    budget's own units. ``select_kwargs`` go to :func:`select`.
+    budget's own units. ``select_kwargs`` go to :func:`select`; a ``selector``
+    (``num_prune -> Selection``) replaces that call, e.g. to reuse cached selections.
     """
     from .latency import parse_latency_budget
 
@@ -900,7 +902,8 @@ def select_for_latency(method: str, budget, latency_model, **select_kwargs) -> S
         )
     lowest = max(1, len(protect))
     for keep in range(top, lowest - 1, -1):
-        result = select(method, num_blocks, num_blocks - keep, protect=protect, **select_kwargs)
+        result = (selector(num_blocks - keep) if selector is not None
+                  else select(method, num_blocks, num_blocks - keep, protect=protect, **select_kwargs))
         predicted = latency_model.predict(result.kept)
         if predicted <= seconds + tol:
             details = {

@@ -1,0 +1,71 @@
+"""MI-PRUN's default search on a tiny model: Fast-Block-Select proposals arbitrated by the
+next-token MI bound on calibration tokens, cached in the score cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vllm_miprun.blockwise import BlockwiseModel
+from vllm_miprun.cache import read_cache, update_cache
+from vllm_miprun.calibrate import calibrate, calibration_ids
+from vllm_miprun.objective import monotone_closure, span_cost_matrix
+from vllm_miprun.options import CalibrationSettings, MiprunOptions
+from vllm_miprun.plan import make_plan
+from vllm_miprun.refine import CalibrationCE, refine
+from vllm_miprun.select import dpi_violations
+
+SMALL = CalibrationSettings(samples=4, seq_len=32)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_llama_dir, tmp_path_factory):
+    cache_dir = tmp_path_factory.mktemp("scores")
+    return calibrate(tiny_llama_dir, SMALL, cache_dir=cache_dir, progress=False), cache_dir
+
+
+def test_span_cost_is_monotone_and_uses_skip_mi(calibrated):
+    result, _ = calibrated
+    cost = span_cost_matrix(result.cache)
+    assert cost.shape == (9, 9)
+    assert dpi_violations(cost) == 0
+    assert np.all(cost[np.triu_indices(9, 1)] >= 0)
+    assert "skip_mi_iso" in result.cache.baselines
+
+
+def test_monotone_closure_repairs_violations():
+    raw = np.full((4, 4), np.nan)
+    raw[0, 1], raw[1, 2], raw[2, 3], raw[0, 2], raw[1, 3], raw[0, 3] = 0.5, 0.2, 0.3, 0.1, 0.4, 0.2
+    fixed = monotone_closure(raw)
+    assert dpi_violations(fixed) == 0 and dpi_violations(raw) > 0
+    assert fixed[0, 2] == 0.5 and fixed[0, 3] == 0.5
+
+
+def test_refine_picks_the_proposal_with_the_best_bound(tiny_llama_dir, calibrated):
+    result, _ = calibrated
+    cost = span_cost_matrix(result.cache)
+    model = BlockwiseModel(tiny_llama_dir, resident_blocks=True)
+    ids = calibration_ids(tiny_llama_dir, SMALL)[:2]
+    selection = refine(tiny_llama_dir, ids, cost, 3, model=model)
+    assert len(selection.pruned) == 3 and len(selection.kept) == 5
+    scores = selection.details["scores"]
+    chosen = scores[selection.details["chosen"]]
+    assert sorted(selection.pruned) == chosen["pruned"]
+    assert all(chosen["ce"] <= other["ce"] for other in scores.values())
+    evaluate = CalibrationCE(model, ids)
+    assert evaluate(frozenset(selection.pruned)) == pytest.approx(chosen["ce"], rel=1e-6)
+
+
+def test_mi_prun_plan_is_cached_and_reused(tiny_llama_dir, calibrated):
+    result, cache_dir = calibrated
+    options = MiprunOptions(keep=0.5, cache_dir=str(cache_dir), calibration=SMALL)
+    first = make_plan(tiny_llama_dir, options, progress=False)
+    assert first.method == "mi-prun" and len(first.kept) == 4
+    stored = read_cache(result.path).selections["mi-prun"]["4"]
+    assert stored == list(first.pruned)
+    again = make_plan(tiny_llama_dir, options, progress=False)
+    assert again.kept == first.kept and again.scores_source == "cache-hit"
+    # The stored answer is what later plans use: replace it and the plan follows.
+    other = [b for b in range(8) if b not in first.pruned][:4]
+    update_cache(result.path, lambda cache: cache.selections["mi-prun"].update({"4": other}))
+    assert list(make_plan(tiny_llama_dir, options, progress=False).pruned) == sorted(other)

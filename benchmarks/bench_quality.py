@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,7 @@ ZERO_SHOT = ev.MC_TASKS
 # (row name, plan options without keep or None for the dense model, seeds). The lead owns this list.
 ROWS: list[tuple[str, dict[str, Any] | None, tuple[int, ...]]] = [
     ("dense", None, (0,)),
-    ("mi-prun/gaussian", {"method": "mi-prun", "estimator": "gaussian"}, (0,)),
-    ("mi-prun/renyi", {"method": "mi-prun", "estimator": "renyi"}, (0,)),
+    ("mi-prun", {"method": "mi-prun"}, (0,)),
     ("shortgpt", {"method": "shortgpt"}, (0,)),
     ("angular", {"method": "angular"}, (0,)),
     ("sleb", {"method": "sleb"}, (0,)),
@@ -82,7 +82,7 @@ def run_row(args, name: str, base: dict[str, Any] | None, seeds: tuple[int, ...]
     ratios = (1.0,) if base is None else args.ratios
     records = []
     for seed in seeds:
-        cache_dir = args.out / "caches" / f"{name.replace('/', '-')}-seed{seed}"
+        cache_dir = args.cache_root  # shared by all rows: one calibration per seed, as in serving
         for ratio in ratios:
             record: dict[str, Any] = {"row": name, "keep": ratio, "seed": seed}
             prune = None
@@ -90,7 +90,7 @@ def run_row(args, name: str, base: dict[str, Any] | None, seeds: tuple[int, ...]
                 options = {**base, "keep": ratio, "seed": seed}
                 plan, seconds = timed_plan(args.model, options, cache_dir)
                 record.update(kept=list(plan.kept), pruned=list(plan.pruned), plan_seconds=round(seconds, 3),
-                              scores_source=plan.scores_source)
+                              scores_source=plan.scores_source, **method_cost(plan, seconds))
                 # vLLM plans again in the loader: same options and cache, so the same blocks
                 prune = {**options, "cache_dir": str(cache_dir)} if args.backend == "vllm" else list(plan.kept)
             report = ev.evaluate(args.model, tasks, backend=args.backend, prune=prune, limit=args.limit,
@@ -106,19 +106,51 @@ def run_row(args, name: str, base: dict[str, Any] | None, seeds: tuple[int, ...]
     return records
 
 
+def method_cost(plan, plan_seconds: float) -> dict[str, float]:
+    """Calibration seconds (the score cache's own timing, paid once per model and seed) and
+    selection seconds (this plan's wall time, minus calibration if it ran inside it)."""
+    if plan.cache_path is None:
+        return {"calibration_seconds": 0.0, "selection_seconds": round(plan_seconds, 3)}
+    from vllm_miprun.cache import read_cache
+
+    calibration = float(read_cache(plan.cache_path).timings.get("total_s", 0.0))
+    selection = plan_seconds - (calibration if plan.scores_source == "computed" else 0.0)
+    return {"calibration_seconds": round(calibration, 3), "selection_seconds": round(max(selection, 0.0), 3)}
+
+
 def stability(args, base: dict[str, Any], name: str) -> dict[str, float | None]:
-    """Mean pairwise Jaccard of the pruned sets over calibration seeds, per keep ratio."""
+    """Mean pairwise Jaccard of the pruned sets over calibration seeds, at ``--stability-keep``."""
     if base["method"] in ("last",):
         return {}
-    out = {}
-    for ratio in args.ratios:
-        sets = []
-        for seed in range(args.stability_seeds):
-            cache_dir = args.out / "caches" / f"{name.replace('/', '-')}-seed{seed}"
-            plan, _ = timed_plan(args.model, {**base, "keep": ratio, "seed": seed}, cache_dir)
-            sets.append(set(plan.pruned))
-        out[str(ratio)] = mean_pairwise_jaccard(sets)
-    return out
+    sets = []
+    for seed in range(args.stability_seeds):
+        plan, _ = timed_plan(args.model, {**base, "keep": args.stability_keep, "seed": seed}, args.cache_root)
+        sets.append(set(plan.pruned))
+    return {str(args.stability_keep): mean_pairwise_jaccard(sets)}
+
+
+def markdown_table(records: list[dict[str, Any]], stable: dict[str, dict], keep_for_stability: float) -> str:
+    """README table: one line per method and keep ratio (random: mean over its seeds)."""
+    lines = ["| keep | method | wiki ppl | c4 ppl | zero-shot acc_norm | pruned | calibration s | selection s | "
+             f"stability (Jaccard, keep {keep_for_stability}) |", "|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[tuple, list] = {}
+    for r in records:
+        groups.setdefault((r["keep"], r["row"]), []).append(r)
+    for (keep, row), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
+        def mean(get):
+            values = [get(r) for r in rs if get(r) is not None]
+            return sum(values) / len(values) if values else None
+        wiki = mean(lambda r: r["eval"]["tasks"]["wiki-ppl"]["ppl"])
+        c4 = mean(lambda r: r["eval"]["tasks"]["c4-ppl"]["ppl"])
+        zs = mean(lambda r: r["eval"].get("mc_avg_acc_norm"))
+        calib = mean(lambda r: r.get("calibration_seconds"))
+        sel = mean(lambda r: r.get("selection_seconds"))
+        pruned = "; ".join(",".join(map(str, r.get("pruned", []))) for r in rs) or "-"
+        jac = stable.get(row, {}).get(str(keep_for_stability))
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        lines.append(f"| {keep} | {row} | {fmt(wiki, '.1f')} | {fmt(c4, '.1f')} | {fmt(zs, '.3f')} | {pruned} | "
+                     f"{fmt(calib, '.0f')} | {fmt(sel, '.0f')} | {fmt(jac, '.2f')} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(records: list[dict[str, Any]], path: Path) -> None:
@@ -161,6 +193,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=ev.DEFAULT_SEQ_LEN)
     parser.add_argument("--no-zero-shot", action="store_true", help="perplexity only")
     parser.add_argument("--stability-seeds", type=int, default=5)
+    parser.add_argument("--stability-keep", type=float, default=0.75)
+    parser.add_argument("--cache-root", type=Path, default=Path(tempfile.gettempdir()) / "miprun-quality-caches",
+                        help="score caches shared by all rows")
     parser.add_argument("--seed", type=int, default=0, help="seed of the zero-shot subsets")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -180,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
               "limit": args.limit, "ppl_windows": args.ppl_windows, "seq_len": args.seq_len,
               "dtype": args.dtype, "records": records, "stability": stable}
     (args.out / "quality.json").write_text(json.dumps(result, indent=1))
+    (args.out / "quality.md").write_text(markdown_table(records, stable, args.stability_keep))
     plot(records, args.out / "quality_ppl.png")
     logger.info("wrote %s and %s", args.out / "quality.json", args.out / "quality_ppl.png")
 

@@ -79,7 +79,8 @@ def timed_plan(model_dir: Path, options: dict[str, Any], cache_dir: Path):
 
 def run_row(args, name: str, base: dict[str, Any] | None, seeds: tuple[int, ...]) -> list[dict[str, Any]]:
     tasks = ["wiki-ppl", "c4-ppl"] + ([] if args.no_zero_shot else list(ZERO_SHOT))
-    ratios = (1.0,) if base is None else args.ratios
+    # Fewest kept first: a greedy search (SLEB) then caches every smaller drop on the way.
+    ratios = (1.0,) if base is None else tuple(sorted(args.ratios))
     records = []
     for seed in seeds:
         cache_dir = args.cache_root  # shared by all rows: one calibration per seed, as in serving
@@ -120,7 +121,7 @@ def method_cost(plan, plan_seconds: float) -> dict[str, float]:
 
 def stability(args, base: dict[str, Any], name: str) -> dict[str, float | None]:
     """Mean pairwise Jaccard of the pruned sets over calibration seeds, at ``--stability-keep``."""
-    if base["method"] in ("last",):
+    if base["method"] in ("last",) or base["method"] in args.no_stability:
         return {}
     sets = []
     for seed in range(args.stability_seeds):
@@ -194,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-zero-shot", action="store_true", help="perplexity only")
     parser.add_argument("--stability-seeds", type=int, default=5)
     parser.add_argument("--stability-keep", type=float, default=0.75)
+    parser.add_argument("--no-stability", default="", type=lambda s: tuple(filter(None, s.split(","))),
+                        help="methods whose stability is not measured (e.g. sleb: a greedy search per seed)")
     parser.add_argument("--cache-root", type=Path, default=Path(tempfile.gettempdir()) / "miprun-quality-caches",
                         help="score caches shared by all rows")
     parser.add_argument("--seed", type=int, default=0, help="seed of the zero-shot subsets")

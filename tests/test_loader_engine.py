@@ -21,7 +21,7 @@ import psutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from engine_runner import RESULT_MARK
+from engine_runner import RESULT_MARK, wait_healthy
 from vllm_miprun.options import MiprunOptions
 
 pytestmark = pytest.mark.engine
@@ -184,19 +184,6 @@ def _start_server(model_dir: Path, *flags: str, port: int) -> subprocess.Popen:
     )
 
 
-def _wait_healthy(proc: subprocess.Popen, port: int, timeout: float = 300) -> None:
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stderr.read()[-4000:]
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    raise AssertionError("server did not become healthy in time")
 
 
 def test_miprun_serve_with_keep_flag_answers_openai_client(tiny_llama_dir):
@@ -205,7 +192,7 @@ def test_miprun_serve_with_keep_flag_answers_openai_client(tiny_llama_dir):
     port = _free_port()
     proc = _start_server(tiny_llama_dir, "--miprun-keep", "0.5", "--miprun-method", "last", port=port)
     try:
-        _wait_healthy(proc, port)
+        wait_healthy(proc, port, lambda: proc.stderr.read()[-4000:])
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
         assert [m.id for m in client.models.list().data] == [str(tiny_llama_dir)]
         answer = client.completions.create(model=str(tiny_llama_dir), prompt="Once upon a time",

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from engine_runner import wait_healthy
 
 from vllm_miprun import metrics
 from vllm_miprun.metrics import Baseline, ThroughputWindow
@@ -129,19 +130,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_healthy(proc: subprocess.Popen, port: int, log: Path, timeout: float = 300) -> None:
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-4000:]
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"server did not become healthy in {timeout} s: {log.read_text()[-4000:]}")
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -222,7 +210,7 @@ def scraped(request, tiny_llama_dir, tmp_path_factory):
             stdout=log_file, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
         )
     try:
-        _wait_healthy(proc, port, log)
+        wait_healthy(proc, port, lambda: log.read_text()[-4000:])
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
         for prompt in ("Once upon a time", "The capital of France is", "In 1905, the physicist"):
             answer = client.completions.create(model=str(tiny_llama_dir), prompt=prompt, max_tokens=24,

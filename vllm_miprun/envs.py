@@ -11,6 +11,7 @@ from pathlib import Path
 ENV_VARS: dict[str, str] = {
     "MIPRUN_HOME": "root of converted models and score caches (default ~/.cache/vllm-miprun)",
     "MIPRUN_CACHE_DIR": "where score caches are written (default $MIPRUN_HOME/scores)",
+    "MIPRUN_RUN_DIR": "internal: the report folder the front process hands to vLLM's processes for metrics; do not set",
 }
 
 

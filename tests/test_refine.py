@@ -69,3 +69,21 @@ def test_mi_prun_plan_is_cached_and_reused(tiny_llama_dir, calibrated):
     other = [b for b in range(8) if b not in first.pruned][:4]
     update_cache(result.path, lambda cache: cache.selections["mi-prun"].update({"4": other}))
     assert list(make_plan(tiny_llama_dir, options, progress=False).pruned) == sorted(other)
+
+
+def test_skip_mi_matches_its_definition():
+    import torch
+
+    from vllm_miprun.scoring import isotropic_skip_mi_matrix, rms_normalise
+
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(256, 32, generator=generator)
+    states = [base + 0.3 * k * torch.randn(256, 32, generator=generator) for k in range(4)]
+    matrix = isotropic_skip_mi_matrix(states)
+    g = [rms_normalise(s) for s in states]
+    for i in range(3):
+        for j in range(i + 1, 4):
+            signal = g[j].var(dim=0).sum()
+            noise = (g[j] - g[i]).pow(2).mean(dim=0).sum()
+            assert matrix[i, j] == pytest.approx(16 * float(torch.log(signal / noise)), rel=1e-10)
+    assert matrix[0, 1] > matrix[0, 3]  # more added noise, less information survives the skip

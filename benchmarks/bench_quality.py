@@ -27,7 +27,6 @@ vLLM starts its workers with spawn: everything runs under the ``__main__`` guard
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from typing import Any
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from vllm_miprun import evaluate as ev  # noqa: E402
+from vllm_miprun.cli import mean_pairwise_jaccard  # noqa: E402
 
 logger = logging.getLogger("bench_quality")
 
@@ -55,15 +55,6 @@ ROWS: list[tuple[str, dict[str, Any] | None, tuple[int, ...]]] = [
     ("last", {"method": "last"}, (0,)),
     ("random", {"method": "random"}, (0, 1, 2)),
 ]
-
-
-def jaccard(a: set[int], b: set[int]) -> float:
-    return 1.0 if not a and not b else len(a & b) / len(a | b)
-
-
-def mean_pairwise_jaccard(sets: list[set[int]]) -> float | None:
-    pairs = list(itertools.combinations(sets, 2))
-    return sum(jaccard(a, b) for a, b in pairs) / len(pairs) if pairs else None
 
 
 def timed_plan(model_dir: Path, options: dict[str, Any], cache_dir: Path):

@@ -183,18 +183,15 @@ def mean_pairwise_jaccard(sets: list[set[int]]) -> float:
 
 
 def plan_memory(model_dir: str, plan) -> dict[str, int]:
-    """Weight bytes and KV bytes per token saved by the pruned blocks (from headers only)."""
-    from vllm_miprun.blockwise import TensorIndex, read_config
+    """Weight bytes and KV bytes per token saved by the pruned blocks (from headers only),
+    computed as the metrics do; KV at 2 bytes per value, vLLM's default bf16 cache."""
+    from vllm_miprun import metrics
+    from vllm_miprun.blockwise import read_config, safetensors_files
 
-    config = read_config(model_dir)
-    index = TensorIndex(model_dir)
-    weight = 0
-    for block in plan.pruned:
-        weight += index.bytes_with_prefix(f"model.layers.{block}.")
-    heads = config.get("num_key_value_heads") or config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    kv_per_block = 2 * heads * head_dim * 2  # K and V, bf16
-    return {"weight_bytes_saved": weight, "kv_bytes_per_token_saved": kv_per_block * len(plan.pruned)}
+    return {
+        "weight_bytes_saved": metrics.pruned_weight_bytes(safetensors_files(model_dir), plan.pruned),
+        "kv_bytes_per_token_saved": metrics.kv_bytes_per_token_saved(read_config(model_dir), len(plan.pruned), 2),
+    }
 
 
 def compact_ranges(indices) -> str:

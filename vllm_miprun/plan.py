@@ -149,11 +149,12 @@ def _score_inputs(cache) -> dict[str, Any]:
     if cache is None:
         return {}
     from vllm_miprun.objective import span_cost_matrix
+    from vllm_miprun.scoring import from_nested_list
 
     return {
         "cost": span_cost_matrix(cache),
         "block_influence": np.asarray(cache.baselines["block_influence"], dtype=float),
-        "angular": np.array([[np.nan if v is None else v for v in row] for row in cache.baselines["angular"]]),
+        "angular": from_nested_list(cache.baselines["angular"]),
     }
 
 

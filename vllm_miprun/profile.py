@@ -36,11 +36,13 @@ covers plans made without a cache (e.g. ``--method last``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -440,25 +442,42 @@ def run_engine(spec: Mapping[str, Any], timeout_s: float = 900, env: Mapping[str
         spec_file = handle.name
     begin = time.perf_counter()
     try:
-        proc = subprocess.run(
+        returncode, stdout, stderr = _run_in_own_group(
             [sys.executable, "-m", "vllm_miprun.profile", "--worker", spec_file],
-            capture_output=True, text=True, timeout=timeout_s, env={**os.environ, **(env or {})},
-        )
+            timeout_s, {**os.environ, **(env or {})})
     finally:
         os.unlink(spec_file)
-    log = proc.stdout + proc.stderr
+    log = stdout + stderr
     if log_path:
         Path(log_path).write_text(log)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_MARK)]
-    if proc.returncode != 0 or not lines:
+    lines = [line for line in stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if returncode != 0 or not lines:
         raise RuntimeError(
-            f"engine run failed (exit {proc.returncode}) for {spec.get('model')} "
+            f"engine run failed (exit {returncode}) for {spec.get('model')} "
             f"{spec.get('load_format')} {spec.get('extra')}:\n{log[-3000:]}"
         )
     result = json.loads(lines[-1][len(RESULT_MARK):])
     result["process_s"] = time.perf_counter() - begin
     result.update(parse_load_log(log))
     return result
+
+
+def _run_in_own_group(argv: list[str], timeout_s: float, env: Mapping[str, str]) -> tuple[int, str, str]:
+    """Run ``argv`` in a new session and kill its whole process group on timeout or
+    interrupt: vLLM's EngineCore is a grandchild that would otherwise outlive us."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(env), start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    # The worker has exited; anything it left in its group is an orphan.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, stdout, stderr
 
 
 def parse_load_log(log: str) -> dict[str, float]:

@@ -54,7 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-concurrency", type=int, default=16)
     p.add_argument("--request-rate", default="inf")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default=None,
+                   help="default: float32 on CPU (AVX2-only CPUs emulate bfloat16: prefill ~10x slower), "
+                        "bfloat16 on CUDA")
     p.add_argument("--kv-cache-gib", type=float, default=0.25)
     p.add_argument("--port", type=int, default=0, help="0: pick a free port")
     p.add_argument("--startup-timeout", type=float, default=600)
@@ -63,6 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--logs", default=None, help="folder for server and bench logs")
     p.add_argument("--quick", action="store_true", help="8 prompts, 16 tokens, 1 warm-up (figures are noise)")
     args = p.parse_args(argv)
+    args.dtype = args.dtype or "float32"  # CPU: AVX2-only CPUs emulate bfloat16
     if args.quick:
         args.num_prompts, args.output_len, args.num_warmups, args.max_concurrency = 8, 16, 1, 4
         args.input_len = min(args.input_len, 32)

@@ -33,6 +33,19 @@ def test_span_cost_is_monotone_and_uses_skip_mi(calibrated):
     assert "skip_mi_iso" in result.cache.baselines
 
 
+def test_renyi_cache_is_priced_by_its_own_span_mi(tiny_llama_dir, tmp_path):
+    from vllm_miprun.objective import mi_fallback_cost, skip_cost
+    from vllm_miprun.scoring import from_nested_list
+
+    renyi = calibrate(tiny_llama_dir, CalibrationSettings(samples=4, seq_len=32, estimator="renyi"),
+                      cache_dir=tmp_path, progress=False).cache
+    cost = span_cost_matrix(renyi)
+    expected = mi_fallback_cost(from_nested_list(renyi.span_scores))
+    np.testing.assert_allclose(cost, expected, equal_nan=True)
+    skip = skip_cost(from_nested_list(renyi.baselines["skip_mi_iso"]), renyi.model["hidden_size"])
+    assert not np.allclose(np.nan_to_num(cost), np.nan_to_num(skip))
+
+
 def test_monotone_closure_repairs_violations():
     raw = np.full((4, 4), np.nan)
     raw[0, 1], raw[1, 2], raw[2, 3], raw[0, 2], raw[1, 3], raw[0, 3] = 0.5, 0.2, 0.3, 0.1, 0.4, 0.2
@@ -69,6 +82,19 @@ def test_mi_prun_plan_is_cached_and_reused(tiny_llama_dir, calibrated):
     other = [b for b in range(8) if b not in first.pruned][:4]
     update_cache(result.path, lambda cache: cache.selections["mi-prun"].update({"4": other}))
     assert list(make_plan(tiny_llama_dir, options, progress=False).pruned) == sorted(other)
+
+
+def test_sleb_plan_caches_every_prefix_of_its_greedy_trace(tiny_llama_dir, calibrated):
+    result, cache_dir = calibrated
+    deep = make_plan(tiny_llama_dir, MiprunOptions(keep=0.5, method="sleb", cache_dir=str(cache_dir),
+                                                   calibration=SMALL), progress=False)
+    stored = read_cache(result.path).selections["sleb"]
+    assert sorted(stored) == ["1", "2", "3", "4"] and stored["4"] == list(deep.pruned)
+    for count in range(1, 4):  # each greedy round extends the previous answer by one block
+        assert set(stored[str(count)]) < set(stored[str(count + 1)]) and len(stored[str(count)]) == count
+    shallow = make_plan(tiny_llama_dir, MiprunOptions(keep=0.75, method="sleb", cache_dir=str(cache_dir),
+                                                      calibration=SMALL), progress=False)
+    assert list(shallow.pruned) == stored["2"]
 
 
 def test_skip_mi_matches_its_definition():

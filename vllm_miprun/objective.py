@@ -28,10 +28,13 @@ Why the power 2
     makes the cost of a run super-additive in its length, which is what the measured
     damage does, and the DP then spreads the pruned blocks over short runs.
 
-Fallback
-    Caches without ``baselines["skip_mi_iso"]`` (written by
-    :func:`vllm_miprun.scoring.extra_span_scores`) fall back to the plain span MI,
-    ``(1 - I/I_max) ** POWER``; that is the weaker objective.
+Estimators
+    The skip-channel MI is a Gaussian quantity, so it is the cost of a ``gaussian``
+    cache (the default). A cache calibrated with ``estimator="renyi"`` is priced by its
+    own plain span MI, ``(1 - I/I_max) ** POWER`` with the matrix Rényi ``I``; that is the
+    weaker objective (see the quality table), kept so the estimators can be compared
+    through the same pipeline. Gaussian caches without ``baselines["skip_mi_iso"]``
+    fall back to it too.
 
 The refinement that reaches SLEB-level quality (``vllm_miprun.refine``) uses this
 matrix only to rank which blocks to try.
@@ -53,7 +56,7 @@ def span_cost_matrix(cache, power: float = POWER) -> np.ndarray:
     Pure function of a :class:`~vllm_miprun.cache.ScoreCache` (see the module docstring).
     """
     extra = (cache.baselines or {}).get(SKIP_KEY)
-    if extra is not None:
+    if extra is not None and _estimator_name(cache) == "gaussian":
         skip = from_nested_list(extra)
         dim = (cache.model or {}).get("hidden_size") or _dim_from(cache)
         return skip_cost(skip, dim, power)
@@ -72,6 +75,11 @@ def mi_fallback_cost(span_mi: np.ndarray, power: float = POWER) -> np.ndarray:
     span_mi = np.asarray(span_mi, dtype=float)
     cost = np.clip(1.0 - span_mi / np.nanmax(span_mi), 0.0, None)
     return monotone_closure(_upper(cost ** power))
+
+
+def _estimator_name(cache) -> str:
+    estimator = cache.estimator or {}
+    return estimator.get("name", "gaussian") if isinstance(estimator, dict) else str(estimator)
 
 
 def _dim_from(cache) -> int:

@@ -770,7 +770,8 @@ def select_sleb(
             if best_block is None or score < best_score:  # strict: ties keep the lower index
                 best_score, best_block = score, b
         pruned.add(best_block)
-        trace.append({"block": best_block, "score": best_score})
+        # The greedy trace's prefixes are SLEB's answers for smaller counts (cached by plan).
+        trace.append({"block": best_block, "score": best_score, "pruned": sorted(pruned), "evaluations": calls})
     return _make_selection(
         "sleb", num_blocks, pruned, run_evaluations=calls, iterations=num_prune, details={"trace": trace}
     )

@@ -1,27 +1,33 @@
 """Quality of every block-selection method on one model (SmolLM2-135M by default).
 
-For each row of ``ROWS`` and each keep ratio, the script plans (``make_plan``, timed,
-with a fresh score cache per row and calibration seed so calibration is really paid
-once), evaluates the pruned model (``vllm_miprun.evaluate``), and records:
+For each row of ``ROWS`` and each keep ratio, the script plans (``make_plan``, timed;
+all rows share one score cache folder, empty at the start, so each calibration seed's
+forward pass is paid once, as in serving), evaluates the pruned model
+(``vllm_miprun.evaluate``), and records:
 
 - wiki and c4 perplexity (held-out split, ``--ppl-windows`` x ``--seq-len`` tokens);
-- the zero-shot tasks' acc / acc_norm and their average acc_norm (``--limit`` examples each);
+- the zero-shot tasks' acc / acc_norm and their average acc_norm (``--limit`` seeded
+  examples each); two rows that keep the same blocks are the same model and are
+  evaluated once;
 - stability: the mean pairwise Jaccard similarity of the pruned sets planned with
-  ``--stability-seeds`` calibration seeds (methods that do not calibrate are skipped,
-  except ``random``, whose seed is the calibration seed);
-- calibration + selection seconds: the first plan of a row, which fills its empty cache
-  (later ratios of the same row reuse the scores; their plan time is reported apart).
+  ``--stability-seeds`` calibration seeds at each of ``--stability-keeps`` (``last`` is
+  deterministic; ``random``'s seed is the calibration seed; ``--no-stability`` skips rows);
+- calibration and selection seconds (see ``TIMED``). SLEB's deepest run caches every
+  shallower answer (greedy prefixes); the shallower ones are charged a prorated share.
 
 What is timed: planning only, wall clock, on this machine's CPUs (or ``--device``).
 Model loading and evaluation time are recorded but are not the method's cost.
 
-Outputs ``quality.json`` and ``quality_ppl.png`` (perplexity against keep ratio, one line
-per method) in ``--out``:
+Outputs, after every row, ``<name>.json``, ``<name>.md`` (the table and the goals of
+issue 6, each met or not) and ``<name>_ppl.png`` (perplexity against keep ratio, one
+line per method) in ``--out``. The committed SmolLM2 results came from:
 
-    python benchmarks/bench_quality.py --backend vllm --limit 200 \\
-        --out benchmarks/results/
+    python benchmarks/bench_quality.py --backend transformers --limit 20 --ppl-windows 8 \
+        --no-stability sleb,mi-prun-renyi
 
-vLLM starts its workers with spawn: everything runs under the ``__main__`` guard below.
+(the transformers backend deletes the same blocks; ``tests/test_evaluate.py`` checks
+that it agrees with vLLM request by request). vLLM starts its workers with spawn:
+everything runs under the ``__main__`` guard below.
 """
 
 from __future__ import annotations
@@ -54,7 +60,9 @@ ROWS: list[tuple[str, dict[str, Any] | None, tuple[int, ...]]] = [
     ("sleb", {"method": "sleb"}, (0,)),
     ("last", {"method": "last"}, (0,)),
     ("random", {"method": "random"}, (0, 1, 2)),
+    ("mi-prun-renyi", {"method": "mi-prun", "estimator": "renyi"}, (0,)),
 ]
+ONE_SHOT = ("shortgpt", "angular", "last")  # the goals compare MI-PRUN with the best of these
 
 
 def timed_plan(model_dir: Path, options: dict[str, Any], cache_dir: Path):
@@ -68,7 +76,8 @@ def timed_plan(model_dir: Path, options: dict[str, Any], cache_dir: Path):
     return plan, time.perf_counter() - start
 
 
-def run_row(args, name: str, base: dict[str, Any] | None, seeds: tuple[int, ...]) -> list[dict[str, Any]]:
+def run_row(args, name: str, base: dict[str, Any] | None, seeds: tuple[int, ...],
+            evaluated: dict[tuple[int, ...], dict[str, Any]]) -> list[dict[str, Any]]:
     tasks = ["wiki-ppl", "c4-ppl"] + ([] if args.no_zero_shot else list(ZERO_SHOT))
     # Fewest kept first: a greedy search (SLEB) then caches every smaller drop on the way.
     ratios = (1.0,) if base is None else tuple(sorted(args.ratios))
@@ -85,64 +94,103 @@ def run_row(args, name: str, base: dict[str, Any] | None, seeds: tuple[int, ...]
                               scores_source=plan.scores_source, **method_cost(plan, seconds))
                 # vLLM plans again in the loader: same options and cache, so the same blocks
                 prune = {**options, "cache_dir": str(cache_dir)} if args.backend == "vllm" else list(plan.kept)
-            report = ev.evaluate(args.model, tasks, backend=args.backend, prune=prune, limit=args.limit,
-                                 ppl_limit=args.ppl_windows, seed=args.seed, seq_len=args.seq_len,
-                                 dtype=args.dtype, progress=True)
+            # Two methods that keep the same blocks have the same model: evaluate it once.
+            same = evaluated.get(tuple(record["kept"])) if base is not None else None
+            if same is not None:
+                report = {**same, "reused": True}
+            else:
+                report = ev.evaluate(args.model, tasks, backend=args.backend, prune=prune, limit=args.limit,
+                                     ppl_limit=args.ppl_windows, seed=args.seed, seq_len=args.seq_len,
+                                     dtype=args.dtype, progress=True)
+                evaluated[tuple(report["kept"])] = report
             if base is not None and report["kept"] != record["kept"]:
                 raise RuntimeError(f"{name} keep={ratio}: served blocks {report['kept']} differ from "
                                    f"the plan's {record['kept']}")
             record["eval"] = report
             records.append(record)
-            logger.info("%s keep=%.2f seed=%d wiki=%.3f c4=%.3f", name, ratio, seed,
-                        report["tasks"]["wiki-ppl"]["ppl"], report["tasks"]["c4-ppl"]["ppl"])
+            logger.info("%s keep=%.2f seed=%d wiki=%.3f c4=%.3f zero-shot=%s", name, ratio, seed,
+                        report["tasks"]["wiki-ppl"]["ppl"], report["tasks"]["c4-ppl"]["ppl"],
+                        report.get("mc_avg_acc_norm"))
+    if base is not None and base["method"] == "sleb":
+        prorate_greedy_cost(records)
     return records
 
 
 def method_cost(plan, plan_seconds: float) -> dict[str, float]:
     """Calibration seconds (the score cache's own timing, paid once per model and seed) and
-    selection seconds (this plan's wall time, minus calibration if it ran inside it)."""
-    if plan.cache_path is None:
-        return {"calibration_seconds": 0.0, "selection_seconds": round(plan_seconds, 3)}
-    from vllm_miprun.cache import read_cache
+    selection seconds (this plan's wall time, minus calibration if it ran inside it).
 
-    calibration = float(read_cache(plan.cache_path).timings.get("total_s", 0.0))
+    SLEB reads no MI score: only its own forward passes (selection) count for it."""
+    if plan.cache_path is None or plan.method == "sleb":
+        computed = plan.scores_source == "computed" and plan.cache_path is not None
+        calibration = _cache_seconds(plan.cache_path) if computed else 0.0
+        return {"calibration_seconds": 0.0, "selection_seconds": round(max(plan_seconds - calibration, 0.0), 3)}
+    calibration = _cache_seconds(plan.cache_path)
     selection = plan_seconds - (calibration if plan.scores_source == "computed" else 0.0)
     return {"calibration_seconds": round(calibration, 3), "selection_seconds": round(max(selection, 0.0), 3)}
 
 
+def _cache_seconds(path) -> float:
+    from vllm_miprun.cache import read_cache
+
+    return float(read_cache(path).timings.get("total_s", 0.0))
+
+
+def prorate_greedy_cost(records: list[dict[str, Any]]) -> None:
+    """SLEB's deepest run caches every shallower answer (its greedy prefixes), so the later
+    plans are cache hits. Charge each the share of the deepest run's time that its own
+    rounds take: round r costs L - r evaluations."""
+    deepest = min(records, key=lambda r: r["keep"])
+    count = len(deepest["kept"]) + len(deepest["pruned"])
+    evaluations = lambda drops: sum(count - r for r in range(drops))  # noqa: E731
+    for record in records:
+        if record is not deepest:
+            share = evaluations(len(record["pruned"])) / evaluations(len(deepest["pruned"]))
+            record["selection_seconds"] = round(deepest["selection_seconds"] * share, 3)
+            record["selection_note"] = f"prorated from keep {deepest['keep']} by evaluation count"
+
+
 def stability(args, base: dict[str, Any], name: str) -> dict[str, float | None]:
-    """Mean pairwise Jaccard of the pruned sets over calibration seeds, at ``--stability-keep``."""
-    if base["method"] in ("last",) or base["method"] in args.no_stability:
+    """Mean pairwise Jaccard of the pruned sets over calibration seeds, per ``--stability-keeps``."""
+    if base["method"] in ("last",) or name in args.no_stability:
         return {}
-    sets = []
-    for seed in range(args.stability_seeds):
-        plan, _ = timed_plan(args.model, {**base, "keep": args.stability_keep, "seed": seed}, args.cache_root)
-        sets.append(set(plan.pruned))
-    return {str(args.stability_keep): mean_pairwise_jaccard(sets)}
+    found = {}
+    for keep in args.stability_keeps:
+        sets = [set(timed_plan(args.model, {**base, "keep": keep, "seed": seed}, args.cache_root)[0].pruned)
+                for seed in range(args.stability_seeds)]
+        found[str(keep)] = mean_pairwise_jaccard(sets)
+        logger.info("%s keep=%.2f stability over %d seeds: %.3f", name, keep, len(sets), found[str(keep)])
+    return found
 
 
-def markdown_table(records: list[dict[str, Any]], stable: dict[str, dict], keep_for_stability: float) -> str:
+def markdown_table(records: list[dict[str, Any]], stable: dict[str, dict], limit: int | None) -> str:
     """README table: one line per method and keep ratio (random: mean over its seeds)."""
-    lines = ["| keep | method | wiki ppl | c4 ppl | zero-shot acc_norm | pruned | calibration s | selection s | "
-             f"stability (Jaccard, keep {keep_for_stability}) |", "|---|---|---|---|---|---|---|---|---|"]
-    groups: dict[tuple, list] = {}
-    for r in records:
-        groups.setdefault((r["keep"], r["row"]), []).append(r)
-    for (keep, row), rs in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
-        def mean(get):
-            values = [get(r) for r in rs if get(r) is not None]
-            return sum(values) / len(values) if values else None
-        wiki = mean(lambda r: r["eval"]["tasks"]["wiki-ppl"]["ppl"])
-        c4 = mean(lambda r: r["eval"]["tasks"]["c4-ppl"]["ppl"])
-        zs = mean(lambda r: r["eval"].get("mc_avg_acc_norm"))
-        calib = mean(lambda r: r.get("calibration_seconds"))
-        sel = mean(lambda r: r.get("selection_seconds"))
+    lines = ["| keep | method | wiki ppl | c4 ppl | zero-shot acc_norm | stability (Jaccard) | calibration s | "
+             "selection s | pruned |", "|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for (row, keep), rs in sorted(_by_row_keep(records).items(), key=lambda kv: (-kv[0][1], ROW_ORDER(kv[0][0]))):
+        wiki = _mean([r["eval"]["tasks"]["wiki-ppl"]["ppl"] for r in rs])
+        c4 = _mean([r["eval"]["tasks"]["c4-ppl"]["ppl"] for r in rs])
+        zs = _mean([r["eval"].get("mc_avg_acc_norm") for r in rs])
+        calib = _mean([r.get("calibration_seconds") for r in rs])
+        sel = _mean([r.get("selection_seconds") for r in rs])
         pruned = "; ".join(",".join(map(str, r.get("pruned", []))) for r in rs) or "-"
-        jac = stable.get(row, {}).get(str(keep_for_stability))
-        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        lines.append(f"| {keep} | {row} | {fmt(wiki, '.1f')} | {fmt(c4, '.1f')} | {fmt(zs, '.3f')} | {pruned} | "
-                     f"{fmt(calib, '.0f')} | {fmt(sel, '.0f')} | {fmt(jac, '.2f')} |")
+        jac = stable.get(row, {}).get(str(keep))
+        label = row if len(rs) == 1 else f"{row} (mean of {len(rs)} seeds)"
+        ppl = lambda v: fmt(v, ".1f" if v is None or v < 1000 else ".3g")  # noqa: E731
+        lines.append(f"| {keep} | {label} | {ppl(wiki)} | {ppl(c4)} | {fmt(zs, '.3f')} | "
+                     f"{fmt(jac, '.2f')} | {fmt(calib, '.0f')} | {fmt(sel, '.0f')} | {pruned} |")
+    tasks = len(ZERO_SHOT)
+    if limit:
+        # acc_norm over tasks*limit examples: a binomial standard error of about sqrt(.25/n)
+        lines.append(f"\nZero-shot: average acc_norm over {tasks} tasks x {limit} seeded examples "
+                     f"(standard error about {100 * (0.25 / (tasks * limit)) ** 0.5:.1f} points).")
     return "\n".join(lines) + "\n"
+
+
+def ROW_ORDER(name: str) -> int:  # noqa: N802 - table order follows ROWS
+    names = [r[0] for r in ROWS]
+    return names.index(name) if name in names else len(names)
 
 
 def plot(records: list[dict[str, Any]], path: Path) -> None:
@@ -185,33 +233,117 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=ev.DEFAULT_SEQ_LEN)
     parser.add_argument("--no-zero-shot", action="store_true", help="perplexity only")
     parser.add_argument("--stability-seeds", type=int, default=5)
-    parser.add_argument("--stability-keep", type=float, default=0.75)
+    parser.add_argument("--stability-keeps", type=lambda v: tuple(float(x) for x in v.split(",")), default=RATIOS,
+                        help="keep ratios at which stability is measured")
     parser.add_argument("--no-stability", default="", type=lambda s: tuple(filter(None, s.split(","))),
                         help="methods whose stability is not measured (e.g. sleb: a greedy search per seed)")
-    parser.add_argument("--cache-root", type=Path, default=Path(tempfile.gettempdir()) / "miprun-quality-caches",
-                        help="score caches shared by all rows")
+    parser.add_argument("--cache-root", type=Path, default=None,
+                        help="score cache folder shared by all rows (default: a new empty temporary folder, "
+                             "so calibration and selection times are real)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the zero-shot subsets")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--name", default="quality_smollm2", help="file stem of the outputs in --out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.model = args.model or assets.prepare_smollm2()
     args.out.mkdir(parents=True, exist_ok=True)
+    args.cache_root = args.cache_root or Path(tempfile.mkdtemp(prefix="miprun-quality-caches-"))
     wanted = set(args.rows.split(",")) if args.rows else None
     rows = [r for r in ROWS if wanted is None or r[0] in wanted]
 
-    records, stable = [], {}
+    records, stable, evaluated = [], {}, {}
     for name, base, seeds in rows:
-        records += run_row(args, name, base, seeds)
+        records += run_row(args, name, base, seeds, evaluated)
         if base is not None and args.stability_seeds > 1:
             stable[name] = stability(args, base, name)
-    result = {"model": str(args.model), "backend": args.backend, "ratios": list(args.ratios),
-              "limit": args.limit, "ppl_windows": args.ppl_windows, "seq_len": args.seq_len,
-              "dtype": args.dtype, "records": records, "stability": stable}
-    (args.out / "quality.json").write_text(json.dumps(result, indent=1))
-    (args.out / "quality.md").write_text(markdown_table(records, stable, args.stability_keep))
-    plot(records, args.out / "quality_ppl.png")
-    logger.info("wrote %s and %s", args.out / "quality.json", args.out / "quality_ppl.png")
+        write_outputs(args, records, stable)  # after every row: a long run can be stopped early
+
+
+def write_outputs(args, records: list[dict[str, Any]], stable: dict[str, dict]) -> None:
+    goals = check_goals(records, stable)
+    result = {"benchmark": "benchmarks/bench_quality.py", "command": "python " + " ".join(sys.argv),
+              "model": str(args.model), "backend": args.backend, "ratios": list(args.ratios),
+              "limit": args.limit, "zero_shot_tasks": list(ZERO_SHOT), "ppl_windows": args.ppl_windows,
+              "seq_len": args.seq_len, "dtype": args.dtype, "stability_seeds": args.stability_seeds,
+              "stability_keeps": list(args.stability_keeps), "timed": TIMED, "records": records, "stability": stable,
+              "goals": goals}
+    stem = args.out / args.name
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown_table(records, stable, args.limit)
+                                       + "\n" + goals_markdown(goals))
+    plot(records, stem.with_name(stem.name + "_ppl.png"))
+    logger.info("wrote %s.{json,md} and %s_ppl.png", stem, stem)
+
+
+TIMED = ("calibration s: the score cache's own timing (one forward pass with the hidden states + every "
+         "score), charged to the methods that read the scores (not SLEB, last, random); selection s: "
+         "the plan's wall time minus calibration (SLEB's forward-pass search, MI-PRUN's refinement). "
+         "Evaluation and model loading are not a method's cost.")
+
+
+def _by_row_keep(records):
+    groups: dict[tuple[str, float], list] = {}
+    for r in records:
+        groups.setdefault((r["row"], r["keep"]), []).append(r)
+    return groups
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def check_goals(records, stable) -> list[dict[str, Any]]:
+    """Issue 6's goals for the default MI-PRUN row, each met or not, with the figures."""
+    groups = _by_row_keep(records)
+    goals = []
+
+    def metric(row, keep, get):
+        return _mean([get(r) for r in groups.get((row, keep), [])])
+
+    wiki = lambda r: r["eval"]["tasks"]["wiki-ppl"]["ppl"]  # noqa: E731
+    c4 = lambda r: r["eval"]["tasks"]["c4-ppl"]["ppl"]  # noqa: E731
+    zero = lambda r: r["eval"].get("mc_avg_acc_norm")  # noqa: E731
+    cost = lambda r: (r.get("calibration_seconds") or 0) + (r.get("selection_seconds") or 0)  # noqa: E731
+    for keep in sorted({k for (row, k) in groups if row == "mi-prun"}, reverse=True):
+        mine = {n: metric("mi-prun", keep, f) for n, f in (("wiki", wiki), ("c4", c4), ("zero", zero))}
+        shots = {row: {n: metric(row, keep, f) for n, f in (("wiki", wiki), ("c4", c4), ("zero", zero))}
+                 for row in ONE_SHOT if (row, keep) in groups}
+        if shots:
+            best_w = min(shots, key=lambda r: shots[r]["wiki"])
+            best_c = min(shots, key=lambda r: shots[r]["c4"])
+            goals.append({"goal": "lower wiki and c4 perplexity than the best one-shot baseline", "keep": keep,
+                          "met": mine["wiki"] < shots[best_w]["wiki"] and mine["c4"] < shots[best_c]["c4"],
+                          "detail": f"wiki {mine['wiki']:.2f} vs {best_w} {shots[best_w]['wiki']:.2f}; "
+                                    f"c4 {mine['c4']:.2f} vs {best_c} {shots[best_c]['c4']:.2f}"})
+            zs = {r: v["zero"] for r, v in shots.items() if v["zero"] is not None}
+            if mine["zero"] is not None and zs:
+                best_z = max(zs, key=zs.get)
+                goals.append({"goal": "zero-shot average at least the best one-shot baseline's", "keep": keep,
+                              "met": mine["zero"] >= zs[best_z],
+                              "detail": f"{mine['zero']:.3f} vs {best_z} {zs[best_z]:.3f}"})
+        if ("sleb", keep) in groups:
+            sw, sc = metric("sleb", keep, wiki), metric("sleb", keep, c4)
+            mc, scost = metric("mi-prun", keep, cost), metric("sleb", keep, cost)
+            close = mine["wiki"] <= 1.1 * sw and mine["c4"] <= 1.1 * sc
+            cheap = scost > 0 and mc <= scost / 10
+            goals.append({"goal": "within 10% of SLEB's perplexity at <= 1/10 of its calibration compute",
+                          "keep": keep, "met": bool(close and cheap),
+                          "detail": f"wiki {mine['wiki']:.2f} vs {sw:.2f} ({mine['wiki'] / sw - 1:+.1%}), "
+                                    f"c4 {mine['c4']:.2f} vs {sc:.2f} ({mine['c4'] / sc - 1:+.1%}); "
+                                    f"compute {mc:.0f} s vs {scost:.0f} s (ratio {mc / scost if scost else float('nan'):.2f})"})
+    for key in sorted(set(stable.get("mi-prun", {})) & set(stable.get("shortgpt", {})), reverse=True):
+        mine, theirs = stable["mi-prun"][key], stable["shortgpt"][key]
+        goals.append({"goal": "stability (mean pairwise Jaccard over calibration seeds) at least ShortGPT's",
+                      "keep": float(key), "met": mine >= theirs, "detail": f"{mine:.3f} vs {theirs:.3f}"})
+    return goals
+
+
+def goals_markdown(goals) -> str:
+    lines = ["| goal | keep | met | figures |", "|---|---|---|---|"]
+    lines += [f"| {g['goal']} | {g['keep']} | {'met' if g['met'] else '**not met**'} | {g['detail']} |" for g in goals]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

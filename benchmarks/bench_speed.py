@@ -33,7 +33,7 @@ For speed, which blocks are pruned barely matters (all blocks are the same shape
 ``--method last`` (no calibration) gives the same figures as the default ``mi-prun``,
 which needs a score cache (``vllm-miprun calibrate MODEL_DIR`` first).
 
-Usage (full run, ~10-15 min on an idle 2-core CPU):
+Usage (full run: ~18 min on an idle 2-core CPU, float32):
     python benchmarks/bench_speed.py --method mi-prun
 Quick check (~3 min): --quick
 """

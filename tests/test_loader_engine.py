@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from engine_runner import RESULT_MARK, wait_healthy
 from vllm_miprun.options import MiprunOptions
+from vllm_miprun.profile import _run_in_own_group
 
 pytestmark = pytest.mark.engine
 
@@ -60,16 +61,10 @@ def _kill_session(sid: int) -> None:
 
 def run_engines(specs: list[dict], timeout: int = 900, **env: str) -> list[dict]:
     """Run ``specs`` in one fresh process; return one result dict per spec."""
-    proc = subprocess.Popen(
-        [sys.executable, str(RUNNER), json.dumps(specs)], stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, env=_engine_env(**env), start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        _kill_session(proc.pid)
+    returncode, out, err = _run_in_own_group([sys.executable, str(RUNNER), json.dumps(specs)], timeout,
+                                             _engine_env(**env))
     results = [json.loads(line[len(RESULT_MARK):]) for line in out.splitlines() if line.startswith(RESULT_MARK)]
-    assert proc.returncode == 0 and len(results) == len(specs), err[-4000:]
+    assert returncode == 0 and len(results) == len(specs), err[-4000:]
     return results
 
 

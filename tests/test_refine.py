@@ -11,8 +11,8 @@ from vllm_miprun.cache import read_cache, update_cache
 from vllm_miprun.calibrate import calibrate, calibration_ids
 from vllm_miprun.objective import monotone_closure, span_cost_matrix
 from vllm_miprun.options import CalibrationSettings, MiprunOptions
-from vllm_miprun.plan import make_plan
-from vllm_miprun.refine import CalibrationCE, refine
+from vllm_miprun.plan import SELECTION_KEYS, make_plan
+from vllm_miprun.refine import CalibrationCE, CalibrationKL, refine
 from vllm_miprun.select import dpi_violations
 
 SMALL = CalibrationSettings(samples=4, seq_len=32)
@@ -64,9 +64,40 @@ def test_refine_picks_the_proposal_with_the_best_bound(tiny_llama_dir, calibrate
     scores = selection.details["scores"]
     chosen = scores[selection.details["chosen"]]
     assert sorted(selection.pruned) == chosen["pruned"]
-    assert all(chosen["ce"] <= other["ce"] for other in scores.values())
-    evaluate = CalibrationCE(model, ids)
-    assert evaluate(frozenset(selection.pruned)) == pytest.approx(chosen["ce"], rel=1e-6)
+    assert all(chosen["loss"] <= other["loss"] for other in scores.values())
+    assert selection.details["objective"] == "kl"  # the default: KL to the full model
+    evaluate = CalibrationKL(model, ids)
+    assert evaluate(frozenset(selection.pruned)) == pytest.approx(chosen["loss"], rel=1e-6)
+    hard = refine(tiny_llama_dir, ids, cost, 3, model=model, objective="ce")
+    hard_scores = hard.details["scores"]
+    assert CalibrationCE(model, ids)(frozenset(hard.pruned)) == pytest.approx(
+        hard_scores[hard.details["chosen"]]["loss"], rel=1e-6)
+
+
+def test_kl_objective_is_zero_for_the_full_model_and_matches_its_definition(tiny_llama_dir):
+    import torch
+
+    model = BlockwiseModel(tiny_llama_dir, resident_blocks=True)
+    ids = calibration_ids(tiny_llama_dir, SMALL)[:2]
+    evaluate = CalibrationKL(model, ids)
+    assert evaluate(frozenset()) == pytest.approx(0.0, abs=1e-6)
+    pruned = frozenset({2, 5})
+    h = model.forward_from(model.embed_tokens(ids), 0, pruned)
+    p = torch.log_softmax(model.norm(evaluate.states[-1][:, :-1]) @ model.lm_head_weight.T, dim=-1)
+    q = torch.log_softmax(model.norm(h[:, :-1]) @ model.lm_head_weight.T, dim=-1)
+    expected = float((p.exp() * (p - q)).sum(-1).mean())
+    assert expected > 0
+    assert evaluate(pruned) == pytest.approx(expected, rel=1e-5)
+    # prefix reuse from a stored chain gives the same value as a fresh evaluator
+    evaluate(frozenset({2}))
+    assert evaluate(frozenset({2, 6})) == pytest.approx(CalibrationKL(model, ids)(frozenset({2, 6})), rel=1e-6)
+
+
+def test_refine_rejects_an_unknown_objective(tiny_llama_dir, calibrated):
+    result, _ = calibrated
+    with pytest.raises(ValueError, match="objective must be one of ce, kl, got 'mse'"):
+        refine(tiny_llama_dir, calibration_ids(tiny_llama_dir, SMALL)[:2], span_cost_matrix(result.cache), 3,
+               objective="mse")
 
 
 def test_mi_prun_plan_is_cached_and_reused(tiny_llama_dir, calibrated):
@@ -74,14 +105,25 @@ def test_mi_prun_plan_is_cached_and_reused(tiny_llama_dir, calibrated):
     options = MiprunOptions(keep=0.5, cache_dir=str(cache_dir), calibration=SMALL)
     first = make_plan(tiny_llama_dir, options, progress=False)
     assert first.method == "mi-prun" and len(first.kept) == 4
-    stored = read_cache(result.path).selections["mi-prun"]["4"]
+    stored = read_cache(result.path).selections[SELECTION_KEYS["mi-prun"]]["4"]
     assert stored == list(first.pruned)
     again = make_plan(tiny_llama_dir, options, progress=False)
     assert again.kept == first.kept and again.scores_source == "cache-hit"
     # The stored answer is what later plans use: replace it and the plan follows.
     other = [b for b in range(8) if b not in first.pruned][:4]
-    update_cache(result.path, lambda cache: cache.selections["mi-prun"].update({"4": other}))
+    update_cache(result.path, lambda cache: cache.selections[SELECTION_KEYS["mi-prun"]].update({"4": other}))
     assert list(make_plan(tiny_llama_dir, options, progress=False).pruned) == sorted(other)
+
+
+def test_an_answer_cached_by_an_older_mi_prun_default_is_not_reused(tiny_llama_dir, tmp_path):
+    result = calibrate(tiny_llama_dir, SMALL, cache_dir=tmp_path, progress=False)
+    options = MiprunOptions(keep=0.5, cache_dir=str(tmp_path), calibration=SMALL)
+    stale = [0, 1, 2, 3]  # what an earlier objective might have stored under the bare method name
+    update_cache(result.path, lambda cache: cache.selections.setdefault("mi-prun", {}).update({"4": stale}))
+    plan = make_plan(tiny_llama_dir, options, progress=False)
+    assert SELECTION_KEYS["mi-prun"] != "mi-prun"
+    assert read_cache(result.path).selections[SELECTION_KEYS["mi-prun"]]["4"] == list(plan.pruned)
+    assert read_cache(result.path).selections["mi-prun"]["4"] == stale  # left alone, never read
 
 
 def test_sleb_plan_caches_every_prefix_of_its_greedy_trace(tiny_llama_dir, calibrated):

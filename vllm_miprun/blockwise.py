@@ -186,6 +186,26 @@ class BlockwiseModel:
         return torch.tensor(total / count)
 
     @torch.inference_mode()
+    def token_logprobs(self, hidden: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """Next-token log-probabilities [sequences, tokens - 1, vocab] from the last boundary state."""
+        out = []
+        for start in range(0, hidden.shape[0], batch_size):
+            logits = self.norm(hidden[start:start + batch_size, :-1]) @ self.lm_head_weight.T
+            out.append(torch.log_softmax(logits.float(), dim=-1))
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def token_kl(self, teacher_logprobs: torch.Tensor, hidden: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """Mean per-token ``KL(teacher || model)`` (nats); ``teacher_logprobs`` from :meth:`token_logprobs`."""
+        total, count = 0.0, 0
+        for start in range(0, hidden.shape[0], batch_size):
+            student = self.token_logprobs(hidden[start:start + batch_size], batch_size)
+            teacher = teacher_logprobs[start:start + batch_size]
+            total += float((teacher.exp() * (teacher - student)).sum())
+            count += teacher.shape[0] * teacher.shape[1]
+        return torch.tensor(total / count)
+
+    @torch.inference_mode()
     def forward_from(self, hidden: torch.Tensor, start_block: int, pruned: frozenset[int] = frozenset(),
                      batch_size: int = 8) -> torch.Tensor:
         """The last boundary state, running blocks ``start_block..L-1`` except ``pruned``."""

@@ -18,6 +18,14 @@ model's cross-entropy on **calibration** tokens (never the evaluation split). Th
 is what SLEB greedily optimises too; the difference is the search: SLEB tries every
 remaining block in every round, MI-PRUN only tries what the span costs propose.
 
+The default (``objective="kl"``, :class:`CalibrationKL`) takes ``Y`` from the *full*
+model's next-token distribution instead of the text: the soft cross-entropy is
+``H(p_full) + KL(p_full || q_P)``, so maximising the bound is minimising that KL. Every
+position then scores the whole distribution, not one sampled token. On SmolLM2-135M it
+picks the same sets on 2 calibration sequences as the hard-label bound on 4, at half the
+cost, and the same set for every calibration seed at keep 0.9
+(``benchmarks/results/mi_research.md``, session 3).
+
 Search (``refine`` = ``mi_guided_greedy`` + ``portfolio_refine``, the default)
 ------------------------------------------------------------------------------
 Blocks are removed one at a time, as in SLEB, but each round only measures the bound for
@@ -100,9 +108,13 @@ class CalibrationCE:
                         h = m.run_block(layer, h)
                     self.block_passes += 1
                 chain.append(h)
-            self.memo[pruned] = float(m.token_nll(h, self.ids))
+            self.memo[pruned] = self.loss(h)
             self._remember(pruned, chain)
         return self.memo[pruned]
+
+    def loss(self, final_state) -> float:
+        """Next-token cross-entropy on the calibration tokens' own next tokens."""
+        return float(self.model.token_nll(final_state, self.ids))
 
     def _remember(self, pruned: frozenset, chain: list) -> None:
         """Keep the boundary states of the ``keep_chains`` most recently evaluated sets
@@ -113,6 +125,26 @@ class CalibrationCE:
             del self.chains[next(iter(self.chains))]
 
 
+class CalibrationKL(CalibrationCE):
+    """``KL(p_full || p_P)`` per calibration token, with the same prefix reuse.
+
+    The Barber-Agakov bound with the *full model's* next-token distribution as ``Y``:
+    ``I(h_L^P; Y_full) >= H(Y_full) - CE(p_full, q(. | h_L^P))``, and the soft cross-entropy
+    is ``H(p_full) + KL``. Soft targets carry the whole distribution at every position, not
+    one sampled token, so the estimate is less noisy on few tokens than :class:`CalibrationCE`.
+    """
+
+    def __init__(self, model, input_ids, states=None, keep_chains: int = 4):
+        super().__init__(model, input_ids, states, keep_chains)
+        self.teacher = model.token_logprobs(self.states[-1])
+
+    def loss(self, final_state) -> float:
+        return float(self.model.token_kl(self.teacher, final_state))
+
+
+OBJECTIVES = {"ce": CalibrationCE, "kl": CalibrationKL}
+
+
 def mi_guided_greedy(
     evaluate: Callable[[frozenset], float],
     cost: np.ndarray,
@@ -121,10 +153,10 @@ def mi_guided_greedy(
     *,
     candidates: int = 3,
 ) -> Selection:
-    """Greedy removal; each round measures ``evaluate`` (calibration CE) for only the
+    """Greedy removal; each round measures ``evaluate`` (calibration loss) for only the
     ``candidates`` blocks with the smallest marginal span cost ``J(P+{b}) - J(P)``.
 
-    ``details["trace"]`` lists each round's chosen block and CE, so the first ``r``
+    ``details["trace"]`` lists each round's chosen block and loss, so the first ``r``
     entries are the selection for ``r`` pruned blocks.
     """
     cost = np.asarray(cost, dtype=float)
@@ -144,7 +176,7 @@ def mi_guided_greedy(
             if value < best[0]:
                 best = (value, b)
         pruned.add(best[1])
-        trace.append({"block": best[1], "ce": best[0], "tried": ranked[:candidates],
+        trace.append({"block": best[1], "loss": best[0], "tried": ranked[:candidates],
                       "evaluations": evaluations,
                       "block_passes": getattr(evaluate, "block_passes", None)})
     return _make_selection(
@@ -165,7 +197,7 @@ def swap_refine(
 ) -> Selection:
     """Local search from the exact span-cost optimum (or ``start``): each round measures
     ``evaluate`` for the ``top_swaps`` untried single swaps with the lowest span objective
-    and moves to the best if it lowers the CE; stops when a round brings no improvement
+    and moves to the best if it lowers the loss; stops when a round brings no improvement
     or the budget of evaluations is spent."""
     cost = np.asarray(cost, dtype=float)
     num_blocks = cost.shape[0] - 1
@@ -173,7 +205,7 @@ def swap_refine(
     current = frozenset(exact_select(cost, num_prune, protect).pruned if start is None else start)
     best_value = float(evaluate(current))
     evaluations, tried = 1, {current}
-    trace = [{"pruned": sorted(current), "ce": best_value}]
+    trace = [{"pruned": sorted(current), "loss": best_value}]
     while evaluations < max_evaluations:
         swaps = []
         for b in current:
@@ -197,7 +229,7 @@ def swap_refine(
         if improved is None:
             break
         current = improved
-        trace.append({"pruned": sorted(current), "ce": best_value})
+        trace.append({"pruned": sorted(current), "loss": best_value})
     return _make_selection(
         "mi-prun", num_blocks, current, cost, run_evaluations=evaluations,
         iterations=len(trace), details={"trace": trace, "search": "swap_refine"},
@@ -217,6 +249,7 @@ def refine(
     max_evaluations: int | None = None,
     device: str = "cpu",
     model=None,
+    objective: str = "kl",
 ) -> Selection:
     """MI-PRUN's default selection (the best configuration found on SmolLM2-135M).
 
@@ -226,8 +259,12 @@ def refine(
        (which is the skip-MI noise fraction raised to ``cost_power``).
     2. :func:`portfolio_refine` between the greedy set and the exact span-cost optima
        with the cost re-raised to each of ``powers`` (power 1 favours one contiguous run,
-       power 2 spreads the blocks); the lowest calibration CE (= highest Barber-Agakov
-       bound on ``I(h_L^P; Y)``) wins. The span-cost optima come from Fast-Block-Select.
+       power 2 spreads the blocks); the lowest calibration loss (= highest Barber-Agakov
+       bound) wins. The span-cost optima come from
+       Fast-Block-Select.
+
+    ``objective`` is ``"kl"`` (default: ``KL(p_full || p_P)``, the bound on
+    ``I(h_L^P; Y_full)``) or ``"ce"`` (cross-entropy on the text, the bound on ``I(h_L^P; Y)``).
 
     Cost: one full pass (``L`` block passes), ``candidates`` evaluations per round and
     ``len(powers)`` more, each resuming from stored states; ``details["block_passes"]``
@@ -239,13 +276,15 @@ def refine(
 
     from vllm_miprun.blockwise import BlockwiseModel
 
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     protect = frozenset(protect)
     if max_evaluations is not None and num_prune > 0:
         candidates = max(1, min(candidates, int(max_evaluations) // num_prune))
     if model is None:
         model = BlockwiseModel(model_dir, device=device, resident_blocks=True)
     ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.as_tensor(np.asarray(input_ids))
-    evaluator = CalibrationCE(model, ids)
+    evaluator = OBJECTIVES[objective](model, ids)
     cost = np.asarray(cost, dtype=float)
     num_blocks = cost.shape[0] - 1
     if num_prune == 0:
@@ -258,6 +297,7 @@ def refine(
         proposals[f"span_fbs_p{power:g}"] = fast_block_select(powered, num_prune, protect).pruned
     result = portfolio_refine(evaluator, proposals, num_blocks, cost)
     details = {**result.details, "greedy_trace": greedy.details["trace"], "candidates": candidates,
+               "objective": objective,
                "block_passes": evaluator.block_passes, "calibration_tokens": int(ids.numel())}
     from dataclasses import replace
 
@@ -271,18 +311,18 @@ def portfolio_refine(
     cost: np.ndarray | None = None,
 ) -> Selection:
     """Arbitrate between cheap proposals with the next-token MI bound: measure
-    ``evaluate`` (calibration CE = H(Y) - BA bound) for each distinct proposed set and
+    ``evaluate`` (calibration loss = H(Y) - BA bound) for each distinct proposed set and
     return the lowest. ``proposals`` maps a name to a pruned set, e.g. the exact
     span-cost optima at powers 1 and 2 and the :func:`mi_guided_greedy` result.
-    ``details["scores"]`` lists every proposal's CE."""
+    ``details["scores"]`` lists every proposal's loss."""
     scores = {}
     seen: dict[frozenset, float] = {}
     for name, pruned in proposals.items():
         key = frozenset(int(b) for b in pruned)
         if key not in seen:
             seen[key] = float(evaluate(key))
-        scores[name] = {"pruned": sorted(key), "ce": seen[key]}
-    best = min(scores, key=lambda n: (scores[n]["ce"], scores[n]["pruned"]))
+        scores[name] = {"pruned": sorted(key), "loss": seen[key]}
+    best = min(scores, key=lambda n: (scores[n]["loss"], scores[n]["pruned"]))
     return _make_selection(
         "mi-prun", num_blocks, scores[best]["pruned"], cost, run_evaluations=len(seen),
         details={"search": "portfolio", "chosen": best, "scores": scores},

@@ -20,10 +20,14 @@ Model loading and evaluation time are recorded but are not the method's cost.
 
 Outputs, after every row, ``<name>.json``, ``<name>.md`` (the table and the goals of
 issue 6, each met or not) and ``<name>_ppl.png`` (perplexity against keep ratio, one
-line per method) in ``--out``. The committed SmolLM2 results came from:
+line per method) in ``--out``. One command produces every SmolLM2 row:
 
     python benchmarks/bench_quality.py --backend transformers --limit 20 --ppl-windows 8 \
         --no-stability sleb,mi-prun-renyi
+
+``--rows ... [--ratios ...] --merge`` redoes some (row, keep) pairs and keeps the others of
+the existing JSON (same settings only); the JSON's ``commands`` says which command produced
+which ``row@keep``.
 
 (the transformers backend deletes the same blocks; ``tests/test_evaluate.py`` checks
 that it agrees with vLLM request by request). vLLM starts its workers with spawn:
@@ -247,6 +251,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--name", default="quality_smollm2", help="file stem of the outputs in --out")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep what an existing <name>.json (same settings) holds for other rows and keep "
+                             "ratios, and replace only the (row, keep) pairs run now; the JSON lists every "
+                             "command that contributed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     args.model = args.model or assets.prepare_smollm2()
@@ -256,16 +264,51 @@ def main(argv: list[str] | None = None) -> None:
     rows = [r for r in ROWS if wanted is None or r[0] in wanted]
 
     records, stable, evaluated = [], {}, {}
+    redo = {(name, 1.0) if base is None else (name, keep) for name, base, _ in rows for keep in args.ratios}
+    kept_records, kept_stable, commands = previous_rows(args, redo) if args.merge else ([], {}, [])
+    commands.append({"command": "python " + " ".join(sys.argv), "rows": _row_keeps(redo)})
     for name, base, seeds in rows:
         records += run_row(args, name, base, seeds, evaluated)
         if base is not None and args.stability_seeds > 1:
             stable[name] = stability(args, base, name)
-        write_outputs(args, records, stable)  # after every row: a long run can be stopped early
+        # after every row: a long run can be stopped early
+        write_outputs(args, kept_records + records, {**kept_stable, **stable}, commands)
 
 
-def write_outputs(args, records: list[dict[str, Any]], stable: dict[str, dict]) -> None:
+SETTINGS = ("backend", "limit", "ppl_windows", "seq_len", "dtype")
+
+
+def previous_rows(args, redo: set[tuple[str, float]]) -> tuple[list, dict, list]:
+    """What ``<name>.json`` holds that this run does not redo: its records and stability
+    outside the ``(row, keep)`` pairs in ``redo``, if it used the same settings."""
+    path = (args.out / args.name).with_suffix(".json")
+    if not path.exists():
+        return [], {}, []
+    old = json.loads(path.read_text())
+    differ = {k: (old.get(k), getattr(args, k)) for k in SETTINGS if old.get(k) != getattr(args, k)}
+    if differ:
+        raise SystemExit(f"--merge: {path} was made with other settings {differ} (old, new); "
+                         "rerun every row instead, or pass the same settings")
+    keep = [r for r in old["records"] if (r["row"], r["keep"]) not in redo]
+    stable = {name: {k: v for k, v in by_keep.items() if (name, float(k)) not in redo}
+              for name, by_keep in old.get("stability", {}).items()}
+    made_by = old.get("commands") or [{"command": old.get("command"), "rows": sorted({r["row"] for r in keep})}]
+    commands = []
+    for entry in made_by:
+        pairs = {(r["row"], r["keep"]) for r in old["records"] if r["row"] in entry["rows"] or
+                 f"{r['row']}@{r['keep']:g}" in entry["rows"]}  # bare row names: every keep of that row
+        if pairs - redo:
+            commands.append({"command": entry["command"], "rows": _row_keeps(pairs - redo)})
+    return keep, {k: v for k, v in stable.items() if v}, commands
+
+
+def _row_keeps(pairs) -> list[str]:
+    return [f"{row}@{keep:g}" for row, keep in sorted(pairs)]
+
+
+def write_outputs(args, records: list[dict[str, Any]], stable: dict[str, dict], commands: list[dict]) -> None:
     goals = check_goals(records, stable)
-    result = {"benchmark": "benchmarks/bench_quality.py", "command": "python " + " ".join(sys.argv),
+    result = {"benchmark": "benchmarks/bench_quality.py", "commands": commands,
               "model": str(args.model), "backend": args.backend, "ratios": list(args.ratios),
               "limit": args.limit, "zero_shot_tasks": list(ZERO_SHOT), "ppl_windows": args.ppl_windows,
               "seq_len": args.seq_len, "dtype": args.dtype, "stability_seeds": args.stability_seeds,

@@ -10,6 +10,9 @@ Stages (``--stage``):
   table    selections of every method at drop 3/6/8/12 and their wiki/c4 perplexity
   sleb     SLEB greedy trace up to drop 12 on 8x256 calibration tokens
   stability  Jaccard of pruned sets over calibration seeds 0..4
+  objective  the default search under each bound: text cross-entropy (ce) or KL to the
+             full model (kl), on 2 or 4 calibration sequences (``--variants``)
+  variant    one configuration end to end for seeds 0..4: stability, time, perplexity
 
 Run: ``python benchmarks/mi_research.py --stage table --out benchmarks/results/mi_research.json``
 """
@@ -526,6 +529,117 @@ def portfolio_stability(drops=(3, 6), seeds=range(5)) -> dict:
     return {k: {"jaccard": jaccard_mean(v), "sets": [list(x) for x in v]} for k, v in sets.items()}
 
 
+# --------------------------------------------------------------------------- session 3: soft targets
+
+
+def product_cost(seed: int = 0):
+    """The product's default span cost (32x256 calibration tokens) through its score cache."""
+    from vllm_miprun.calibrate import calibrate
+    from vllm_miprun.objective import span_cost_matrix
+    from vllm_miprun.options import CalibrationSettings
+
+    result = calibrate(assets.smollm2_dir(), CalibrationSettings(seed=seed), cache_dir=CACHE / "caches",
+                       progress=False)
+    return span_cost_matrix(result.cache)
+
+
+def product_ids(seed: int = 0, samples: int = 4) -> torch.Tensor:
+    """The forward-search calibration batch exactly as ``plan._ForwardSearch`` draws it."""
+    from vllm_miprun.calibrate import calibration_ids
+    from vllm_miprun.options import CalibrationSettings
+
+    return calibration_ids(assets.smollm2_dir(), CalibrationSettings(seed=seed))[:samples]
+
+
+def objective_stage(variants, drops=DROPS, rows: int = 8, seed: int = 0, out: Path | None = None) -> dict:
+    """MI-PRUN's default search (``refine``) under each objective variant ``(objective,
+    samples, candidates)``; held-out wiki/c4 perplexity of every chosen set on ``rows``
+    evaluation windows, plus the quality table's baseline sets on the same windows."""
+    from vllm_miprun.refine import refine
+
+    path = out or CACHE / "objective_stage.json"
+    res = json.loads(path.read_text()) if path.exists() else {}
+    table = json.loads(Path("benchmarks/results/quality_smollm2.json").read_text())
+    keep_of = {3: 0.9, 6: 0.8, 8: 0.75, 12: 0.6}
+    for record in table["records"]:
+        drop = next((d for d, k in keep_of.items() if abs(record.get("keep", 0) - k) < 1e-9), None)
+        if drop in drops and record.get("seed", 0) == 0 and record.get("pruned") is not None:
+            key = f"{drop}|table:{record['row']}"
+            if key not in res:
+                pr = record["pruned"]
+                res[key] = {"pruned": pr, "wiki": eval_ppl(pr, "wiki", rows), "c4": eval_ppl(pr, "c4", rows)}
+                print(key, res[key], flush=True)
+    cost = product_cost(seed)
+    for objective, samples, candidates in variants:
+        ids = product_ids(seed, samples)
+        for drop in drops:
+            key = f"{drop}|{objective}|n{samples}|c{candidates}"
+            if key in res:
+                continue
+            t = time.perf_counter()
+            sel = refine(assets.smollm2_dir(), ids, cost, drop, model=model(), objective=objective,
+                         candidates=candidates)
+            seconds = time.perf_counter() - t
+            pr = list(sel.pruned)
+            res[key] = {"pruned": pr, "seconds": seconds, "block_passes": sel.details["block_passes"],
+                        "chosen": sel.details.get("chosen"),
+                        "wiki": eval_ppl(pr, "wiki", rows), "c4": eval_ppl(pr, "c4", rows)}
+            print(key, res[key], flush=True)
+            path.write_text(json.dumps(res, indent=1))
+    path.write_text(json.dumps(res, indent=1))
+    return res
+
+
+QUALITY_DROPS = (3, 6, 7, 12)  # what the quality table prunes at keep 0.9, 0.8, 0.75, 0.6 of 30
+
+
+def variant_stage(objective: str, bound_samples: int, candidates: int, calib_samples: int,
+                  seeds=range(5), drops=QUALITY_DROPS, rows: int = 8, out: Path | None = None) -> dict:
+    """One MI-PRUN configuration end to end for each calibration seed: the score cache
+    (``calib_samples`` x 256 tokens, timed), then ``refine`` under ``objective`` on the
+    first ``bound_samples`` sequences (timed per drop). Held-out perplexity for seed 0,
+    mean pairwise Jaccard over the seeds."""
+    from vllm_miprun.calibrate import calibrate, calibration_ids
+    from vllm_miprun.objective import span_cost_matrix
+    from vllm_miprun.options import CalibrationSettings
+    from vllm_miprun.refine import refine
+
+    tag = f"{objective}|bound{bound_samples}|c{candidates}|calib{calib_samples}"
+    path = out or CACHE / "variants.json"
+    res = json.loads(path.read_text()) if path.exists() else {}
+    entry = res.setdefault(tag, {"seeds": {}})
+    for seed in seeds:
+        if str(seed) in entry["seeds"]:
+            continue
+        settings = CalibrationSettings(samples=calib_samples, seed=seed)
+        cache = calibrate(assets.smollm2_dir(), settings, cache_dir=CACHE / "caches", progress=False).cache
+        calib_s = cache.timings["total_s"]  # the cache's own timing, also when it was reused
+        cost = span_cost_matrix(cache)
+        ids = calibration_ids(assets.smollm2_dir(), settings)[:bound_samples]
+        runs = {}
+        for drop in drops:
+            t = time.perf_counter()
+            sel = refine(assets.smollm2_dir(), ids, cost, drop, model=model(), objective=objective,
+                         candidates=candidates)
+            runs[str(drop)] = {"pruned": list(sel.pruned), "seconds": time.perf_counter() - t,
+                               "block_passes": sel.details["block_passes"], "chosen": sel.details.get("chosen")}
+        entry["seeds"][str(seed)] = {"calibration_s": calib_s, "drops": runs}
+        print(tag, seed, round(calib_s, 1), {d: (r["pruned"], round(r["seconds"], 1)) for d, r in runs.items()},
+              flush=True)
+        path.write_text(json.dumps(res, indent=1))
+    summary = {}
+    for drop in drops:
+        sets = [entry["seeds"][str(s)]["drops"][str(drop)]["pruned"] for s in seeds]
+        first = entry["seeds"][str(min(seeds))]["drops"][str(drop)]["pruned"]
+        summary[str(drop)] = {"jaccard": jaccard_mean(sets) if len(sets) > 1 else None,
+                              "wiki": eval_ppl(first, "wiki", rows), "c4": eval_ppl(first, "c4", rows),
+                              "pruned_seed0": first}
+        print(tag, drop, summary[str(drop)], flush=True)
+    entry["summary"] = summary
+    path.write_text(json.dumps(res, indent=1))
+    return entry
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", required=True)
@@ -534,6 +648,9 @@ def main() -> None:
     ap.add_argument("--search", default="greedy")
     ap.add_argument("--candidates", type=int, default=3)
     ap.add_argument("--rows", type=int, default=4, help="evaluation windows of 512 tokens (of 16)")
+    ap.add_argument("--variants", default="ce:4:3,kl:4:3,kl:2:3")
+    ap.add_argument("--variant", default="kl:2:3:8")
+    ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--trackb", default="iso_rms:exp(-2I/d)^2|greedy|c3")
     args = ap.parse_args()
     if args.stage == "states":
@@ -592,6 +709,14 @@ def main() -> None:
         Path(args.out or "benchmarks/results/mi_research.json").write_text(json.dumps(res, indent=1))
     elif args.stage == "sleb":
         run_sleb()
+    elif args.stage == "variant":
+        # one configuration as objective:bound_samples:candidates:calib_samples
+        o, n, c, k = args.variant.split(":")
+        variant_stage(o, int(n), int(c), int(k), seeds=range(args.seeds), out=Path(args.out) if args.out else None)
+    elif args.stage == "objective":
+        # variants as objective:samples:candidates, e.g. "ce:4:3,kl:4:3,kl:2:3"
+        variants = [(o, int(n), int(c)) for o, n, c in (v.split(":") for v in args.variants.split(","))]
+        objective_stage(variants, rows=args.rows, out=Path(args.out) if args.out else None)
 
 
 if __name__ == "__main__":

@@ -260,8 +260,7 @@ def refine(
     2. :func:`portfolio_refine` between the greedy set and the exact span-cost optima
        with the cost re-raised to each of ``powers`` (power 1 favours one contiguous run,
        power 2 spreads the blocks); the lowest calibration loss (= highest Barber-Agakov
-       bound) wins. The span-cost optima come from
-       Fast-Block-Select.
+       bound) wins. The span-cost optima come from Fast-Block-Select.
 
     ``objective`` is ``"kl"`` (default: ``KL(p_full || p_P)``, the bound on
     ``I(h_L^P; Y_full)``) or ``"ce"`` (cross-entropy on the text, the bound on ``I(h_L^P; Y)``).

@@ -66,8 +66,8 @@ ROWS: list[tuple[str, dict[str, Any] | None, tuple[int, ...]]] = [
     ("random", {"method": "random"}, (0, 1, 2)),
     ("mi-prun-renyi", {"method": "mi-prun", "estimator": "renyi"}, (0,)),
 ]
-ONE_SHOT = ("shortgpt", "angular", "last")
-PLOT_CAP = 1e4  # the goals compare MI-PRUN with the best of these
+ONE_SHOT = ("shortgpt", "angular", "last")  # the goals compare MI-PRUN with the best of these
+PLOT_CAP = 1e4  # top of the perplexity plot's axis
 
 
 def timed_plan(model_dir: Path, options: dict[str, Any], cache_dir: Path):

@@ -169,37 +169,38 @@ class BlockwiseModel:
             outputs.append(out[0] if isinstance(out, tuple) else out)
         return torch.cat(outputs)
 
+    def _next_token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 next-token logits at every position but the last: [sequences, tokens - 1, vocab]."""
+        return (self.norm(hidden[:, :-1]) @ self.lm_head_weight.T).float()
+
     @torch.inference_mode()
     def token_nll(self, hidden: torch.Tensor, input_ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
         """Mean next-token negative log-likelihood (nats) from the last boundary state."""
         total, count = 0.0, 0
         targets = input_ids.to(self.device)
         for start in range(0, hidden.shape[0], batch_size):
-            logits = self.norm(hidden[start:start + batch_size]) @ self.lm_head_weight.T
+            logits = self._next_token_logits(hidden[start:start + batch_size])
             nll = nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                logits.reshape(-1, logits.shape[-1]),
                 targets[start:start + batch_size, 1:].reshape(-1),
                 reduction="sum",
             )
             total += float(nll)
-            count += logits.shape[0] * (logits.shape[1] - 1)
+            count += logits.shape[0] * logits.shape[1]
         return torch.tensor(total / count)
 
     @torch.inference_mode()
     def token_logprobs(self, hidden: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
         """Next-token log-probabilities [sequences, tokens - 1, vocab] from the last boundary state."""
-        out = []
-        for start in range(0, hidden.shape[0], batch_size):
-            logits = self.norm(hidden[start:start + batch_size, :-1]) @ self.lm_head_weight.T
-            out.append(torch.log_softmax(logits.float(), dim=-1))
-        return torch.cat(out)
+        return torch.cat([torch.log_softmax(self._next_token_logits(hidden[start:start + batch_size]), dim=-1)
+                          for start in range(0, hidden.shape[0], batch_size)])
 
     @torch.inference_mode()
     def token_kl(self, teacher_logprobs: torch.Tensor, hidden: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
         """Mean per-token ``KL(teacher || model)`` (nats); ``teacher_logprobs`` from :meth:`token_logprobs`."""
         total, count = 0.0, 0
         for start in range(0, hidden.shape[0], batch_size):
-            student = self.token_logprobs(hidden[start:start + batch_size], batch_size)
+            student = torch.log_softmax(self._next_token_logits(hidden[start:start + batch_size]), dim=-1)
             teacher = teacher_logprobs[start:start + batch_size]
             total += float((teacher.exp() * (teacher - student)).sum())
             count += teacher.shape[0] * teacher.shape[1]

@@ -554,19 +554,18 @@ def product_ids(seed: int = 0, samples: int = 4) -> torch.Tensor:
 def objective_stage(variants, drops=DROPS, rows: int = 8, seed: int = 0, out: Path | None = None) -> dict:
     """MI-PRUN's default search (``refine``) under each objective variant ``(objective,
     samples, candidates)``; held-out wiki/c4 perplexity of every chosen set on ``rows``
-    evaluation windows, plus the quality table's baseline sets on the same windows."""
+    evaluation windows, plus every seed-0 set of the quality table on the same windows (keyed
+    by the set's own size: the table prunes 3, 6, 7 and 12 blocks)."""
     from vllm_miprun.refine import refine
 
     path = out or CACHE / "objective_stage.json"
     res = json.loads(path.read_text()) if path.exists() else {}
     table = json.loads(Path("benchmarks/results/quality_smollm2.json").read_text())
-    keep_of = {3: 0.9, 6: 0.8, 8: 0.75, 12: 0.6}
     for record in table["records"]:
-        drop = next((d for d, k in keep_of.items() if abs(record.get("keep", 0) - k) < 1e-9), None)
-        if drop in drops and record.get("seed", 0) == 0 and record.get("pruned") is not None:
-            key = f"{drop}|table:{record['row']}"
+        pr = record.get("pruned")
+        if pr and record.get("seed", 0) == 0:
+            key = f"{len(pr)}|table:{record['row']}"
             if key not in res:
-                pr = record["pruned"]
                 res[key] = {"pruned": pr, "wiki": eval_ppl(pr, "wiki", rows), "c4": eval_ppl(pr, "c4", rows)}
                 print(key, res[key], flush=True)
     cost = product_cost(seed)

@@ -5,7 +5,7 @@ Each side runs in its own child process so that peak resident memory (VmHWM) is 
 * ``forward``: ``AutoModelForCausalLM`` with the whole model in memory and
   ``output_hidden_states=True`` over the calibration batch. Timed: the forward pass only.
   Left out: loading the weights.
-* ``calibrate``: ``vllm_miprun.calibrate.compute_scores`` with the default estimator:
+* ``calibrate``: ``vllm_miprun.pipeline.calibrate.compute_scores`` with the default estimator:
   the block-by-block pass (each block read from disk when it runs), the span MI matrix,
   ShortGPT and angular scores. Timed: all of it, weight reads included. Left out:
   tokenisation and the fingerprint (both sides share the tokens).
@@ -36,7 +36,7 @@ def peak_rss_bytes() -> int:
 def run_side(side: str, model_dir: str, samples: int, seq_len: int) -> dict:
     import torch
 
-    from vllm_miprun.calibrate import calibration_ids, compute_scores
+    from vllm_miprun.pipeline.calibrate import calibration_ids, compute_scores
     from vllm_miprun.options import CalibrationSettings
 
     settings = CalibrationSettings(samples=samples, seq_len=seq_len)
@@ -61,7 +61,7 @@ def run_side(side: str, model_dir: str, samples: int, seq_len: int) -> dict:
 
 
 def weight_sizes(model_dir: str) -> dict:
-    from vllm_miprun.blockwise import TensorIndex
+    from vllm_miprun.model.blockwise import TensorIndex
 
     index = TensorIndex(model_dir)
     def fp32_bytes(names):
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--side", choices=["forward", "calibrate"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.model is None:
-        from vllm_miprun import assets
+        from vllm_miprun.tools import assets
 
         args.model = str(assets.smollm2_dir())
     if args.side:

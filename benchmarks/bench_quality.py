@@ -3,7 +3,7 @@
 For each row of ``ROWS`` and each keep ratio, the script plans (``make_plan``, timed;
 all rows share one score cache folder, empty at the start, so each calibration seed's
 forward pass is paid once, as in serving), evaluates the pruned model
-(``vllm_miprun.evaluate``), and records:
+(``vllm_miprun.tools.evaluate``), and records:
 
 - wiki and c4 perplexity (held-out split, ``--ppl-windows`` x ``--seq-len`` tokens);
 - the zero-shot tasks' acc / acc_norm and their average acc_norm (``--limit`` seeded
@@ -48,8 +48,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from vllm_miprun import evaluate as ev  # noqa: E402
-from vllm_miprun.cli import mean_pairwise_jaccard  # noqa: E402
+from vllm_miprun.tools import evaluate as ev  # noqa: E402
+from vllm_miprun.tools.cli import mean_pairwise_jaccard  # noqa: E402
 
 logger = logging.getLogger("bench_quality")
 
@@ -71,9 +71,9 @@ PLOT_CAP = 1e4  # top of the perplexity plot's axis
 
 
 def timed_plan(model_dir: Path, options: dict[str, Any], cache_dir: Path):
-    from vllm_miprun.blockwise import read_config
+    from vllm_miprun.model.checkpoint import read_config
     from vllm_miprun.options import MiprunOptions
-    from vllm_miprun.plan import make_plan
+    from vllm_miprun.pipeline.plan import make_plan
 
     start = time.perf_counter()
     plan = make_plan(model_dir, MiprunOptions.from_dict({**options, "cache_dir": str(cache_dir)}),
@@ -136,7 +136,7 @@ def method_cost(plan, plan_seconds: float) -> dict[str, float]:
 
 
 def _cache_seconds(path) -> float:
-    from vllm_miprun.cache import read_cache
+    from vllm_miprun.pipeline.store import read_cache
 
     return float(read_cache(path).timings.get("total_s", 0.0))
 
@@ -228,7 +228,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from vllm_miprun import assets
+    from vllm_miprun.tools import assets
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="model folder (default: converted SmolLM2-135M)")

@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from vllm_miprun.select import (  # noqa: E402
+from vllm_miprun.core.selection import (  # noqa: E402
     INSTANCE_KINDS,
     dpi_violations,
     exact_select,
@@ -118,8 +118,8 @@ def load_cache(path: str) -> np.ndarray:
     with open(path) as f:
         data = json.load(f)
     if data.get("format") == "vllm-miprun-scores":
-        from vllm_miprun.cache import read_cache
-        from vllm_miprun.objective import span_cost_matrix
+        from vllm_miprun.pipeline.store import read_cache
+        from vllm_miprun.core.span_cost import span_cost_matrix
 
         return span_cost_matrix(read_cache(path))
     if "cost" not in data:

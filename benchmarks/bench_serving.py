@@ -79,7 +79,7 @@ def free_port() -> int:
 
 
 def miprun_cmd(*args) -> list[str]:
-    return [sys.executable, "-m", "vllm_miprun.cli", *args]
+    return [sys.executable, "-m", "vllm_miprun.tools.cli", *args]
 
 
 def wait_healthy(port: int, proc: subprocess.Popen, timeout: float) -> float:
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(ROOT))
     if args.model is None:
-        from vllm_miprun.assets import smollm2_dir
+        from vllm_miprun.tools.assets import smollm2_dir
 
         args.model = str(smollm2_dir())
     model = str(Path(args.model).resolve())

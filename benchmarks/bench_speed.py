@@ -7,7 +7,7 @@ figures are independent), one after another within one run:
 - ``miprun-<keep>``: the miprun loader at keep 1.0, 0.875, 0.75 and 0.5;
 - ``stock-exported-<keep>``: stock vLLM on the checkpoint ``export_pruned`` wrote at 0.75.
 
-What is timed (see ``vllm_miprun.profile.measure_engine``):
+What is timed (see ``vllm_miprun.tools.profiling.measure_engine``):
 
 - load time: the wall time of ``LLM(...)`` (engine construction: config, plan for
   miprun, weight loading, KV allocation, engine start-up), plus vLLM's own "Model
@@ -26,7 +26,7 @@ LM head) at the run dtype. KV capacity is vLLM's ``num_gpu_blocks * block_size``
 fixed KV memory that is a whole number of 128-token pages for both L and K layers at
 the export keep ratio, so the capacity ratio at that keep can be exactly L/K.
 
-The ideal speed-up is ``vllm_miprun.profile.ideal_speedup``: FLOPs and bytes per output
+The ideal speed-up is ``vllm_miprun.tools.profiling.ideal_speedup``: FLOPs and bytes per output
 token of the kept blocks plus embeddings and LM head, no engine overhead.
 
 For speed, which blocks are pruned barely matters (all blocks are the same shape), so
@@ -51,7 +51,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vllm_miprun import profile as prof  # noqa: E402
+from vllm_miprun.tools import profiling as prof  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -118,13 +118,13 @@ def extra_for(args, keep):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from vllm_miprun.blockwise import read_config
-    from vllm_miprun.cache import CacheError
-    from vllm_miprun.export import export_pruned
-    from vllm_miprun.plan import make_plan
+    from vllm_miprun.model.checkpoint import read_config
+    from vllm_miprun.pipeline.store import CacheError
+    from vllm_miprun.tools.export import export_pruned
+    from vllm_miprun.pipeline.plan import make_plan
 
     if args.model is None:
-        from vllm_miprun.assets import smollm2_dir
+        from vllm_miprun.tools.assets import smollm2_dir
 
         args.model = str(smollm2_dir())
     model = str(Path(args.model).resolve())

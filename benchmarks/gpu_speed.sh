@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_speed.sh /path/to/Llama-3.2-1B          # ~4-8 min on one H100/H200
 #
 # Needs: the `vllm` GPU package (pip install -e '.[gpu]'), this repo installed, the
-# bundled calibration text (python -m vllm_miprun.assets). Nothing is downloaded.
+# bundled calibration text (python -m vllm_miprun.tools.assets). Nothing is downloaded.
 # Steps (budget on one H100-class GPU, 8B bf16):
 #   1. calibrate at a small sample count on the GPU (8 x 256 tokens)      ~1 min
 #   2. bench_speed.py: stock full, miprun 1.0/0.875/0.75/0.5, stock on

@@ -128,7 +128,7 @@ def start_server(model_dir: Path, cache_dir: Path, log: Path, *, keep: float = K
                  samples: int = SAMPLES, seq_len: int = SEQ_LEN, kv_bytes: int = KV_BYTES) -> Server:
     """``vllm-miprun serve`` on 127.0.0.1 in a new session (so its whole tree can be killed)."""
     port = free_port()
-    command = [sys.executable, "-m", "vllm_miprun.cli", "serve", str(model_dir),
+    command = [sys.executable, "-m", "vllm_miprun.tools.cli", "serve", str(model_dir),
                "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--dtype", DTYPE,
                "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory-bytes", str(kv_bytes),
                "--miprun-keep", str(keep),
@@ -425,7 +425,7 @@ def load_run(server: Server, model: str, requests: int = 200, concurrency: int =
 # --- caches --------------------------------------------------------------------------------
 
 def cache_file(model_dir: Path, cache_dir: Path, samples: int = SAMPLES, seq_len: int = SEQ_LEN) -> Path:
-    from vllm_miprun.calibrate import locate
+    from vllm_miprun.pipeline.calibrate import locate
     from vllm_miprun.options import CalibrationSettings
 
     return locate(model_dir, CalibrationSettings(samples=samples, seq_len=seq_len), cache_dir)[0]
@@ -441,7 +441,7 @@ def cache_state(path: Path) -> dict | None:
 
 def audit_cache_dir(cache_dir: Path) -> dict:
     """Every ``*.json`` must be a complete, valid cache; no temporary file may be left."""
-    from vllm_miprun.cache import CacheError, read_cache
+    from vllm_miprun.pipeline.store import CacheError, read_cache
 
     valid, invalid, temporary, other = [], [], [], []
     if cache_dir.exists():
@@ -462,7 +462,7 @@ def audit_cache_dir(cache_dir: Path) -> dict:
 
 def same_scores(a: Path, b: Path) -> bool:
     """Two caches hold the same scores (timings and remembered selections aside)."""
-    from vllm_miprun.cache import read_cache
+    from vllm_miprun.pipeline.store import read_cache
 
     x, y = read_cache(a).to_json(), read_cache(b).to_json()
     for data in (x, y):
@@ -675,7 +675,7 @@ def main(argv=None) -> int:
     if args.model:
         model_dir = Path(args.model)
     else:
-        from vllm_miprun import assets
+        from vllm_miprun.tools import assets
 
         model_dir = assets.smollm2_dir()
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="miprun-load-faults-"))

@@ -33,8 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vllm_miprun import assets  # noqa: E402
-from vllm_miprun.blockwise import BlockwiseModel  # noqa: E402
+from vllm_miprun.tools import assets  # noqa: E402
+from vllm_miprun.model.blockwise import BlockwiseModel  # noqa: E402
 
 CACHE = Path(os.environ.get("MIPRUN_RESEARCH_CACHE", "/tmp/miprun_research"))
 CACHE.mkdir(parents=True, exist_ok=True)
@@ -65,7 +65,7 @@ def tokenizer():
 
 
 def token_ids(corpus: str, part: str, samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    from calibration.corpora import sample_token_windows
+    from vllm_miprun.pipeline.corpora import sample_token_windows
 
     path = CACHE / f"ids_{corpus}_{part}_{samples}x{seq_len}_s{seed}.npy"
     if not path.exists():
@@ -218,14 +218,14 @@ def sleb_reuse_passes(trace: dict, drop: int) -> int:
 def calib_rows(seed: int = 0, samples: int = 16, seq_len: int = 256, tokens: int = 4096):
     """Boundary states at a seeded subsample of token rows (never position 0), [N, d] each."""
     states = boundary_states("wiki", "calibration", samples, seq_len, seed)
-    from vllm_miprun.calibrate import _mi_rows
+    from vllm_miprun.pipeline.calibrate import _mi_rows
 
     rows = _mi_rows(samples, seq_len, tokens, seed)
     return [s.flatten(0, 1)[rows].double() for s in states], states
 
 
 def baseline_scores(seed: int = 0):
-    from vllm_miprun import scoring
+    from vllm_miprun.core import scoring
 
     _, states = calib_rows(seed)
     bi = [1.0 - scoring.mean_cosine(states[b].flatten(0, 1), states[b + 1].flatten(0, 1)) for b in range(len(states) - 1)]
@@ -239,7 +239,8 @@ def raw_matrices(seed: int = 0) -> dict:
     path = CACHE / f"raw_s{seed}.npz"
     if path.exists():
         return dict(np.load(path))
-    from vllm_miprun import mi, scoring
+    from vllm_miprun.core import mi
+    from vllm_miprun.core import scoring
 
     xs, _ = calib_rows(seed)
     out = {}
@@ -277,7 +278,7 @@ def raw_matrices2(seed: int = 0) -> dict:
     path = CACHE / f"raw2_s{seed}.npz"
     if path.exists():
         return dict(np.load(path))
-    from vllm_miprun import mi
+    from vllm_miprun.core import mi
 
     xs, _ = calib_rows(seed)
     rms = [x / x.pow(2).mean(1, keepdim=True).sqrt() for x in xs]
@@ -291,7 +292,7 @@ def raw_matrices2(seed: int = 0) -> dict:
 
 
 def closure(cost: np.ndarray) -> np.ndarray:
-    from vllm_miprun.objective import monotone_closure
+    from vllm_miprun.core.span_cost import monotone_closure
 
     return monotone_closure(cost)
 
@@ -326,13 +327,13 @@ def cost_variants(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def select_exact(cost, drop):
-    from vllm_miprun.select import exact_select
+    from vllm_miprun.core.selection import exact_select
 
     return tuple(exact_select(cost, drop).pruned)
 
 
 def baselines(drop, seed=0):
-    from vllm_miprun.select import select_angular, select_last, select_shortgpt
+    from vllm_miprun.core.selection import select_angular, select_last, select_shortgpt
 
     bi, ang = baseline_scores(seed)
     return {
@@ -360,7 +361,7 @@ def screen(rows: int = 4, drops=DROPS) -> dict:
 def calib_evaluator(samples: int = SLEB_SAMPLES, seq_len: int = SLEB_SEQ, seed: int = 0):
     """CalibrationCE on the same calibration tokens as SLEB (full states from the cache; the
     L block passes of that one full pass are added to the count by the caller)."""
-    from vllm_miprun.refine import CalibrationCE
+    from vllm_miprun.pipeline.refine import CalibrationCE
 
     states = [s[:samples, :seq_len] for s in boundary_states("wiki", "calibration", 16, 256, seed)]
     ids = token_ids("wiki", "calibration", 16, 256, seed)[:samples, :seq_len]
@@ -370,7 +371,7 @@ def calib_evaluator(samples: int = SLEB_SAMPLES, seq_len: int = SLEB_SEQ, seed: 
 def track_b(cost_name: str, search: str, max_drop: int = 12, seed: int = 0, **kw) -> dict:
     """Run one track-B search; returns per-drop pruned sets and block passes (incl. the
     one full pass on the calibration batch)."""
-    from vllm_miprun.refine import mi_guided_greedy, swap_refine
+    from vllm_miprun.pipeline.refine import mi_guided_greedy, swap_refine
 
     name, _, power = cost_name.partition("^")
     cost = cost_variants(seed)[name] ** (float(power) if power else 1.0)
@@ -399,7 +400,7 @@ def jaccard_mean(sets) -> float:
 
 def stability(cost_name: str, drops=(6, 8), seeds=range(5), greedy_candidates: int | None = None) -> dict:
     """Mean pairwise Jaccard of pruned sets over calibration seeds, MI-PRUN vs ShortGPT."""
-    from vllm_miprun.refine import mi_guided_greedy
+    from vllm_miprun.pipeline.refine import mi_guided_greedy
 
     sets: dict = {}
     for seed in seeds:
@@ -453,9 +454,9 @@ def final_table(rows: int, trackb_tag: str, tracka_cost: str, corpora=("wiki", "
 
 def lean_scores(seed: int, samples: int = 8, seq_len: int = 256, power: float = 2.0):
     """Only what the default needs, per calibration seed: iso skip-MI cost, BI, angular."""
-    from vllm_miprun import scoring
-    from vllm_miprun.calibrate import _mi_rows
-    from vllm_miprun.objective import skip_cost
+    from vllm_miprun.core import scoring
+    from vllm_miprun.pipeline.calibrate import _mi_rows
+    from vllm_miprun.core.span_cost import skip_cost
 
     states = boundary_states("wiki", "calibration", samples, seq_len, seed)
     rows = _mi_rows(samples, seq_len, 4096, seed)
@@ -467,7 +468,7 @@ def lean_scores(seed: int, samples: int = 8, seq_len: int = 256, power: float = 
 
 
 def lean_stability(drops=DROPS, seeds=range(5)) -> dict:
-    from vllm_miprun.select import fast_block_select, select_angular, select_shortgpt
+    from vllm_miprun.core.selection import fast_block_select, select_angular, select_shortgpt
 
     sets: dict = {}
     for seed in seeds:
@@ -483,7 +484,7 @@ def lean_stability(drops=DROPS, seeds=range(5)) -> dict:
 def refined_stability(max_drop: int = 6, seeds=range(5), candidates: int = 3) -> dict:
     """Pruned sets of the refined MI-PRUN (greedy, BA bound on each seed's own 4x128
     calibration tokens, span cost from that seed's 8x256 calibration rows)."""
-    from vllm_miprun.refine import CalibrationCE, mi_guided_greedy
+    from vllm_miprun.pipeline.refine import CalibrationCE, mi_guided_greedy
 
     path = CACHE / "refined_stability.json"
     out = json.loads(path.read_text()) if path.exists() else {}
@@ -507,8 +508,8 @@ def refined_stability(max_drop: int = 6, seeds=range(5), candidates: int = 3) ->
 def portfolio_stability(drops=(3, 6), seeds=range(5)) -> dict:
     """Stability of the default (portfolio): per seed, BA-arbitrate between the greedy
     trace prefix (from refined_stability) and the exact span-cost optima at powers 1, 2."""
-    from vllm_miprun.refine import CalibrationCE, portfolio_refine
-    from vllm_miprun.select import exact_select
+    from vllm_miprun.pipeline.refine import CalibrationCE, portfolio_refine
+    from vllm_miprun.core.selection import exact_select
 
     orders = json.loads((CACHE / "refined_stability.json").read_text())
     sets: dict = {}
@@ -534,8 +535,8 @@ def portfolio_stability(drops=(3, 6), seeds=range(5)) -> dict:
 
 def product_cost(seed: int = 0):
     """The product's default span cost (32x256 calibration tokens) through its score cache."""
-    from vllm_miprun.calibrate import calibrate
-    from vllm_miprun.objective import span_cost_matrix
+    from vllm_miprun.pipeline.calibrate import calibrate
+    from vllm_miprun.core.span_cost import span_cost_matrix
     from vllm_miprun.options import CalibrationSettings
 
     result = calibrate(assets.smollm2_dir(), CalibrationSettings(seed=seed), cache_dir=CACHE / "caches",
@@ -545,7 +546,7 @@ def product_cost(seed: int = 0):
 
 def product_ids(seed: int = 0, samples: int = 4) -> torch.Tensor:
     """The forward-search calibration batch exactly as ``plan._ForwardSearch`` draws it."""
-    from vllm_miprun.calibrate import calibration_ids
+    from vllm_miprun.pipeline.calibrate import calibration_ids
     from vllm_miprun.options import CalibrationSettings
 
     return calibration_ids(assets.smollm2_dir(), CalibrationSettings(seed=seed))[:samples]
@@ -556,7 +557,7 @@ def objective_stage(variants, drops=DROPS, rows: int = 8, seed: int = 0, out: Pa
     samples, candidates)``; held-out wiki/c4 perplexity of every chosen set on ``rows``
     evaluation windows, plus every seed-0 set of the quality table on the same windows (keyed
     by the set's own size: the table prunes 3, 6, 7 and 12 blocks)."""
-    from vllm_miprun.refine import refine
+    from vllm_miprun.pipeline.refine import refine
 
     path = out or CACHE / "objective_stage.json"
     res = json.loads(path.read_text()) if path.exists() else {}
@@ -598,10 +599,10 @@ def variant_stage(objective: str, bound_samples: int, candidates: int, calib_sam
     (``calib_samples`` x 256 tokens, timed), then ``refine`` under ``objective`` on the
     first ``bound_samples`` sequences (timed per drop). Held-out perplexity for seed 0,
     mean pairwise Jaccard over the seeds."""
-    from vllm_miprun.calibrate import calibrate, calibration_ids
-    from vllm_miprun.objective import span_cost_matrix
+    from vllm_miprun.pipeline.calibrate import calibrate, calibration_ids
+    from vllm_miprun.core.span_cost import span_cost_matrix
     from vllm_miprun.options import CalibrationSettings
-    from vllm_miprun.refine import refine
+    from vllm_miprun.pipeline.refine import refine
 
     tag = f"{objective}|bound{bound_samples}|c{candidates}|calib{calib_samples}"
     path = out or CACHE / "variants.json"

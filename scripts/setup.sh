@@ -30,4 +30,4 @@ fi
 import transformers.models.llama  # noqa: F401  (breaks if a CUDA torchvision slipped in)
 import vllm, torch, datasets, safetensors, prometheus_client  # noqa: F401
 PY
-"$VENV/bin/python" -m vllm_miprun.assets prepare
+"$VENV/bin/python" -m vllm_miprun.tools.assets prepare

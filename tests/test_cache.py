@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from vllm_miprun import cache as sc
+from vllm_miprun.pipeline import store as sc
 
 
 def _cache(num_blocks: int = 3, fingerprint: str = "sha256:abc") -> sc.ScoreCache:

@@ -11,11 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from vllm_miprun import cli
-from vllm_miprun.blockwise import BlockwiseModel, ModelFolderError
-from vllm_miprun.calibrate import calibrate, calibration_ids
-from vllm_miprun.cache import read_cache
-from vllm_miprun.fingerprint import model_fingerprint
+from vllm_miprun.tools import cli
+from vllm_miprun.model.blockwise import BlockwiseModel
+from vllm_miprun.model.checkpoint import ModelFolderError
+from vllm_miprun.pipeline.calibrate import calibrate, calibration_ids
+from vllm_miprun.pipeline.store import read_cache
+from vllm_miprun.model.fingerprint import model_fingerprint
 from vllm_miprun.options import CalibrationSettings
 
 SMALL = CalibrationSettings(samples=4, seq_len=32)
@@ -94,7 +95,7 @@ def test_changed_weights_never_reuse_the_cache(tiny_llama_dir, tmp_path):
 
 
 def test_calibration_ce_sees_pruning(tiny_llama_dir):
-    from vllm_miprun.refine import CalibrationCE
+    from vllm_miprun.pipeline.refine import CalibrationCE
 
     evaluate = CalibrationCE(BlockwiseModel(tiny_llama_dir, resident_blocks=True), calibration_ids(tiny_llama_dir, SMALL)[:2])
     dense = evaluate(frozenset())

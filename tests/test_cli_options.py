@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_miprun import remap
+from vllm_miprun.model import remap
 from vllm_miprun.options import OptionError
 
 
@@ -104,7 +104,7 @@ def test_model_hash_tells_kept_sets_of_equal_size_apart(tiny_llama_dir):
 def foreign_cache(tiny_llama_dir, tmp_path_factory):
     """A valid score cache for other weights: a second tiny model with another seed."""
     from tiny_models import make_tiny_model
-    from vllm_miprun.calibrate import calibrate
+    from vllm_miprun.pipeline.calibrate import calibrate
     from vllm_miprun.options import CalibrationSettings
 
     other = make_tiny_model(tmp_path_factory.mktemp("other-weights"), seed=1)

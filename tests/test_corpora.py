@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from calibration import corpora
+from vllm_miprun.pipeline import corpora
 from tiny_models import tokenizer_dir
 
 

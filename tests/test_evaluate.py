@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from tiny_models import tokenizer_dir
-from vllm_miprun import evaluate as ev
+from vllm_miprun.tools import evaluate as ev
 
 VOCAB, HIDDEN = 512, 128
 
@@ -204,7 +204,7 @@ def test_encode_pair_moves_trailing_space_and_concatenates(tiny_tokenizer):
 
 RUNNER = textwrap.dedent('''
     import json, sys
-    from vllm_miprun.evaluate import VllmBackend
+    from vllm_miprun.tools.evaluate import VllmBackend
 
     if __name__ == "__main__":
         spec = json.loads(open(sys.argv[1]).read())
@@ -226,7 +226,7 @@ AGREE_ATOL = 2e-3
 def test_vllm_and_transformers_agree_per_request(tiny_llama_dir, tiny_tokenizer, tmp_path):
     import importlib.util
 
-    if importlib.util.find_spec("vllm_miprun.plan") is None:
+    if importlib.util.find_spec("vllm_miprun.pipeline.plan") is None:
         pytest.skip("vllm_miprun/plan.py is not there yet; the miprun loader needs it")
     options = {"keep": 0.5, "method": "last"}
     requests = [r for e in ev.load_examples("piqa", limit=3, seed=0) for r in ev.mc_requests(tiny_tokenizer, e)]

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from vllm_miprun.export import export_main, export_pruned
+from vllm_miprun.tools.export import export_main, export_pruned
 from vllm_miprun.options import MiprunOptions, OptionError
-from vllm_miprun.plan import make_plan
+from vllm_miprun.pipeline.plan import make_plan
 
 KEEP_HALF = {"keep": 0.5, "method": "last"}
 

@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from vllm_miprun.cache import read_cache
+from vllm_miprun.pipeline.store import read_cache
 
 
 def _calibrate_cmd(model_dir, cache_dir, samples: int = 4) -> list[str]:
-    return [sys.executable, "-m", "vllm_miprun.cli", "calibrate", str(model_dir), "--samples", str(samples),
+    return [sys.executable, "-m", "vllm_miprun.tools.cli", "calibrate", str(model_dir), "--samples", str(samples),
             "--seq-len", "32", "--cache-dir", str(cache_dir)]
 
 

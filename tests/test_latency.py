@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from vllm_miprun.latency import LatencyModel, parse_latency_budget
-from vllm_miprun.select import (
+from vllm_miprun.core.latency import LatencyModel, parse_latency_budget
+from vllm_miprun.core.selection import (
     latency_floor,
     max_keep_for_budget,
     random_dpi_cost,

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_miprun import assets
-from vllm_miprun.select import keep_count
+from vllm_miprun.tools import assets
+from vllm_miprun.core.selection import keep_count
 
 pytestmark = [pytest.mark.engine, pytest.mark.smollm2]
 

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from engine_runner import RESULT_MARK, wait_healthy
 from vllm_miprun.options import MiprunOptions
-from vllm_miprun.profile import _run_in_own_group
+from vllm_miprun.tools.profiling import _run_in_own_group
 
 pytestmark = pytest.mark.engine
 
@@ -69,7 +69,7 @@ def run_engines(specs: list[dict], timeout: int = 900, **env: str) -> list[dict]
 
 
 def _plan_kept(model_dir: Path, extra: dict) -> list[int]:
-    from vllm_miprun.plan import make_plan
+    from vllm_miprun.pipeline.plan import make_plan
 
     config = json.loads((model_dir / "config.json").read_text())
     return list(make_plan(model_dir, MiprunOptions.from_dict(extra), hf_config=config).kept)
@@ -77,7 +77,7 @@ def _plan_kept(model_dir: Path, extra: dict) -> list[int]:
 
 def _strip_pruned_blocks(model_dir: Path, out_dir: Path, kept: list[int]) -> Path:
     """A copy of the checkpoint whose pruned blocks' tensors are gone from the file."""
-    from vllm_miprun.remap import layer_index
+    from vllm_miprun.model.remap import layer_index
 
     shutil.copytree(model_dir, out_dir)
     tensors = load_file(model_dir / "model.safetensors")
@@ -90,8 +90,8 @@ def _strip_pruned_blocks(model_dir: Path, out_dir: Path, kept: list[int]) -> Pat
 @pytest.fixture(scope="module")
 def llama_runs(tiny_llama_dir, tiny_qwen2_dir, tiny_qwen3_dir, tiny_mistral_dir, tmp_path_factory):
     """One process, eight engines, one after another: every single-worker comparison."""
-    from vllm_miprun.export import export_pruned
-    from vllm_miprun.plan import make_plan
+    from vllm_miprun.tools.export import export_pruned
+    from vllm_miprun.pipeline.plan import make_plan
 
     work = tmp_path_factory.mktemp("engine")
     kept = _plan_kept(tiny_llama_dir, KEEP_HALF)
@@ -160,7 +160,7 @@ def test_tensor_parallel_two_matches_one(tiny_llama_dir, llama_runs):
 
 # --- the command line -------------------------------------------------------------
 
-SERVE = "import sys; from vllm_miprun.serve import serve_main; sys.exit(serve_main(sys.argv[1:]))"
+SERVE = "import sys; from vllm_miprun.vllm.serve import serve_main; sys.exit(serve_main(sys.argv[1:]))"
 
 
 def _free_port() -> int:
@@ -283,11 +283,11 @@ def _transformers_greedy(model_dir: Path, kept: list[int], prompts: list[str], s
 
 @pytest.mark.smollm2
 def test_smollm2_keep_075_agrees_with_transformers():
-    from vllm_miprun import assets
+    from vllm_miprun.tools import assets
 
     model_dir = assets.smollm2_dir()
     if not (model_dir / "model.safetensors").is_file():
-        pytest.skip("run `python -m vllm_miprun.assets prepare` first")
+        pytest.skip("run `python -m vllm_miprun.tools.assets prepare` first")
     extra = {"keep": 0.75, "method": "last"}
     kept = _plan_kept(model_dir, extra)
     spec = {"model": str(model_dir), "load_format": "miprun", "extra": extra,

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from engine_runner import wait_healthy
 
-from vllm_miprun import metrics
-from vllm_miprun.metrics import Baseline, ThroughputWindow
+from vllm_miprun.vllm import metrics
+from vllm_miprun.vllm.metrics import Baseline, ThroughputWindow
 
 LLAMA = {"num_hidden_layers": 8, "hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
 
@@ -118,7 +118,7 @@ def test_every_metric_has_help_text():
 
 # --- a live server in each Prometheus mode (slow) --------------------------------------
 
-SERVE = "import sys; from vllm_miprun.serve import serve_main; sys.exit(serve_main(sys.argv[1:]))"
+SERVE = "import sys; from vllm_miprun.vllm.serve import serve_main; sys.exit(serve_main(sys.argv[1:]))"
 KEEP = 0.75
 KV_BYTES = 16 * 2**20
 MEASURED_TOKENS_PER_S = 1000.0
@@ -146,8 +146,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def _write_measured_baseline(model_dir: Path, cache_dir: Path, num_blocks: int) -> None:
     """A score cache for these weights that holds the benchmark's throughput record."""
-    from vllm_miprun import cache as sc
-    from vllm_miprun.fingerprint import model_fingerprint
+    from vllm_miprun.pipeline import store as sc
+    from vllm_miprun.model.fingerprint import model_fingerprint
 
     size = num_blocks + 1
     span = [[float(j - i) if i < j else None for j in range(size)] for i in range(size)]
@@ -185,7 +185,7 @@ def scraped(request, tiny_llama_dir, tmp_path_factory):
     from prometheus_client.parser import text_string_to_metric_families
 
     from vllm_miprun.options import MiprunOptions
-    from vllm_miprun.plan import make_plan
+    from vllm_miprun.pipeline.plan import make_plan
 
     mode = request.param
     work = tmp_path_factory.mktemp(f"metrics-{mode}")

@@ -1,11 +1,11 @@
-"""Tests for vllm_miprun.mi on jointly Gaussian data with closed-form MI (all seeded)."""
+"""Tests for vllm_miprun.core.mi on jointly Gaussian data with closed-form MI (all seeded)."""
 
 import math
 
 import pytest
 import torch
 
-from vllm_miprun import mi as M
+from vllm_miprun.core import mi as M
 
 
 def _gen(seed):

@@ -1,4 +1,4 @@
-"""Fast unit tests of the pure parts of vllm_miprun.profile (no engine)."""
+"""Fast unit tests of the pure parts of vllm_miprun.tools.profiling (no engine)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from vllm_miprun import profile
-from vllm_miprun.latency import LatencyModel
+from vllm_miprun.tools import profiling as profile
+from vllm_miprun.core.latency import LatencyModel
 
 SMOL = {  # SmolLM2-135M's config.json, the fields the cost model reads
     "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,

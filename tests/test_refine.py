@@ -6,14 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vllm_miprun.blockwise import BlockwiseModel
-from vllm_miprun.cache import read_cache, update_cache
-from vllm_miprun.calibrate import calibrate, calibration_ids
-from vllm_miprun.objective import monotone_closure, span_cost_matrix
+from vllm_miprun.model.blockwise import BlockwiseModel
+from vllm_miprun.pipeline.store import read_cache, update_cache
+from vllm_miprun.pipeline.calibrate import calibrate, calibration_ids
+from vllm_miprun.core.span_cost import monotone_closure, span_cost_matrix
 from vllm_miprun.options import CalibrationSettings, MiprunOptions
-from vllm_miprun.plan import SELECTION_KEYS, make_plan
-from vllm_miprun.refine import CalibrationCE, CalibrationKL, refine
-from vllm_miprun.select import dpi_violations
+from vllm_miprun.pipeline.plan import SELECTION_KEYS, make_plan
+from vllm_miprun.pipeline.refine import CalibrationCE, CalibrationKL, refine
+from vllm_miprun.core.selection import dpi_violations
 
 SMALL = CalibrationSettings(samples=4, seq_len=32)
 
@@ -34,8 +34,8 @@ def test_span_cost_is_monotone_and_uses_skip_mi(calibrated):
 
 
 def test_renyi_cache_is_priced_by_its_own_span_mi(tiny_llama_dir, tmp_path):
-    from vllm_miprun.objective import mi_fallback_cost, skip_cost
-    from vllm_miprun.scoring import from_nested_list
+    from vllm_miprun.core.span_cost import mi_fallback_cost, skip_cost
+    from vllm_miprun.core.scoring import from_nested_list
 
     renyi = calibrate(tiny_llama_dir, CalibrationSettings(samples=4, seq_len=32, estimator="renyi"),
                       cache_dir=tmp_path, progress=False).cache
@@ -142,7 +142,7 @@ def test_sleb_plan_caches_every_prefix_of_its_greedy_trace(tiny_llama_dir, calib
 def test_skip_mi_matches_its_definition():
     import torch
 
-    from vllm_miprun.scoring import isotropic_skip_mi_matrix, rms_normalise
+    from vllm_miprun.core.scoring import isotropic_skip_mi_matrix, rms_normalise
 
     generator = torch.Generator().manual_seed(0)
     base = torch.randn(256, 32, generator=generator)

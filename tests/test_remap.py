@@ -7,7 +7,8 @@ import json
 import pytest
 from safetensors.torch import save_file
 
-from vllm_miprun import remap, weights
+from vllm_miprun.model import checkpoint, remap
+from vllm_miprun.model import weights
 from vllm_miprun.options import OptionError
 
 
@@ -115,13 +116,13 @@ def _write_sharded(tmp_path, num_layers: int = 4):
         shard_of[f"model.layers.{layer}.mlp.weight"] = name
     save_file({"model.embed_tokens.weight": torch.zeros(3, 2)}, tmp_path / "model-extra.safetensors")
     shard_of["model.embed_tokens.weight"] = "model-extra.safetensors"
-    (tmp_path / weights.INDEX_NAME).write_text(json.dumps({"weight_map": shard_of}))
+    (tmp_path / checkpoint.INDEX_NAME).write_text(json.dumps({"weight_map": shard_of}))
 
 
 def test_only_kept_tensors_are_read_and_pruned_shards_never_opened(tmp_path):
     _write_sharded(tmp_path)
     kept = [0, 1, 3]
-    to_open, read_bytes, skipped = weights.plan_reads(weights.safetensors_files(tmp_path), kept)
+    to_open, read_bytes, skipped = weights.plan_reads(checkpoint.safetensors_files(tmp_path), kept)
     assert tmp_path / "model-00002.safetensors" not in to_open
     assert skipped == 16 and read_bytes == 3 * 16 + 24  # 2x2 and 3x2 float32 tensors
     (tmp_path / "model-00002.safetensors").write_bytes(b"corrupt: must never be opened")
@@ -133,4 +134,4 @@ def test_only_kept_tensors_are_read_and_pruned_shards_never_opened(tmp_path):
 
 def test_folder_without_safetensors_is_refused(tmp_path):
     with pytest.raises(OptionError, match="safetensors"):
-        weights.safetensors_files(tmp_path)
+        checkpoint.safetensors_files(tmp_path)

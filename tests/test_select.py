@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from vllm_miprun.select import (
+from vllm_miprun.core.selection import (
     METHODS,
     Selection,
     dpi_violations,

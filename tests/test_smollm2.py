@@ -11,10 +11,11 @@ import math
 
 import pytest
 
-from vllm_miprun import assets, cli
-from vllm_miprun.calibrate import calibrate
+from vllm_miprun.tools import assets
+from vllm_miprun.tools import cli
+from vllm_miprun.pipeline.calibrate import calibrate
 from vllm_miprun.options import CalibrationSettings
-from vllm_miprun.select import keep_count
+from vllm_miprun.core.selection import keep_count
 
 pytestmark = pytest.mark.smollm2
 

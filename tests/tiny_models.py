@@ -20,7 +20,7 @@ _tokenizer_dir: Path | None = None  # trained once per process, then copied
 
 
 def _corpus_text() -> str:
-    from vllm_miprun import assets
+    from vllm_miprun.tools import assets
 
     raw = (assets.corpus_dir() / "wiki.utf8").read_bytes()[:CORPUS_BYTES]
     return raw.decode("utf-8", errors="ignore")

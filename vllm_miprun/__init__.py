@@ -9,7 +9,7 @@ def register() -> None:
     Importing ``loader`` registers the ``miprun`` load format; ``install`` adds the
     ``--miprun-*`` flags and the front-process planning hook, once.
     """
-    from vllm_miprun import engine_args, loader  # noqa: F401 - import registers the loader
+    from vllm_miprun.vllm import engine_args, loader  # noqa: F401 - import registers the loader
 
     engine_args.install()
     _route_library_logs_to_vllm()

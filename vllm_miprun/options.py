@@ -12,14 +12,13 @@ import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any
+from vllm_miprun.errors import OptionError  # noqa: F401 - re-exported
 
 METHODS = ("mi-prun", "shortgpt", "angular", "sleb", "last", "random")
 ESTIMATORS = ("gaussian", "renyi")
 DATASETS = ("wiki", "c4")
 
 
-class OptionError(ValueError):
-    """A user option is invalid. The message says what was expected, given and to do."""
 
 
 @dataclass(frozen=True)

@@ -131,8 +131,8 @@ def kv_bytes_per_token_saved(config: Mapping[str, Any], num_pruned: int, dtype_b
 
 def pruned_weight_bytes(files: Iterable[str | Path], pruned: Iterable[int]) -> int:
     """Stored bytes of the ``model.layers.N.`` tensors of ``pruned`` blocks (headers only)."""
-    from vllm_miprun.remap import layer_index
-    from vllm_miprun.weights import read_header
+    from vllm_miprun.model.remap import layer_index
+    from vllm_miprun.model.weights import read_header
 
     pruned = set(pruned)
     total = 0
@@ -191,7 +191,7 @@ def choose_baseline(throughput: Any = None, profile: Any = None) -> Baseline:
         except ValueError as err:
             logger.warning("miprun metrics: ignoring the cached throughput record: %s", err)
     if profile is not None:
-        from vllm_miprun.latency import LatencyModel
+        from vllm_miprun.core.latency import LatencyModel
 
         try:
             model = LatencyModel.from_profile(profile)
@@ -349,7 +349,7 @@ def gauges() -> dict[str, Any]:
 def find_cached_baseline(model_dir: Path, plan: Mapping[str, Any] | None,
                          cache_dir: str | Path | None) -> Baseline:
     """The baseline from the plan's score cache, else from any cache of these weights."""
-    from vllm_miprun import cache as score_cache
+    from vllm_miprun.pipeline import store as score_cache
     from vllm_miprun import envs
 
     candidates: list[Path] = []
@@ -365,7 +365,7 @@ def find_cached_baseline(model_dir: Path, plan: Mapping[str, Any] | None,
         if not path.is_file():
             continue
         if fingerprint is None:
-            from vllm_miprun.fingerprint import model_fingerprint
+            from vllm_miprun.model.fingerprint import model_fingerprint
 
             fingerprint = model_fingerprint(model_dir)
         try:
@@ -417,7 +417,7 @@ class Exporter:
         self._set("miprun_kv_capacity_ratio", total / k)
         self._set("miprun_kv_cache_bytes_per_token_saved",
                   kv_bytes_per_token_saved(self.config, len(pruned), self.kv_dtype_bytes))
-        from vllm_miprun.weights import safetensors_files
+        from vllm_miprun.model.checkpoint import safetensors_files
 
         self._set("miprun_weight_bytes_saved", pruned_weight_bytes(safetensors_files(self.model_dir), pruned))
         if self.plan:
@@ -473,21 +473,22 @@ def _dtype_bytes(cache_dtype: str, model_dtype: Any) -> int:
 
 def exporter_for(vllm_config) -> Exporter | None:
     """An exporter for a config that serves a miprun-pruned model, else None."""
-    from vllm_miprun.remap import FULL_FIELD, KEPT_FIELD
+    from vllm_miprun.model.remap import FULL_FIELD, KEPT_FIELD
 
     model_config = vllm_config.model_config
     hf_config = model_config.hf_config
     kept = getattr(hf_config, KEPT_FIELD, None)
     if kept is None:
         return None
-    from vllm_miprun.loader import read_hf_config, resolve_model_dir
+    from vllm_miprun.model.checkpoint import read_config
+    from vllm_miprun.vllm.model_files import resolve_model_dir
 
     model_dir = resolve_model_dir(model_config.model, model_config.revision)
     extra = vllm_config.load_config.model_loader_extra_config or {}
     return Exporter(
         model_name=str(model_config.served_model_name),
         model_dir=model_dir,
-        config=read_hf_config(model_dir),
+        config=read_config(model_dir),
         kept=list(kept),
         num_blocks=int(getattr(hf_config, FULL_FIELD)),
         kv_dtype_bytes=_dtype_bytes(str(vllm_config.cache_config.cache_dtype), model_config.dtype),

@@ -8,41 +8,11 @@ files that hold nothing but pruned tensors are never opened.
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 
-from vllm_miprun.options import OptionError
-from vllm_miprun.remap import index_map, layer_index, renamed_weight
-
-INDEX_NAME = "model.safetensors.index.json"
-
-
-def safetensors_files(model_dir: Path) -> list[Path]:
-    """The checkpoint's safetensors shards, from the index when there is one."""
-    model_dir = Path(model_dir)
-    index = model_dir / INDEX_NAME
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [model_dir / name for name in sorted(set(weight_map.values()))]
-    files = sorted(p for p in model_dir.glob("*.safetensors") if not p.name.startswith("consolidated"))
-    if not files:
-        raise OptionError(
-            f"no *.safetensors weights in {model_dir}; miprun reads only safetensors "
-            "checkpoints (convert .bin weights with transformers' save_pretrained)"
-        )
-    return files
-
-
-def read_header(path: Path) -> dict[str, dict]:
-    """The safetensors header {name: {dtype, shape, data_offsets}}, without tensor data."""
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    header.pop("__metadata__", None)
-    return header
-
+from vllm_miprun.model.checkpoint import read_header
+from vllm_miprun.model.remap import index_map, layer_index, renamed_weight
 
 def plan_reads(files: list[Path], kept: list[int]) -> tuple[list[Path], int, int]:
     """(shards to open, bytes to read, bytes skipped), from the headers alone."""

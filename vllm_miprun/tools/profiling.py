@@ -10,7 +10,7 @@ fits
 
 by least squares over the measured keep counts ``K``. The model treats every block as
 costing the same (homogeneous blocks), so ``block_s`` is stored as one value repeated L
-times, the shape :class:`vllm_miprun.latency.LatencyModel` reads. ``fixed_s`` holds
+times, the shape :class:`vllm_miprun.core.latency.LatencyModel` reads. ``fixed_s`` holds
 what does not scale with K: embeddings, final norm, LM head, sampling and the engine's
 per-step overhead. A fit that comes out negative (noise) is clamped: a negative
 ``fixed_s`` refits through the origin, a negative slope keeps ``block_s = 0``.
@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from vllm_miprun.latency import LatencyModel
+from vllm_miprun.core.latency import LatencyModel
 
 SPEED_FORMAT = "vllm-miprun-speed"
 SPEED_FORMAT_VERSION = 1
@@ -223,13 +223,13 @@ def weight_bytes(model_dir: str | Path, kept: Iterable[int] | None, dtype_bytes:
     Counted from the safetensors headers: elements of every non-block tensor and of the
     kept blocks, times ``dtype_bytes`` (the run dtype) or the stored element size.
     """
-    from vllm_miprun import weights
-    from vllm_miprun.remap import layer_index
+    from vllm_miprun.model import checkpoint
+    from vllm_miprun.model.remap import layer_index
 
     wanted = None if kept is None else set(kept)
     total = 0
-    for path in weights.safetensors_files(Path(model_dir)):
-        for name, info in weights.read_header(path).items():
+    for path in checkpoint.safetensors_files(Path(model_dir)):
+        for name, info in checkpoint.read_header(path).items():
             index = layer_index(name)
             if wanted is not None and index is not None and index not in wanted:
                 continue
@@ -270,8 +270,8 @@ def speed_path(model_dir: str | Path, cache_dir: str | Path | None = None,
                fingerprint: str | None = None) -> Path:
     """The speed sidecar for these weights: ``<cache_dir>/<model>-<fingerprint>.speed.json``."""
     from vllm_miprun import envs
-    from vllm_miprun.cache import safe_name
-    from vllm_miprun.fingerprint import model_fingerprint
+    from vllm_miprun.pipeline.store import safe_name
+    from vllm_miprun.model.fingerprint import model_fingerprint
 
     fingerprint = fingerprint or model_fingerprint(model_dir)
     folder = Path(cache_dir).expanduser() if cache_dir else envs.cache_dir()
@@ -281,7 +281,7 @@ def speed_path(model_dir: str | Path, cache_dir: str | Path | None = None,
 
 def read_speed(model_dir: str | Path, cache_dir: str | Path | None = None) -> dict[str, Any] | None:
     """The speed sidecar's contents for these weights, or None when there is none."""
-    from vllm_miprun.fingerprint import model_fingerprint
+    from vllm_miprun.model.fingerprint import model_fingerprint
 
     fingerprint = model_fingerprint(model_dir)
     path = speed_path(model_dir, cache_dir, fingerprint)
@@ -313,8 +313,8 @@ def store_speed(model_dir: str | Path, cache_dir: str | Path | None = None, *,
     these weights in ``cache_dir``. Returns the paths written."""
     from filelock import FileLock
 
-    from vllm_miprun import cache as score_cache
-    from vllm_miprun.fingerprint import model_fingerprint
+    from vllm_miprun.pipeline import store as score_cache
+    from vllm_miprun.model.fingerprint import model_fingerprint
 
     fingerprint = model_fingerprint(model_dir)
     path = speed_path(model_dir, cache_dir, fingerprint)
@@ -432,7 +432,7 @@ def measure_engine(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 def run_engine(spec: Mapping[str, Any], timeout_s: float = 900, env: Mapping[str, str] | None = None,
                log_path: str | Path | None = None) -> dict[str, Any]:
-    """:func:`measure_engine` in a fresh ``python -m vllm_miprun.profile --worker`` process.
+    """:func:`measure_engine` in a fresh ``python -m vllm_miprun.tools.profiling --worker`` process.
 
     Adds ``process_s`` (subprocess wall time) and, parsed from vLLM's log, the model
     loading time and memory vLLM reports, and the miprun loader's own load seconds.
@@ -443,7 +443,7 @@ def run_engine(spec: Mapping[str, Any], timeout_s: float = 900, env: Mapping[str
     begin = time.perf_counter()
     try:
         returncode, stdout, stderr = _run_in_own_group(
-            [sys.executable, "-m", "vllm_miprun.profile", "--worker", spec_file],
+            [sys.executable, "-m", "vllm_miprun.tools.profiling", "--worker", spec_file],
             timeout_s, {**os.environ, **(env or {})})
     finally:
         os.unlink(spec_file)
@@ -500,8 +500,8 @@ def parse_load_log(log: str) -> dict[str, float]:
 
 def prompt_token_ids(model_dir: str | Path, count: int, length: int, seed: int = 1234) -> list[list[int]]:
     """``count`` prompts of exactly ``length`` tokens from the bundled Wikipedia text."""
-    from calibration.corpora import sample_token_windows
-    from vllm_miprun.calibrate import load_tokenizer
+    from vllm_miprun.pipeline.corpora import sample_token_windows
+    from vllm_miprun.pipeline.calibrate import load_tokenizer
 
     windows = sample_token_windows(load_tokenizer(model_dir), "wiki", count, length, seed, part="evaluation")
     return [list(map(int, row)) for row in windows]
@@ -512,8 +512,8 @@ def profile_model(model_dir: str | Path, batch_size: int = 1, keeps: Sequence[fl
                   dtype: str = "bfloat16", kv_bytes: int = 256 * 2**20, cache_dir: str | Path | None = None,
                   store: bool = True, enforce_eager: bool = True, device: str = "cpu") -> dict[str, Any]:
     """Measure decode latency at each keep ratio, fit the profile, and store it."""
-    from vllm_miprun.blockwise import read_config
-    from vllm_miprun.select import keep_count
+    from vllm_miprun.model.checkpoint import read_config
+    from vllm_miprun.core.selection import keep_count
 
     config = read_config(model_dir)
     num_blocks = _cfg(config, "num_hidden_layers")

@@ -11,7 +11,6 @@ only has to feed the kept blocks' tensors, renumbered, to the model's own
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -25,7 +24,8 @@ from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
-from vllm_miprun import remap, weights
+from vllm_miprun.model import remap
+from vllm_miprun.model import weights
 from vllm_miprun.options import MiprunOptions, OptionError
 
 # Under "vllm." so vLLM's logging config (handler, level, format) applies to it.
@@ -50,38 +50,15 @@ def record_report(report: dict[str, Any]) -> None:
         _last_report = {**(_last_report or {}), **report}
         merged = dict(_last_report)
     try:
-        from vllm_miprun import metrics
+        from vllm_miprun.vllm import metrics
     except ImportError:
         return
     metrics.publish(merged)
 
 
-def resolve_model_dir(model: str, revision: str | None = None) -> Path:
-    """A local folder for ``model``: the path itself, or an already cached hub snapshot."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(model, revision=revision, local_files_only=True))
-    except Exception:  # noqa: BLE001 - any failure means "not available offline"
-        raise OptionError(
-            f"miprun needs a local model folder or a cached hub snapshot, got {model!r}; "
-            "download the model first (e.g. `huggingface-cli download`)"
-        ) from None
-
-
-def read_hf_config(model_dir: Path) -> dict[str, Any]:
-    config_path = Path(model_dir) / "config.json"
-    if not config_path.is_file():
-        raise OptionError(f"no config.json in {model_dir}; is it a Hugging Face model folder?")
-    return json.loads(config_path.read_text())
-
-
 def make_plan_for(model_dir: Path, options: MiprunOptions, hf_config: dict[str, Any]):
     """Check the architecture first (cheap), then make the plan."""
-    from vllm_miprun.plan import make_plan
+    from vllm_miprun.pipeline.plan import make_plan
 
     remap.check_architecture(hf_config)
     return make_plan(model_dir, options, hf_config=hf_config)
@@ -112,7 +89,7 @@ class MiprunModelLoader(BaseModelLoader):
         self._skipped_bytes = 0
 
     def download_model(self, model_config: ModelConfig) -> None:
-        weights.safetensors_files(resolve_model_dir(model_config.model, model_config.revision))
+        checkpoint.safetensors_files(resolve_model_dir(model_config.model, model_config.revision))
 
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
         start = time.perf_counter()
@@ -142,7 +119,7 @@ class MiprunModelLoader(BaseModelLoader):
         if getattr(model_config.hf_config, remap.KEPT_FIELD, None) is not None:
             return
         model_dir = resolve_model_dir(model_config.model, model_config.revision)
-        hf_config = read_hf_config(model_dir)
+        hf_config = read_config(model_dir)
         start = time.perf_counter()
         plan = make_plan_for(model_dir, self.options, hf_config)
         logger.warning(
@@ -156,7 +133,7 @@ class MiprunModelLoader(BaseModelLoader):
         kept = list(model_config.hf_config.miprun_kept_layers)
         model_dir = resolve_model_dir(model_config.model, model_config.revision)
         files, self._read_bytes, self._skipped_bytes = weights.plan_reads(
-            weights.safetensors_files(model_dir), kept
+            checkpoint.safetensors_files(model_dir), kept
         )
         loaded = model.load_weights(weights.iter_kept_weights(files, kept))
         if loaded is not None and model_config.quantization is None:

@@ -25,13 +25,12 @@ from typing import Any
 from filelock import FileLock
 
 from vllm_miprun import __version__, envs
+from vllm_miprun.errors import CacheError  # noqa: F401 - re-exported
 
 FORMAT = "vllm-miprun-scores"
 FORMAT_VERSION = 1
 
 
-class CacheError(ValueError):
-    """A score cache is missing, corrupt, foreign or unwritable."""
 
 
 @dataclass

@@ -21,10 +21,10 @@ logger = logging.getLogger("vllm_miprun")
 
 # Subcommands that hand their arguments to another parser (vLLM's, or the module's own).
 PASSTHROUGH = {
-    "serve": "vllm_miprun.serve:serve_main",
-    "vllm": "vllm_miprun.serve:vllm_main",
-    "export": "vllm_miprun.export:export_main",
-    "profile": "vllm_miprun.profile:profile_main",
+    "serve": "vllm_miprun.vllm.serve:serve_main",
+    "vllm": "vllm_miprun.vllm.serve:vllm_main",
+    "export": "vllm_miprun.tools.export:export_main",
+    "profile": "vllm_miprun.tools.profiling:profile_main",
 }
 
 
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibration_args(stability)
     stability.add_argument("--json-out", default=None, help="also write the table as JSON here")
 
-    from vllm_miprun.evaluate import add_eval_parser
+    from vllm_miprun.tools.evaluate import add_eval_parser
 
     add_eval_parser(sub)
     for name, target_fn in PASSTHROUGH.items():
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from vllm_miprun.calibrate import calibrate
+    from vllm_miprun.pipeline.calibrate import calibrate
 
     result = calibrate(args.model_dir, settings_from_args(args), device=args.device,
                        cache_dir=args.cache_dir, force=args.force)
@@ -105,8 +105,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_scores(args: argparse.Namespace) -> int:
-    from vllm_miprun.cache import CacheError, read_cache
-    from vllm_miprun.calibrate import calibration_key, locate
+    from vllm_miprun.pipeline.store import CacheError, read_cache
+    from vllm_miprun.pipeline.calibrate import calibration_key, locate
 
     settings = settings_from_args(args)
     path, fingerprint = locate(args.model_dir, settings, args.cache_dir)
@@ -127,7 +127,7 @@ def cmd_scores(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from vllm_miprun.plan import make_plan
+    from vllm_miprun.pipeline.plan import make_plan
 
     options = MiprunOptions(
         keep=args.keep, latency_budget=args.latency_budget, method=args.method, protect=args.protect,
@@ -152,7 +152,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_stability(args: argparse.Namespace) -> int:
-    from vllm_miprun.plan import make_plan
+    from vllm_miprun.pipeline.plan import make_plan
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     table = {}
@@ -185,8 +185,8 @@ def mean_pairwise_jaccard(sets: list[set[int]]) -> float:
 def plan_memory(model_dir: str, plan) -> dict[str, int]:
     """Weight bytes and KV bytes per token saved by the pruned blocks (from headers only),
     computed as the metrics do; KV at 2 bytes per value, vLLM's default bf16 cache."""
-    from vllm_miprun import metrics
-    from vllm_miprun.blockwise import read_config, safetensors_files
+    from vllm_miprun.vllm import metrics
+    from vllm_miprun.model.checkpoint import read_config, safetensors_files
 
     return {
         "weight_bytes_saved": metrics.pruned_weight_bytes(safetensors_files(model_dir), plan.pruned),

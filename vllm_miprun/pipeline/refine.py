@@ -1,6 +1,6 @@
 """MI-guided refinement of a block selection with a next-token MI objective (track B).
 
-The cheap span costs (:mod:`vllm_miprun.objective`) rank candidate pruned sets without
+The cheap span costs (:mod:`vllm_miprun.core.span_cost`) rank candidate pruned sets without
 any forward pass; this module measures, for only a few of those candidates, how much
 information the pruned model's final state still carries about the next token, and
 keeps the best.
@@ -51,7 +51,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from vllm_miprun.select import Selection, _make_selection, exact_select, fast_block_select, objective_value
+from vllm_miprun.core.selection import Selection, _make_selection, exact_select, fast_block_select, objective_value
 
 
 @dataclass
@@ -64,7 +64,7 @@ class _Counter:
 class CalibrationCE:
     """``CE(P)`` on a fixed calibration batch, with prefix reuse and memoisation.
 
-    ``model`` is a :class:`~vllm_miprun.blockwise.BlockwiseModel` (``resident_blocks=True``
+    ``model`` is a :class:`~vllm_miprun.model.blockwise.BlockwiseModel` (``resident_blocks=True``
     is advisable); ``input_ids`` [samples, seq_len] are calibration tokens. One full pass
     (``L`` block passes) caches every boundary state of the full model; ``states`` may
     be given instead when the caller already has them.
@@ -255,7 +255,7 @@ def refine(
 
     1. :func:`mi_guided_greedy` on calibration tokens ``input_ids`` [samples, seq_len]
        (the SLEB calibration batch; never evaluation text), ranking each round's
-       ``candidates`` by the span ``cost`` of :func:`vllm_miprun.objective.span_cost_matrix`
+       ``candidates`` by the span ``cost`` of :func:`vllm_miprun.core.span_cost.span_cost_matrix`
        (which is the skip-MI noise fraction raised to ``cost_power``).
     2. :func:`portfolio_refine` between the greedy set and the exact span-cost optima
        with the cost re-raised to each of ``powers`` (power 1 favours one contiguous run,
@@ -273,7 +273,7 @@ def refine(
     """
     import torch
 
-    from vllm_miprun.blockwise import BlockwiseModel
+    from vllm_miprun.model.blockwise import BlockwiseModel
 
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")

@@ -25,7 +25,7 @@ from typing import Any
 
 from vllm.logger import init_logger
 
-from vllm_miprun import remap
+from vllm_miprun.model import remap
 from vllm_miprun.options import METHODS, MiprunOptions, OptionError, parse_keep
 
 # Under "vllm." so vLLM's logging config (handler, level, format) applies to it.
@@ -114,11 +114,13 @@ def prepare_engine_args(engine_args) -> None:
     overrides = dict(overrides or {})
     if remap.KEPT_FIELD in overrides:
         return  # already planned: create_engine_config after from_cli_args
-    from vllm_miprun.loader import make_plan_for, plan_report, read_hf_config, record_report, resolve_model_dir
+    from vllm_miprun.model.checkpoint import read_config
+    from vllm_miprun.vllm.loader import make_plan_for, plan_report, record_report
+    from vllm_miprun.vllm.model_files import resolve_model_dir
 
     options = MiprunOptions.from_dict(engine_args.model_loader_extra_config)
     model_dir = resolve_model_dir(engine_args.model, engine_args.revision)
-    hf_config = read_hf_config(model_dir)
+    hf_config = read_config(model_dir)
     hf_config.update({k: v for k, v in overrides.items() if not isinstance(v, dict)})
     start = time.perf_counter()
     plan = make_plan_for(model_dir, options, hf_config)

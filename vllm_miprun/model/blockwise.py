@@ -11,7 +11,6 @@ not applied (calibration sequences are shorter than any supported window).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
+
+from vllm_miprun.model.checkpoint import safetensors_files
 
 logger = logging.getLogger(__name__)
 
@@ -33,30 +34,6 @@ def _numel(shape) -> int:
     for dim in shape:
         count *= dim
     return count
-
-
-class ModelFolderError(ValueError):
-    """The model folder is missing something the project needs."""
-
-
-def read_config(model_dir: str | Path) -> dict:
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise ModelFolderError(
-            f"{model_dir} has no config.json; expected a Hugging Face model folder "
-            "(config.json plus *.safetensors)"
-        )
-    return json.loads(path.read_text())
-
-
-def safetensors_files(model_dir: str | Path) -> list[Path]:
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise ModelFolderError(
-            f"{model_dir} holds no *.safetensors files; convert the checkpoint to safetensors "
-            "(pickled .bin weights are never loaded)"
-        )
-    return files
 
 
 class TensorIndex:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from vllm_miprun import mi
+from vllm_miprun.core import mi
 
 # mi_tokens rows are kept per boundary (the skip-channel statistics use all of them);
 # the Gaussian span MI uses every other row: N = 2048 is still 8x the joint PCA dimension.
@@ -93,7 +93,7 @@ def from_nested_list(rows: list[list[float | None]]) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- skip-channel MI
-# (research issue: the span statistics behind ``vllm_miprun.objective.span_cost_matrix``)
+# (research issue: the span statistics behind ``vllm_miprun.core.span_cost.span_cost_matrix``)
 
 
 def rms_normalise(x: torch.Tensor) -> torch.Tensor:
@@ -133,6 +133,6 @@ def extra_span_scores(states: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
 
     Returns ``{"skip_mi_iso": (L+1)x(L+1) array}`` (see :func:`isotropic_skip_mi_matrix`);
     store it with :func:`to_nested_list` as ``cache.baselines["skip_mi_iso"]``.
-    ``vllm_miprun.objective.span_cost_matrix`` reads it from there.
+    ``vllm_miprun.core.span_cost.span_cost_matrix`` reads it from there.
     """
     return {"skip_mi_iso": isotropic_skip_mi_matrix(states)}

@@ -13,7 +13,7 @@ import json
 import struct
 from pathlib import Path
 
-from vllm_miprun.blockwise import read_config, safetensors_files
+from vllm_miprun.model.checkpoint import read_config, safetensors_files
 
 SAMPLE_BYTES = 4096
 

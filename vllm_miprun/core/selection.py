@@ -876,7 +876,7 @@ def select_for_latency(method: str, budget, latency_model, selector: Callable[[i
     """Best-scoring selection whose predicted latency meets ``budget``.
 
     ``budget`` is a string (``"0.8"``, ``"12ms@bs8"``) or a
-    :func:`~vllm_miprun.latency.parse_latency_budget` tuple. For K from
+    :func:`~vllm_miprun.core.latency.parse_latency_budget` tuple. For K from
     :func:`max_keep_for_budget` down to 1, run ``method`` for ``L - K`` pruned blocks and
     accept the first selection whose predicted latency meets the budget. With identical
     block costs the first K tried always fits (the largest K meeting the budget); with
@@ -885,7 +885,7 @@ def select_for_latency(method: str, budget, latency_model, selector: Callable[[i
     budget's own units. ``select_kwargs`` go to :func:`select`; a ``selector``
     (``num_prune -> Selection``) replaces that call, e.g. to reuse cached selections.
     """
-    from .latency import parse_latency_budget
+    from vllm_miprun.core.latency import parse_latency_budget
 
     parsed = parse_latency_budget(budget) if isinstance(budget, str) else tuple(budget)
     kind = parsed[0]

@@ -25,6 +25,9 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from vllm_miprun.pipeline import bundled
+from vllm_miprun.errors import CorpusError  # noqa: F401 - re-exported
+
 logger = logging.getLogger(__name__)
 
 
@@ -42,17 +45,13 @@ NAMED_CORPORA: dict[str, tuple[str, Split]] = {
 _DOC_BLOCK = re.compile(r"<doc[^>]*>(.*?)</doc>", re.S)
 
 
-class CorpusError(ValueError):
-    """Calibration text is missing, unreadable or too short."""
 
 
 def load_documents(name_or_path: str) -> datasets.Dataset:
     """All documents of a named corpus or a local source, as a ``text`` column."""
     if name_or_path in NAMED_CORPORA:
-        from vllm_miprun import assets
-
         filename, _ = NAMED_CORPORA[name_or_path]
-        return _documents_from_text_file(assets.corpus_dir() / filename, one_per_line=name_or_path == "c4")
+        return _documents_from_text_file(bundled.corpus_dir() / filename, one_per_line=name_or_path == "c4")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return _documents_from_saved_dataset(path)

@@ -16,7 +16,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from vllm_miprun import remap, weights
+from vllm_miprun.model import checkpoint, remap
+from vllm_miprun.model import weights
 from vllm_miprun.options import MiprunOptions, OptionError
 
 # Files copied unchanged when present: tokenizer, chat template, generation settings.
@@ -53,7 +54,7 @@ def _write_weights(model_dir: Path, staging: Path, kept: list[int]) -> None:
     """One output shard per input shard that holds a kept tensor, plus a fresh index."""
     from safetensors.torch import save_file
 
-    files, _, _ = weights.plan_reads(weights.safetensors_files(model_dir), kept)
+    files, _, _ = weights.plan_reads(checkpoint.safetensors_files(model_dir), kept)
     weight_map: dict[str, str] = {}
     total_size = 0
     for path in files:
@@ -93,7 +94,7 @@ def export_main(argv: list[str]) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        from vllm_miprun.plan import make_plan
+        from vllm_miprun.pipeline.plan import make_plan
 
         options = options_from_args(args)
         hf_config = json.loads((Path(args.model_dir) / "config.json").read_text())

@@ -8,7 +8,7 @@ Formula (default, chosen by held-out perplexity on SmolLM2-135M; see
                      = ( E||g_j - g_i||^2 / tr Cov(g_j) ) ** 2
 
 then made monotone under the DPI (:func:`monotone_closure`). ``I_skip`` is the
-isotropic skip-channel MI (:func:`vllm_miprun.scoring.isotropic_skip_mi_matrix`): the
+isotropic skip-channel MI (:func:`vllm_miprun.core.scoring.isotropic_skip_mi_matrix`): the
 information about the state that block ``j`` expects which survives when the run
 ``[i, j)`` is replaced by the identity -- which is exactly what pruning does.
 ``exp(-2 I_skip / d)`` is the per-dimension fraction of the skip channel that is noise
@@ -36,7 +36,7 @@ Estimators
     through the same pipeline. Gaussian caches without ``baselines["skip_mi_iso"]``
     fall back to it too.
 
-The refinement that reaches SLEB-level quality (``vllm_miprun.refine``) uses this
+The refinement that reaches SLEB-level quality (``vllm_miprun.pipeline.refine``) uses this
 matrix only to rank which blocks to try.
 """
 
@@ -44,16 +44,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from vllm_miprun.scoring import from_nested_list
+from vllm_miprun.core.scoring import from_nested_list
 
 POWER = 2.0
 SKIP_KEY = "skip_mi_iso"
 
 
 def span_cost_matrix(cache, power: float = POWER) -> np.ndarray:
-    """(L+1)x(L+1) cost for :func:`vllm_miprun.select.fast_block_select`; NaN for ``i >= j``.
+    """(L+1)x(L+1) cost for :func:`vllm_miprun.core.selection.fast_block_select`; NaN for ``i >= j``.
 
-    Pure function of a :class:`~vllm_miprun.cache.ScoreCache` (see the module docstring).
+    Pure function of a :class:`~vllm_miprun.pipeline.store.ScoreCache` (see the module docstring).
     """
     extra = (cache.baselines or {}).get(SKIP_KEY)
     if extra is not None and _estimator_name(cache) == "gaussian":

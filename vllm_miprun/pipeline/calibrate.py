@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from vllm_miprun import cache as score_cache
-from vllm_miprun import scoring
-from vllm_miprun.blockwise import BlockwiseModel, ModelFolderError, read_config
-from vllm_miprun.fingerprint import model_fingerprint
+from vllm_miprun.pipeline import store as score_cache
+from vllm_miprun.core import scoring
+from vllm_miprun.model.blockwise import BlockwiseModel
+from vllm_miprun.model.checkpoint import ModelFolderError, read_config
+from vllm_miprun.model.fingerprint import model_fingerprint
 from vllm_miprun.options import CalibrationSettings
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def load_tokenizer(model_dir: str | Path):
 
 
 def calibration_ids(model_dir: str | Path, settings: CalibrationSettings) -> torch.Tensor:
-    from calibration.corpora import sample_token_windows
+    from vllm_miprun.pipeline.corpora import sample_token_windows
 
     tokenizer = load_tokenizer(model_dir)
     windows = sample_token_windows(tokenizer, settings.dataset, settings.samples, settings.seq_len, settings.seed)

@@ -1,1 +1,0 @@
-"""Calibration and evaluation text: named corpora, their disjoint splits, token sampling."""

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from vllm_miprun.tools import harness
+
 
 def peak_rss_bytes() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -61,18 +63,13 @@ def run_side(side: str, model_dir: str, samples: int, seq_len: int) -> dict:
 
 
 def weight_sizes(model_dir: str) -> dict:
-    from vllm_miprun.model.blockwise import TensorIndex
+    """Weight bytes at float32 (the calibration dtype), from the one checkpoint reader."""
+    from vllm_miprun.model.checkpoint import bytes_by_block, safetensors_files
+    from vllm_miprun.model.remap import layer_index
 
-    index = TensorIndex(model_dir)
-    def fp32_bytes(names):
-        return 4 * sum(index.numel[n] for n in names)
-
-    layer_names = [n for n in index.location if n.startswith("model.layers.")]
-    blocks = {n.split(".")[2] for n in layer_names}
-    block = max(fp32_bytes(index.names_with_prefix(f"model.layers.{b}.")) for b in blocks)
-    total = fp32_bytes(index.location)
-    return {"total_weight_bytes_fp32": total, "one_block_bytes_fp32": block,
-            "non_block_bytes_fp32": total - fp32_bytes(layer_names)}
+    blocks, other = bytes_by_block(safetensors_files(model_dir), layer_index, dtype_bytes=4)
+    return {"total_weight_bytes_fp32": other + sum(blocks.values()), "one_block_bytes_fp32": max(blocks.values()),
+            "non_block_bytes_fp32": other}
 
 
 def main() -> None:
@@ -84,9 +81,7 @@ def main() -> None:
     parser.add_argument("--side", choices=["forward", "calibrate"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.model is None:
-        from vllm_miprun.tools import assets
-
-        args.model = str(assets.smollm2_dir())
+        args.model = str(harness.default_model_dir())
     if args.side:
         print(json.dumps(run_side(args.side, args.model, args.samples, args.seq_len)))
         return
@@ -116,6 +111,7 @@ def main() -> None:
         "left_out": "tokenisation, fingerprint, loading the full model on the forward side, process start",
     }
     result["targets"]["time_ratio_met"] = result["time_ratio_calibrate_over_forward"] <= 2.0
+    harness.stamp(result)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"forward {fwd['seconds']:.1f}s peak RSS {fwd['peak_rss_bytes'] / 2**20:.0f} MiB | "

@@ -49,6 +49,7 @@ from typing import Any
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from vllm_miprun.tools import evaluate as ev  # noqa: E402
+from vllm_miprun.tools import harness  # noqa: E402
 from vllm_miprun.tools.cli import mean_pairwise_jaccard  # noqa: E402
 
 logger = logging.getLogger("bench_quality")
@@ -228,8 +229,6 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from vllm_miprun.tools import assets
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="model folder (default: converted SmolLM2-135M)")
     parser.add_argument("--rows", default=None, help=f"comma-separated subset of {[r[0] for r in ROWS]}")
@@ -257,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
                              "command that contributed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    args.model = args.model or assets.prepare_smollm2()
+    args.model = args.model or harness.default_model_dir(prepare=True)
     args.out.mkdir(parents=True, exist_ok=True)
     args.cache_root = args.cache_root or Path(tempfile.mkdtemp(prefix="miprun-quality-caches-"))
     wanted = set(args.rows.split(",")) if args.rows else None
@@ -314,6 +313,7 @@ def write_outputs(args, records: list[dict[str, Any]], stable: dict[str, dict], 
               "seq_len": args.seq_len, "dtype": args.dtype, "stability_seeds": args.stability_seeds,
               "stability_keeps": list(args.stability_keeps), "timed": TIMED, "records": records, "stability": stable,
               "goals": goals}
+    harness.stamp(result)
     stem = args.out / args.name
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown_table(records, stable, args.limit)

@@ -33,6 +33,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from vllm_miprun.tools import harness  # noqa: E402
+
 from vllm_miprun.core.selection import (  # noqa: E402
     INSTANCE_KINDS,
     dpi_violations,
@@ -171,6 +173,7 @@ def main(argv=None) -> int:
     results["overall_share_optimal"] = statistics.fmean(r["optimal"] for r in rows_all)
     results["rows"] = [{k: (float(v) if isinstance(v, int) and v > 2**53 else v) for k, v in r.items()} for r in rows_all]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    harness.stamp(results)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     print(f"overall share at optimum: {results['overall_share_optimal']:.3f}; wrote {args.out}")

@@ -9,11 +9,13 @@ For each server, one after the other (never both at once: they would share the C
    the local model folder), ``--ignore-eos``, a fixed seed, warm-up requests
    (``--num-warmups``, excluded from the figures), ``--max-concurrency`` and
    ``--request-rate inf``, and ``--save-result`` to a JSON file;
-4. stop the server (SIGINT to its process group, then SIGKILL after 30 s).
+4. stop the server (SIGINT, then SIGKILL to its process group after 30 s).
 
 From each result it keeps request and output-token throughput and the TTFT, TPOT, ITL
 and end-to-end latency mean and p50/p90/p99, and writes them side by side with the
-pruned/full ratios to ``benchmarks/results/serving_smollm2.json``.
+pruned/full ratios to ``benchmarks/results/serving_smollm2.json``, next to the "ideal":
+the planner's speed model (``vllm_miprun.core.latency.ideal_speedup``) for the blocks the
+pruned server built, at batch ``--max-concurrency`` and context input + output / 2.
 Server start-up and the warm-up requests are not timed.
 
 Usage (~6 min on an idle 2-core CPU):
@@ -25,19 +27,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vllm_miprun.core.latency import DTYPE_BYTES, ideal_speedup, mean_decode_context  # noqa: E402
+from vllm_miprun.model.checkpoint import read_config  # noqa: E402
+from vllm_miprun.tools import harness  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 METRICS = ("ttft", "tpot", "itl", "e2el")
 PERCENTILES = ("50", "90", "99")
@@ -72,46 +76,12 @@ def parse_args(argv=None):
     return args
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def miprun_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "vllm_miprun.tools.cli", *args]
 
 
-def wait_healthy(port: int, proc: subprocess.Popen, timeout: float) -> float:
-    begin = time.perf_counter()
-    while time.perf_counter() - begin < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode} before it was healthy")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return time.perf_counter() - begin
-        except OSError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"server not healthy after {timeout:.0f} s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
-
-
 def run_one(name, serve_args, args, model, workdir, logs):
-    port = args.port or free_port()
+    port = args.port or harness.free_port()
     log = open(logs / f"{name}-server.log", "w")
     serve = miprun_cmd("serve", model, "--port", str(port), "--host", "127.0.0.1", "--dtype", args.dtype,
                        "--kv-cache-memory-bytes", str(int(args.kv_cache_gib * 2**30)),
@@ -119,9 +89,10 @@ def run_one(name, serve_args, args, model, workdir, logs):
                        "--enforce-eager", "--no-enable-prefix-caching", "--seed", "0",
                        *serve_args, *args.extra_serve_args.split())
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(serve[3:])}", flush=True)
-    proc = subprocess.Popen(serve, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+    proc = harness.start_in_own_group(serve, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     try:
-        startup = wait_healthy(port, proc, args.startup_timeout)
+        startup = harness.wait_healthy(proc, port, args.startup_timeout,
+                                       lambda: (logs / f"{name}-server.log").read_text()[-4000:])
         result_file = f"{name}.json"
         bench = miprun_cmd(
             "vllm", "bench", "serve", "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}",
@@ -140,7 +111,7 @@ def run_one(name, serve_args, args, model, workdir, logs):
             raise RuntimeError(f"vllm bench serve failed ({done.returncode}); see {logs / f'{name}-bench.log'}")
         raw = json.loads((workdir / result_file).read_text())
     finally:
-        stop(proc)
+        harness.stop_group(proc)
         log.close()
     keep = ["completed", "failed", "duration", "request_throughput", "output_throughput",
             "total_token_throughput", "total_input_tokens", "total_output_tokens", "max_concurrency"]
@@ -154,13 +125,24 @@ def run_one(name, serve_args, args, model, workdir, logs):
     return row, raw
 
 
+def ideal_for(model: str, pruned_row: dict, args) -> dict:
+    """The planner's speed model at this load: the blocks the pruned server built, batch =
+    --max-concurrency, context = input + output / 2, the run dtype (``core.latency.ideal_speedup``)."""
+    config = read_config(model)
+    built = pruned_row["blocks_built"].split(" of ")
+    kept = int(built[0]) if len(built) == 2 else int(config["num_hidden_layers"])
+    context = mean_decode_context(args.input_len, args.output_len)
+    dtype_bytes = DTYPE_BYTES.get(args.dtype, 2)
+    return {"kept_blocks": kept, "batch_size": args.max_concurrency, "context_tokens": context,
+            **ideal_speedup(config, kept, args.max_concurrency, context, dtype_bytes),
+            "note": "flops/bytes: full over pruned cost per output token, no engine overhead; estimate: "
+                    "the planner's FLOP-and-byte prediction (vllm_miprun/core/latency.py)"}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(ROOT))
     if args.model is None:
-        from vllm_miprun.tools.assets import smollm2_dir
-
-        args.model = str(smollm2_dir())
+        args.model = str(harness.default_model_dir())
     model = str(Path(args.model).resolve())
     workdir = Path(tempfile.mkdtemp(prefix="miprun-serving-"))
     logs = Path(args.logs) if args.logs else workdir
@@ -180,10 +162,9 @@ def main(argv=None) -> int:
         for key in ("mean_ms", *(f"p{p}_ms" for p in PERCENTILES)):
             a, b = pruned[metric][key], full[metric][key]
             ratios[f"{metric}_{key}"] = a / b if a and b else None
-    summary = {
+    summary = harness.stamp({
         "benchmark": "benchmarks/bench_serving.py",
         "command": "python " + " ".join(["benchmarks/bench_serving.py", *sys.argv[1:]]),
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": Path(model).name,
         "settings": {k: getattr(args, k) for k in ("keep", "method", "num_prompts", "num_warmups", "input_len",
                                                    "output_len", "max_concurrency", "request_rate", "dtype",
@@ -193,8 +174,9 @@ def main(argv=None) -> int:
         "excluded": "server start-up (reported as startup_s) and --num-warmups warm-up requests",
         "servers": rows,
         "ratios_pruned_over_full": ratios,
+        "ideal": ideal_for(model, pruned, args),
         "raw": {k: {kk: vv for kk, vv in v.items() if not isinstance(vv, list)} for k, v in raws.items()},
-    }
+    })
     if args.logs:  # raw results are in the summary; keep only the logs the user asked for
         shutil.rmtree(workdir, ignore_errors=True)
     out = Path(args.out_json)
@@ -206,8 +188,10 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"{r['server']:16s} {r['request_throughput']:7.2f} {r['output_throughput']:9.1f} " + " ".join(
             "/".join(f"{r[m][f'p{p}_ms']:.1f}" for p in PERCENTILES).rjust(26) for m in METRICS[:3]))
+    ideal = summary["ideal"]
     print(f"pruned/full: request throughput {ratios['request_throughput']:.3f}x, "
-          f"TPOT p50 {ratios['tpot_p50_ms']:.3f}x")
+          f"TPOT p50 {ratios['tpot_p50_ms']:.3f}x; ideal {ideal['flops']:.3f}x (FLOPs), "
+          f"planner's estimate {ideal['estimate']:.3f}x")
     return 0
 
 

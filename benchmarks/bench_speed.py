@@ -7,7 +7,7 @@ figures are independent), one after another within one run:
 - ``miprun-<keep>``: the miprun loader at keep 1.0, 0.875, 0.75 and 0.5;
 - ``stock-exported-<keep>``: stock vLLM on the checkpoint ``export_pruned`` wrote at 0.75.
 
-What is timed (see ``vllm_miprun.tools.profiling.measure_engine``):
+What is timed (see ``vllm_miprun.vllm.measure``):
 
 - load time: the wall time of ``LLM(...)`` (engine construction: config, plan for
   miprun, weight loading, KV allocation, engine start-up), plus vLLM's own "Model
@@ -26,8 +26,10 @@ LM head) at the run dtype. KV capacity is vLLM's ``num_gpu_blocks * block_size``
 fixed KV memory that is a whole number of 128-token pages for both L and K layers at
 the export keep ratio, so the capacity ratio at that keep can be exactly L/K.
 
-The ideal speed-up is ``vllm_miprun.tools.profiling.ideal_speedup``: FLOPs and bytes per output
-token of the kept blocks plus embeddings and LM head, no engine overhead.
+The ideal speed-up is ``vllm_miprun.core.latency.ideal_speedup``, the planner's own speed
+model at this run's batch size, dtype and mean decode context (prompt + N/2): full over
+pruned FLOPs and bytes per output token (blocks + LM head, no engine overhead; the targets
+use the FLOP ideal), and ``estimate``, the speed-up the planner predicts without a profile.
 
 For speed, which blocks are pruned barely matters (all blocks are the same shape), so
 ``--method last`` (no calibration) gives the same figures as the default ``mi-prun``,
@@ -51,6 +53,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from vllm_miprun.core.gains import exact_kv_memory  # noqa: E402
+from vllm_miprun.core.latency import DTYPE_BYTES, ideal_speedup, mean_decode_context  # noqa: E402
+from vllm_miprun.core.profile_fit import make_profile, profile_problem  # noqa: E402
+from vllm_miprun.pipeline.speed_store import store_speed  # noqa: E402
+from vllm_miprun.tools import harness  # noqa: E402
 from vllm_miprun.tools import profiling as prof  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -124,16 +131,14 @@ def main(argv=None) -> int:
     from vllm_miprun.pipeline.plan import make_plan
 
     if args.model is None:
-        from vllm_miprun.tools.assets import smollm2_dir
-
-        args.model = str(smollm2_dir())
+        args.model = str(harness.default_model_dir())
     model = str(Path(args.model).resolve())
     config = read_config(model)
     num_blocks = int(config["num_hidden_layers"])
     keeps = [float(k) for k in args.keeps.split(",")]
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    dtype_bytes = prof.DTYPE_BYTES.get(args.dtype, 2)
-    context = args.prompt_tokens + args.output_tokens // 2  # mean KV entries attended per step
+    dtype_bytes = DTYPE_BYTES.get(args.dtype, 2)
+    context = mean_decode_context(args.prompt_tokens, args.output_tokens)
 
     # Plans first, in this process: validates the options and makes miprun loads cache hits.
     plans = {}
@@ -152,7 +157,7 @@ def main(argv=None) -> int:
     export_pruned(model, export_dir, plans[args.export_keep][0])
 
     export_kept = len(plans[args.export_keep][0].kept)
-    kv_bytes = prof.exact_kv_memory(config, dtype_bytes, export_kept, int(args.kv_cache_gib * 2**30))
+    kv_bytes = exact_kv_memory(config, dtype_bytes, export_kept, int(args.kv_cache_gib * 2**30))
     prompts = prof.prompt_token_ids(model, max(batches), args.prompt_tokens)
     base = {"dtype": args.dtype, "kv_bytes": kv_bytes, "prompts": prompts, "batch_sizes": batches,
             "output_tokens": args.output_tokens, "repeats": args.repeats, "enforce_eager": not args.no_eager,
@@ -179,7 +184,7 @@ def main(argv=None) -> int:
                 "config": name, "keep": keep, "kept_blocks": len(kept), "kept": kept,
                 "plan_seconds": plans[plan_keep][1] if spec["load_format"] == "miprun" else None,
                 "weight_bytes": prof.weight_bytes(model, kept, dtype_bytes),
-                "ideal": {str(b): prof.ideal_speedup(config, len(kept), b, context, dtype_bytes) for b in batches},
+                "ideal": {str(b): ideal_speedup(config, len(kept), b, context, dtype_bytes) for b in batches},
                 **result,
             })
     finally:
@@ -226,11 +231,10 @@ def summarise(rows, batches, num_blocks, args, config, kv_bytes, context):
         targets.append(_target(f"KV capacity ratio at keep {ek} (target exactly L/K = {num_blocks}/{mip['kept_blocks']})",
                                mip["kv_capacity_ratio"], "==", want,
                                f"{mip['kv_tokens']} vs {full['kv_tokens']} tokens"))
-    return {
+    return harness.stamp({
         "benchmark": "benchmarks/bench_speed.py",
         "command": "python " + " ".join(["benchmarks/bench_speed.py", *sys.argv[1:]]),
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "device": prof.device_name(args.device),
+        "device": harness.machine_name(args.device),
         "model": Path(args.model).name,
         "num_blocks": num_blocks,
         "method": args.method,
@@ -246,12 +250,13 @@ def summarise(rows, batches, num_blocks, args, config, kv_bytes, context):
         "excluded": ("one warm-up generate per engine, tokenisation (token-id prompts), process start and "
                      "imports, the export, engine shutdown; planning happens before the runs, so miprun "
                      "loads are score-cache hits"),
-        "ideal": ("per_token_costs/ideal_speedup in vllm_miprun/profile.py: FLOPs and bytes per output "
-                  "token of kept blocks + embeddings + LM head at the batch size, attention over "
-                  "prompt + N/2 context, no engine overhead; targets use the FLOP ideal"),
+        "ideal": ("ideal_speedup in vllm_miprun/core/latency.py (the planner's speed model): full over "
+                  "pruned FLOPs and bytes per output token of kept blocks + LM head at the batch size, "
+                  "attention over prompt + N/2 context, no engine overhead (targets use the FLOP ideal); "
+                  "estimate: the planner's FLOP-and-byte prediction, per-step overhead included"),
         "configs": rows,
         "targets": targets,
-    }
+    }, device=args.device)
 
 
 def _target(name, value, op, goal, detail):
@@ -266,23 +271,23 @@ def store(model, args, rows, summary):
     points = [(r["kept_blocks"], r["batches"][pb]["tpot_s"]) for r in rows
               if r["config"].startswith("miprun-") and pb in r["batches"]]
     if len({k for k, _ in points}) >= 2:
-        profile = prof.make_profile(summary["num_blocks"], args.profile_batch_size, points, measured={
+        profile = make_profile(summary["num_blocks"], args.profile_batch_size, points, measured={
             "measured_by": "benchmarks/bench_speed.py", "device": summary["device"], "dtype": args.dtype,
             "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
             "selection": f"method={args.method}", "when": summary["when"]})
         summary["profile"] = profile
-        problem = prof.profile_problem(profile)
+        problem = profile_problem(profile)
         if problem:
             print(f"profile not stored: {problem}")
             summary["profile_not_stored"] = problem
         else:
-            written["profile"] = prof.store_speed(model, args.cache_dir, profile=profile)
+            written["profile"] = store_speed(model, args.cache_dir, profile=profile)
     full = rows[0]
     top = str(max(int(b) for b in full["batches"]))
     throughput = {"tokens_per_s": full["batches"][top]["output_tokens_per_s"], "batch_size": int(top),
                   "output_tokens": args.output_tokens, "measured_by": "benchmarks/bench_speed.py",
                   "device": summary["device"]}
-    written["throughput"] = prof.store_speed(model, args.cache_dir, throughput=throughput)
+    written["throughput"] = store_speed(model, args.cache_dir, throughput=throughput)
     return written
 
 
@@ -341,7 +346,7 @@ def print_report(summary):
     batches = [str(b) for b in summary["settings"]["batch_sizes"]]
     head = f"{'config':24s} {'K':>3s} {'load s':>7s} {'weights MiB':>11s} {'KV tokens':>9s} {'KV x':>6s}"
     for b in batches:
-        head += f" | b{b}: {'tok/s':>7s} {'x':>5s} {'ideal':>5s} {'TTFT ms':>7s} {'TPOT ms':>7s}"
+        head += f" | b{b}: {'tok/s':>7s} {'x':>5s} {'ideal':>5s} {'est':>5s} {'TTFT ms':>7s} {'TPOT ms':>7s}"
     print(head)
     for r in summary["configs"]:
         line = (f"{r['config']:24s} {r['kept_blocks']:3d} {r['construct_s']:7.2f} {r['weight_bytes'] / 2**20:11.1f} "
@@ -349,7 +354,8 @@ def print_report(summary):
         for b in batches:
             m = r["batches"][b]
             line += (f" | b{b}: {m['output_tokens_per_s']:7.1f} {r['ratios_vs_stock_full'][b]['throughput']:5.2f} "
-                     f"{r['ideal'][b]['flops']:5.2f} {m['ttft_s'] * 1e3:7.1f} {m['tpot_s'] * 1e3:7.2f}")
+                     f"{r['ideal'][b]['flops']:5.2f} {r['ideal'][b]['estimate']:5.2f} "
+                     f"{m['ttft_s'] * 1e3:7.1f} {m['tpot_s'] * 1e3:7.2f}")
         print(line)
     print("\nTargets:")
     for t in summary["targets"]:

@@ -48,16 +48,18 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vllm_miprun.tools import harness  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_OUT = RESULTS / "load_and_faults.json"
 
@@ -106,12 +108,6 @@ class Server:
             return ""
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def server_env(cache_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("VLLM_CPU_KVCACHE_SPACE", "PROMETHEUS_MULTIPROC_DIR", "MIPRUN_RUN_DIR")}
@@ -127,7 +123,7 @@ def extra_config(cache_dir: Path, samples: int = SAMPLES, seq_len: int = SEQ_LEN
 def start_server(model_dir: Path, cache_dir: Path, log: Path, *, keep: float = KEEP,
                  samples: int = SAMPLES, seq_len: int = SEQ_LEN, kv_bytes: int = KV_BYTES) -> Server:
     """``vllm-miprun serve`` on 127.0.0.1 in a new session (so its whole tree can be killed)."""
-    port = free_port()
+    port = harness.free_port()
     command = [sys.executable, "-m", "vllm_miprun.tools.cli", "serve", str(model_dir),
                "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--dtype", DTYPE,
                "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory-bytes", str(kv_bytes),
@@ -135,74 +131,27 @@ def start_server(model_dir: Path, cache_dir: Path, log: Path, *, keep: float = K
                "--model-loader-extra-config", json.dumps(extra_config(cache_dir, samples, seq_len))]
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=server_env(cache_dir), start_new_session=True, cwd=str(ROOT))
+        proc = harness.start_in_own_group(command, stdout=out, stderr=subprocess.STDOUT,
+                                          env=server_env(cache_dir), cwd=str(ROOT))
     return Server(proc, port, log, cache_dir)
-
-
-def session_pids(sid: int) -> list[int]:
-    """Live (non-zombie) processes of session ``sid``."""
-    import psutil
-
-    alive = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(proc.pid)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            continue
-    return alive
 
 
 def kill_server(server: Server, timeout: float = 30.0) -> list[int]:
     """SIGKILL the server's process group; reap it; return processes still alive after ``timeout``."""
-    try:
-        os.killpg(server.proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        server.proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pass
-    deadline = time.monotonic() + timeout
-    left = session_pids(server.proc.pid)
-    while left and time.monotonic() < deadline:
-        time.sleep(0.2)
-        left = session_pids(server.proc.pid)
-    return left
+    return harness.kill_group(server.proc, timeout)
 
 
 def stop_server(server: Server, grace: float = 30.0) -> list[int]:
     """SIGINT first (clean shutdown), then SIGKILL the group; return what was left."""
-    if server.proc.poll() is None:
-        try:
-            server.proc.send_signal(signal.SIGINT)
-            server.proc.wait(timeout=grace)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            pass
-    return kill_server(server)
-
-
-def _get(url: str, timeout: float = 5.0) -> tuple[int, str]:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return response.status, response.read().decode()
+    return harness.stop_group(server.proc, grace)
 
 
 def wait_healthy(server: Server, timeout: float = STARTUP_TIMEOUT) -> float:
-    """Seconds until ``/health`` answers 200; raises if the server exits or time runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {server.proc.returncode} during start-up; "
-                               f"log {server.log}:\n{server.log_text()[-4000:]}")
-        try:
-            if _get(f"{server.base_url}/health", timeout=2)[0] == 200:
-                return time.monotonic() - server.started
-        except OSError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"the server was not healthy after {timeout:.0f} s; log {server.log}:\n"
-                       f"{server.log_text()[-4000:]}")
+    """Seconds from the server's start until ``/health`` answers 200; raises if the server
+    exits or time runs out."""
+    harness.wait_healthy(server.proc, server.port, timeout,
+                         lambda: f"log {server.log}:\n{server.log_text()[-4000:]}")
+    return time.monotonic() - server.started
 
 
 def wait_for(predicate, timeout: float, poll: float = 0.05) -> bool:
@@ -235,7 +184,7 @@ def scrape(server: Server) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
     totals: dict[str, float] = {}
-    for family in text_string_to_metric_families(_get(f"{server.base_url}/metrics", timeout=10)[1]):
+    for family in text_string_to_metric_families(harness.http_get(f"{server.base_url}/metrics", timeout=10)[1]):
         for sample in family.samples:
             totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
     return totals
@@ -250,7 +199,7 @@ def tree_rss(sid: int) -> int:
     import psutil
 
     total = 0
-    for pid in session_pids(sid):
+    for pid in harness.session_pids(sid):
         try:
             total += psutil.Process(pid).memory_info().rss
         except psutil.Error:
@@ -672,19 +621,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so every `finally` kills its server.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    if args.model:
-        model_dir = Path(args.model)
-    else:
-        from vllm_miprun.tools import assets
-
-        model_dir = assets.smollm2_dir()
+    model_dir = Path(args.model) if args.model else harness.default_model_dir()
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="miprun-load-faults-"))
     work.mkdir(parents=True, exist_ok=True)
     result = run_all(model_dir, work, args.requests, args.concurrency, args.seed, not args.skip_faults,
                      args.samples, args.seq_len, args.seeded_sampling)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.write_text(json.dumps(harness.stamp(result), indent=1) + "\n")
     load = result["reference"]["load"]
     if load:
         print(f"load: {load['requests']} requests at {load['concurrency']}, {load['failed']} failed, "

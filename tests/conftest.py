@@ -11,6 +11,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import make_tiny_model  # noqa: E402
 
+from vllm_miprun.errors import ModelFolderError  # noqa: E402
+from vllm_miprun.tools import harness  # noqa: E402
+
 
 def _tiny(tmp_path_factory, arch: str, **kwargs) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}"), arch=arch, **kwargs)
@@ -34,3 +37,12 @@ def tiny_qwen3_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_mistral_dir(tmp_path_factory) -> Path:
     return _tiny(tmp_path_factory, "mistral")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The converted SmolLM2-135M (the harness's default model); fails when it is missing."""
+    try:
+        return harness.default_model_dir()
+    except ModelFolderError as err:
+        pytest.fail(str(err))

@@ -21,22 +21,6 @@ import sys
 RESULT_MARK = "MIPRUN_RESULT "
 
 
-def wait_healthy(proc, port: int, failure_log, timeout: float = 300) -> None:
-    """Wait for a test server's /health; ``failure_log()`` says why it died or hung."""
-    import time
-
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, failure_log()
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"server did not become healthy in {timeout} s: {failure_log()}")
 DEFAULT_PROMPTS = ["The capital of France is", "Once upon a time", "In 1905, the physicist"]
 
 

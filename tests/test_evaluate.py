@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -25,7 +23,9 @@ import pytest
 import torch
 
 from tiny_models import tokenizer_dir
+from vllm_miprun.tools import eval_tasks as tasks
 from vllm_miprun.tools import evaluate as ev
+from vllm_miprun.tools import harness
 
 VOCAB, HIDDEN = 512, 128
 
@@ -111,8 +111,8 @@ def yes_model_dir(tmp_path_factory) -> Path:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir())
-    _, yes = ev.encode_pair(tokenizer, "Answer:", " yes")
-    _, no = ev.encode_pair(tokenizer, "Answer:", " no")
+    _, yes = tasks.encode_pair(tokenizer, "Answer:", " yes")
+    _, no = tasks.encode_pair(tokenizer, "Answer:", " no")
     assert yes and no and not set(yes) & set(no), (yes, no)
     model = _blank_llama(seed=2)
     with torch.no_grad():
@@ -127,20 +127,20 @@ def yes_model_dir(tmp_path_factory) -> Path:
 def test_model_built_to_prefer_an_answer_gets_it_right(yes_model_dir):
     backend = ev.TransformersBackend(yes_model_dir)
     examples = [
-        ev.MCExample.shared_context("Question: is the sky blue?\nAnswer:", ["no", "yes"], gold=1),
-        ev.MCExample.shared_context("Is water wet? Answer:", ["yes", "no"], gold=0),
+        tasks.MCExample.shared_context("Question: is the sky blue?\nAnswer:", ["no", "yes"], gold=1),
+        tasks.MCExample.shared_context("Is water wet? Answer:", ["yes", "no"], gold=0),
     ]
     right = ev.score_examples(backend, examples)
     assert right["acc"] == 1.0 and right["acc_norm"] == 1.0
 
-    swapped = [ev.MCExample.shared_context(e.contexts[0], [c.strip() for c in e.continuations], 1 - e.gold)
+    swapped = [tasks.MCExample.shared_context(e.contexts[0], [c.strip() for c in e.continuations], 1 - e.gold)
                for e in examples]
     wrong = ev.score_examples(backend, swapped)
     assert wrong["acc"] == 0.0 and wrong["acc_norm"] == 0.0
 
 
 def test_yes_model_on_boolq_scores_the_share_of_yes_answers(yes_model_dir):
-    examples = ev.load_examples("boolq", limit=12, seed=0)
+    examples = tasks.load_examples("boolq", limit=12, seed=0)
     share_yes = sum(e.gold == 1 for e in examples) / len(examples)
     assert 0 < share_yes < 1  # so the expected score is neither trivial 0 nor 1
     report = ev.evaluate(yes_model_dir, ["boolq"], backend="transformers", limit=12, seed=0, progress=False)
@@ -158,53 +158,53 @@ def tiny_tokenizer():
     return AutoTokenizer.from_pretrained(tokenizer_dir())
 
 
-@pytest.mark.parametrize("task", ev.MC_TASKS)
+@pytest.mark.parametrize("task", tasks.MC_TASKS)
 def test_task_loader_makes_well_formed_requests(task, tiny_tokenizer):
-    examples = ev.load_examples(task, limit=5, seed=0)
+    examples = tasks.load_examples(task, limit=5, seed=0)
     assert len(examples) == 5
-    assert examples == ev.load_examples(task, limit=5, seed=0)  # deterministic
+    assert examples == tasks.load_examples(task, limit=5, seed=0)  # deterministic
     for example in examples:
         n = len(example.continuations)
         assert n >= 2 and len(example.contexts) == n == len(example.norm_lengths)
         assert 0 <= example.gold < n
         assert all(c.strip() for c in example.contexts) and all(k.strip() for k in example.continuations)
-        for ctx, cont in ev.mc_requests(tiny_tokenizer, example):
+        for ctx, cont in tasks.mc_requests(tiny_tokenizer, example):
             assert ctx and cont and all(isinstance(t, int) for t in ctx + cont)
 
 
 def test_prompt_formats_follow_lm_eval():
-    boolq = ev.load_examples("boolq", limit=1)[0]
+    boolq = tasks.load_examples("boolq", limit=1)[0]
     assert boolq.continuations == (" no", " yes") and boolq.contexts[0].endswith("?\nAnswer:")
-    wino = ev.load_examples("winogrande", limit=1)[0]
+    wino = tasks.load_examples("winogrande", limit=1)[0]
     assert wino.continuations[0] == wino.continuations[1] and wino.contexts[0] != wino.contexts[1]
     assert wino.norm_lengths[0] == len(wino.continuations[0]) - 1
-    sciq = ev.load_examples("sciq", limit=3)
+    sciq = tasks.load_examples("sciq", limit=3)
     assert all(e.gold == 3 and e.contexts[0].endswith("\nAnswer:") for e in sciq)
-    arc = ev.load_examples("arc_easy", limit=3)
+    arc = tasks.load_examples("arc_easy", limit=3)
     assert all(e.contexts[0].startswith("Question: ") for e in arc)
 
 
 def test_limit_subsample_depends_on_seed_and_tasks_are_validated():
-    assert ev.select_indices(10, None, 0) == list(range(10))
-    a, b = ev.select_indices(1000, 5, 0), ev.select_indices(1000, 5, 1)
-    assert a == sorted(a) and a != b and a == ev.select_indices(1000, 5, 0)
-    assert ev.parse_tasks("ppl,piqa") == ["wiki-ppl", "c4-ppl", "piqa"]
+    assert tasks.select_indices(10, None, 0) == list(range(10))
+    a, b = tasks.select_indices(1000, 5, 0), tasks.select_indices(1000, 5, 1)
+    assert a == sorted(a) and a != b and a == tasks.select_indices(1000, 5, 0)
+    assert tasks.parse_tasks("ppl,piqa") == ["wiki-ppl", "c4-ppl", "piqa"]
     with pytest.raises(ev.EvalError, match="unknown task 'mmlu'"):
-        ev.parse_tasks("mmlu")
+        tasks.parse_tasks("mmlu")
 
 
 def test_encode_pair_moves_trailing_space_and_concatenates(tiny_tokenizer):
-    ctx, cont = ev.encode_pair(tiny_tokenizer, "The cat sat ", "on the mat")
+    ctx, cont = tasks.encode_pair(tiny_tokenizer, "The cat sat ", "on the mat")
     whole = tiny_tokenizer("The cat sat on the mat", add_special_tokens=False)["input_ids"]
     assert ctx + cont == whole
-    assert ev.fit_request(([1, 2, 3, 4], [5, 6]), 4) == ([3, 4], [5, 6])
+    assert tasks.fit_request(([1, 2, 3, 4], [5, 6]), 4) == ([3, 4], [5, 6])
 
 
 # --------------------------------------------------------------------------- vLLM agreement
 
 RUNNER = textwrap.dedent('''
     import json, sys
-    from vllm_miprun.tools.evaluate import VllmBackend
+    from vllm_miprun.vllm.eval_backend import VllmBackend
 
     if __name__ == "__main__":
         spec = json.loads(open(sys.argv[1]).read())
@@ -229,7 +229,7 @@ def test_vllm_and_transformers_agree_per_request(tiny_llama_dir, tiny_tokenizer,
     if importlib.util.find_spec("vllm_miprun.pipeline.plan") is None:
         pytest.skip("vllm_miprun/plan.py is not there yet; the miprun loader needs it")
     options = {"keep": 0.5, "method": "last"}
-    requests = [r for e in ev.load_examples("piqa", limit=3, seed=0) for r in ev.mc_requests(tiny_tokenizer, e)]
+    requests = [r for e in tasks.load_examples("piqa", limit=3, seed=0) for r in tasks.mc_requests(tiny_tokenizer, e)]
     requests += [(list(map(int, w[:1])), list(map(int, w[1:]))) for w in _cyclic_windows(2, 48)]
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"model": str(tiny_llama_dir), "options": options, "requests": requests}))
@@ -237,17 +237,9 @@ def test_vllm_and_transformers_agree_per_request(tiny_llama_dir, tiny_tokenizer,
     script.write_text(RUNNER)
     env = dict(os.environ)
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
-    proc = subprocess.Popen([sys.executable, str(script), str(spec)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=600)
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever the engine left in its session
-        except ProcessLookupError:
-            pass
+    returncode, out, err = harness.run_in_own_group([sys.executable, str(script), str(spec)], 600, env)
     lines = [l for l in out.splitlines() if l.startswith("MIPRUN_EVAL ")]
-    assert proc.returncode == 0 and lines, err[-4000:]
+    assert returncode == 0 and lines, err[-4000:]
     served = json.loads(lines[-1][len("MIPRUN_EVAL "):])
     kept = served["kept"]
     assert kept is not None and len(kept) == 4  # the engine really served a pruned model

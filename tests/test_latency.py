@@ -3,7 +3,15 @@
 import numpy as np
 import pytest
 
-from vllm_miprun.core.latency import LatencyModel, parse_latency_budget
+from vllm_miprun.core import latency
+from vllm_miprun.core.latency import (
+    LatencyModel,
+    decode_step_costs,
+    ideal_speedup,
+    kv_bytes_per_token_per_block,
+    mean_decode_context,
+    parse_latency_budget,
+)
 from vllm_miprun.core.selection import (
     latency_floor,
     max_keep_for_budget,
@@ -20,6 +28,81 @@ LLAMA_LIKE = {
     "num_hidden_layers": 30,
     "tie_word_embeddings": True,
 }
+
+
+SMOL_BLOCK_PARAMS = 2 * 576 * 9 * 64 + 2 * 576 * 3 * 64 + 3 * 576 * 1536  # q,o + k,v + gate,up,down
+
+
+def test_step_costs_arithmetic_on_smollm2():
+    costs = decode_step_costs(LLAMA_LIKE, batch_size=1, context_tokens=0)
+    assert costs["block_params"] == SMOL_BLOCK_PARAMS == 3_538_944
+    assert costs["lm_head_params"] == 49152 * 576
+    assert costs["block_flops"] == 2 * SMOL_BLOCK_PARAMS and costs["rest_flops"] == 2 * 49152 * 576
+    four = decode_step_costs(LLAMA_LIKE, batch_size=4, context_tokens=100, bytes_per_param=2)
+    # FLOPs scale with the batch, weight reads do not; each sequence reads its own KV cache
+    assert four["block_flops"] == 4 * (2 * SMOL_BLOCK_PARAMS + 4 * 100 * 9 * 64)
+    assert four["block_bytes"] == SMOL_BLOCK_PARAMS * 2 + 4 * 100 * kv_bytes_per_token_per_block(LLAMA_LIKE, 2)
+    assert four["rest_bytes"] == 49152 * 576 * 2
+
+
+def test_estimate_is_the_roofline_of_the_step_costs():
+    model = LatencyModel.from_config(LLAMA_LIKE, batch_size=8, context_tokens=300)
+    costs = decode_step_costs(LLAMA_LIKE, batch_size=8, context_tokens=300)
+    block = max(costs["block_flops"] / latency.DEFAULT_PEAK_FLOPS, costs["block_bytes"] / latency.DEFAULT_BANDWIDTH)
+    head = max(costs["rest_flops"] / latency.DEFAULT_PEAK_FLOPS, costs["rest_bytes"] / latency.DEFAULT_BANDWIDTH)
+    assert model.block_s == (pytest.approx(block),) * 30
+    assert model.fixed_s == pytest.approx(head + latency.DEFAULT_STEP_OVERHEAD_S)
+    assert model.details["context_tokens"] == 300
+
+
+def test_one_default_workload_for_planner_and_ideal():
+    assert (latency.DEFAULT_BATCH_SIZE, latency.DEFAULT_CONTEXT_TOKENS) == (1, 512)
+    default = LatencyModel.from_config(LLAMA_LIKE)
+    assert default.batch_size == 1 and default.details["context_tokens"] == 512
+    explicit = LatencyModel.from_config(LLAMA_LIKE, batch_size=1, context_tokens=512)
+    assert default == explicit
+    for kept in (30, 23, 15, 1):
+        assert ideal_speedup(LLAMA_LIKE, kept)["estimate"] == pytest.approx(default.speedup(range(kept)))
+
+
+def test_ideal_speedup_ratios_on_smollm2():
+    ideal = ideal_speedup(LLAMA_LIKE, 23, batch_size=1, context_tokens=0)
+    head = 49152 * 576
+    assert ideal["flops"] == pytest.approx((head + 30 * SMOL_BLOCK_PARAMS) / (head + 23 * SMOL_BLOCK_PARAMS))
+    assert 1.2 < ideal["flops"] < 1.3  # the LM head is ~8 blocks' worth: far below 30/23
+    # the planner's estimate adds a per-step overhead, so it stays below the ceiling
+    assert 1.0 < ideal["estimate"] < ideal["flops"]
+    assert ideal_speedup(LLAMA_LIKE, 30) == {"flops": pytest.approx(1.0), "bytes": pytest.approx(1.0),
+                                             "estimate": pytest.approx(1.0)}
+    # attention over a longer context adds per-block work only: the ideal rises
+    assert ideal_speedup(LLAMA_LIKE, 15, context_tokens=2048)["flops"] > ideal_speedup(LLAMA_LIKE, 15)["flops"]
+    # at batch 1 weights dominate both counts, so the two ceilings agree closely
+    small = ideal_speedup(LLAMA_LIKE, 15, batch_size=1, context_tokens=64)
+    assert small["bytes"] == pytest.approx(small["flops"], rel=0.02)
+    for bad in (0, 31, 2.5, True):
+        with pytest.raises(ValueError, match="block count in 1..30"):
+            ideal_speedup(LLAMA_LIKE, bad)
+
+
+def test_mean_decode_context():
+    assert mean_decode_context(64, 128) == 128
+    assert mean_decode_context(32, 17) == 40
+
+
+def test_planner_predicts_what_the_benchmark_ideal_estimates(tiny_llama_dir, tmp_path):
+    """No profile: the plan's predicted speed-up (exported as miprun_predicted_speedup) is
+    the one model's estimate at the default workload."""
+    import json
+
+    from vllm_miprun.options import MiprunOptions
+    from vllm_miprun.pipeline.plan import make_plan
+
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    plan = make_plan(tiny_llama_dir, MiprunOptions.from_dict({"keep": 0.5, "method": "last",
+                                                              "cache_dir": str(tmp_path)}))
+    assert plan.latency_source == "flop-byte-estimate"
+    assert plan.predicted_speedup == pytest.approx(ideal_speedup(config, len(plan.kept))["estimate"])
+    assert plan.predicted_speedup > 1.0
 
 
 def test_flop_model_speedup_grows_and_is_bounded_by_the_ideal_form():

@@ -11,19 +11,17 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from engine_runner import RESULT_MARK, wait_healthy
+from engine_runner import RESULT_MARK
 from vllm_miprun.options import MiprunOptions
-from vllm_miprun.tools.profiling import _run_in_own_group
+from vllm_miprun.tools import harness
 
 pytestmark = pytest.mark.engine
 
@@ -40,29 +38,10 @@ def _engine_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _session_pids(sid: int) -> list[int]:
-    """Processes still alive in session ``sid`` (what a test left behind)."""
-    alive = []
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(proc.pid)
-        except (ProcessLookupError, psutil.Error, PermissionError):
-            continue
-    return alive
-
-
-def _kill_session(sid: int) -> None:
-    try:
-        os.killpg(sid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 def run_engines(specs: list[dict], timeout: int = 900, **env: str) -> list[dict]:
     """Run ``specs`` in one fresh process; return one result dict per spec."""
-    returncode, out, err = _run_in_own_group([sys.executable, str(RUNNER), json.dumps(specs)], timeout,
-                                             _engine_env(**env))
+    returncode, out, err = harness.run_in_own_group([sys.executable, str(RUNNER), json.dumps(specs)], timeout,
+                                                    _engine_env(**env))
     results = [json.loads(line[len(RESULT_MARK):]) for line in out.splitlines() if line.startswith(RESULT_MARK)]
     assert returncode == 0 and len(results) == len(specs), err[-4000:]
     return results
@@ -163,19 +142,12 @@ def test_tensor_parallel_two_matches_one(tiny_llama_dir, llama_runs):
 SERVE = "import sys; from vllm_miprun.vllm.serve import serve_main; sys.exit(serve_main(sys.argv[1:]))"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _start_server(model_dir: Path, *flags: str, port: int) -> subprocess.Popen:
-    return subprocess.Popen(
+    return harness.start_in_own_group(
         [sys.executable, "-c", SERVE, str(model_dir), "--port", str(port), "--host", "127.0.0.1",
          "--enforce-eager", "--dtype", "float32", "--max-model-len", "512",
          "--kv-cache-memory-bytes", str(KV_BYTES), *flags],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env=_engine_env(), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_engine_env(),
     )
 
 
@@ -184,36 +156,31 @@ def _start_server(model_dir: Path, *flags: str, port: int) -> subprocess.Popen:
 def test_miprun_serve_with_keep_flag_answers_openai_client(tiny_llama_dir):
     from openai import OpenAI
 
-    port = _free_port()
+    port = harness.free_port()
     proc = _start_server(tiny_llama_dir, "--miprun-keep", "0.5", "--miprun-method", "last", port=port)
     try:
-        wait_healthy(proc, port, lambda: proc.stderr.read()[-4000:])
+        harness.wait_healthy(proc, port, 300, lambda: proc.stderr.read()[-4000:])
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
         assert [m.id for m in client.models.list().data] == [str(tiny_llama_dir)]
         answer = client.completions.create(model=str(tiny_llama_dir), prompt="Once upon a time",
                                            max_tokens=8, temperature=0.0)
         assert answer.choices[0].text and answer.usage.completion_tokens == 8
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        finally:
-            _kill_session(proc.pid)
-            proc.stderr.close()
+        harness.stop_group(proc, grace=60)
+        proc.stderr.close()
 
 
 def _run_cli_expecting_failure(model_dir: Path, *flags: str) -> tuple[int, str, float]:
     start = time.monotonic()
-    proc = subprocess.Popen(
+    proc = harness.start_in_own_group(
         [sys.executable, "-c", SERVE, str(model_dir), "--enforce-eager", *flags],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_engine_env(),
-        start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_engine_env(),
     )
     try:
         out, err = proc.communicate(timeout=180)
-        left = _session_pids(proc.pid)
+        left = harness.session_pids(proc.pid)
     finally:
-        _kill_session(proc.pid)
+        harness.signal_group(proc.pid, signal.SIGKILL)
     assert left == [], f"processes left behind: {left}"
     return proc.returncode, out + err, time.monotonic() - start
 
@@ -282,12 +249,8 @@ def _transformers_greedy(model_dir: Path, kept: list[int], prompts: list[str], s
 
 
 @pytest.mark.smollm2
-def test_smollm2_keep_075_agrees_with_transformers():
-    from vllm_miprun.tools import assets
-
-    model_dir = assets.smollm2_dir()
-    if not (model_dir / "model.safetensors").is_file():
-        pytest.skip("run `python -m vllm_miprun.tools.assets prepare` first")
+def test_smollm2_keep_075_agrees_with_transformers(smollm2_dir):
+    model_dir = smollm2_dir
     extra = {"keep": 0.75, "method": "last"}
     kept = _plan_kept(model_dir, extra)
     spec = {"model": str(model_dir), "load_format": "miprun", "extra": extra,

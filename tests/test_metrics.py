@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -15,10 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-from engine_runner import wait_healthy
 
-from vllm_miprun.vllm import metrics
-from vllm_miprun.vllm.metrics import Baseline, ThroughputWindow
+from vllm_miprun.core import gains
+from vllm_miprun.core.gains import Baseline, ThroughputWindow
+from vllm_miprun.core.latency import kv_bytes_per_token_per_block
+from vllm_miprun.tools import harness
+from vllm_miprun.vllm import metrics, reports
 
 LLAMA = {"num_hidden_layers": 8, "hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
 
@@ -27,20 +27,20 @@ LLAMA = {"num_hidden_layers": 8, "hidden_size": 128, "num_attention_heads": 4, "
 
 def test_kv_bytes_per_token_standard_attention():
     # 2 (K and V) x 2 KV heads x head_dim 32 x 2 bytes
-    assert metrics.kv_bytes_per_token_per_block(LLAMA, 2) == 256
-    assert metrics.kv_bytes_per_token_saved(LLAMA, num_pruned=3, dtype_bytes=4) == 3 * 512
+    assert kv_bytes_per_token_per_block(LLAMA, 2) == 256
+    assert gains.kv_bytes_per_token_saved(LLAMA, num_pruned=3, dtype_bytes=4) == 3 * 512
     explicit = {**LLAMA, "head_dim": 64}
-    assert metrics.kv_bytes_per_token_per_block(explicit, 2) == 2 * 2 * 64 * 2
+    assert kv_bytes_per_token_per_block(explicit, 2) == 2 * 2 * 64 * 2
     no_gqa = {k: v for k, v in LLAMA.items() if k != "num_key_value_heads"}
-    assert metrics.kv_bytes_per_token_per_block(no_gqa, 2) == 2 * 4 * 32 * 2
+    assert kv_bytes_per_token_per_block(no_gqa, 2) == 2 * 4 * 32 * 2
 
 
 def test_kv_bytes_per_token_latent_attention_and_multimodal():
     mla = {"num_hidden_layers": 4, "kv_lora_rank": 512, "qk_rope_head_dim": 64, "num_attention_heads": 16}
-    assert metrics.kv_bytes_per_token_per_block(mla, 2) == (512 + 64) * 2
-    assert metrics.kv_bytes_per_token_per_block({"text_config": LLAMA, "vision_config": {}}, 2) == 256
+    assert kv_bytes_per_token_per_block(mla, 2) == (512 + 64) * 2
+    assert kv_bytes_per_token_per_block({"text_config": LLAMA, "vision_config": {}}, 2) == 256
     with pytest.raises(ValueError, match="dtype_bytes must be >= 1"):
-        metrics.kv_bytes_per_token_per_block(LLAMA, 0)
+        kv_bytes_per_token_per_block(LLAMA, 0)
 
 
 def test_pruned_weight_bytes_from_headers(tmp_path):
@@ -65,27 +65,27 @@ def test_pruned_weight_bytes_from_headers(tmp_path):
 ])
 def test_bad_throughput_records_are_refused(record, message):
     with pytest.raises(ValueError, match=message):
-        metrics.validate_throughput(record)
+        gains.validate_throughput(record)
 
 
 def test_baseline_prefers_measured_then_profile_then_prediction():
     record = {"tokens_per_s": 200.0, "batch_size": 4, "measured_by": "bench"}
     profile = {"batch_size": 2, "fixed_s": 0.002, "block_s": [0.001] * 8}
-    assert metrics.choose_baseline(record, profile) == Baseline("measured", "benchmark", 200.0, 4)
-    from_profile = metrics.choose_baseline(None, profile)
+    assert gains.choose_baseline(record, profile) == Baseline("measured", "benchmark", 200.0, 4)
+    from_profile = gains.choose_baseline(None, profile)
     assert (from_profile.kind, from_profile.source) == ("estimated", "latency-profile")
     assert from_profile.tokens_per_s == pytest.approx(2 / 0.010)
-    assert metrics.choose_baseline({"tokens_per_s": 0}, None).source == "predicted-speedup"
+    assert gains.choose_baseline({"tokens_per_s": 0}, None).source == "predicted-speedup"
 
 
 def test_throughput_gain_measured_and_estimated():
     measured = Baseline("measured", "benchmark", 100.0, 1)
-    assert metrics.throughput_gain(130.0, measured, 1.2) == (100.0, pytest.approx(1.3))
-    base, gain = metrics.throughput_gain(0.0, measured, 1.2)
+    assert gains.throughput_gain(130.0, measured, 1.2) == (100.0, pytest.approx(1.3))
+    base, gain = gains.throughput_gain(0.0, measured, 1.2)
     assert base == 100.0 and math.isnan(gain)
     predicted = Baseline("estimated", "predicted-speedup", None)
-    assert metrics.throughput_gain(120.0, predicted, 1.2) == (pytest.approx(100.0), 1.2)
-    assert all(math.isnan(x) for x in metrics.throughput_gain(0.0, predicted, 1.2))
+    assert gains.throughput_gain(120.0, predicted, 1.2) == (pytest.approx(100.0), 1.2)
+    assert all(math.isnan(x) for x in gains.throughput_gain(0.0, predicted, 1.2))
 
 
 def test_window_counts_only_busy_decode_steps():
@@ -101,15 +101,15 @@ def test_window_counts_only_busy_decode_steps():
 
 
 def test_publish_writes_plan_and_load_reports(tmp_path, monkeypatch):
-    monkeypatch.setenv(metrics.RUN_DIR_ENV, str(tmp_path))
-    metrics.publish({"kept": [0, 1, 3], "num_blocks": 4, "predicted_speedup": 1.3, "scores_source": "computed"})
+    monkeypatch.setenv(reports.RUN_DIR_ENV, str(tmp_path))
+    reports.publish({"kept": [0, 1, 3], "num_blocks": 4, "predicted_speedup": 1.3, "scores_source": "computed"})
     time.sleep(0.01)
-    metrics.publish({"kept": [0, 1, 3], "num_blocks": 4, "load_seconds": 0.5})
-    plan, seconds = metrics.read_reports([0, 1, 3])
+    reports.publish({"kept": [0, 1, 3], "num_blocks": 4, "load_seconds": 0.5})
+    plan, seconds = reports.read_reports([0, 1, 3])
     assert plan["scores_source"] == "computed" and seconds == 0.5
-    assert (tmp_path / metrics.PLAN_FILE).is_file()
-    assert (tmp_path / f"{metrics.LOAD_PREFIX}{os.getpid()}.json").is_file()
-    assert metrics.read_reports([0, 1, 2]) == (None, None)  # another engine's reports
+    assert (tmp_path / reports.PLAN_FILE).is_file()
+    assert (tmp_path / f"{reports.LOAD_PREFIX}{os.getpid()}.json").is_file()
+    assert reports.read_reports([0, 1, 2]) == (None, None)  # another engine's reports
 
 
 def test_every_metric_has_help_text():
@@ -122,26 +122,6 @@ SERVE = "import sys; from vllm_miprun.vllm.serve import serve_main; sys.exit(ser
 KEEP = 0.75
 KV_BYTES = 16 * 2**20
 MEASURED_TOKENS_PER_S = 1000.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _write_measured_baseline(model_dir: Path, cache_dir: Path, num_blocks: int) -> None:
@@ -192,25 +172,25 @@ def scraped(request, tiny_llama_dir, tmp_path_factory):
     config = json.loads((tiny_llama_dir / "config.json").read_text())
     plan = make_plan(tiny_llama_dir, MiprunOptions.from_dict({"keep": KEEP, "method": "last"}), hf_config=config)
     env = {k: v for k, v in os.environ.items()
-           if k not in ("VLLM_CPU_KVCACHE_SPACE", "PROMETHEUS_MULTIPROC_DIR", metrics.RUN_DIR_ENV)}
+           if k not in ("VLLM_CPU_KVCACHE_SPACE", "PROMETHEUS_MULTIPROC_DIR", reports.RUN_DIR_ENV)}
     env["MIPRUN_CACHE_DIR"] = str(work / "scores")
     if mode == "multiprocess":
         (work / "prom").mkdir()
         env["PROMETHEUS_MULTIPROC_DIR"] = str(work / "prom")
         _write_measured_baseline(tiny_llama_dir, work / "scores", plan.num_blocks)
-    port = _free_port()
+    port = harness.free_port()
     log = work / "server.log"
     started = time.monotonic()
     with open(log, "w") as log_file:
-        proc = subprocess.Popen(
+        proc = harness.start_in_own_group(
             [sys.executable, "-c", SERVE, str(tiny_llama_dir), "--port", str(port), "--host", "127.0.0.1",
              "--enforce-eager", "--dtype", "float32", "--max-model-len", "512",
              "--kv-cache-memory-bytes", str(KV_BYTES),
              "--miprun-keep", str(KEEP), "--miprun-method", "last"],
-            stdout=log_file, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+            stdout=log_file, stderr=subprocess.STDOUT, env=env,
         )
     try:
-        wait_healthy(proc, port, lambda: log.read_text()[-4000:])
+        harness.wait_healthy(proc, port, 300, lambda: log.read_text()[-4000:])
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
         for prompt in ("Once upon a time", "The capital of France is", "In 1905, the physicist"):
             answer = client.completions.create(model=str(tiny_llama_dir), prompt=prompt, max_tokens=24,
@@ -219,7 +199,7 @@ def scraped(request, tiny_llama_dir, tmp_path_factory):
         text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         (work / "metrics.txt").write_text(text)  # for a failing test's reader
     finally:
-        _stop(proc)
+        harness.stop_group(proc, grace=60)
     families = {f.name: f for f in text_string_to_metric_families(text)}
     return {"mode": mode, "families": families, "plan": plan, "config": config, "model_dir": tiny_llama_dir,
             "seconds": time.monotonic() - started, "log": log}

@@ -1,4 +1,6 @@
-"""Fast unit tests of the pure parts of vllm_miprun.tools.profiling (no engine)."""
+"""Fast tests of the speed profile: fitting (core/profile_fit), the speed sidecar
+(pipeline/speed_store), the `vllm-miprun profile` command (tools/profiling) and the
+shared harness's process-group runner (no engine)."""
 
 from __future__ import annotations
 
@@ -6,8 +8,12 @@ import json
 
 import pytest
 
+from vllm_miprun.core import profile_fit
+from vllm_miprun.core.gains import exact_kv_memory
+from vllm_miprun.core.latency import LatencyModel, kv_bytes_per_token_per_block
+from vllm_miprun.pipeline import speed_store
+from vllm_miprun.tools import harness
 from vllm_miprun.tools import profiling as profile
-from vllm_miprun.core.latency import LatencyModel
 
 SMOL = {  # SmolLM2-135M's config.json, the fields the cost model reads
     "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
@@ -17,7 +23,7 @@ SMOL = {  # SmolLM2-135M's config.json, the fields the cost model reads
 
 def test_fit_recovers_exact_line():
     points = [(k, 0.004 + k * 0.0005) for k in (30, 23, 15)]
-    fit = profile.fit_fixed_and_block(points)
+    fit = profile_fit.fit_fixed_and_block(points)
     assert fit["fixed_s"] == pytest.approx(0.004)
     assert fit["block_s"] == pytest.approx(0.0005)
     assert fit["residual_rms_s"] == pytest.approx(0.0, abs=1e-12)
@@ -25,30 +31,30 @@ def test_fit_recovers_exact_line():
 
 
 def test_fit_two_points_is_exact_and_least_squares_with_noise():
-    fit = profile.fit_fixed_and_block([(30, 0.020), (15, 0.012)])
+    fit = profile_fit.fit_fixed_and_block([(30, 0.020), (15, 0.012)])
     assert fit["block_s"] == pytest.approx(0.008 / 15)
     assert fit["fixed_s"] == pytest.approx(0.012 - 15 * 0.008 / 15)
-    noisy = profile.fit_fixed_and_block([(30, 0.0201), (23, 0.0160), (15, 0.0119)])
+    noisy = profile_fit.fit_fixed_and_block([(30, 0.0201), (23, 0.0160), (15, 0.0119)])
     assert 0.0004 < noisy["block_s"] < 0.0006
     assert noisy["residual_rms_s"] > 0
 
 
 def test_fit_clamps_negative_costs():
-    through_origin = profile.fit_fixed_and_block([(30, 0.030), (15, 0.010)])  # fixed would be < 0
+    through_origin = profile_fit.fit_fixed_and_block([(30, 0.030), (15, 0.010)])  # fixed would be < 0
     assert through_origin["fixed_s"] == 0.0 and through_origin["block_s"] > 0
     assert "fixed_s<0" in through_origin["clamped"]
-    flat = profile.fit_fixed_and_block([(30, 0.010), (15, 0.011)])  # slope would be < 0
+    flat = profile_fit.fit_fixed_and_block([(30, 0.010), (15, 0.011)])  # slope would be < 0
     assert flat["block_s"] == 0.0 and flat["fixed_s"] == pytest.approx(0.0105)
 
 
 @pytest.mark.parametrize("points", [[(30, 0.01)], [(30, 0.01), (30, 0.02)], [(30, -0.01), (15, 0.01)]])
 def test_fit_rejects_unidentifiable_or_bad_points(points):
     with pytest.raises(ValueError):
-        profile.fit_fixed_and_block(points)
+        profile_fit.fit_fixed_and_block(points)
 
 
 def test_make_profile_round_trips_through_latency_model():
-    prof = profile.make_profile(30, 16, [(30, 0.019), (15, 0.011)], measured={"device": "test"})
+    prof = profile_fit.make_profile(30, 16, [(30, 0.019), (15, 0.011)], measured={"device": "test"})
     assert prof["source"] == "profile" and len(prof["block_s"]) == 30
     assert json.loads(json.dumps(prof)) == prof  # plain JSON
     model = LatencyModel.from_profile(prof)
@@ -60,39 +66,16 @@ def test_make_profile_round_trips_through_latency_model():
 
 
 def test_decode_seconds_per_token():
-    assert profile.decode_seconds_per_token(1.27, 0.02, 126) == pytest.approx(0.01)
-    assert profile.decode_seconds_per_token(0.01, 0.02, 8) == 0.0  # noise never goes negative
+    assert profile_fit.decode_seconds_per_token(1.27, 0.02, 126) == pytest.approx(0.01)
+    assert profile_fit.decode_seconds_per_token(0.01, 0.02, 8) == 0.0  # noise never goes negative
     with pytest.raises(ValueError):
-        profile.decode_seconds_per_token(1.0, 0.5, 1)
-
-
-def test_ideal_speedup_arithmetic_on_smollm2():
-    costs = profile.per_token_costs(SMOL, batch_size=1, context_tokens=0)
-    block_params = 2 * 576 * 9 * 64 + 2 * 576 * 3 * 64 + 3 * 576 * 1536
-    assert costs["block_params"] == block_params == 3_538_944
-    assert costs["lm_head_params"] == 49152 * 576
-    ideal = profile.ideal_speedup(SMOL, 23, batch_size=1, context_tokens=0)
-    head = 49152 * 576
-    assert ideal["flops"] == pytest.approx((head + 30 * block_params) / (head + 23 * block_params))
-    assert 1.2 < ideal["flops"] < 1.3  # the LM head is ~8 blocks' worth: far below 30/23
-    assert profile.ideal_speedup(SMOL, 30)["flops"] == pytest.approx(1.0)
-    assert profile.ideal_speedup(SMOL, 30)["bytes"] == pytest.approx(1.0)
-    # attention over a longer context adds per-block work only: the ideal rises
-    assert profile.ideal_speedup(SMOL, 15, context_tokens=2048)["flops"] > profile.ideal_speedup(SMOL, 15)["flops"]
-    with pytest.raises(ValueError):
-        profile.ideal_speedup(SMOL, 0)
-
-
-def test_bytes_ideal_approaches_flop_ideal_at_batch_one():
-    # at batch 1 weights dominate both counts, so the two ceilings agree closely
-    ideal = profile.ideal_speedup(SMOL, 15, batch_size=1, context_tokens=64)
-    assert ideal["bytes"] == pytest.approx(ideal["flops"], rel=0.02)
+        profile_fit.decode_seconds_per_token(1.0, 0.5, 1)
 
 
 def test_exact_kv_memory_gives_exact_capacity_ratio():
-    per_layer = profile.kv_bytes_per_token_per_layer(SMOL, 2)
+    per_layer = kv_bytes_per_token_per_block(SMOL, 2)
     assert per_layer == 2 * 3 * 64 * 2
-    mem = profile.exact_kv_memory(SMOL, 2, kept=23, at_least=256 * 2**20)
+    mem = exact_kv_memory(SMOL, 2, kept=23, at_least=256 * 2**20)
     assert mem >= 256 * 2**20
     page = per_layer * 128
     full_pages, pruned_pages = mem // (page * 30), mem // (page * 23)
@@ -125,16 +108,16 @@ def test_store_and_read_speed_sidecar(tmp_path):
     (model / "config.json").write_text(json.dumps({**SMOL, "num_hidden_layers": 2, "architectures": ["LlamaForCausalLM"]}))
     save_file({"model.norm.weight": torch.ones(4)}, model / "model.safetensors")
     cache_dir = tmp_path / "cache"
-    assert profile.read_profile(model, cache_dir) is None
-    prof = profile.make_profile(2, 1, [(2, 0.003), (1, 0.002)])
-    written = profile.store_speed(model, cache_dir, profile=prof)
-    assert written == [str(profile.speed_path(model, cache_dir))]
-    assert profile.read_profile(model, cache_dir) == prof
-    profile.store_speed(model, cache_dir, throughput={"tokens_per_s": 10.0})
-    data = profile.read_speed(model, cache_dir)
+    assert speed_store.read_profile(model, cache_dir) is None
+    prof = profile_fit.make_profile(2, 1, [(2, 0.003), (1, 0.002)])
+    written = speed_store.store_speed(model, cache_dir, profile=prof)
+    assert written == [str(speed_store.speed_path(model, cache_dir))]
+    assert speed_store.read_profile(model, cache_dir) == prof
+    speed_store.store_speed(model, cache_dir, throughput={"tokens_per_s": 10.0})
+    data = speed_store.read_speed(model, cache_dir)
     assert data["profile"] == prof and data["throughput"]["tokens_per_s"] == 10.0
     save_file({"model.norm.weight": torch.zeros(4)}, model / "model.safetensors")  # new weights
-    assert profile.read_profile(model, cache_dir) is None
+    assert speed_store.read_profile(model, cache_dir) is None
 
 
 def test_profile_main_rejects_bad_keeps(capsys):
@@ -159,11 +142,11 @@ def test_parse_load_log_stock_and_miprun():
 
 
 def test_profile_problem_flags_noise_only():
-    good = profile.make_profile(30, 1, [(30, 0.02), (15, 0.012)])
-    assert profile.profile_problem(good) is None
-    flat = profile.make_profile(30, 1, [(30, 0.012), (15, 0.02)])  # slower with fewer blocks: noise
+    good = profile_fit.make_profile(30, 1, [(30, 0.02), (15, 0.012)])
+    assert profile_fit.profile_problem(good) is None
+    flat = profile_fit.make_profile(30, 1, [(30, 0.012), (15, 0.02)])  # slower with fewer blocks: noise
     assert flat["block_s"][0] == 0.0
-    assert "noise" in profile.profile_problem(flat)
+    assert "noise" in profile_fit.profile_problem(flat)
 
 
 def test_worker_group_is_killed_on_timeout_with_its_grandchildren(tmp_path):
@@ -178,7 +161,7 @@ def test_worker_group_is_killed_on_timeout_with_its_grandchildren(tmp_path):
               "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
               f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
     with pytest.raises(subprocess.TimeoutExpired):
-        profile._run_in_own_group([sys.executable, "-c", script], timeout_s=3, env=os.environ)
+        harness.run_in_own_group([sys.executable, "-c", script], timeout_s=3, env=os.environ)
     grandchild = int(pid_file.read_text())
     for _ in range(50):  # the kill is asynchronous; a zombie counts as gone
         try:
@@ -196,7 +179,7 @@ def test_worker_output_and_exit_code_come_back():
     import os
     import sys
 
-    code, out, err = profile._run_in_own_group(
+    code, out, err = harness.run_in_own_group(
         [sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"],
         timeout_s=30, env=os.environ)
     assert (code, out.strip(), err.strip()) == (3, "out", "err")

@@ -1,11 +1,30 @@
-"""Per-block latency model: predicts the per-token decode latency of a pruned model.
+"""The one speed model: predicted per-token decode latency of a pruned model.
+
+Everything that predicts a speed-up asks here: the planner (``pipeline/plan.py``: the
+predicted speed-up and latency budgets), the metrics (``miprun_predicted_speedup`` is
+the plan's figure), ``vllm-miprun profile`` (prints the estimate beside its fit) and the
+benchmarks' "ideal" (``benchmarks/bench_speed.py``, ``bench_serving.py``).
 
 The unit everywhere is seconds per decode step at a stated batch size, i.e. the
 per-output-token latency each sequence sees (inter-token latency). A model is
 ``fixed_s`` (embeddings, final norm, LM head, sampling and per-step overhead) plus one
 cost per kept block. It comes either from a measured profile (``source="profile"``,
-written by ``vllm-miprun profile`` or the speed benchmark) or, when none exists, from a
-FLOP-and-byte estimate built from the Hugging Face config (``source="flop-byte-estimate"``).
+written by ``vllm-miprun profile`` or the speed benchmark; fitted by
+:mod:`vllm_miprun.core.profile_fit`) or, when none exists, from a FLOP-and-byte
+estimate built from the Hugging Face config (``source="flop-byte-estimate"``,
+:func:`decode_step_costs`).
+
+The estimate's two workload constants are explicit parameters with one default each:
+
+- ``batch_size`` (:data:`DEFAULT_BATCH_SIZE` = 1): sequences decoded together. A
+  profile records its own; a budget in ms names it (``12ms@bs8``).
+- ``context_tokens`` (:data:`DEFAULT_CONTEXT_TOKENS` = 512): KV entries each sequence
+  attends to per step, i.e. a mid-length conversation. The planner has always used 512,
+  so plans stay as they were; a benchmark that knows its own workload passes it (the
+  speed benchmark passes prompt + half the output, the mean context of its decode steps).
+
+Both only matter through ratios when no profile exists: at batch 1 on SmolLM2 the
+predicted speed-up moves by under 1% between 128 and 512 tokens of context.
 
 Budgets (:func:`parse_latency_budget`) are either a fraction of the full model's latency
 (``"0.8"``) or milliseconds per output token at a batch size (``"12ms"``, ``"12ms@bs8"``).
@@ -13,14 +32,11 @@ Budgets (:func:`parse_latency_budget`) are either a fraction of the full model's
 
 from __future__ import annotations
 
-import logging
 import math
 import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
-
-logger = logging.getLogger(__name__)
 
 SOURCES = ("profile", "flop-byte-estimate")
 
@@ -30,8 +46,10 @@ SOURCES = ("profile", "flop-byte-estimate")
 DEFAULT_PEAK_FLOPS = 1.0e12  # FLOP/s sustained in GEMMs
 DEFAULT_BANDWIDTH = 5.0e10  # bytes/s from memory
 DEFAULT_BYTES_PER_PARAM = 2  # bf16 weights
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4}  # run dtype -> bytes
 DEFAULT_STEP_OVERHEAD_S = 1.0e-3  # scheduler, sampling, framework per decode step
-DEFAULT_CONTEXT_TOKENS = 512  # KV entries each sequence attends to per step
+DEFAULT_BATCH_SIZE = 1  # sequences decoded together (see the module docstring)
+DEFAULT_CONTEXT_TOKENS = 512  # KV entries each sequence attends to per step (ditto)
 
 
 @dataclass(frozen=True)
@@ -119,7 +137,7 @@ class LatencyModel:
     def from_config(
         cls,
         config: Mapping,
-        batch_size: int = 1,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         *,
         peak_flops: float = DEFAULT_PEAK_FLOPS,
         bandwidth: float = DEFAULT_BANDWIDTH,
@@ -129,39 +147,17 @@ class LatencyModel:
     ) -> "LatencyModel":
         """FLOP-and-byte fallback from a Hugging Face config dict.
 
-        Per block and decode step: weights of the q/k/v/o projections and the gated MLP
-        (gate, up, down) are read once; FLOPs are ``2 * params * batch`` for the matmuls
-        plus ``4 * batch * context * heads * head_dim`` for attention scores and values;
-        bytes add the KV cache read (``2 * kv_heads * head_dim * context * batch``
-        values). Time is ``max(flops / peak_flops, bytes / bandwidth)`` (roofline). The
-        fixed cost is the LM head (``vocab * hidden`` params; tied embeddings still cost a
-        read) plus ``step_overhead_s``. All blocks are identical under this model.
+        Costs per decode step come from :func:`decode_step_costs`. Time is
+        ``max(flops / peak_flops, bytes / bandwidth)`` (roofline), for one block and for
+        the LM head; the fixed cost is the LM head plus ``step_overhead_s``. All blocks
+        are identical under this model.
         """
-        if not isinstance(config, Mapping):
-            raise ValueError(f"model config must be a dict (config.json), got {type(config).__name__}")
-        _check_batch_size(batch_size)
-        hidden = _config_int(config, "hidden_size")
-        intermediate = _config_int(config, "intermediate_size")
-        heads = _config_int(config, "num_attention_heads")
-        kv_heads = _config_int(config, "num_key_value_heads", default=heads)
-        vocab = _config_int(config, "vocab_size")
-        layers = _config_int(config, "num_hidden_layers")
-        head_dim = _config_int(config, "head_dim", default=None) or hidden // heads
-
-        attn_params = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
-        mlp_params = 3 * hidden * intermediate
-        block_params = attn_params + mlp_params
-        block_flops = 2.0 * block_params * batch_size + 4.0 * batch_size * context_tokens * heads * head_dim
-        kv_bytes = 2.0 * kv_heads * head_dim * context_tokens * batch_size * bytes_per_param
-        block_bytes = block_params * bytes_per_param + kv_bytes
-        block = max(block_flops / peak_flops, block_bytes / bandwidth)
-
-        head_params = vocab * hidden
-        head = max(2.0 * head_params * batch_size / peak_flops, head_params * bytes_per_param / bandwidth)
-        logger.info("no latency profile; using the FLOP-and-byte estimate from the model config")
+        costs = decode_step_costs(config, batch_size, context_tokens, bytes_per_param)
+        block = max(costs["block_flops"] / peak_flops, costs["block_bytes"] / bandwidth)
+        head = max(costs["rest_flops"] / peak_flops, costs["rest_bytes"] / bandwidth)
         return cls(
             fixed_s=head + step_overhead_s,
-            block_s=(block,) * layers,
+            block_s=(block,) * costs["num_blocks"],
             batch_size=batch_size,
             source="flop-byte-estimate",
             details={
@@ -170,9 +166,9 @@ class LatencyModel:
                 "bytes_per_param": bytes_per_param,
                 "step_overhead_s": step_overhead_s,
                 "context_tokens": context_tokens,
-                "block_params": block_params,
-                "lm_head_params": head_params,
-                "tie_word_embeddings": bool(config.get("tie_word_embeddings", False)),
+                "block_params": costs["block_params"],
+                "lm_head_params": costs["lm_head_params"],
+                "tie_word_embeddings": bool(text_config(config).get("tie_word_embeddings", False)),
             },
         )
 
@@ -196,6 +192,105 @@ class LatencyModel:
         if kind == "fraction":
             return f"{seconds / self.full_s:.4f} of the full model's latency"
         return f"{seconds * 1000.0:.4f} ms per token at batch size {self.batch_size}"
+
+
+# ----------------------------------------------------------------- the estimate's counts
+
+def text_config(config: Mapping) -> Mapping:
+    """The language-model part of a (possibly multimodal) Hugging Face config dict."""
+    if not isinstance(config, Mapping):
+        raise ValueError(f"model config must be a dict (config.json), got {type(config).__name__}")
+    inner = config.get("text_config")
+    return inner if isinstance(inner, Mapping) and "num_hidden_layers" in inner else config
+
+
+def kv_bytes_per_token_per_block(config: Mapping, dtype_bytes: int) -> int:
+    """KV-cache bytes one decoder block stores per token.
+
+    Standard attention stores K and V: ``2 * kv_heads * head_dim * dtype_bytes``.
+    Multi-head latent attention (DeepSeek: ``kv_lora_rank``) stores one latent vector
+    plus the rope key: ``(kv_lora_rank + qk_rope_head_dim) * dtype_bytes``.
+    """
+    cfg = text_config(config)
+    if dtype_bytes < 1:
+        raise ValueError(f"dtype_bytes must be >= 1, got {dtype_bytes!r}")
+    if cfg.get("kv_lora_rank"):
+        return (int(cfg["kv_lora_rank"]) + int(cfg.get("qk_rope_head_dim") or 0)) * dtype_bytes
+    heads = cfg.get("num_attention_heads")
+    if not heads:
+        raise ValueError("config has no num_attention_heads; cannot size the KV cache")
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    return 2 * int(kv_heads) * int(head_dim) * dtype_bytes
+
+
+def decode_step_costs(config: Mapping, batch_size: int = DEFAULT_BATCH_SIZE,
+                      context_tokens: int = DEFAULT_CONTEXT_TOKENS,
+                      bytes_per_param: float = DEFAULT_BYTES_PER_PARAM) -> dict:
+    """FLOPs and bytes of one decode step of ``batch_size`` sequences: one block, and the rest.
+
+    Per block: the q/k/v/o projections and the gated MLP (gate, up, down) are read once
+    per step and shared by the batch; FLOPs are ``2 * params * batch`` for the matmuls
+    plus ``4 * batch * context * heads * head_dim`` for attention scores and values;
+    bytes add each sequence's KV-cache read for ``context`` tokens. The rest is the LM
+    head (``vocab * hidden`` params; tied embeddings still cost a read). Norms, rotary
+    embeddings and the embedding-row lookup are left out (< 0.1% on SmolLM2).
+    """
+    cfg = text_config(config)
+    _check_batch_size(batch_size)
+    hidden = _config_int(cfg, "hidden_size")
+    intermediate = _config_int(cfg, "intermediate_size")
+    heads = _config_int(cfg, "num_attention_heads")
+    kv_heads = _config_int(cfg, "num_key_value_heads", default=heads)
+    vocab = _config_int(cfg, "vocab_size")
+    layers = _config_int(cfg, "num_hidden_layers")
+    head_dim = _config_int(cfg, "head_dim", default=None) or hidden // heads
+
+    block_params = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2 + 3 * hidden * intermediate
+    kv_bytes = 2.0 * kv_heads * head_dim * context_tokens * batch_size * bytes_per_param
+    head_params = vocab * hidden
+    return {
+        "num_blocks": layers,
+        "block_params": block_params,
+        "lm_head_params": head_params,
+        "block_flops": 2.0 * block_params * batch_size + 4.0 * batch_size * context_tokens * heads * head_dim,
+        "block_bytes": block_params * bytes_per_param + kv_bytes,
+        "rest_flops": 2.0 * head_params * batch_size,
+        "rest_bytes": head_params * bytes_per_param,
+    }
+
+
+def mean_decode_context(prompt_tokens: int, output_tokens: int) -> int:
+    """KV entries a sequence attends to per decode step, on average over a request that
+    generates ``output_tokens`` after a ``prompt_tokens`` prompt: prompt + output / 2."""
+    return int(prompt_tokens) + int(output_tokens) // 2
+
+
+def ideal_speedup(config: Mapping, kept: int, batch_size: int = DEFAULT_BATCH_SIZE,
+                  context_tokens: int = DEFAULT_CONTEXT_TOKENS,
+                  bytes_per_param: float = DEFAULT_BYTES_PER_PARAM) -> dict[str, float]:
+    """Full over pruned per-token cost for ``kept`` of L blocks, three ways.
+
+    ``flops`` and ``bytes``: ``(rest + L * block) / (rest + K * block)`` with the counts of
+    :func:`decode_step_costs` and no per-step engine overhead (the ceiling a pruned model
+    can reach). ``estimate``: what the planner predicts without a profile,
+    :meth:`LatencyModel.from_config` at the same workload (roofline plus overhead).
+    """
+    costs = decode_step_costs(config, batch_size, context_tokens, bytes_per_param)
+    num_blocks = costs["num_blocks"]
+    if isinstance(kept, bool) or not isinstance(kept, numbers.Integral) or not 1 <= kept <= num_blocks:
+        raise ValueError(f"kept must be a block count in 1..{num_blocks}, got {kept!r}")
+
+    def ratio(rest: float, block: float) -> float:
+        return (rest + num_blocks * block) / (rest + kept * block)
+
+    estimate = LatencyModel.from_config(config, batch_size, bytes_per_param=bytes_per_param,
+                                        context_tokens=context_tokens)
+    return {
+        "flops": ratio(costs["rest_flops"], costs["block_flops"]),
+        "bytes": ratio(costs["rest_bytes"], costs["block_bytes"]),
+        "estimate": estimate.speedup(range(kept)),
+    }
 
 
 _MS_PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*ms\s*(?:@\s*bs\s*([0-9]+))?\s*$", re.I)

@@ -8,6 +8,7 @@ they can never disagree. Headers are read without touching tensor data.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterable
 from pathlib import Path
@@ -59,21 +60,27 @@ def read_header(path: str | Path) -> dict[str, dict]:
     return header
 
 
-def tensor_bytes(files: Iterable[str | Path]) -> dict[str, int]:
-    """On-disk bytes of every tensor, from the headers alone."""
+def tensor_bytes(files: Iterable[str | Path], dtype_bytes: int | None = None) -> dict[str, int]:
+    """Bytes of every tensor, from the headers alone: as stored on disk, or at
+    ``dtype_bytes`` per element (the dtype a run converts the weights to)."""
     sizes: dict[str, int] = {}
     for path in files:
         for name, info in read_header(path).items():
-            start, end = info["data_offsets"]
-            sizes[name] = end - start
+            if dtype_bytes is None:
+                start, end = info["data_offsets"]
+                sizes[name] = end - start
+            else:
+                sizes[name] = math.prod(info["shape"]) * dtype_bytes
     return sizes
 
 
-def bytes_by_block(files: Iterable[str | Path], layer_index) -> tuple[dict[int, int], int]:
-    """({block index: bytes}, bytes outside any block); ``layer_index(name)`` names the block."""
+def bytes_by_block(files: Iterable[str | Path], layer_index,
+                   dtype_bytes: int | None = None) -> tuple[dict[int, int], int]:
+    """({block index: bytes}, bytes outside any block); ``layer_index(name)`` names the block.
+    ``dtype_bytes`` as for :func:`tensor_bytes`."""
     blocks: dict[int, int] = {}
     other = 0
-    for name, size in tensor_bytes(files).items():
+    for name, size in tensor_bytes(files, dtype_bytes).items():
         index = layer_index(name)
         if index is None:
             other += size

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from vllm_miprun.model.checkpoint import read_header
+from vllm_miprun.model.checkpoint import tensor_bytes
 from vllm_miprun.model.remap import index_map, layer_index, renamed_weight
+
 
 def plan_reads(files: list[Path], kept: list[int]) -> tuple[list[Path], int, int]:
     """(shards to open, bytes to read, bytes skipped), from the headers alone."""
@@ -20,14 +21,13 @@ def plan_reads(files: list[Path], kept: list[int]) -> tuple[list[Path], int, int
     to_open, read_bytes, skipped_bytes = [], 0, 0
     for path in files:
         needed = False
-        for name, info in read_header(path).items():
-            start, end = info["data_offsets"]
+        for name, size in tensor_bytes([path]).items():
             index = layer_index(name)
             if index is None or index in wanted:
                 needed = True
-                read_bytes += end - start
+                read_bytes += size
             else:
-                skipped_bytes += end - start
+                skipped_bytes += size
         if needed:
             to_open.append(path)
     return to_open, read_bytes, skipped_bytes

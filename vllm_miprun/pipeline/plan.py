@@ -19,6 +19,7 @@ from vllm_miprun.pipeline import store as score_cache
 from vllm_miprun.core import selection as selectors
 from vllm_miprun.model.checkpoint import read_config
 from vllm_miprun.core.latency import LatencyModel
+from vllm_miprun.pipeline.speed_store import read_profile
 from vllm_miprun.options import MiprunOptions, OptionError
 
 logger = logging.getLogger(__name__)
@@ -119,11 +120,10 @@ def latency_model(model_dir, config: dict, cache: score_cache.ScoreCache | None,
     ``vllm-miprun profile`` writes), else the FLOP-and-byte estimate."""
     if cache is not None and cache.profile:
         return LatencyModel.from_profile(cache.profile)
-    from vllm_miprun.tools.profiling import read_profile
-
     profile = read_profile(model_dir, cache_dir)
     if profile:
         return LatencyModel.from_profile(profile)
+    logger.info("no latency profile; using the FLOP-and-byte estimate from the model config")
     return LatencyModel.from_config(config)
 
 

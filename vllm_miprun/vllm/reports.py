@@ -1,0 +1,111 @@
+"""Plan and load reports, handed from the processes that know them to the API server.
+
+``loader.record_report`` calls :func:`publish` (through ``vllm/metrics.py``) in the front
+process (the plan) and in each worker (the load time). It writes the report as a small
+JSON file into a per-run folder that the front process creates and names in the
+environment (``MIPRUN_RUN_DIR``), which every engine, worker and API-server process it
+starts inherits. The metrics exporter in the API server reads them back with
+:func:`read_reports`. Plain Python: no vLLM import.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(f"vllm.{__name__}")
+
+RUN_DIR_ENV = "MIPRUN_RUN_DIR"
+PLAN_FILE = "plan.json"
+LOAD_PREFIX = "load-"
+
+_lock = threading.Lock()
+_published: dict[str, dict[str, Any]] = {}  # "plan" / "load" -> last report in this process
+_created_run_dir: tuple[int, str] | None = None  # (pid, path) made here, removed at exit
+
+
+def run_dir(create: bool = False) -> Path | None:
+    """This run's report folder (``$MIPRUN_RUN_DIR``); made and exported if asked."""
+    global _created_run_dir
+    value = os.environ.get(RUN_DIR_ENV)
+    if value and Path(value).is_dir():
+        return Path(value)
+    if not create:
+        return None
+    path = tempfile.mkdtemp(prefix="vllm-miprun-run-")
+    os.environ[RUN_DIR_ENV] = path  # inherited by every process started from here on
+    _created_run_dir = (os.getpid(), path)
+    atexit.register(_remove_run_dir)
+    return Path(path)
+
+
+def _remove_run_dir() -> None:
+    if _created_run_dir is not None and _created_run_dir[0] == os.getpid():
+        shutil.rmtree(_created_run_dir[1], ignore_errors=True)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        json.dump(data, out)
+    os.replace(temp, path)
+
+
+def publish(report: dict[str, Any]) -> None:
+    """Hand a plan report (front process) or load report (worker) to the API server.
+
+    Called by ``loader.record_report``. A report with ``load_seconds`` is a load report
+    and goes to ``load-<pid>.json``; any other report is a plan and goes to
+    ``plan.json``. Never raises: metrics must not stop a model from loading.
+    """
+    try:
+        kind = "load" if "load_seconds" in report else "plan"
+        stamp = "loaded_at" if kind == "load" else "planned_at"
+        data = {**report, stamp: time.time(), "pid": os.getpid()}
+        with _lock:
+            _published[kind] = data
+        folder = run_dir(create=kind == "plan")
+        if folder is None:
+            logger.debug("miprun metrics: no %s set; load report kept in-process only", RUN_DIR_ENV)
+            return
+        name = PLAN_FILE if kind == "plan" else f"{LOAD_PREFIX}{os.getpid()}.json"
+        _write_json(folder / name, data)
+    except Exception as err:  # noqa: BLE001 - metrics are best effort
+        logger.warning("miprun metrics: could not publish the %s report: %s", report.keys(), err)
+
+
+def read_reports(kept: list[int]) -> tuple[dict[str, Any] | None, float | None]:
+    """(plan report, load seconds) for the engine serving ``kept`` blocks, if known.
+
+    The load time is the slowest worker's among load reports written after the plan.
+    """
+    plan, loads = None, []
+    folder = run_dir()
+    if folder is not None:
+        plan = _read_json(folder / PLAN_FILE)
+        loads = [_read_json(p) for p in folder.glob(f"{LOAD_PREFIX}*.json")]
+    with _lock:
+        plan = plan or _published.get("plan")
+        loads.append(_published.get("load"))
+    if plan is not None and list(plan.get("kept", [])) != list(kept):
+        plan = None
+    since = plan.get("planned_at", 0.0) if plan else 0.0
+    seconds = [float(r["load_seconds"]) for r in loads
+               if r and list(r.get("kept", [])) == list(kept) and r.get("loaded_at", 0.0) >= since]
+    return plan, (max(seconds) if seconds else None)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from vllm_miprun.tools import assets
 from vllm_miprun.core.selection import keep_count
 
 pytestmark = [pytest.mark.engine, pytest.mark.smollm2]
@@ -41,10 +40,8 @@ def _bench():
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    model_dir = assets.smollm2_dir()
-    if not (model_dir / "model.safetensors").is_file():
-        pytest.fail(f"{model_dir} is missing; run scripts/setup.sh (it converts SmolLM2 once)")
+def run(tmp_path_factory, smollm2_dir):
+    model_dir = smollm2_dir
     work = tmp_path_factory.mktemp("load-faults")
     result = _bench().run_all(model_dir, work, requests=CI_REQUESTS, concurrency=CI_CONCURRENCY, seed=0)
     (work / "load_and_faults.json").write_text(json.dumps(result, indent=1))  # for a failing test's reader

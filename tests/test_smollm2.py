@@ -11,7 +11,6 @@ import math
 
 import pytest
 
-from vllm_miprun.tools import assets
 from vllm_miprun.tools import cli
 from vllm_miprun.pipeline.calibrate import calibrate
 from vllm_miprun.options import CalibrationSettings
@@ -26,11 +25,8 @@ FORWARD_METHODS = ("mi-prun", "sleb")
 
 
 @pytest.fixture(scope="module")
-def model_dir():
-    path = assets.smollm2_dir()
-    if not (path / "model.safetensors").is_file():
-        pytest.fail(f"{path} is missing; run scripts/setup.sh (it converts SmolLM2 once)")
-    return path
+def model_dir(smollm2_dir):
+    return smollm2_dir
 
 
 @pytest.fixture(scope="module")

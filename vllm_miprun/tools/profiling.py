@@ -61,7 +61,8 @@ def weight_bytes(model_dir: str | Path, kept: Iterable[int] | None, dtype_bytes:
 
 def run_engine(spec: Mapping[str, Any], timeout_s: float = 900, env: Mapping[str, str] | None = None,
                log_path: str | Path | None = None) -> dict[str, Any]:
-    """:func:`~vllm_miprun.vllm.measure.measure_engine` in a fresh ``python -m vllm_miprun.vllm.measure --worker`` process.
+    """``measure_engine`` in a fresh ``python -m vllm_miprun.vllm.measure --worker`` process
+    of its own process group (the shared harness kills the group, EngineCore included).
 
     Adds ``process_s`` (subprocess wall time) and, parsed from vLLM's log, the model
     loading time and memory vLLM reports, and the miprun loader's own load seconds.

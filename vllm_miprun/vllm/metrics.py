@@ -9,10 +9,10 @@ Three kinds of process each know part of the story:
 * the **API server** serves ``/metrics`` and, through the ``vllm.stat_logger_plugins``
   entry point (:class:`MiprunStatLogger`), sees every engine step.
 
-``loader.record_report`` calls :func:`publish` in the first two; it hands the reports over
-through a per-run folder (:mod:`vllm_miprun.vllm.reports`). The stat logger in the API server reads those files once the engine
-is up (vLLM builds stat loggers after the engine core reported ready, so the load is
-over), and sets ordinary ``prometheus_client`` gauges. A gauge set in the API-server
+``loader.record_report`` calls :func:`publish` in the first two; it hands the reports
+over through a per-run folder (:mod:`vllm_miprun.vllm.reports`). The stat logger in the
+API server reads those files once the engine is up (vLLM builds stat loggers after the
+engine core reported ready, so the load is over), and sets ordinary ``prometheus_client`` gauges. A gauge set in the API-server
 process shows on ``/metrics`` both without ``PROMETHEUS_MULTIPROC_DIR`` (the global
 registry) and with it (``multiprocess_mode="mostrecent"`` writes the value to the
 shared folder that vLLM's ``MultiProcessCollector`` reads), so one code path serves

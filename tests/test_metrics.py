@@ -16,7 +16,7 @@ import pytest
 
 from vllm_miprun.core import gains
 from vllm_miprun.core.gains import Baseline, ThroughputWindow
-from vllm_miprun.core.latency import kv_bytes_per_token_per_block
+from vllm_miprun.core.latency import ideal_speedup, kv_bytes_per_token_per_block
 from vllm_miprun.tools import harness
 from vllm_miprun.vllm import metrics, reports
 
@@ -239,6 +239,9 @@ def test_plan_metrics_match_the_plan(scraped):
     assert _value(scraped, "miprun_kv_capacity_ratio") == pytest.approx(total / kept)
     assert _value(scraped, "miprun_predicted_speedup", latency_source=plan.latency_source) == \
         pytest.approx(plan.predicted_speedup)
+    # no profile was measured: the gauge is the one speed model's estimate, the benchmarks' "estimate"
+    assert plan.latency_source == "flop-byte-estimate"
+    assert plan.predicted_speedup == pytest.approx(ideal_speedup(scraped["config"], kept)["estimate"])
     assert _value(scraped, "miprun_scores_source", source="none-needed", method="last") == 1
     assert _value(scraped, "miprun_plan_seconds") >= 0
 

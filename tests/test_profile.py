@@ -146,3 +146,28 @@ def test_profile_problem_flags_noise_only():
     flat = profile_fit.make_profile(30, 1, [(30, 0.012), (15, 0.02)])  # slower with fewer blocks: noise
     assert flat["block_s"][0] == 0.0
     assert "noise" in profile_fit.profile_problem(flat)
+
+
+def test_profile_command_prints_fit_beside_the_one_model_estimate(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """The engine runs are replaced by a line 2 ms + 0.5 ms per block; everything else is real."""
+    from vllm_miprun.core.latency import DTYPE_BYTES, ideal_speedup, mean_decode_context
+
+    specs = []
+
+    def fake_run_engine(spec):
+        specs.append(spec)
+        kept = {1.0: 8, 0.5: 4}[spec["extra"]["keep"]]
+        return {"batches": {"1": {"tpot_s": 0.002 + 0.0005 * kept, "ttft_s": 0.01}}}
+
+    monkeypatch.setattr(profile, "run_engine", fake_run_engine)
+    code = profile.profile_main([str(tiny_llama_dir), "--keeps", "1.0,0.5", "--dtype", "float32",
+                                 "--output-tokens", "8", "--prompt-tokens", "16", "--cache-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert [s["extra"] for s in specs] == [{"keep": 1.0, "method": "last"}, {"keep": 0.5, "method": "last"}]
+    stored = speed_store.read_profile(tiny_llama_dir, tmp_path)
+    assert stored["fixed_s"] == pytest.approx(0.002) and stored["block_s"] == [pytest.approx(0.0005)] * 8
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    estimate = ideal_speedup(config, 4, 1, mean_decode_context(16, 8), DTYPE_BYTES["float32"])["estimate"]
+    assert stored["measured"]["runs"][1]["estimated_speedup"] == pytest.approx(estimate)
+    assert f"speed-up fitted {0.006 / 0.004:.3f}x, estimated without a profile {estimate:.3f}x" in out

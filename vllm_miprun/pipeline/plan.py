@@ -17,6 +17,7 @@ import numpy as np
 
 from vllm_miprun.pipeline import store as score_cache
 from vllm_miprun.core import selection as selectors
+from vllm_miprun.core.selection.sleb import prefix_answers as sleb_prefix_answers
 from vllm_miprun.model.checkpoint import read_config
 from vllm_miprun.core.latency import LatencyModel
 from vllm_miprun.options import MiprunOptions, OptionError
@@ -171,14 +172,13 @@ def _cached_selection(method: str, num_blocks: int, num_prune: int, protect: fro
     if cacheable:
         stored = score_cache.read_cache(path).selections.get(key, {}).get(str(num_prune))
         if stored is not None:
-            return selectors._make_selection(method, num_blocks, stored, cost=cost)
-    selectors._check_prune_request(num_blocks, num_prune, protect)
+            return selectors.make_selection(method, num_blocks, stored, cost=cost)
+    selectors.check_prune_request(num_blocks, num_prune, protect)
     result = forward.run(method, num_blocks, num_prune, protect)
     if cacheable:
         found = {str(num_prune): list(result.pruned)}
         if method == "sleb":  # a greedy trace: every prefix is SLEB's answer for that count
-            found.update({str(len(step["pruned"])): list(step["pruned"])
-                          for step in result.details.get("trace") or [] if "pruned" in step})
+            found.update({str(count): pruned for count, pruned in sleb_prefix_answers(result).items()})
         score_cache.update_cache(path, lambda cache: cache.selections.setdefault(key, {}).update(found))
     return result
 
@@ -208,10 +208,9 @@ class _ForwardSearch:
             from vllm_miprun.pipeline.refine import refine
 
             return refine(self.model_dir, ids[:MI_PRUN_BOUND_SAMPLES], self.cost, num_prune, protect, model=model)
-        from vllm_miprun.pipeline.refine import CalibrationCE
+        from vllm_miprun.pipeline.refine import sleb
 
-        evaluate = CalibrationCE(model, ids)
-        return selectors.select(method, num_blocks, num_prune, protect=protect, evaluate=evaluate, cost=self.cost)
+        return sleb(model, ids, num_prune, protect, cost=self.cost)
 
 
 def _num_blocks(config: dict) -> int:

@@ -149,7 +149,7 @@ def write_cache(path: str | Path, cache: ScoreCache) -> Path:
     ensure_writable(path.parent)
     payload = json.dumps(cache.to_json(), indent=1, allow_nan=False)
     with FileLock(str(path) + ".lock", timeout=600):
-        _atomic_write_text(path, payload)
+        atomic_write_text(path, payload)
     return path
 
 
@@ -159,7 +159,7 @@ def update_cache(path: str | Path, update) -> ScoreCache:
     with FileLock(str(path) + ".lock", timeout=600):
         cache = read_cache(path)
         update(cache)
-        _atomic_write_text(path, json.dumps(cache.to_json(), indent=1, allow_nan=False))
+        atomic_write_text(path, json.dumps(cache.to_json(), indent=1, allow_nan=False))
     return cache
 
 
@@ -176,7 +176,9 @@ def ensure_writable(folder: Path) -> None:
         ) from None
 
 
-def _atomic_write_text(path: Path, payload: str) -> None:
+def atomic_write_text(path: Path, payload: str) -> None:
+    """Write ``payload`` to ``path`` through a temporary file in the same folder, so a
+    reader sees the old file or the new one, never half of it; ``CacheError`` on failure."""
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:

@@ -333,7 +333,7 @@ def store_speed(model_dir: str | Path, cache_dir: str | Path | None = None, *,
             data["profile"] = dict(profile)
         if throughput is not None:
             data["throughput"] = dict(throughput)
-        score_cache._atomic_write_text(path, json.dumps(data, indent=1, allow_nan=False))
+        score_cache.atomic_write_text(path, json.dumps(data, indent=1, allow_nan=False))
     written.append(str(path))
 
     def update(cache):

@@ -47,6 +47,15 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
+def missing_shards(model_dir: str | Path) -> list[str]:
+    """Shards the index names that are not on disk (a hub snapshot fetched only in part)."""
+    index = Path(model_dir) / INDEX_NAME
+    if not index.is_file():
+        return []
+    names = set(json.loads(index.read_text())["weight_map"].values())
+    return sorted(name for name in names if not (Path(model_dir) / name).is_file())
+
+
 def read_header(path: str | Path) -> dict[str, dict]:
     """The safetensors header {name: {dtype, shape, data_offsets}}, without tensor data."""
     with open(path, "rb") as handle:

@@ -120,9 +120,11 @@ def latency_model(model_dir, config: dict, cache: score_cache.ScoreCache | None,
     ``vllm-miprun profile`` writes), else the FLOP-and-byte estimate."""
     if cache is not None and cache.profile:
         return LatencyModel.from_profile(cache.profile)
+    from vllm_miprun.model.checkpoint import missing_shards
     from vllm_miprun.tools.profiling import read_profile
 
-    profile = read_profile(model_dir, cache_dir)
+    # A hub snapshot fetched in part has no fingerprint, so no sidecar can be found for it.
+    profile = None if missing_shards(model_dir) else read_profile(model_dir, cache_dir)
     if profile:
         return LatencyModel.from_profile(profile)
     return LatencyModel.from_config(config)

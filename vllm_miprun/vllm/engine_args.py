@@ -116,14 +116,16 @@ def prepare_engine_args(engine_args) -> None:
         return  # already planned: create_engine_config after from_cli_args
     from vllm_miprun.model.checkpoint import read_config
     from vllm_miprun.vllm.loader import make_plan_for, plan_report, record_report
-    from vllm_miprun.vllm.model_files import resolve_model_dir
+    from vllm_miprun.vllm import model_files
 
     options = MiprunOptions.from_dict(engine_args.model_loader_extra_config)
-    model_dir = resolve_model_dir(engine_args.model, engine_args.revision)
+    source = model_files.ModelSource.from_engine_args(engine_args)
+    model_dir = model_files.fetch_for_plan(source, options)  # a hub id: metadata, or all for scores
     hf_config = read_config(model_dir)
     hf_config.update({k: v for k, v in overrides.items() if not isinstance(v, dict)})
     start = time.perf_counter()
     plan = make_plan_for(model_dir, options, hf_config)
+    model_files.fetch_kept_shards(source, model_dir, plan.kept)  # a hub id: only the kept blocks' shards
     pruned_fields = remap.config_overrides(hf_config, plan.kept)
     engine_args.hf_overrides = {**overrides, **pruned_fields}
     report = plan_report(plan, time.perf_counter() - start)

@@ -231,6 +231,12 @@ def _stop(proc: subprocess.Popen) -> None:
         pass
 
 
+def _root_cause(log: str) -> str:
+    """The error lines (vLLM prints the worker's root cause far above the end) and the tail."""
+    errors = [line for line in log.splitlines() if "Error" in line][-20:]
+    return "\n".join(errors) + "\n...\n" + log[-2000:]
+
+
 @pytest.fixture(scope="module")
 def served(tiny_llama_dir, tmp_path_factory):
     """One `vllm serve MODEL --load-format miprun --miprun-keep 0.75`: ask, scrape, bench; stop."""
@@ -250,7 +256,7 @@ def served(tiny_llama_dir, tmp_path_factory):
             stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
     try:
-        wait_healthy(proc, port, lambda: log.read_text()[-4000:])
+        wait_healthy(proc, port, lambda: _root_cause(log.read_text()))
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
         answer = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8,
                                            temperature=0.0, extra_body={"ignore_eos": True})

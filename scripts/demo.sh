@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-MODEL=$(.venv/bin/python -c "from vllm_miprun import assets; print(assets.smollm2_dir())")
+MODEL=$(.venv/bin/python -c "from vllm_miprun.tools import assets; print(assets.smollm2_dir())")
 KEEP=${KEEP:-0.75}
 PORT=${PORT:-8765}
 CLI=.venv/bin/vllm-miprun

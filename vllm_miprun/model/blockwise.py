@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from vllm_miprun.model.checkpoint import safetensors_files
+from vllm_miprun.model.checkpoint import ModelFolderError, safetensors_files
 
 logger = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from vllm.logger import init_logger
 
 from vllm_miprun.model import remap
 from vllm_miprun.options import METHODS, MiprunOptions, OptionError, parse_keep
+from vllm_miprun.vllm.cpu_dtype import apply_cpu_dtype_default
 
 # Under "vllm." so vLLM's logging config (handler, level, format) applies to it.
 logger = init_logger(f"vllm.{__name__}")
@@ -108,6 +109,7 @@ def prepare_engine_args(engine_args) -> None:
     """Validate, plan, and write the pruned config into ``hf_overrides`` (once)."""
     if str(engine_args.load_format).lower() != LOAD_FORMAT:
         return
+    apply_cpu_dtype_default(engine_args)  # float32, not emulated bfloat16, on such CPUs (once)
     overrides = engine_args.hf_overrides
     if callable(overrides):
         raise OptionError("--load-format miprun cannot be combined with a callable hf_overrides")

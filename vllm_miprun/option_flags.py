@@ -7,8 +7,8 @@
 
 Every flag checks its value with the option's own parser, so a bad value is a one-line
 argparse error before anything runs, with the same message as the extra-config path.
-Command flags are left out of the namespace unless given (``argparse.SUPPRESS``), so
-defaults come from the table alone and :func:`given_options` sees only what the user said.
+Flags are left out of the namespace unless given (``argparse.SUPPRESS``), so defaults
+come from the table alone and :func:`given_options` sees only what the user said.
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "miprun", "Load-time block pruning (vllm-miprun). Any --miprun-* flag implies "
         "--load-format miprun; the same keys work in --model-loader-extra-config."
     )
-    for row in OPTIONS:
-        _add(group, row, row.serve_flag, SERVE_DEST_PREFIX + row.name, None, _help(row))
+    for row in OPTIONS:  # absent from the namespace unless given, like the command flags
+        _add(group, row, row.serve_flag, SERVE_DEST_PREFIX + row.name, argparse.SUPPRESS, _help(row))
     return parser
 
 

@@ -284,11 +284,10 @@ def _make(name: str, owners: tuple[str, ...], doc: str, namespace: dict, extra_f
     specs = [(row.name, row.annotation,
               dataclasses.field(default=row.default, metadata={"help": row.help, "option": row}))
              for row in rows]
-    cls = dataclasses.make_dataclass(
+    return dataclasses.make_dataclass(
         name, specs + list(extra_fields), frozen=True,
         namespace={"__module__": __name__, "__qualname__": name, "__doc__": doc, "ROWS": rows, **namespace},
     )
-    return cls
 
 
 def _calibration_post_init(self) -> None:
@@ -325,9 +324,9 @@ def _check_target(self) -> None:
         )
     if len(given) > 1:
         shown = ", ".join(f"{name}={_shown(getattr(self, name))}" for name in given)
-        raise OptionError(
-            f"give either {' or '.join(given)}, not both (got {shown}); remove all but one of them"
-        )
+        which = f"either {given[0]} or {given[1]}, not both" if len(given) == 2 else \
+            f"only one of {', '.join(given)}"
+        raise OptionError(f"give {which} (got {shown}); remove all but one of them")
 
 
 def _shown(value: Any) -> str:

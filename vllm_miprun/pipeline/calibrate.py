@@ -22,7 +22,7 @@ from vllm_miprun.core import scoring
 from vllm_miprun.model.blockwise import BlockwiseModel
 from vllm_miprun.model.checkpoint import ModelFolderError, read_config
 from vllm_miprun.model.fingerprint import model_fingerprint
-from vllm_miprun.options import CalibrationSettings
+from vllm_miprun.options import CalibrationSettings, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def calibrate(model_dir: str | Path, settings: CalibrationSettings, device: str 
     if path.exists() and not force:
         return CalibrationResult(score_cache.read_cache(path, fingerprint, key), path, reused=True)
     score_cache.ensure_writable(path.parent)  # fail before the expensive pass
-    cache = compute_scores(model_dir, settings, fingerprint, device=device, progress=progress)
+    cache = compute_scores(model_dir, settings, fingerprint, device=resolve_device(device), progress=progress)
     score_cache.write_cache(path, cache)
     logger.info("wrote score cache %s", path)
     return CalibrationResult(cache, path, reused=False)

@@ -20,11 +20,13 @@ from vllm_miprun.core import selection as selectors
 from vllm_miprun.core.selection.sleb import prefix_answers as sleb_prefix_answers
 from vllm_miprun.model.checkpoint import read_config
 from vllm_miprun.core.latency import LatencyModel
-from vllm_miprun.options import MiprunOptions, OptionError
+from vllm_miprun.options import MiprunOptions, OptionError, check_drop, resolve_device
 
 logger = logging.getLogger(__name__)
 
 SCORE_FREE_METHODS = ("last", "random")
+# A plan's method when the user named the blocks (the ``drop`` option).
+DROP_METHOD = "drop"
 # Methods whose search runs the model on calibration tokens; their results are cached.
 FORWARD_METHODS = ("sleb", "mi-prun")
 # SLEB's greedy search sees the first 4 calibration sequences. MI-PRUN's soft-target bound
@@ -65,6 +67,8 @@ def make_plan(model_dir: str | Path, options: MiprunOptions, hf_config: dict | N
         protect = selectors.parse_protect(options.protect, num_blocks)
     except ValueError as err:
         raise OptionError(str(err)) from None
+    if options.drop is not None:
+        return explicit_plan(model_dir, config, options, num_blocks, protect)
 
     cache, path, source = None, None, "none-needed"
     if options.method not in SCORE_FREE_METHODS:
@@ -91,6 +95,21 @@ def make_plan(model_dir: str | Path, options: MiprunOptions, hf_config: dict | N
     )
 
 
+def explicit_plan(model_dir: str | Path, config: dict, options: MiprunOptions, num_blocks: int,
+                  protect: frozenset[int]) -> Plan:
+    """The plan for an explicit ``drop`` list: exactly those blocks go, no scores, no search."""
+    check_drop(options.drop, num_blocks, protect)
+    pruned = tuple(options.drop)
+    kept = tuple(b for b in range(num_blocks) if b not in pruned)
+    latency = latency_model(model_dir, config, None, options.cache_dir)
+    return Plan(
+        num_blocks=num_blocks, kept=kept, pruned=pruned, method=DROP_METHOD,
+        keep_ratio=len(kept) / num_blocks, predicted_speedup=latency.speedup(kept),
+        latency_source=latency.source, objective=None, scores_source="none-needed",
+        cache_path=None, fingerprint=None,
+    )
+
+
 def load_scores(model_dir: str | Path, options: MiprunOptions, progress: bool = True):
     """(cache, path, source): the explicit ``scores`` file, the matching cache, or a new one."""
     from vllm_miprun.pipeline.calibrate import calibrate, calibration_key, locate
@@ -110,7 +129,8 @@ def load_scores(model_dir: str | Path, options: MiprunOptions, progress: bool = 
             f"require_cache is set; run `vllm-miprun calibrate {model_dir}` first or drop require_cache"
         )
     logger.info("no score cache for %s; calibrating now (%s)", model_dir, settings.to_json())
-    result = calibrate(model_dir, settings, device=options.device, cache_dir=options.cache_dir, progress=progress)
+    result = calibrate(model_dir, settings, device=resolve_device(options.device), cache_dir=options.cache_dir,
+                       progress=progress)
     return result.cache, result.path, "computed"
 
 
@@ -199,7 +219,8 @@ class _ForwardSearch:
             from vllm_miprun.pipeline.calibrate import calibration_ids
 
             self._ids = calibration_ids(self.model_dir, self.options.calibration)[:FORWARD_MAX_SAMPLES]
-            self._model = BlockwiseModel(self.model_dir, device=self.options.device, resident_blocks=True)
+            device = resolve_device(self.options.device)
+            self._model = BlockwiseModel(self.model_dir, device=device, resident_blocks=True)
         return self._model, self._ids
 
     def run(self, method: str, num_blocks: int, num_prune: int, protect: frozenset[int]) -> selectors.Selection:

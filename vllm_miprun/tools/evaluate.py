@@ -549,11 +549,14 @@ def evaluate(model_dir: str | Path, tasks: str | Sequence[str], *, backend: str 
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from vllm_miprun.option_flags import add_command_flags
+    from vllm_miprun.options import command_options
+
     parser.add_argument("model_dir", help="Hugging Face model folder (config.json + *.safetensors)")
     parser.add_argument("--tasks", default="wiki-ppl,c4-ppl",
                         help=f"comma-separated: {', '.join(TASKS)}; or all, mc, ppl")
-    parser.add_argument("--keep", type=float, default=None, help="keep ratio in (0, 1]; omit for the dense model")
-    parser.add_argument("--method", default=None, help="selection method (with --keep)")
+    # Plan options from the option table (omit every target for the dense model).
+    add_command_flags(parser, command_options("eval"))
     parser.add_argument("--extra-config", default=None,
                         help="more plan options as JSON, e.g. '{\"seed\": 1, \"estimator\": \"renyi\"}'")
     parser.add_argument("--backend", choices=BACKENDS, default="vllm")
@@ -578,15 +581,19 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
-    options = json.loads(args.extra_config) if args.extra_config else {}
+    """``--extra-config`` with the plan flags on top; None for the dense model."""
+    from vllm_miprun.option_flags import given_options
+    from vllm_miprun.options import TARGETS, command_options
+
+    try:
+        options = json.loads(args.extra_config) if args.extra_config else {}
+    except ValueError as err:
+        raise EvalError(f"--extra-config must be a JSON object, got {args.extra_config!r} ({err})") from None
     if not isinstance(options, dict):
         raise EvalError(f"--extra-config must be a JSON object, got {args.extra_config!r}")
-    if args.keep is not None:
-        options["keep"] = args.keep
-    if args.method is not None:
-        options["method"] = args.method
-    if options and "keep" not in options and "latency_budget" not in options:
-        raise EvalError("--method and --extra-config need a target: add --keep R")
+    options.update(given_options(args, command_options("eval")))
+    if options and not any(target in options for target in TARGETS):
+        raise EvalError("plan options need a target: add --keep R, --latency-budget B or --drop BLOCKS")
     return options or None
 
 
@@ -623,9 +630,12 @@ def eval_main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_eval_arguments(argparse.ArgumentParser(prog="python -m vllm_miprun.tools.evaluate"))
+    from vllm_miprun.errors import run_command
+
+    prog = "python -m vllm_miprun.tools.evaluate"
+    args = add_eval_arguments(argparse.ArgumentParser(prog=prog)).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    return eval_main(parser.parse_args(argv))
+    return run_command(prog, lambda: eval_main(args))
 
 
 if __name__ == "__main__":

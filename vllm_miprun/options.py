@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from vllm_miprun.core.latency import parse_latency_budget as parse_budget
+from vllm_miprun.core.selection.result import METHODS
 from vllm_miprun.errors import OptionError  # noqa: F401 - re-exported
 
-METHODS = ("mi-prun", "shortgpt", "angular", "sleb", "last", "random")
 ESTIMATORS = ("gaussian", "renyi")
 DATASETS = ("wiki", "c4")
 DEVICES = ("auto", "cpu", "cuda")

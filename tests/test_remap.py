@@ -78,7 +78,7 @@ def test_neutral_index_fields_are_accepted():
 
 
 def test_unsupported_architecture_lists_the_supported_ones():
-    config = _llama(architectures=["DeepseekV3ForCausalLM"])
+    config = _llama(architectures=["GPT2LMHeadModel"])
     with pytest.raises(OptionError) as error:
         remap.remap_config(config, [0])
     for arch in remap.SUPPORTED_ARCHITECTURES:

@@ -73,7 +73,7 @@ def test_runner_reproduces_transformers_hidden_states(arch, family_dir):
     torch.testing.assert_close(hidden, reference.hidden_states[0], **TOL)
     for index in range(NUM_BLOCKS):
         with runner.block(index) as layer:
-            hidden = runner.run_block(layer, hidden, batch_size=1)  # micro-batches share one mask
+            hidden = runner.run_block(layer, hidden)  # 2 sequences, one micro-batch: masks broadcast
         if index < NUM_BLOCKS - 1:  # transformers' last entry is after the final norm
             torch.testing.assert_close(hidden, reference.hidden_states[index + 1], **TOL)
         assert all(p.is_meta for p in runner.layers.parameters()), "a block stayed resident"

@@ -133,9 +133,11 @@ def _family_config(arch: str, common: dict, head_dim: int):
                                            **moe)
     if arch in ("deepseek_v2", "deepseek_v3"):  # MLA attention; first block dense, the rest MoE
         config_class = transformers.DeepseekV2Config if arch == "deepseek_v2" else transformers.DeepseekV3Config
-        extra = {"num_nextn_predict_layers": 0} if arch == "deepseek_v3" else {}
+        # V3's router has a score-correction bias; vLLM builds it only for topk_method "noaux_tc"
+        extra = {"num_nextn_predict_layers": 0, "topk_method": "noaux_tc"} if arch == "deepseek_v3" else {}
         mla = {**common, "num_key_value_heads": common["num_attention_heads"]}  # MLA has no GQA
-        return config_class(**mla, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=32,
+        # latent 512 + rope 64 = 576: the only MLA head size vLLM's CPU kernel compiles
+        return config_class(**mla, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
                             qk_nope_head_dim=32, v_head_dim=32, n_routed_experts=4, n_shared_experts=1,
                             moe_intermediate_size=64, first_k_dense_replace=1, n_group=1, topk_group=1,
                             **moe, **extra)

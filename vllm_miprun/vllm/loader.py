@@ -24,8 +24,10 @@ from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
-from vllm_miprun.model import remap
+from vllm_miprun.model import checkpoint, remap
 from vllm_miprun.model import weights
+from vllm_miprun.model.checkpoint import read_config
+from vllm_miprun.vllm.model_files import resolve_model_dir
 from vllm_miprun.options import MiprunOptions, OptionError
 
 # Under "vllm." so vLLM's logging config (handler, level, format) applies to it.

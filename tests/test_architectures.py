@@ -142,3 +142,21 @@ def test_unsupported_architecture_is_refused_before_the_runner_reads_anything(fa
     (model_dir / "model.safetensors").write_bytes(b"never read")
     with pytest.raises(OptionError, match="LlamaForCausalLM, .*Gemma3ForCausalLM"):
         BlockwiseModel(model_dir)
+
+
+def test_gemma3_calibrates_and_plans_end_to_end(family_dir, tmp_path):
+    """The issue's crash (``Tensor on device meta``): calibration, then an MI-PRUN plan whose
+    forward search runs the block runner with prefix reuse."""
+    from vllm_miprun.options import CalibrationSettings, MiprunOptions
+    from vllm_miprun.pipeline.calibrate import calibrate
+    from vllm_miprun.pipeline.plan import make_plan
+
+    model_dir = family_dir("gemma3")
+    settings = CalibrationSettings(samples=4, seq_len=32)
+    result = calibrate(model_dir, settings, cache_dir=tmp_path, progress=False)
+    assert result.cache.num_blocks == NUM_BLOCKS
+    assert all(score == score and score >= 0 for score in result.cache.block_scores)  # finite MI, nats
+    options = MiprunOptions.from_dict({"keep": 0.75, "method": "mi-prun", "cache_dir": str(tmp_path),
+                                       "samples": 4, "seq_len": 32})
+    plan = make_plan(model_dir, options, hf_config=json.loads((model_dir / "config.json").read_text()))
+    assert len(plan.kept) == 3 and plan.scores_source == "cache-hit"

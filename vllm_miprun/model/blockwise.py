@@ -182,7 +182,8 @@ class BlockwiseModel:
         setattr(self._owner, self._attr, nn.ModuleList())  # the blocks stay on meta
         try:
             self._materialise(self.skeleton, state)
-            self.skeleton.tie_weights()
+            # Tie as from_pretrained does: only what the checkpoint leaves out (tied embeddings).
+            self.skeleton.tie_weights(missing_keys={n for n, p in self.skeleton.named_parameters() if p.is_meta})
         finally:
             setattr(self._owner, self._attr, self.layers)
         self._require_loaded(self.skeleton, skip=self.family.layers_path + ".")

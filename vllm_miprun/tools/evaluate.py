@@ -268,25 +268,11 @@ def _torch_dtype(dtype: str):
 
 
 def delete_blocks(model, kept: Sequence[int]):
-    """Keep only blocks ``kept`` of a Hugging Face causal LM, renumbered 0..K-1, in place."""
-    from torch import nn
+    """Keep only blocks ``kept`` of a Hugging Face causal LM, renumbered 0..K-1, in place
+    (through the model's architecture family, so per-layer config fields follow)."""
+    from vllm_miprun.model.architectures.hf_model import delete_blocks as delete_family_blocks
 
-    from vllm_miprun.model import remap
-
-    layers = model.model.layers
-    kept = remap.check_kept(list(kept), len(layers))
-    model.model.layers = nn.ModuleList([layers[i] for i in kept])
-    for new, layer in enumerate(model.model.layers):
-        attn = getattr(layer, "self_attn", None)
-        if attn is not None and hasattr(attn, "layer_idx"):
-            attn.layer_idx = new  # index into the KV cache
-        if hasattr(layer, "layer_idx"):
-            layer.layer_idx = new
-    config = model.config
-    if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) == len(layers):
-        config.layer_types = [config.layer_types[i] for i in kept]
-    config.num_hidden_layers = len(kept)
-    return model
+    return delete_family_blocks(model, kept)
 
 
 class TransformersBackend:

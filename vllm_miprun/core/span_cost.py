@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vllm_miprun.core.scoring import from_nested_list
+from vllm_miprun.core.matrices import from_nested_list
 
 POWER = 2.0
 SKIP_KEY = "skip_mi_iso"

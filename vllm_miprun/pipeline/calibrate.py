@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from vllm_miprun.pipeline import store as score_cache
 from vllm_miprun.core import scoring
+from vllm_miprun.core.matrices import to_nested_list
 from vllm_miprun.model import architectures
 from vllm_miprun.model.blockwise import BlockwiseModel
 from vllm_miprun.model.checkpoint import ModelFolderError, read_config
@@ -122,9 +123,9 @@ def compute_scores(model_dir: str | Path, settings: CalibrationSettings, fingerp
         calibration=calibration_key(settings),
         estimator={"name": settings.estimator, **params, "units": "nats"},
         block_scores=[float(span[b, b + 1]) for b in range(num_blocks)],
-        span_scores=scoring.to_nested_list(span),
-        baselines={"block_influence": stats.block_influence, "angular": scoring.to_nested_list(angular),
-                   "skip_mi_iso": scoring.to_nested_list(skip_mi)},
+        span_scores=to_nested_list(span),
+        baselines={"block_influence": stats.block_influence, "angular": to_nested_list(angular),
+                   "skip_mi_iso": to_nested_list(skip_mi)},
         timings=timings,
     )
 

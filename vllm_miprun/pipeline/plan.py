@@ -176,7 +176,7 @@ def _score_inputs(cache) -> dict[str, Any]:
     if cache is None:
         return {}
     from vllm_miprun.core.span_cost import span_cost_matrix
-    from vllm_miprun.core.scoring import from_nested_list
+    from vllm_miprun.core.matrices import from_nested_list
 
     return {
         "cost": span_cost_matrix(cache),

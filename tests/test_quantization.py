@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -73,15 +74,16 @@ def gptq_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 32, sym
     top = (1 << bits) - 1
     if sym:  # vLLM's uint4b8 / uint8b128: signed values biased by 2**(bits-1)
         half = 1 << (bits - 1)
-        scales = torch.maximum(hi / (half - 1), lo / -half).clamp(min=1e-8)
+        scales = torch.maximum(hi / (half - 1), lo / -half).clamp(min=1e-4).half().float()
         zeros = torch.full_like(scales, half)
     else:
-        scales = ((hi - lo) / top).clamp(min=1e-8)
+        scales = ((hi - lo) / top).clamp(min=1e-4).half().float()
         zeros = torch.round(-lo / scales).clamp(0, top)
     q = torch.clamp(torch.round(weight_t / scales[groups]) + zeros[groups], 0, top)
     stored_zeros = zeros if v2 else zeros - 1  # GPTQ v1 stores zero - 1
     return {"qweight": pack_rows(q, bits), "qzeros": pack_cols(stored_zeros.clamp(0, top), bits),
-            "scales": scales.half(), "g_idx": groups.to(torch.int32)}
+            "scales": scales.half(), "g_idx": groups.to(torch.int32),
+            "ref": ((q - zeros[groups]) * scales[groups]).t().contiguous()}
 
 
 def awq_quantize(weight: torch.Tensor, group_size: int = 32) -> dict[str, torch.Tensor]:
@@ -89,11 +91,12 @@ def awq_quantize(weight: torch.Tensor, group_size: int = 32) -> dict[str, torch.
     weight_t = weight.t().float()
     groups = torch.arange(weight_t.shape[0]) // group_size
     lo, hi = _group_min_max(weight_t, groups, int(groups.max()) + 1)
-    scales = ((hi - lo) / 15).clamp(min=1e-8)
+    scales = ((hi - lo) / 15).clamp(min=1e-4).half().float()
     zeros = torch.round(-lo / scales).clamp(0, 15)
     q = torch.clamp(torch.round(weight_t / scales[groups]) + zeros[groups], 0, 15)
     return {"qweight": pack_cols(q, 4, AWQ_SLOT_OF_COLUMN),
-            "qzeros": pack_cols(zeros, 4, AWQ_SLOT_OF_COLUMN), "scales": scales.half()}
+            "qzeros": pack_cols(zeros, 4, AWQ_SLOT_OF_COLUMN), "scales": scales.half(),
+            "ref": ((q - zeros[groups]) * scales[groups]).t().contiguous()}
 
 
 def fp8_quantize(weight: torch.Tensor, strategy: str = "tensor", block=(128, 128),
@@ -113,7 +116,8 @@ def fp8_quantize(weight: torch.Tensor, strategy: str = "tensor", block=(128, 128
         padded[:rows, :cols] = w.abs()
         scale = padded.reshape(padded.shape[0] // bn, bn, -1, bk).amax((1, 3)) / 448
         full = scale.repeat_interleave(bn, 0)[:rows].repeat_interleave(bk, 1)[:, :cols]
-    return {"weight": (w / full).to(torch.float8_e4m3fn), scale_name: scale.float()}
+    fp8 = (w / full).to(torch.float8_e4m3fn)
+    return {"weight": fp8, scale_name: scale.float(), "ref": fp8.float() * full}
 
 
 QUANTIZERS = {
@@ -134,21 +138,27 @@ QCONFIGS = {
 }
 
 
-def write_quantized_checkpoint(src, dst, method: str, qcfg: dict | None = None):
-    """Copy a tiny float checkpoint with every decoder linear quantized as ``method``."""
+def write_quantized_checkpoint(src, dst, method: str, qcfg: dict | None = None, ref_dst=None):
+    """Copy a tiny float checkpoint with every decoder linear quantized as ``method``;
+    ``ref_dst`` gets the float checkpoint holding the quantizer's own rounded weights."""
     dst.mkdir(parents=True, exist_ok=True)
     tensors = {}
     with safe_open(str(src / "model.safetensors"), framework="pt") as handle:
         for name in handle.keys():
             tensors[name] = handle.get_tensor(name)
-    out = {}
+    out, ref = {}, dict(tensors)
     for name, tensor in tensors.items():
         module = name.rpartition(".")[0]
         if name.endswith(".weight") and module.split(".", 3)[-1] in LINEARS:
-            out.update({f"{module}.{leaf}": t for leaf, t in QUANTIZERS[method](tensor).items()})
+            quantized = QUANTIZERS[method](tensor)
+            ref[name] = quantized.pop("ref")
+            out.update({f"{module}.{leaf}": t for leaf, t in quantized.items()})
         else:
             out[name] = tensor
     save_file({k: v.contiguous() for k, v in out.items()}, str(dst / "model.safetensors"))
+    if ref_dst is not None:
+        shutil.copytree(src, ref_dst)
+        save_file(ref, str(ref_dst / "model.safetensors"))
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = qcfg or QCONFIGS[method]
     (dst / "config.json").write_text(json.dumps(config))
@@ -204,13 +214,18 @@ def _weight(out_features=96, in_features=128, seed=0):
     return torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed)) * 0.05
 
 
-def _roundtrip(module_tensors: dict, qcfg: dict, module="model.layers.0.mlp.down_proj"):
+def _roundtrip(module_tensors: dict, qcfg: dict, module="model.layers.0.mlp.down_proj", exact=True):
+    """Dequantize one module; it must equal the quantizer's own reference (``exact``)."""
+    module_tensors = dict(module_tensors)
+    reference = module_tensors.pop("ref")
     named = {f"{module}.{leaf}": t for leaf, t in module_tensors.items()}
     named[f"{module}.bias"] = torch.ones(3)
     out = quant.dequantize(named, qcfg)
     assert set(out) == {f"{module}.weight", f"{module}.bias"}  # side tensors dropped, bias kept
     assert torch.equal(out[f"{module}.bias"], torch.ones(3))
     assert out[f"{module}.weight"].dtype == torch.float32
+    if exact:
+        torch.testing.assert_close(out[f"{module}.weight"], reference, rtol=1e-6, atol=1e-7)
     return out[f"{module}.weight"]
 
 
@@ -237,7 +252,7 @@ def test_gptq_zero_convention_matters():
     tensors = gptq_quantize(weight, 4, 32, sym=False)
     good = _roundtrip(tensors, {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False})
     bad = _roundtrip(tensors, {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False,
-                               "checkpoint_format": "gptq_v2"})
+                               "checkpoint_format": "gptq_v2"}, exact=False)
     step = tensors["scales"].float()[tensors["g_idx"].long()].t()
     assert torch.allclose(bad - good, step, atol=1e-6)  # one quantization step off everywhere
     assert (good - weight).abs().max() <= 0.51 * step.max()
@@ -522,3 +537,43 @@ def test_renamed_weight_carries_quantized_tensor_names():
         assert remap.renamed_weight(f"model.layers.1.self_attn.q_proj.{leaf}", kept) is None
     assert remap.renamed_weight("model.layers.2.self_attn.k_scale", kept) == "model.layers.1.self_attn.k_scale"
     assert remap.renamed_weight("lm_head.weight_scale", kept) == "lm_head.weight_scale"
+
+
+# ---------------------------------------------------------------- calibration's runner
+
+
+@pytest.mark.parametrize("method", sorted(QUANTIZERS))
+def test_blockwise_runner_reads_a_quantized_checkpoint(method, tiny_llama_dir, tmp_path):
+    """The block-by-block runner dequantizes each block it loads: the quantized checkpoint runs
+    exactly like a float checkpoint holding the quantizer's own rounded weights."""
+    from vllm_miprun.model.blockwise import BlockwiseModel
+
+    write_quantized_checkpoint(tiny_llama_dir, tmp_path / method, method, ref_dst=tmp_path / "ref")
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    def run(model_dir):
+        model = BlockwiseModel(model_dir)
+        hidden = model.forward_from(model.embed_tokens(ids), 0)
+        return hidden, float(model.token_nll(hidden, ids)), model.blocks_loaded
+
+    quantized, nll_q, loaded = run(tmp_path / method)
+    reference, nll_r, _ = run(tmp_path / "ref")  # float weights = the quantizer's own rounding
+    full, _, _ = run(tiny_llama_dir)
+    assert loaded == 8
+    torch.testing.assert_close(quantized, reference, rtol=1e-4, atol=1e-4)
+    assert abs(nll_q - nll_r) < 1e-4
+    assert float((quantized - full).norm() / full.norm()) > 1e-3  # really the quantized weights
+
+
+def test_blockwise_runner_refuses_an_unreadable_format_before_reading_weights(tiny_llama_dir, tmp_path):
+    from vllm_miprun.model.blockwise import BlockwiseModel
+
+    folder = tmp_path / "bnb"
+    folder.mkdir()
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({"model.layers.0.mlp.down_proj.weight": torch.zeros(2, 2, dtype=torch.uint8)},
+              str(folder / "model.safetensors"))
+    with pytest.raises(OptionError, match="bitsandbytes"):
+        BlockwiseModel(folder)

@@ -20,7 +20,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from vllm_miprun.model.checkpoint import safetensors_files
+from vllm_miprun.model.checkpoint import ModelFolderError, read_config, safetensors_files
+from vllm_miprun.model.quantization import check_checkpoint_quantization, dequantize, quantization_config
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,9 @@ class TensorIndex:
                     self.numel[name] = _numel(sliced.get_shape())
                     self.size[name] = self.numel[name] * _DTYPE_BYTES.get(sliced.get_dtype(), 4)
 
-    def read(self, names: list[str], device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def read(self, names: list[str], device: str, dtype: torch.dtype,
+             quantization: dict | None = None) -> dict[str, torch.Tensor]:
+        """The named tensors, quantized linears dequantized (``quantization``), cast to ``dtype``."""
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self.location[name], []).append(name)
@@ -59,8 +62,9 @@ class TensorIndex:
         for file, file_names in by_file.items():
             with safe_open(str(file), framework="pt", device="cpu") as handle:
                 for name in file_names:
-                    tensors[name] = handle.get_tensor(name).to(device=device, dtype=dtype)
-        return tensors
+                    tensors[name] = handle.get_tensor(name)
+        tensors = dequantize(tensors, quantization)  # before the cast: packed ints are not numbers
+        return {name: t.to(device=device, dtype=dtype) for name, t in tensors.items()}
 
     def names_with_prefix(self, prefix: str) -> list[str]:
         return sorted(n for n in self.location if n.startswith(prefix))
@@ -79,6 +83,8 @@ class BlockwiseModel:
 
         self.model_dir = Path(model_dir)
         self.device, self.dtype = device, dtype
+        check_checkpoint_quantization(self.model_dir)  # refuse an unreadable format before any work
+        self.quantization = quantization_config(read_config(self.model_dir))
         self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
         self.config._attn_implementation = "sdpa"
         self.index = TensorIndex(self.model_dir)
@@ -96,14 +102,15 @@ class BlockwiseModel:
 
     def _materialise(self, module: nn.Module, prefix: str) -> nn.Module:
         names = self.index.names_with_prefix(prefix)
-        tensors = self.index.read(names, self.device, self.dtype)
+        tensors = self.index.read(names, self.device, self.dtype, self.quantization)
         state = {name[len(prefix):]: t for name, t in tensors.items()}
         module.load_state_dict(state, strict=True, assign=True)
         return module.requires_grad_(False)
 
     def _lm_head_weight(self) -> torch.Tensor:
-        if "lm_head.weight" in self.index.location:
-            return self.index.read(["lm_head.weight"], self.device, self.dtype)["lm_head.weight"]
+        names = self.index.names_with_prefix("lm_head.")  # lm_head.weight, or a quantized lm_head
+        if names:
+            return self.index.read(names, self.device, self.dtype, self.quantization)["lm_head.weight"]
         return self.embed.weight  # tied embeddings
 
     @contextmanager

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from vllm_miprun.errors import OptionError
-from vllm_miprun.model.quantization import quantization_config
+from vllm_miprun.model.quantization import quantization_config, tensor_names as checkpoint_tensor_names
 
 LAYER_PREFIX = "model.layers."
 # vLLM builds these fused linears from checkpoint modules; entries may name either.
@@ -132,7 +132,12 @@ def _renumbered(entry: str, kept: list[int]) -> list[str] | None:
 def _expanded(entry: str, mode: str, wanted, universe: Universe) -> list[str]:
     per_block, others = wanted
     if not _is_regex(entry, mode):
-        names = [universe.name(b, s) for b, suffixes in per_block.items() for s in sorted(suffixes)]
+        names = []
+        for block, suffixes in per_block.items():
+            if mode == "substring" and suffixes == frozenset(universe.suffixes):
+                names.append(universe.name(block, ""))  # "model.layers.3." selects the whole block
+            else:
+                names += [universe.name(block, s) for s in sorted(suffixes)]
         return names + sorted(others)
     by_suffixes: dict[frozenset, list[int]] = {}
     for block, suffixes in per_block.items():
@@ -245,3 +250,11 @@ def remap_model_quantization(hf_config: dict[str, Any], kept: list[int] | tuple[
         text["quantization_config"] = remap_quantization_config(qcfg, kept, tensor_names, layer_prefix)
         return {"text_config": text}
     return {key: remap_quantization_config(qcfg, kept, tensor_names, layer_prefix)}
+
+
+def quantization_overrides(model_dir, hf_config: dict[str, Any], kept: list[int] | tuple[int, ...],
+                           layer_prefix: str = LAYER_PREFIX) -> dict[str, Any]:
+    """:func:`remap_model_quantization` with the tensor names read from ``model_dir``'s headers."""
+    if quantization_config(hf_config) is None:
+        return {}
+    return remap_model_quantization(hf_config, kept, checkpoint_tensor_names(model_dir), layer_prefix)

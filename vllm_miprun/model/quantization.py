@@ -22,11 +22,13 @@ tensors before ``load_state_dict``. The packing conventions follow the installed
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from vllm_miprun.errors import ModelFolderError, OptionError
+from vllm_miprun.model import checkpoint
 
 SUPPORTED_TEXT = ("compressed-tensors FP8 (float-quantized), fp8 (per-tensor or block-wise), "
                   "gptq (4 or 8 bit), awq (4-bit GEMM)")
@@ -84,6 +86,18 @@ def check_quantized_names(method: str | None, tensor_names) -> None:
             "add the quantization_config to config.json (miprun reads "
             f"{SUPPORTED_TEXT}) or prune an unquantized copy"
         )
+
+
+def tensor_names(model_dir: str | Path) -> list[str]:
+    """Every tensor name of the checkpoint, from the safetensors headers alone."""
+    return list(checkpoint.tensor_bytes(checkpoint.safetensors_files(model_dir)))
+
+
+def check_checkpoint_quantization(model_dir: str | Path, hf_config: dict[str, Any] | None = None) -> str | None:
+    """The plan-time check (headers and config only): the quant method, or a one-line refusal."""
+    method = quant_method(hf_config if hf_config is not None else checkpoint.read_config(model_dir))
+    check_quantized_names(method, tensor_names(model_dir))
+    return method
 
 
 def _refuse(what: str) -> None:

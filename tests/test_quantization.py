@@ -132,15 +132,19 @@ QCONFIGS = {
     "fp8": {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [64, 64]},
     "compressed-tensors": {
         "quant_method": "compressed-tensors", "format": "float-quantized",
-        "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "weights": {
-            "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False}}},
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {  # llm-compressor's FP8_DYNAMIC
+            "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False},
+            "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True,
+                                  "dynamic": True}}},
         "ignore": ["lm_head"]},
 }
 
 
-def write_quantized_checkpoint(src, dst, method: str, qcfg: dict | None = None, ref_dst=None):
-    """Copy a tiny float checkpoint with every decoder linear quantized as ``method``;
-    ``ref_dst`` gets the float checkpoint holding the quantizer's own rounded weights."""
+def write_quantized_checkpoint(src, dst, method: str, qcfg: dict | None = None, ref_dst=None,
+                               float_blocks: tuple[int, ...] = ()):
+    """Copy a tiny float checkpoint with every decoder linear quantized as ``method`` but those
+    of ``float_blocks``; ``ref_dst`` gets the float checkpoint holding the quantizer's own
+    rounded weights."""
     dst.mkdir(parents=True, exist_ok=True)
     tensors = {}
     with safe_open(str(src / "model.safetensors"), framework="pt") as handle:
@@ -149,7 +153,8 @@ def write_quantized_checkpoint(src, dst, method: str, qcfg: dict | None = None, 
     out, ref = {}, dict(tensors)
     for name, tensor in tensors.items():
         module = name.rpartition(".")[0]
-        if name.endswith(".weight") and module.split(".", 3)[-1] in LINEARS:
+        if (name.endswith(".weight") and module.split(".", 3)[-1] in LINEARS
+                and remap.layer_index(name) not in float_blocks):
             quantized = QUANTIZERS[method](tensor)
             ref[name] = quantized.pop("ref")
             out.update({f"{module}.{leaf}": t for leaf, t in quantized.items()})
@@ -577,3 +582,35 @@ def test_blockwise_runner_refuses_an_unreadable_format_before_reading_weights(ti
               str(folder / "model.safetensors"))
     with pytest.raises(OptionError, match="bitsandbytes"):
         BlockwiseModel(folder)
+
+
+# ---------------------------------------------------------------- vLLM CPU serving
+
+
+@pytest.mark.engine
+def test_vllm_cpu_serves_a_pruned_gptq_checkpoint_like_its_export(tiny_llama_dir, tmp_path):
+    """GPTQ 4-bit with block 7 left in float (a ``dynamic`` rule excludes it). Pruned at load
+    time by miprun and exported then served by vLLM's default loader, the model gives the same
+    greedy tokens; the kept float block 7 is block 3 in both, which only holds if the
+    quantization_config was renumbered (else vLLM builds it quantized and cannot load it)."""
+    from test_loader_engine import run_engines
+
+    from vllm_miprun.options import MiprunOptions
+    from vllm_miprun.pipeline.plan import make_plan
+    from vllm_miprun.tools.export import export_pruned
+
+    qcfg = dict(QCONFIGS["gptq"], dynamic={r"-:model\.layers\.7\..*": {}})
+    model = tmp_path / "gptq"
+    write_quantized_checkpoint(tiny_llama_dir, model, "gptq", qcfg, float_blocks=(7,))
+    extra = {"keep": 0.5, "method": "last"}
+    plan = make_plan(model, MiprunOptions.from_dict(extra))
+    assert list(plan.kept) == [0, 1, 2, 7]
+    exported = export_pruned(model, tmp_path / "exported", plan)
+    exported_qcfg = json.loads((exported / "config.json").read_text())["quantization_config"]
+    assert list(exported_qcfg["dynamic"]) == [r"-:model\.layers\.3\..*"]
+    assert not any(m.startswith("model.layers.3.") for m in exported_qcfg["modules_in_block_to_quantize"])
+    common = {"dtype": "bfloat16", "max_tokens": 8}  # vLLM's GPTQ kernels take 16-bit activations
+    served, reference = run_engines([{"model": str(model), "load_format": "miprun", "extra": extra, **common},
+                                     {"model": str(exported), **common}])
+    assert served["kept"] == [0, 1, 2, 7] and served["num_hidden_layers"] == 4
+    assert served["tokens"] == reference["tokens"]

@@ -94,9 +94,17 @@ def tensor_names(model_dir: str | Path) -> list[str]:
 
 
 def check_checkpoint_quantization(model_dir: str | Path, hf_config: dict[str, Any] | None = None) -> str | None:
-    """The plan-time check (headers and config only): the quant method, or a one-line refusal."""
+    """The plan-time check (headers and config only): the quant method, or a one-line refusal.
+
+    A folder without safetensors passes here; the reader that needs the weights says so.
+    """
     method = quant_method(hf_config if hf_config is not None else checkpoint.read_config(model_dir))
-    check_quantized_names(method, tensor_names(model_dir))
+    if method is None:
+        try:
+            names = tensor_names(model_dir)
+        except ModelFolderError:
+            return None
+        check_quantized_names(None, names)
     return method
 
 

@@ -21,6 +21,7 @@ from vllm_miprun.pipeline import store as score_cache
 from vllm_miprun.core import scoring
 from vllm_miprun.model.blockwise import BlockwiseModel
 from vllm_miprun.model.checkpoint import ModelFolderError, read_config
+from vllm_miprun.model.quantization import check_checkpoint_quantization
 from vllm_miprun.model.fingerprint import model_fingerprint
 from vllm_miprun.options import CalibrationSettings
 
@@ -76,7 +77,7 @@ def calibration_ids(model_dir: str | Path, settings: CalibrationSettings) -> tor
 def calibrate(model_dir: str | Path, settings: CalibrationSettings, device: str = "cpu",
               cache_dir: str | Path | None = None, force: bool = False, progress: bool = True) -> CalibrationResult:
     """Return the cached scores for these weights and settings, computing them if needed."""
-    read_config(model_dir)  # clear error for a folder that is not a model
+    check_checkpoint_quantization(model_dir, read_config(model_dir))  # not a model / unreadable format
     path, fingerprint = locate(model_dir, settings, cache_dir)
     key = calibration_key(settings)
     if path.exists() and not force:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from vllm_miprun.model import checkpoint, remap
 from vllm_miprun.model import weights
+from vllm_miprun.model.quant_remap import quantization_overrides
 from vllm_miprun.options import MiprunOptions, OptionError
 
 # Files copied unchanged when present: tokenizer, chat template, generation settings.
@@ -34,7 +35,8 @@ def export_pruned(model_dir: str | Path, out_dir: str | Path, plan) -> Path:
     if out_dir.exists():
         raise OptionError(f"output folder {out_dir} already exists; remove it or pick another")
     hf_config = json.loads((model_dir / "config.json").read_text())
-    new_config = remap.remap_config(hf_config, plan.kept)
+    new_config = {**remap.remap_config(hf_config, plan.kept),
+                  **quantization_overrides(model_dir, hf_config, plan.kept)}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:

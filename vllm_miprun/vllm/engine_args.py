@@ -26,6 +26,7 @@ from typing import Any
 from vllm.logger import init_logger
 
 from vllm_miprun.model import remap
+from vllm_miprun.model.quant_remap import quantization_overrides
 from vllm_miprun.options import METHODS, MiprunOptions, OptionError, parse_keep
 
 # Under "vllm." so vLLM's logging config (handler, level, format) applies to it.
@@ -124,7 +125,8 @@ def prepare_engine_args(engine_args) -> None:
     hf_config.update({k: v for k, v in overrides.items() if not isinstance(v, dict)})
     start = time.perf_counter()
     plan = make_plan_for(model_dir, options, hf_config)
-    pruned_fields = remap.config_overrides(hf_config, plan.kept)
+    pruned_fields = {**remap.config_overrides(hf_config, plan.kept),
+                     **quantization_overrides(model_dir, hf_config, plan.kept)}
     engine_args.hf_overrides = {**overrides, **pruned_fields}
     report = plan_report(plan, time.perf_counter() - start)
     logger.info(

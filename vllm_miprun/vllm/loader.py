@@ -24,8 +24,11 @@ from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
-from vllm_miprun.model import remap
+from vllm_miprun.model import checkpoint, remap
 from vllm_miprun.model import weights
+from vllm_miprun.model.checkpoint import read_config
+from vllm_miprun.model.quant_remap import quantization_overrides
+from vllm_miprun.vllm.model_files import resolve_model_dir
 from vllm_miprun.options import MiprunOptions, OptionError
 
 # Under "vllm." so vLLM's logging config (handler, level, format) applies to it.
@@ -126,7 +129,8 @@ class MiprunModelLoader(BaseModelLoader):
             "miprun: planning in the worker because the engine config was not made by "
             "EngineArgs; kept %s", list(plan.kept),
         )
-        _apply_overrides_in_place(model_config, remap.config_overrides(hf_config, plan.kept))
+        _apply_overrides_in_place(model_config, {**remap.config_overrides(hf_config, plan.kept),
+                                                 **quantization_overrides(model_dir, hf_config, plan.kept)})
         record_report(plan_report(plan, time.perf_counter() - start))
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:

@@ -176,7 +176,7 @@ def write_quantized_checkpoint(src, dst, method: str, qcfg: dict | None = None, 
 # ---------------------------------------------------------------- packing follows vLLM
 
 
-def test_test_packers_match_vllm_packers():
+def test_our_packers_match_vllm_packers():
     from vllm.model_executor.layers.quantization.utils.quant_utils import awq_pack, gptq_pack, pack_cols as v_cols
 
     values = torch.randint(0, 16, (64, 32), generator=torch.Generator().manual_seed(0))

@@ -28,6 +28,7 @@ from torch import nn
 from vllm_miprun.model.architectures import for_config
 from vllm_miprun.model.architectures.hf_model import layers_owner
 from vllm_miprun.model.checkpoint import ModelFolderError, read_config, safetensors_files
+from vllm_miprun.model.quantization import check_checkpoint_quantization, dequantize, quantization_config
 from vllm_miprun.model.remap import layer_index
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,9 @@ class TensorIndex:
                     self.numel[name] = _numel(sliced.get_shape())
                     self.size[name] = self.numel[name] * _DTYPE_BYTES.get(sliced.get_dtype(), 4)
 
-    def read(self, names: list[str], device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def read(self, names: list[str], device: str, dtype: torch.dtype,
+             quantization: dict | None = None) -> dict[str, torch.Tensor]:
+        """The named tensors, quantized linears dequantized (``quantization``), cast to ``dtype``."""
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self.location[name], []).append(name)
@@ -66,8 +69,9 @@ class TensorIndex:
         for file, file_names in by_file.items():
             with safe_open(str(file), framework="pt", device="cpu") as handle:
                 for name in file_names:
-                    tensors[name] = handle.get_tensor(name).to(device=device, dtype=dtype)
-        return tensors
+                    tensors[name] = handle.get_tensor(name)
+        tensors = dequantize(tensors, quantization)  # before the cast: packed ints are not numbers
+        return {name: t.to(device=device, dtype=dtype) for name, t in tensors.items()}
 
     def names_with_prefix(self, prefix: str) -> list[str]:
         return sorted(n for n in self.location if n.startswith(prefix))
@@ -106,6 +110,8 @@ class BlockwiseModel:
         self.model_dir = Path(model_dir)
         self.device, self.dtype = device, dtype
         self.family = for_config(read_config(self.model_dir))  # unsupported: refused before any work
+        check_checkpoint_quantization(self.model_dir)  # refuse an unreadable format before any work
+        self.quantization = quantization_config(read_config(self.model_dir))
         self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
         self.config._attn_implementation = self.family.attn_implementation
         self.index = TensorIndex(self.model_dir)
@@ -138,7 +144,7 @@ class BlockwiseModel:
         if not names:
             raise ModelFolderError(f"{self.model_dir} has no tensors for block {index} "
                                    f"({self.family.layers_prefix}{index}.*)")
-        return self.index.read(names, self.device, self.dtype)
+        return self.index.read(names, self.device, self.dtype, self.quantization)
 
     def _materialise(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Fill ``module``'s buffers the way transformers initialises them, then load ``state``
@@ -178,7 +184,7 @@ class BlockwiseModel:
 
     def _load_outside_blocks(self) -> None:
         names = [n for n in self.index.location if layer_index(n) is None]
-        state = self.index.read(names, self.device, self.dtype)
+        state = self.index.read(names, self.device, self.dtype, self.quantization)
         setattr(self._owner, self._attr, nn.ModuleList())  # the blocks stay on meta
         try:
             self._materialise(self.skeleton, state)

@@ -23,6 +23,7 @@ from vllm_miprun.core.matrices import to_nested_list
 from vllm_miprun.model import architectures
 from vllm_miprun.model.blockwise import BlockwiseModel
 from vllm_miprun.model.checkpoint import ModelFolderError, read_config
+from vllm_miprun.model.quantization import check_checkpoint_quantization
 from vllm_miprun.model.fingerprint import model_fingerprint
 from vllm_miprun.options import CalibrationSettings, resolve_device
 
@@ -79,6 +80,7 @@ def calibrate(model_dir: str | Path, settings: CalibrationSettings, device: str 
               cache_dir: str | Path | None = None, force: bool = False, progress: bool = True) -> CalibrationResult:
     """Return the cached scores for these weights and settings, computing them if needed."""
     architectures.for_config(read_config(model_dir))  # not a model, or unsupported: refused before any work
+    check_checkpoint_quantization(model_dir, read_config(model_dir))  # not a model / unreadable format
     path, fingerprint = locate(model_dir, settings, cache_dir)
     key = calibration_key(settings)
     if path.exists() and not force:

@@ -19,6 +19,7 @@ from vllm_miprun.pipeline import store as score_cache
 from vllm_miprun.core import selection as selectors
 from vllm_miprun.core.selection.sleb import prefix_answers as sleb_prefix_answers
 from vllm_miprun.model.checkpoint import read_config
+from vllm_miprun.model.quantization import check_checkpoint_quantization
 from vllm_miprun.core.latency import LatencyModel
 from vllm_miprun.options import MiprunOptions, OptionError, check_drop, resolve_device
 
@@ -62,6 +63,7 @@ def make_plan(model_dir: str | Path, options: MiprunOptions, hf_config: dict | N
               progress: bool = True) -> Plan:
     """Choose the blocks to keep; raise ``OptionError``/``CacheError`` on bad input."""
     config = hf_config if hf_config is not None else read_config(model_dir)
+    check_checkpoint_quantization(model_dir, config)  # an unreadable format is refused before any work
     num_blocks = _num_blocks(config)
     try:
         protect = selectors.parse_protect(options.protect, num_blocks)

@@ -22,6 +22,7 @@ from vllm_miprun.model import weights
 from vllm_miprun.errors import run_command
 from vllm_miprun.option_flags import add_command_flags, given_options
 from vllm_miprun.options import MiprunOptions, OptionError, command_options
+from vllm_miprun.model.quant_remap import quantization_overrides
 
 # Files copied unchanged when present: tokenizer, chat template, generation settings.
 COPIED_FILES = (
@@ -37,7 +38,8 @@ def export_pruned(model_dir: str | Path, out_dir: str | Path, plan) -> Path:
     if out_dir.exists():
         raise OptionError(f"output folder {out_dir} already exists; remove it or pick another")
     hf_config = json.loads((model_dir / "config.json").read_text())
-    new_config = remap.remap_config(hf_config, plan.kept)
+    new_config = {**remap.remap_config(hf_config, plan.kept),
+                  **quantization_overrides(model_dir, hf_config, plan.kept)}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -67,7 +69,7 @@ def _write_weights(model_dir: Path, staging: Path, kept: list[int]) -> None:
         total_size += sum(t.numel() * t.element_size() for t in tensors.values())
     if len(files) > 1:
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        (staging / weights.INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        (staging / checkpoint.INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

@@ -56,17 +56,19 @@ sys.path.insert(0, str(ROOT))
 from vllm_miprun.core.gains import exact_kv_memory  # noqa: E402
 from vllm_miprun.core.latency import DTYPE_BYTES, ideal_speedup, mean_decode_context  # noqa: E402
 from vllm_miprun.core.profile_fit import make_profile, profile_problem  # noqa: E402
+from vllm_miprun.option_flags import add_command_flags, given_options  # noqa: E402
+from vllm_miprun.options import option  # noqa: E402
 from vllm_miprun.pipeline.speed_store import store_speed  # noqa: E402
 from vllm_miprun.tools import harness  # noqa: E402
 from vllm_miprun.tools import profiling as prof  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+PLAN_FLAGS = ("method", "samples", "seq_len", "cache_dir")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model folder (default: converted SmolLM2-135M)")
-    p.add_argument("--method", default="mi-prun", help="selection method; 'last' needs no calibration")
     p.add_argument("--keeps", default="1.0,0.875,0.75,0.5")
     p.add_argument("--export-keep", type=float, default=0.75)
     p.add_argument("--batch-sizes", default="1,4,16")
@@ -77,11 +79,12 @@ def parse_args(argv=None):
                    help="default: float32 on CPU (AVX2-only CPUs emulate bfloat16: prefill ~10x slower), "
                         "bfloat16 on CUDA")
     p.add_argument("--kv-cache-gib", type=float, default=0.25, help="at least this much KV memory")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="vLLM's device, and the device of any planning forward pass")
     p.add_argument("--no-eager", action="store_true", help="let vLLM compile / capture graphs")
-    p.add_argument("--samples", type=int, default=None, help="calibration samples of the score cache to use")
-    p.add_argument("--seq-len", type=int, default=None, help="calibration seq len of the score cache to use")
-    p.add_argument("--cache-dir", default=None, help="score cache folder (default $MIPRUN_CACHE_DIR)")
+    # Plan options from the option table; the score cache they name must exist ('last' needs none).
+    add_command_flags(p, [option(name) for name in PLAN_FLAGS],
+                      defaults={name: option(name).default for name in PLAN_FLAGS})
     p.add_argument("--profile-batch-size", type=int, default=1,
                    help="batch size whose decode latencies are fitted into the stored profile")
     p.add_argument("--no-store", action="store_true", help="do not write profile/throughput to the caches")
@@ -98,29 +101,15 @@ def parse_args(argv=None):
     return args
 
 
-def options_for(args, keep):
-    from vllm_miprun.options import CalibrationSettings, MiprunOptions
-
-    calib = {}
-    if args.samples is not None:
-        calib["samples"] = args.samples
-    if args.seq_len is not None:
-        calib["seq_len"] = args.seq_len
-    return MiprunOptions(keep=keep, method=args.method, cache_dir=args.cache_dir, device=args.device,
-                         require_cache=True, calibration=CalibrationSettings(**calib))
-
-
 def extra_for(args, keep):
-    extra = {"keep": keep, "method": args.method, "require_cache": True}
-    if args.samples is not None:
-        extra["samples"] = args.samples
-    if args.seq_len is not None:
-        extra["seq_len"] = args.seq_len
-    if args.cache_dir:
-        extra["cache_dir"] = args.cache_dir
-    if args.device != "cpu":
-        extra["device"] = args.device
-    return extra
+    """One miprun run's plan options: its engine's extra config, and the plan made here first."""
+    return {"keep": keep, "require_cache": True, "device": args.device, **given_options(args)}
+
+
+def options_for(args, keep):
+    from vllm_miprun.options import MiprunOptions
+
+    return MiprunOptions.from_dict(extra_for(args, keep))
 
 
 def main(argv=None) -> int:

@@ -14,6 +14,9 @@ Stages (``--stage``):
              full model (kl), on 2 or 4 calibration sequences (``--variants``)
   variant    one configuration end to end for seeds 0..4: stability, time, perplexity
 
+The model is SmolLM2-135M unless ``--model DIR`` names another Hugging Face folder; its
+shape (blocks, hidden size) is read from its ``config.json``.
+
 Run: ``python benchmarks/mi_research.py --stage table --out benchmarks/results/mi_research.json``
 """
 
@@ -35,23 +38,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm_miprun.tools import assets  # noqa: E402
 from vllm_miprun.model.blockwise import BlockwiseModel  # noqa: E402
+from vllm_miprun.model.checkpoint import read_config  # noqa: E402
 
 CACHE = Path(os.environ.get("MIPRUN_RESEARCH_CACHE", "/tmp/miprun_research"))
 CACHE.mkdir(parents=True, exist_ok=True)
-DROPS = (3, 6, 8, 12)  # keep 0.9, 0.8, 0.75, 0.6 of 30 blocks (round half up)
+DROPS = (3, 6, 8, 12)  # the first sessions' drop counts (of SmolLM2's 30 blocks: keep 27, 24, 22, 18)
 
 torch.set_num_threads(int(os.environ.get("MIPRUN_THREADS", "2")))
 
+_MODEL_DIR: Path | None = None  # --model; SmolLM2-135M when unset
 _MODEL = None
 _TOK = None
 _STATES: dict = {}
 COUNTER = {"block_passes": 0, "block_tokens": 0}
 
 
+def model_dir() -> Path:
+    return _MODEL_DIR or assets.smollm2_dir()
+
+
+def shape() -> tuple[int, int]:
+    """(number of blocks, hidden size) from the model's config.json."""
+    config = read_config(model_dir())
+    return int(config["num_hidden_layers"]), int(config["hidden_size"])
+
+
+def num_blocks() -> int:
+    return shape()[0]
+
+
 def model() -> BlockwiseModel:
     global _MODEL
     if _MODEL is None:
-        _MODEL = BlockwiseModel(assets.smollm2_dir(), resident_blocks=True)
+        _MODEL = BlockwiseModel(model_dir(), resident_blocks=True)
     return _MODEL
 
 
@@ -60,7 +79,7 @@ def tokenizer():
     if _TOK is None:
         from transformers import AutoTokenizer
 
-        _TOK = AutoTokenizer.from_pretrained(str(assets.smollm2_dir()))
+        _TOK = AutoTokenizer.from_pretrained(str(model_dir()))
     return _TOK
 
 
@@ -204,7 +223,8 @@ def run_sleb(max_drop: int = 12, samples: int = SLEB_SAMPLES, seq_len: int = SLE
     return trace
 
 
-def sleb_naive_passes(drop: int, L: int = 30) -> int:
+def sleb_naive_passes(drop: int, L: int | None = None) -> int:
+    L = num_blocks() if L is None else L
     return sum((L - r) * (L - r - 1) for r in range(drop))
 
 
@@ -319,7 +339,7 @@ def cost_variants(seed: int = 0) -> dict[str, np.ndarray]:
         out["gap_rms:I-Iskip"] = raw["mi_rms_full"] - raw["skip_rms"]
         out["gap_rms:1-Iskip/I"] = 1.0 - raw["skip_rms"] / np.maximum(raw["mi_rms_full"], 1e-9)
         out["gap_full:1-Iskip/I"] = 1.0 - raw["skip_full"] / np.maximum(raw["mi_full"], 1e-9)
-    d = 576
+    _, d = shape()
     out["iso_rms:exp(-2I/d)"] = np.exp(-2.0 * raw["iso_skip_rms"] / d)
     out["cos:1-cos"] = 1.0 - raw["cos"]
     out["angular_last"] = ang
@@ -339,7 +359,7 @@ def baselines(drop, seed=0):
     return {
         "shortgpt": tuple(select_shortgpt(bi, drop).pruned),
         "angular": tuple(select_angular(ang, drop).pruned),
-        "last": tuple(select_last(30, drop).pruned),
+        "last": tuple(select_last(num_blocks(), drop).pruned),
     }
 
 
@@ -371,11 +391,12 @@ def calib_evaluator(samples: int = SLEB_SAMPLES, seq_len: int = SLEB_SEQ, seed: 
 def track_b(cost_name: str, search: str, max_drop: int = 12, seed: int = 0, **kw) -> dict:
     """Run one track-B search; returns per-drop pruned sets and block passes (incl. the
     one full pass on the calibration batch)."""
-    from vllm_miprun.pipeline.refine import mi_guided_greedy, swap_refine
+    from vllm_miprun.core.selection import mi_guided_greedy, swap_refine
 
     name, _, power = cost_name.partition("^")
     cost = cost_variants(seed)[name] ** (float(power) if power else 1.0)
     out = {}
+    full_pass = num_blocks()  # the one full pass on the calibration batch
     if search == "greedy":
         ev = calib_evaluator(seed=seed)
         sel = mi_guided_greedy(ev, cost, max_drop, **kw)
@@ -383,12 +404,12 @@ def track_b(cost_name: str, search: str, max_drop: int = 12, seed: int = 0, **kw
         for drop in DROPS:
             t = trace[drop - 1]
             out[drop] = {"pruned": sorted(x["block"] for x in trace[:drop]),
-                         "block_passes": t["block_passes"] + 30, "evaluations": t["evaluations"]}
+                         "block_passes": t["block_passes"] + full_pass, "evaluations": t["evaluations"]}
     else:
         for drop in DROPS:
             ev = calib_evaluator(seed=seed)
             sel = swap_refine(ev, cost, drop, **kw)
-            out[drop] = {"pruned": list(sel.pruned), "block_passes": ev.block_passes + 30,
+            out[drop] = {"pruned": list(sel.pruned), "block_passes": ev.block_passes + full_pass,
                          "evaluations": len(ev.memo)}
     return out
 
@@ -400,7 +421,7 @@ def jaccard_mean(sets) -> float:
 
 def stability(cost_name: str, drops=(6, 8), seeds=range(5), greedy_candidates: int | None = None) -> dict:
     """Mean pairwise Jaccard of pruned sets over calibration seeds, MI-PRUN vs ShortGPT."""
-    from vllm_miprun.pipeline.refine import mi_guided_greedy
+    from vllm_miprun.core.selection import mi_guided_greedy
 
     sets: dict = {}
     for seed in seeds:
@@ -424,7 +445,7 @@ def final_table(rows: int, trackb_tag: str, tracka_cost: str, corpora=("wiki", "
     tb = json.loads((CACHE / "trackb.json").read_text()).get(trackb_tag, {})
     name, _, power = tracka_cost.partition("^")
     cost_a = cost_variants(0)[name] ** (float(power) if power else 1.0)
-    L = 30
+    L = num_blocks()
     table = {"rows": rows, "seq_len": 512, "dense": {c: eval_ppl((), c, rows=rows) for c in corpora}, "drops": {}}
     for drop in DROPS:
         sets = dict(baselines(drop))
@@ -462,7 +483,7 @@ def lean_scores(seed: int, samples: int = 8, seq_len: int = 256, power: float = 
     rows = _mi_rows(samples, seq_len, 4096, seed)
     xs = [s.flatten(0, 1)[rows] for s in states]
     iso = scoring.isotropic_skip_mi_matrix(xs)
-    bi = [1.0 - scoring.mean_cosine(states[b].flatten(0, 1), states[b + 1].flatten(0, 1)) for b in range(30)]
+    bi = [1.0 - scoring.mean_cosine(states[b].flatten(0, 1), states[b + 1].flatten(0, 1)) for b in range(num_blocks())]
     ang = scoring.angular_matrix([s[:, -1] for s in states])
     return skip_cost(iso, xs[0].shape[1], power), np.array(bi), ang
 
@@ -484,7 +505,8 @@ def lean_stability(drops=DROPS, seeds=range(5)) -> dict:
 def refined_stability(max_drop: int = 6, seeds=range(5), candidates: int = 3) -> dict:
     """Pruned sets of the refined MI-PRUN (greedy, BA bound on each seed's own 4x128
     calibration tokens, span cost from that seed's 8x256 calibration rows)."""
-    from vllm_miprun.pipeline.refine import CalibrationCE, mi_guided_greedy
+    from vllm_miprun.core.selection import mi_guided_greedy
+    from vllm_miprun.pipeline.refine import CalibrationCE
 
     path = CACHE / "refined_stability.json"
     out = json.loads(path.read_text()) if path.exists() else {}
@@ -508,8 +530,8 @@ def refined_stability(max_drop: int = 6, seeds=range(5), candidates: int = 3) ->
 def portfolio_stability(drops=(3, 6), seeds=range(5)) -> dict:
     """Stability of the default (portfolio): per seed, BA-arbitrate between the greedy
     trace prefix (from refined_stability) and the exact span-cost optima at powers 1, 2."""
-    from vllm_miprun.pipeline.refine import CalibrationCE, portfolio_refine
-    from vllm_miprun.core.selection import exact_select
+    from vllm_miprun.core.selection import exact_select, portfolio_refine
+    from vllm_miprun.pipeline.refine import CalibrationCE
 
     orders = json.loads((CACHE / "refined_stability.json").read_text())
     sets: dict = {}
@@ -524,7 +546,7 @@ def portfolio_stability(drops=(3, 6), seeds=range(5)) -> dict:
         for drop in drops:
             props = {"greedy": orders[str(seed)][:drop], "dp_p1": exact_select(cost1, drop).pruned,
                      "dp_p2": exact_select(cost2, drop).pruned}
-            sel = portfolio_refine(ev, props, 30)
+            sel = portfolio_refine(ev, props, num_blocks())
             sets.setdefault(f"mi-prun-portfolio@{drop}", []).append(tuple(sel.pruned))
             print(seed, drop, sel.details["chosen"], sel.pruned, flush=True)
     return {k: {"jaccard": jaccard_mean(v), "sets": [list(x) for x in v]} for k, v in sets.items()}
@@ -539,7 +561,7 @@ def product_cost(seed: int = 0):
     from vllm_miprun.core.span_cost import span_cost_matrix
     from vllm_miprun.options import CalibrationSettings
 
-    result = calibrate(assets.smollm2_dir(), CalibrationSettings(seed=seed), cache_dir=CACHE / "caches",
+    result = calibrate(model_dir(), CalibrationSettings(seed=seed), cache_dir=CACHE / "caches",
                        progress=False)
     return span_cost_matrix(result.cache)
 
@@ -549,7 +571,7 @@ def product_ids(seed: int = 0, samples: int = 4) -> torch.Tensor:
     from vllm_miprun.pipeline.calibrate import calibration_ids
     from vllm_miprun.options import CalibrationSettings
 
-    return calibration_ids(assets.smollm2_dir(), CalibrationSettings(seed=seed))[:samples]
+    return calibration_ids(model_dir(), CalibrationSettings(seed=seed))[:samples]
 
 
 def objective_stage(variants, drops=DROPS, rows: int = 8, seed: int = 0, out: Path | None = None) -> dict:
@@ -577,7 +599,7 @@ def objective_stage(variants, drops=DROPS, rows: int = 8, seed: int = 0, out: Pa
             if key in res:
                 continue
             t = time.perf_counter()
-            sel = refine(assets.smollm2_dir(), ids, cost, drop, model=model(), objective=objective,
+            sel = refine(model_dir(), ids, cost, drop, model=model(), objective=objective,
                          candidates=candidates)
             seconds = time.perf_counter() - t
             pr = list(sel.pruned)
@@ -590,11 +612,18 @@ def objective_stage(variants, drops=DROPS, rows: int = 8, seed: int = 0, out: Pa
     return res
 
 
-QUALITY_DROPS = (3, 6, 7, 12)  # what the quality table prunes at keep 0.9, 0.8, 0.75, 0.6 of 30
+QUALITY_KEEPS = (0.9, 0.8, 0.75, 0.6)  # the quality table's keep ratios (SmolLM2: drop 3, 6, 7, 12)
+
+
+def quality_drops() -> tuple[int, ...]:
+    """The blocks the quality table prunes at each of ``QUALITY_KEEPS`` for this model."""
+    from vllm_miprun.core.selection import prune_count
+
+    return tuple(prune_count(keep, num_blocks()) for keep in QUALITY_KEEPS)
 
 
 def variant_stage(objective: str, bound_samples: int, candidates: int, calib_samples: int,
-                  seeds=range(5), drops=QUALITY_DROPS, rows: int = 8, out: Path | None = None) -> dict:
+                  seeds=range(5), drops=None, rows: int = 8, out: Path | None = None) -> dict:
     """One MI-PRUN configuration end to end for each calibration seed: the score cache
     (``calib_samples`` x 256 tokens, timed), then ``refine`` under ``objective`` on the
     first ``bound_samples`` sequences (timed per drop). Held-out perplexity for seed 0,
@@ -604,6 +633,7 @@ def variant_stage(objective: str, bound_samples: int, candidates: int, calib_sam
     from vllm_miprun.options import CalibrationSettings
     from vllm_miprun.pipeline.refine import refine
 
+    drops = quality_drops() if drops is None else drops
     tag = f"{objective}|bound{bound_samples}|c{candidates}|calib{calib_samples}"
     path = out or CACHE / "variants.json"
     res = json.loads(path.read_text()) if path.exists() else {}
@@ -612,14 +642,14 @@ def variant_stage(objective: str, bound_samples: int, candidates: int, calib_sam
         if str(seed) in entry["seeds"]:
             continue
         settings = CalibrationSettings(samples=calib_samples, seed=seed)
-        cache = calibrate(assets.smollm2_dir(), settings, cache_dir=CACHE / "caches", progress=False).cache
+        cache = calibrate(model_dir(), settings, cache_dir=CACHE / "caches", progress=False).cache
         calib_s = cache.timings["total_s"]  # the cache's own timing, also when it was reused
         cost = span_cost_matrix(cache)
-        ids = calibration_ids(assets.smollm2_dir(), settings)[:bound_samples]
+        ids = calibration_ids(model_dir(), settings)[:bound_samples]
         runs = {}
         for drop in drops:
             t = time.perf_counter()
-            sel = refine(assets.smollm2_dir(), ids, cost, drop, model=model(), objective=objective,
+            sel = refine(model_dir(), ids, cost, drop, model=model(), objective=objective,
                          candidates=candidates)
             runs[str(drop)] = {"pruned": list(sel.pruned), "seconds": time.perf_counter() - t,
                                "block_passes": sel.details["block_passes"], "chosen": sel.details.get("chosen")}
@@ -643,6 +673,7 @@ def variant_stage(objective: str, bound_samples: int, candidates: int, calib_sam
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", required=True)
+    ap.add_argument("--model", default=None, help="Hugging Face model folder (default: SmolLM2-135M)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--cost", default="iso_rms:exp(-2I/d)^2")
     ap.add_argument("--search", default="greedy")
@@ -653,6 +684,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--trackb", default="iso_rms:exp(-2I/d)^2|greedy|c3")
     args = ap.parse_args()
+    global _MODEL_DIR, CACHE
+    if args.model:  # another model's states and perplexities must not mix with SmolLM2's
+        _MODEL_DIR = Path(args.model).resolve()
+        CACHE = CACHE / _MODEL_DIR.name
+        CACHE.mkdir(parents=True, exist_ok=True)
     if args.stage == "states":
         t = time.time()
         boundary_states("wiki", "calibration", 16, 256, 0)

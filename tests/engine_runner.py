@@ -7,7 +7,7 @@ import time); one result line per spec, in order.
 
 Keys: model, load_format (default "auto"), extra (model_loader_extra_config),
 tp (tensor_parallel_size), prompts, max_tokens, kv_bytes (kv_cache_memory_bytes),
-logprobs (top-k logprobs to return).
+logprobs (top-k logprobs to return), dtype (default float32), hf_overrides.
 Output keys: tokens (list per prompt), logprobs (top-1 logprob per step),
 num_gpu_blocks, block_size, kv_tokens, num_hidden_layers, kept.
 """
@@ -33,7 +33,8 @@ def run(spec: dict) -> dict:
         model_loader_extra_config=spec.get("extra") or {},
         tensor_parallel_size=spec.get("tp", 1),
         enforce_eager=True,
-        dtype="float32",
+        dtype=spec.get("dtype", "float32"),
+        hf_overrides=spec.get("hf_overrides") or {},
         max_model_len=spec.get("max_model_len", 512),
         kv_cache_memory_bytes=spec.get("kv_bytes", 64 * 2**20),
         seed=0,

@@ -34,6 +34,10 @@ def _engine_args(parser, *argv):
     (["--miprun-keep", "abc"], "got 'abc'"),
     (["--miprun-keep", "nan"], "got 'nan'"),
     (["--miprun-method", "nope"], "invalid choice: 'nope'"),
+    (["--miprun-latency-budget", "fast"], "cannot read latency budget 'fast'"),
+    (["--miprun-drop", "18-12"], "drop range '18-12' runs backwards"),
+    (["--miprun-device", "tpu"], "device must be one of auto, cpu, cuda or cuda:N"),
+    (["--miprun-samples", "0"], "samples must be an integer >= 1"),
 ])
 def test_bad_flag_values_are_argparse_errors(serve_parser, tiny_llama_dir, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_:
@@ -51,6 +55,23 @@ def test_flags_become_extra_config_and_imply_miprun(serve_parser, tiny_llama_dir
     assert args.hf_overrides["num_hidden_layers"] == 4
 
 
+def test_every_table_option_is_a_serve_flag(serve_parser):
+    from vllm_miprun.options import OPTIONS
+
+    flags = serve_parser._option_string_actions
+    assert all(row.serve_flag in flags and flags[row.serve_flag].help.startswith(row.help.replace("`", "")[:20])
+               for row in OPTIONS)
+
+
+def test_drop_flag_prunes_exactly_those_blocks(serve_parser, tiny_llama_dir):
+    args = _engine_args(serve_parser, "--model", str(tiny_llama_dir), "--miprun-drop", "1-2,5",
+                        "--model-loader-extra-config", '{"drop": [1, 2, 5]}')  # same blocks: no conflict
+    assert args.load_format == "miprun"
+    assert args.model_loader_extra_config == {"drop": [1, 2, 5]}
+    assert args.hf_overrides[remap.KEPT_FIELD] == [0, 3, 4, 6, 7]
+    assert args.hf_overrides["num_hidden_layers"] == 5
+
+
 def test_dotted_extra_config_plans_too(serve_parser, tiny_llama_dir):
     args = _engine_args(serve_parser, "--model", str(tiny_llama_dir), "--load-format", "miprun",
                         "--model-loader-extra-config.keep", "0.75",
@@ -60,6 +81,9 @@ def test_dotted_extra_config_plans_too(serve_parser, tiny_llama_dir):
 
 @pytest.mark.parametrize("flags, message", [
     (["--miprun-keep", "0.5", "--miprun-latency-budget", "0.8"], "not both"),
+    (["--miprun-keep", "0.5", "--miprun-drop", "3"], "give either keep or drop, not both"),
+    (["--miprun-drop", "3-9"], "but the model has 8 blocks"),
+    (["--miprun-drop", "3", "--model-loader-extra-config", '{"drop": "4"}'], "given twice"),
     (["--miprun-keep", "0.5", "--model-loader-extra-config", '{"keep": 0.75}'], "given twice"),
     (["--miprun-keep", "0.5", "--load-format", "safetensors"], "--load-format miprun"),
     (["--load-format", "miprun"], "miprun needs a target"),
@@ -130,3 +154,49 @@ def test_missing_cache_with_require_cache_exits_with_one_line(serve_parser, tiny
     message = _exit_message(serve_parser, tiny_llama_dir, "--miprun-keep", "0.75", "--miprun-require-cache",
                             "--model-loader-extra-config", f'{{"cache_dir": "{tmp_path}"}}')
     assert "require_cache is set" in message and "vllm-miprun calibrate" in message
+
+
+# --- vllm-miprun export: every MiprunError is one line and exit status 2 -----------------
+
+
+def _export_exit(capsys, *argv) -> str:
+    from vllm_miprun.tools import cli
+
+    assert cli.main(["export", *map(str, argv)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vllm-miprun export: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_export_with_a_missing_cache_exits_2(tiny_llama_dir, tmp_path, capsys):
+    err = _export_exit(capsys, tiny_llama_dir, tmp_path / "out", "--keep", "0.75", "--require-cache",
+                       "--cache-dir", tmp_path / "scores")
+    assert "require_cache is set" in err and not (tmp_path / "out").exists()
+
+
+def test_export_with_a_cache_for_other_weights_exits_2(tiny_llama_dir, foreign_cache, tmp_path, capsys):
+    err = _export_exit(capsys, tiny_llama_dir, tmp_path / "out", "--keep", "0.75", "--scores", foreign_cache)
+    assert "belongs to other weights" in err and not (tmp_path / "out").exists()
+
+
+def test_export_of_a_folder_without_safetensors_exits_2(tiny_llama_dir, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "no-weights"
+    shutil.copytree(tiny_llama_dir, folder, ignore=shutil.ignore_patterns("*.safetensors*"))
+    err = _export_exit(capsys, folder, tmp_path / "out", "--drop", "3-4")
+    assert "holds no *.safetensors files" in err and not (tmp_path / "out").exists()
+    err = _export_exit(capsys, tmp_path / "missing", tmp_path / "out", "--keep", "0.5", "--method", "last")
+    assert "has no config.json" in err
+
+
+def test_export_with_drop_writes_the_kept_blocks(tiny_llama_dir, tmp_path, capsys):
+    import json
+
+    from vllm_miprun.tools import cli
+
+    assert cli.main(["export", str(tiny_llama_dir), str(tmp_path / "out"), "--drop", "0,6-7"]) == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config[remap.KEPT_FIELD] == [1, 2, 3, 4, 5] and config["num_hidden_layers"] == 5
+    assert json.loads((tmp_path / "out" / "miprun_plan.json").read_text())["method"] == "drop"

@@ -51,6 +51,8 @@ def test_export_refuses_existing_output(tiny_llama_dir, tmp_path):
 
 
 def test_export_main_reports_bad_keep_without_writing(tiny_llama_dir, tmp_path, capsys):
-    assert export_main([str(tiny_llama_dir), str(tmp_path / "out"), "--keep", "1.5"]) == 1
+    with pytest.raises(SystemExit) as exit_:  # argparse checks the value with the option's parser
+        export_main([str(tiny_llama_dir), str(tmp_path / "out"), "--keep", "1.5"])
+    assert exit_.value.code == 2
     assert "keep must be a number" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -84,7 +84,8 @@ def llama_runs(tiny_llama_dir, tiny_qwen2_dir, tiny_qwen3_dir, tiny_mistral_dir,
         "stock": {"model": str(tiny_llama_dir), "kv_bytes": KV_BYTES},
         "keep1": {"model": str(tiny_llama_dir), "extra": {"keep": 1.0, "method": "last"}, **miprun},
         "half": {"model": str(tiny_llama_dir), "extra": KEEP_HALF, **miprun},
-        "stripped": {"model": str(stripped), "extra": KEEP_HALF, **miprun},
+        # The same blocks named with the drop option: no selection, same plan, same tokens.
+        "stripped": {"model": str(stripped), "extra": {"drop": "3-6"}, **miprun},
         "exported": {"model": str(exported), "kv_bytes": KV_BYTES},
         "qwen2": {"model": str(tiny_qwen2_dir), "extra": KEEP_HALF, **miprun},
         "qwen3": {"model": str(tiny_qwen3_dir), "extra": KEEP_HALF, **miprun},
@@ -113,7 +114,8 @@ def test_kv_capacity_grows_by_exactly_l_over_k(llama_runs):
 
 
 def test_checkpoint_without_pruned_tensors_loads_with_same_plan(llama_runs):
-    assert llama_runs["stripped"]["kept"] == llama_runs["half"]["kept"]
+    """Planned with drop 3-6 (the blocks "last" prunes at keep 0.5) on a checkpoint without them."""
+    assert llama_runs["stripped"]["kept"] == llama_runs["half"]["kept"] == KEPT_HALF
     assert llama_runs["stripped"]["tokens"] == llama_runs["half"]["tokens"]
 
 

@@ -35,7 +35,7 @@ def test_span_cost_is_monotone_and_uses_skip_mi(calibrated):
 
 def test_renyi_cache_is_priced_by_its_own_span_mi(tiny_llama_dir, tmp_path):
     from vllm_miprun.core.span_cost import mi_fallback_cost, skip_cost
-    from vllm_miprun.core.scoring import from_nested_list
+    from vllm_miprun.core.matrices import from_nested_list
 
     renyi = calibrate(tiny_llama_dir, CalibrationSettings(samples=4, seq_len=32, estimator="renyi"),
                       cache_dir=tmp_path, progress=False).cache

@@ -78,7 +78,7 @@ def test_neutral_index_fields_are_accepted():
 
 
 def test_unsupported_architecture_lists_the_supported_ones():
-    config = _llama(architectures=["DeepseekV3ForCausalLM"])
+    config = _llama(architectures=["GPT2LMHeadModel"])
     with pytest.raises(OptionError) as error:
         remap.remap_config(config, [0])
     for arch in remap.SUPPORTED_ARCHITECTURES:
@@ -95,6 +95,67 @@ def test_already_pruned_config_is_refused():
     pruned = remap.remap_config(_llama(), [0, 7])
     with pytest.raises(OptionError, match="already pruned"):
         remap.remap_config(pruned, [0])
+
+
+def _family(arch: str, model_type: str, num_layers: int = 8, **extra) -> dict:
+    return _llama(num_layers, architectures=[arch], model_type=model_type, **extra)
+
+
+def _qwen3_moe_kinds(config: dict) -> list[bool]:
+    """Sparse or dense per block, by the rule transformers and vLLM apply."""
+    from vllm_miprun.model.architectures.qwen3_moe import is_sparse
+
+    step, mlp_only = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers", []))
+    return [is_sparse(i, mlp_only, step, config["num_experts"]) for i in range(config["num_hidden_layers"])]
+
+
+@pytest.mark.parametrize("step, mlp_only, kept", [
+    (1, [2, 5], [0, 2, 3, 5, 7]), (2, [0], [0, 1, 3]), (3, [], [1, 2, 4, 5, 7]), (2, [1, 3], [3, 4, 5]),
+])
+def test_qwen3_moe_kept_blocks_keep_their_kind(step, mlp_only, kept):
+    config = _family("Qwen3MoeForCausalLM", "qwen3_moe", num_experts=4, decoder_sparse_step=step,
+                     mlp_only_layers=mlp_only)
+    new = remap.remap_config(config, kept)
+    old_kinds = _qwen3_moe_kinds(config)
+    assert _qwen3_moe_kinds(new) == [old_kinds[k] for k in kept]
+    if step == 1:
+        assert "decoder_sparse_step" not in remap.config_overrides(config, kept)  # minimal change
+
+
+def test_deepseek_dense_prefix_is_renumbered_and_mtp_dropped():
+    config = _family("DeepseekV3ForCausalLM", "deepseek_v3", first_k_dense_replace=3, num_nextn_predict_layers=1)
+    new = remap.remap_config(config, [0, 2, 5, 7])
+    assert new["first_k_dense_replace"] == 2 and new["num_nextn_predict_layers"] == 0
+    assert remap.remap_config(config, [4, 5])["first_k_dense_replace"] == 0
+
+
+def test_deepseek_moe_layer_freq_is_refused_naming_it():
+    config = _family("DeepseekV2ForCausalLM", "deepseek_v2", first_k_dense_replace=1, moe_layer_freq=2)
+    with pytest.raises(OptionError, match="moe_layer_freq=2"):
+        remap.check_architecture(config)
+
+
+def test_llama4_moe_layers_are_renumbered_or_refused():
+    config = _family("Llama4ForCausalLM", "llama4_text", interleave_moe_layer_step=2)  # MoE at 1, 3, 5, 7
+    new = remap.remap_config(config, [0, 1, 4, 5])
+    assert new["moe_layers"] == [1, 3] and new.get("interleave_moe_layer_step") == 2
+    assert len(new["no_rope_layers"]) == 4 and len(new["layer_types"]) == 4  # derived, then sliced
+    assert remap.remap_config(config, [1, 3])["interleave_moe_layer_step"] == 1
+    with pytest.raises(OptionError, match="interleave_moe_layer_step"):
+        remap.remap_config(config, [0, 2, 3])
+
+
+def test_gemma2_layer_types_are_derived_when_config_json_omits_them():
+    new = remap.remap_config(_family("Gemma2ForCausalLM", "gemma2", sliding_window=64), [0, 2, 3])
+    assert new["layer_types"] == ["sliding_attention", "sliding_attention", "full_attention"]
+
+
+def test_every_family_is_in_the_one_table():
+    from vllm_miprun.model import architectures
+
+    assert set(remap.SUPPORTED_ARCHITECTURES) == set(architectures.BY_ARCHITECTURE)
+    for arch in ("LlamaForCausalLM", "Gemma3ForCausalLM", "Qwen3MoeForCausalLM", "Llama4ForCausalLM"):
+        assert arch in remap.SUPPORTED_ARCHITECTURES
 
 
 def test_renamed_weight():

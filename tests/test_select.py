@@ -14,6 +14,8 @@ from vllm_miprun.core.selection import (
     fast_block_select,
     keep_count,
     maximal_runs,
+    mi_guided_greedy,
+    mi_prun_search,
     objective_value,
     parse_protect,
     prune_count,
@@ -25,6 +27,7 @@ from vllm_miprun.core.selection import (
     select_shortgpt,
     select_sleb,
 )
+from vllm_miprun.core.selection.sleb import prefix_answers
 
 
 def brute_force(cost, k, protect=frozenset()):
@@ -227,6 +230,43 @@ def test_sleb_is_greedy_and_counts_calls():
     assert chosen.details["trace"][0]["block"] == 1
     with pytest.raises(ValueError, match="evaluate"):
         select_sleb(5, 2)
+
+
+def test_sleb_trace_prefixes_are_its_answers_for_smaller_counts():
+    cost = random_dpi_cost(10, np.random.default_rng(4))
+
+    def evaluate(pruned):
+        return objective_value(cost, pruned)
+
+    deep = select_sleb(10, 5, {0}, evaluate=evaluate)
+    answers = prefix_answers(deep)
+    assert sorted(answers) == [1, 2, 3, 4, 5] and answers[5] == list(deep.pruned)
+    for count in range(1, 5):
+        assert answers[count] == list(select_sleb(10, count, {0}, evaluate=evaluate).pruned)
+    assert prefix_answers(select_sleb(10, 0, evaluate=evaluate)) == {}
+
+
+def test_mi_prun_search_keeps_the_proposal_with_the_lowest_loss():
+    # The loss disagrees with the span cost: it punishes block 2 heavily, which the cost likes.
+    L = 10
+    cost = random_dpi_cost(L, np.random.default_rng(7))
+    calls = []
+
+    def loss(pruned):
+        calls.append(pruned)
+        return objective_value(cost, pruned) + (100.0 if 2 in pruned else 0.0)
+
+    chosen = mi_prun_search(loss, cost, 3, protect={0}, candidates=2)
+    scores = chosen.details["scores"]
+    assert set(scores) == {"greedy", "span_fbs_p1", "span_fbs_p2"}
+    assert scores[chosen.details["chosen"]]["pruned"] == list(chosen.pruned)
+    assert all(scores[chosen.details["chosen"]]["loss"] <= s["loss"] for s in scores.values())
+    assert chosen.run_evaluations == len({frozenset(s["pruned"]) for s in scores.values()})
+    assert 0 not in chosen.pruned and all(0 not in p for p in calls)
+    greedy = mi_guided_greedy(loss, cost, 3, {0}, candidates=2)
+    assert scores["greedy"]["pruned"] == list(greedy.pruned)
+    assert chosen.details["greedy_trace"] == greedy.details["trace"]
+    assert mi_prun_search(loss, cost, 0).pruned == ()
 
 
 def test_dispatcher_runs_every_method():

@@ -1,9 +1,16 @@
 """Tiny seeded random Hugging Face models that vLLM CPU and transformers both load.
 
-Each model is a real architecture (Llama, Qwen2, Qwen3, Mistral) with random weights,
-saved with safetensors next to a small byte-level BPE tokenizer trained on the bundled
-Wikipedia corpus. Nothing is downloaded. Head size 128 / 4 = 32 is one the CPU
-attention backend accepts, and 4 query / 2 KV heads split over tensor parallel size 2.
+Each model is a real architecture (Llama, Qwen2, Qwen3, Mistral, and every family in
+``FAMILY_ARCHS``) with random weights, saved with safetensors next to a small byte-level
+BPE tokenizer trained on the bundled Wikipedia corpus. Nothing is downloaded. Head size
+32 is one the CPU attention backend accepts, and 4 query / 2 KV heads split over tensor
+parallel size 2.
+
+The family configs are small but not plain: short sliding windows (8 tokens) so windows
+bite on test sequences, soft-capping, embedding and logit multipliers, and MoE blocks
+mixed with dense ones. Where transformers derives a per-layer field (Gemma's
+``layer_types``, Llama 4's ``no_rope_layers``), ``config.json`` is written without it,
+as real checkpoints ship, so the pruner must derive it too.
 """
 
 from __future__ import annotations
@@ -13,6 +20,15 @@ import tempfile
 from pathlib import Path
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+# Every family the architecture tests cover: {arch key: per-layer fields to drop from config.json}.
+FAMILY_ARCHS = {
+    "llama": (), "mistral": (), "qwen2": (), "qwen3": (),
+    "gemma2": ("layer_types",), "gemma3": ("layer_types",), "cohere2": ("layer_types",),
+    "phi3": (), "olmo2": (), "granite": (), "mixtral": (), "qwen3_moe": (),
+    "deepseek_v2": (), "deepseek_v3": (), "llama4": ("no_rope_layers", "layer_types"),
+}
+WINDOW = 8  # sliding window of the windowed families, shorter than the test sequences
+WINDOW_PATTERN = 2  # Gemma 3 and Cohere2: every 2nd block attends globally
 VOCAB_SIZE = 512
 CORPUS_BYTES = 200_000
 
@@ -83,7 +99,54 @@ def _config(arch: str, num_layers: int, hidden_size: int, num_heads: int, num_kv
         )
     if arch == "mistral":
         return transformers.MistralConfig(**common, sliding_window=None)
-    raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    return _family_config(arch, common, hidden_size // num_heads)
+
+
+def _family_config(arch: str, common: dict, head_dim: int):
+    """The newer families: each with the quirk the block runner and the remap must honour."""
+    import transformers
+
+    moe = dict(num_experts_per_tok=2)
+    if arch == "gemma2":  # alternating windows, both soft-caps, tied embeddings
+        return transformers.Gemma2Config(**{**common, "tie_word_embeddings": True}, head_dim=head_dim,
+                                         query_pre_attn_scalar=head_dim, sliding_window=WINDOW,
+                                         attn_logit_softcapping=5.0, final_logit_softcapping=3.0)
+    if arch == "gemma3":  # pattern 2: sliding, full, sliding, full; rope per layer type
+        return transformers.Gemma3TextConfig(**{**common, "tie_word_embeddings": True}, head_dim=head_dim,
+                                             query_pre_attn_scalar=head_dim, sliding_window=WINDOW,
+                                             sliding_window_pattern=WINDOW_PATTERN, final_logit_softcapping=3.0)
+    if arch == "cohere2":
+        return transformers.Cohere2Config(**{**common, "tie_word_embeddings": True}, sliding_window=WINDOW,
+                                          sliding_window_pattern=WINDOW_PATTERN, logit_scale=0.5)
+    if arch == "phi3":
+        return transformers.Phi3Config(**common, pad_token_id=None)
+    if arch == "olmo2":
+        return transformers.Olmo2Config(**common, pad_token_id=None)
+    if arch == "granite":
+        return transformers.GraniteConfig(**common, embedding_multiplier=4.0, logits_scaling=2.0,
+                                          residual_multiplier=0.5, attention_multiplier=head_dim ** -0.5)
+    if arch == "mixtral":
+        return transformers.MixtralConfig(**common, num_local_experts=4, sliding_window=None, **moe)
+    if arch == "qwen3_moe":  # step 2 and block 0 dense: dense, sparse, dense, sparse
+        return transformers.Qwen3MoeConfig(**common, head_dim=head_dim, num_experts=4, moe_intermediate_size=64,
+                                           decoder_sparse_step=2, mlp_only_layers=[0], use_sliding_window=False,
+                                           **moe)
+    if arch in ("deepseek_v2", "deepseek_v3"):  # MLA attention; first block dense, the rest MoE
+        config_class = transformers.DeepseekV2Config if arch == "deepseek_v2" else transformers.DeepseekV3Config
+        # V3's router has a score-correction bias; vLLM builds it only for topk_method "noaux_tc"
+        extra = {"num_nextn_predict_layers": 0, "topk_method": "noaux_tc"} if arch == "deepseek_v3" else {}
+        mla = {**common, "num_key_value_heads": common["num_attention_heads"]}  # MLA has no GQA
+        # latent 512 + rope 64 = 576: the only MLA head size vLLM's CPU kernel compiles
+        return config_class(**mla, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
+                            qk_nope_head_dim=32, v_head_dim=32, n_routed_experts=4, n_shared_experts=1,
+                            moe_intermediate_size=64, first_k_dense_replace=1, n_group=1, topk_group=1,
+                            **moe, **extra)
+    if arch == "llama4":  # NoPE every 2nd block, chunked attention elsewhere, MoE every 2nd block
+        return transformers.Llama4TextConfig(**common, head_dim=head_dim, num_local_experts=2,
+                                             intermediate_size_mlp=2 * common["hidden_size"],
+                                             interleave_moe_layer_step=2, no_rope_layer_interval=2,
+                                             attention_chunk_size=WINDOW, num_experts_per_tok=1)
+    raise ValueError(f"arch must be one of {', '.join(FAMILY_ARCHS)}, got {arch!r}")
 
 
 def make_tiny_model(
@@ -108,6 +171,23 @@ def make_tiny_model(
             if param.dim() >= 2:
                 param.normal_(0.0, 0.08)
     model.save_pretrained(out_dir, safe_serialization=True)
+    _drop_derived_fields(out_dir / "config.json", arch)
     for item in tokenizer_dir().iterdir():
         shutil.copy2(item, out_dir / item.name)
     return out_dir
+
+
+def _drop_derived_fields(path: Path, arch: str) -> None:
+    """Write config.json as real checkpoints ship it: without the per-layer lists transformers
+    derives, but with the pattern they are derived from."""
+    import json
+
+    fields = FAMILY_ARCHS.get(arch, ())
+    if not fields:
+        return
+    data = json.loads(path.read_text())
+    for name in fields:
+        data.pop(name, None)
+    if arch in ("gemma3", "cohere2"):
+        data["sliding_window_pattern"] = WINDOW_PATTERN
+    path.write_text(json.dumps(data, indent=2) + "\n")

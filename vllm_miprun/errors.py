@@ -1,6 +1,15 @@
-"""The one error base class. Every entry point maps ``MiprunError`` to one line and exit 2."""
+"""The one error base class, and how every entry point reports it: one line, exit status 2.
+
+``vllm-miprun`` (every subcommand, ``export``, ``eval`` and ``profile`` included) and
+``python -m vllm_miprun.tools.evaluate`` run their work through :func:`run_command`.
+``vllm serve``'s front process reports the same errors as one line with exit status 1
+(``vllm_miprun.vllm.engine_args``), before any engine process exists.
+"""
 
 from __future__ import annotations
+
+import sys
+from typing import Callable
 
 
 class MiprunError(ValueError):
@@ -25,3 +34,25 @@ class CorpusError(MiprunError):
 
 class EvalError(MiprunError):
     """An evaluation request is invalid."""
+
+
+# Reported as one line: MiprunError, and what code below the project raises about the
+# user's input: ValueError (MiprunError's base) and a missing or unreadable file.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, PermissionError)
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def run_command(prog: str, command: Callable[[], int],
+                also: tuple[type[BaseException], ...] = ()) -> int:
+    """Run an entry point's work; a user error (or one of ``also``) becomes one line on
+    stderr and exit status 2, Ctrl-C or SIGTERM one line and 130. No traceback."""
+    try:
+        return command()
+    except USER_ERRORS + also as err:
+        message = " ".join(str(err).splitlines())  # one line, even for a multi-line message
+        sys.stderr.write(f"{prog}: error: {message}\n")
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prog}: interrupted; nothing was written\n")
+        return EXIT_INTERRUPTED

@@ -1,114 +1,75 @@
-"""Every user option of the plugin, validated before any model is loaded.
+"""Every user option of the plugin: one table, checked before any model is loaded.
 
-The same names arrive from three places and are checked here once:
-``--model-loader-extra-config`` (JSON or dotted keys), the ``--miprun-*`` flags that
-``register()`` adds to vLLM's parser, and the CLI. The README's option table lists the
-fields of ``MiprunOptions`` below; keep the two in step.
+``OPTIONS`` below is the only place an option is declared: its name (the
+``--model-loader-extra-config`` key), its parser, default, help text, and the
+``vllm-miprun`` commands that take it. Generated from it:
+
+* the ``MiprunOptions`` and ``CalibrationSettings`` dataclasses (fields and checks);
+* the ``--miprun-*`` flags of ``vllm serve`` and the CLI flags (:mod:`vllm_miprun.option_flags`);
+* the README's option table (``scripts/options_table.py``; a test keeps the two in step).
+
+Each parser takes what any source gives (CLI text, JSON values, Python values), returns
+the checked value and raises ``OptionError``; parsing an already parsed value gives it back.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field, fields
-from typing import Any
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from vllm_miprun.core.latency import parse_latency_budget as parse_budget
+from vllm_miprun.core.selection.result import METHODS
 from vllm_miprun.errors import OptionError  # noqa: F401 - re-exported
 
-METHODS = ("mi-prun", "shortgpt", "angular", "sleb", "last", "random")
 ESTIMATORS = ("gaussian", "renyi")
 DATASETS = ("wiki", "c4")
+DEVICES = ("auto", "cpu", "cuda")
+# Exactly one of these says how many (or which) blocks go.
+TARGETS = ("keep", "latency_budget", "drop")
 
-
-
-
-@dataclass(frozen=True)
-class CalibrationSettings:
-    """What defines a score cache entry: change any of these and it is another entry."""
-
-    dataset: str = field(default="wiki", metadata={"help": "wiki, c4, a text file, or a datasets.save_to_disk folder"})
-    samples: int = field(default=32, metadata={"help": "calibration sequences"})
-    seq_len: int = field(default=256, metadata={"help": "tokens per calibration sequence"})
-    seed: int = field(default=0, metadata={"help": "seed for drawing the calibration sequences"})
-    estimator: str = field(default="gaussian", metadata={"help": "MI estimator: gaussian or renyi"})
-
-    def __post_init__(self) -> None:
-        _require_int("samples", self.samples, minimum=1)
-        _require_int("seq_len", self.seq_len, minimum=2)
-        _require_int("seed", self.seed, minimum=0)
-        if self.estimator not in ESTIMATORS:
-            raise OptionError(
-                f"estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}"
-            )
-        if not isinstance(self.dataset, str) or not self.dataset:
-            raise OptionError(f"dataset must be wiki, c4 or a local path, got {self.dataset!r}")
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+# Which dataclass a row is a field of.
+PLAN, CALIBRATION, BOTH = "plan", "calibration", "both"
+# vllm-miprun commands that take the calibration settings (each gives its own cache entry).
+CALIBRATION_COMMANDS = ("calibrate", "scores", "plan", "stability", "export")
 
 
 @dataclass(frozen=True)
-class MiprunOptions:
-    """Loader options (``model_loader_extra_config`` keys)."""
+class Option:
+    """One row of the table."""
 
-    keep: float | None = field(default=None, metadata={"help": "keep ratio in (0, 1]"})
-    latency_budget: str | None = field(
-        default=None,
-        metadata={"help": "fraction of full per-token latency (0.8) or ms per token (12ms, 12ms@bs8)"},
-    )
-    method: str = field(default="mi-prun", metadata={"help": "selection method: " + ", ".join(METHODS)})
-    scores: str | None = field(default=None, metadata={"help": "explicit score cache file"})
-    protect: str | None = field(default=None, metadata={"help": "blocks never dropped: first, last, or indices like 0,29"})
-    require_cache: bool = field(default=False, metadata={"help": "refuse to calibrate at load time"})
-    seed: int = field(default=0, metadata={"help": "seed of the random selector"})
-    device: str = field(default="cpu", metadata={"help": "device for load-time calibration: cpu or cuda"})
-    cache_dir: str | None = field(default=None, metadata={"help": "score cache folder (default $MIPRUN_CACHE_DIR)"})
-    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    name: str
+    annotation: str                    # the dataclass field's type, for readers
+    parse: Callable[[Any], Any]        # raw value -> checked value; raises OptionError
+    default: Any
+    help: str                          # markdown; shared by flags, dataclass metadata and README
+    commands: tuple[str, ...] = ()     # vllm-miprun commands with a --NAME flag
+    owner: str = PLAN                  # PLAN: MiprunOptions; CALIBRATION: CalibrationSettings; BOTH
+    choices: tuple[str, ...] | None = None
+    switch: bool = False               # a flag without a value (true when given)
+    metavar: str | None = None
+    shown_default: str | None = None   # how help and README show the default, when not the value
 
-    def __post_init__(self) -> None:
-        if self.keep is not None and self.latency_budget is not None:
-            raise OptionError(
-                f"give either keep or latency_budget, not both (got keep={self.keep}, "
-                f"latency_budget={self.latency_budget!r}); drop one of them"
-            )
-        if self.keep is None and self.latency_budget is None:
-            raise OptionError(
-                "miprun needs a target: set keep (e.g. --miprun-keep 0.75) or "
-                "latency_budget (e.g. --miprun-latency-budget 0.8)"
-            )
-        if self.keep is not None:
-            object.__setattr__(self, "keep", parse_keep(self.keep))
-        if self.method not in METHODS:
-            raise OptionError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.device not in ("cpu", "cuda"):
-            raise OptionError(f"device must be cpu or cuda, got {self.device!r}")
-        _require_int("seed", self.seed, minimum=0)
+    @property
+    def serve_flag(self) -> str:
+        return "--miprun-" + self.name.replace("_", "-")
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any] | None) -> "MiprunOptions":
-        """Build from ``model_loader_extra_config``; unknown keys are an error."""
-        raw = dict(raw or {})
-        calib_names = {f.name for f in fields(CalibrationSettings)}
-        own_names = {f.name for f in fields(cls)} - {"calibration"}
-        unknown = sorted(set(raw) - calib_names - own_names)
-        if unknown:
-            raise OptionError(
-                f"unknown miprun option(s) {unknown}; valid options are "
-                f"{sorted(own_names | calib_names)}"
-            )
-        calib = {k: _coerce_int(k, raw.pop(k)) if k != "dataset" and k != "estimator" else raw.pop(k)
-                 for k in list(raw) if k in calib_names}
-        if "seed" in calib:  # one seed drives both calibration sampling and random selection
-            raw["seed"] = calib["seed"]
-        if "require_cache" in raw:
-            raw["require_cache"] = _coerce_bool("require_cache", raw["require_cache"])
-        if "latency_budget" in raw and raw["latency_budget"] is not None:
-            raw["latency_budget"] = str(raw["latency_budget"])
-        if "protect" in raw and isinstance(raw["protect"], (list, tuple)):
-            raw["protect"] = ",".join(str(p) for p in raw["protect"])
-        return cls(calibration=CalibrationSettings(**calib), **raw)
+    @property
+    def cli_flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
 
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    @property
+    def default_text(self) -> str:
+        if self.shown_default is not None:
+            return self.shown_default
+        if isinstance(self.default, bool):
+            return str(self.default).lower()
+        return "—" if self.default is None else str(self.default)
+
+
+# --------------------------------------------------------------------------- value parsers
 
 
 def parse_keep(value: Any) -> float:
@@ -122,24 +83,279 @@ def parse_keep(value: Any) -> float:
     return ratio
 
 
-def _require_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise OptionError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _coerce_int(name: str, value: Any) -> int:
+def parse_latency_budget(value: Any) -> str:
+    """A budget ``core.latency`` reads (``0.8``, ``12ms``, ``12ms@bs8``), kept as text."""
+    text = str(value).strip() if isinstance(value, (str, int, float)) and not isinstance(value, bool) else value
     try:
-        return int(str(value), 10)
-    except ValueError:
-        raise OptionError(f"{name} must be an integer, got {value!r}") from None
+        parse_budget(text)
+    except ValueError as err:
+        raise OptionError(str(err)) from None
+    return text
 
 
-def _coerce_bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
+_DROP_ITEM = re.compile(r"^(\d+)(?:\s*-\s*(\d+))?$")
+
+
+def parse_drop(value: Any) -> tuple[int, ...]:
+    """Blocks to prune: ``"12-18,25"``, an index, or a list of indices and ``"a-b"`` ranges.
+    Returns the sorted indices; a block named twice is an error (likely a typo)."""
+    if isinstance(value, str):
+        items: list = [part.strip() for part in value.split(",") if part.strip()]
+    elif isinstance(value, int) and not isinstance(value, bool):
+        items = [value]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise OptionError(f"drop must be block indices and ranges such as '12-18,25', got {value!r}")
+    blocks: list[int] = [block for item in items for block in _drop_item(item)]
+    if not blocks:
+        raise OptionError(f"drop names no block, got {value!r}; give indices and ranges such as 12-18,25")
+    twice = sorted({b for b in blocks if blocks.count(b) > 1})
+    if twice:
+        raise OptionError(f"drop names block(s) {twice} more than once in {value!r}; name each block once")
+    return tuple(sorted(blocks))
+
+
+def _drop_item(item: Any) -> list[int]:
+    hint = "use indices >= 0 and ranges a-b with a <= b, e.g. --miprun-drop 12-18,25"
+    if isinstance(item, int) and not isinstance(item, bool):
+        if item < 0:
+            raise OptionError(f"drop block {item} is negative; {hint}")
+        return [item]
+    match = _DROP_ITEM.match(item.strip()) if isinstance(item, str) else None
+    if match is None:
+        raise OptionError(f"cannot read drop item {item!r}; {hint}")
+    first = int(match.group(1))
+    last = int(match.group(2)) if match.group(2) is not None else first
+    if last < first:
+        raise OptionError(f"drop range {item!r} runs backwards; write {last}-{first}")
+    return list(range(first, last + 1))
+
+
+def check_drop(drop: tuple[int, ...], num_blocks: int, protect: frozenset[int]) -> None:
+    """The model-dependent checks of ``drop``: indices exist, one block stays, none is protected."""
+    outside = [b for b in drop if b >= num_blocks]
+    if outside:
+        raise OptionError(f"drop names block(s) {outside}, but the model has {num_blocks} blocks "
+                          f"(0..{num_blocks - 1}); give indices in that range")
+    if len(drop) >= num_blocks:
+        raise OptionError(f"drop names all {num_blocks} blocks; at least one must be kept")
+    both = sorted(protect.intersection(drop))
+    if both:
+        raise OptionError(f"block(s) {both} are both in drop and in protect; remove them from one of the two")
+
+
+def parse_device(value: Any) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ``auto`` is resolved where the work runs."""
+    text = value.strip().lower() if isinstance(value, str) else value
+    if text in DEVICES or (isinstance(text, str) and re.fullmatch(r"cuda:\d+", text)):
+        return text
+    raise OptionError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {value!r}")
+
+
+def resolve_device(device: str) -> str:
+    """The device ``auto`` stands for here: cuda when torch sees a GPU, else cpu. Called
+    where calibration runs, never when options are parsed (so parsing leaves CUDA alone)."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _choice(name: str, choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise OptionError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
         return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise OptionError(f"{name} must be true or false, got {value!r}")
+    return parse
+
+
+def _integer(name: str, minimum: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        try:
+            number = int(str(value), 10) if not isinstance(value, (bool, float)) else None
+        except ValueError:
+            number = None
+        if number is None or number < minimum:
+            raise OptionError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        return number
+    return parse
+
+
+def _text(name: str, what: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise OptionError(f"{name} must be {what}, got {value!r}")
+        return value
+    return parse
+
+
+def parse_protect(value: Any) -> str:
+    """Text such as ``first,last`` or ``0,29``; a list is joined. Read against the model's
+    block count when planning (``core.selection.parse_protect``)."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(item) for item in value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return _text("protect", "'first', 'last' or block indices such as 0,29")(value)
+
+
+def parse_bool(name: str) -> Callable[[Any], bool]:
+    def parse(value: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise OptionError(f"{name} must be true or false, got {value!r}")
+    return parse
+
+
+# --------------------------------------------------------------------------- the table
+
+_PLAN_COMMANDS = ("plan", "export", "eval")
+
+OPTIONS: tuple[Option, ...] = (
+    Option("keep", "float | None", parse_keep, None,
+           "keep ratio in (0, 1]; K = max(1, round-half-up(keep × L))",
+           ("plan", "stability", "export", "eval"), metavar="R"),
+    Option("latency_budget", "str | None", parse_latency_budget, None,
+           "`0.8` = fraction of the full model's per-token latency; `12ms` or `12ms@bs8` = "
+           "ms per output token at a batch size", _PLAN_COMMANDS, metavar="B"),
+    Option("drop", "tuple[int, ...] | None", parse_drop, None,
+           "prune exactly these blocks, e.g. `12-18,25`; no selection, no scores needed",
+           _PLAN_COMMANDS, metavar="BLOCKS"),
+    Option("method", "str", _choice("method", METHODS), "mi-prun",
+           "selection method: " + ", ".join(f"`{m}`" for m in METHODS), _PLAN_COMMANDS, choices=METHODS),
+    Option("scores", "str | None", _text("scores", "a score cache file"), None,
+           "explicit score cache file (still checked against the weights)", _PLAN_COMMANDS,
+           metavar="FILE", shown_default="derived"),
+    Option("protect", "str | None", parse_protect, None,
+           "blocks never dropped: `first`, `last`, indices `0,29`", _PLAN_COMMANDS,
+           metavar="BLOCKS", shown_default="none"),
+    Option("require_cache", "bool", parse_bool("require_cache"), False,
+           "refuse to calibrate at load time", ("export", "eval"), switch=True),
+    Option("device", "str", parse_device, "auto",
+           "device for calibration and forward searches: `auto` (cuda if available, else cpu), "
+           "`cpu`, `cuda`, `cuda:N`", CALIBRATION_COMMANDS),
+    Option("cache_dir", "str | None", _text("cache_dir", "a folder"), None,
+           "score cache folder", CALIBRATION_COMMANDS, metavar="DIR", shown_default="`$MIPRUN_CACHE_DIR`"),
+    Option("dataset", "str", _text("dataset", "wiki, c4 or a local path"), "wiki",
+           "calibration set: `wiki`, `c4`, a text file, or a `datasets.save_to_disk` folder",
+           CALIBRATION_COMMANDS, owner=CALIBRATION),
+    Option("samples", "int", _integer("samples", 1), 32, "calibration sequences",
+           CALIBRATION_COMMANDS, owner=CALIBRATION),
+    Option("seq_len", "int", _integer("seq_len", 2), 256, "tokens per calibration sequence",
+           CALIBRATION_COMMANDS, owner=CALIBRATION),
+    Option("seed", "int", _integer("seed", 0), 0,
+           "calibration sampling seed, and the seed of `random`", CALIBRATION_COMMANDS, owner=BOTH),
+    Option("estimator", "str", _choice("estimator", ESTIMATORS), "gaussian",
+           "MI estimator: " + " or ".join(f"`{e}`" for e in ESTIMATORS),
+           CALIBRATION_COMMANDS, owner=CALIBRATION, choices=ESTIMATORS),
+)
+BY_NAME: dict[str, Option] = {row.name: row for row in OPTIONS}
+
+
+def option(name: str) -> Option:
+    return BY_NAME[name]
+
+
+def command_options(command: str) -> tuple[Option, ...]:
+    """The rows ``vllm-miprun COMMAND`` takes as flags, in table order."""
+    return tuple(row for row in OPTIONS if command in row.commands)
+
+
+# --------------------------------------------------------------------------- generated dataclasses
+
+
+def _parse_fields(self, rows: tuple[Option, ...]) -> None:
+    """Run each field through its row's parser (``None`` stays for optional fields)."""
+    for row in rows:
+        value = getattr(self, row.name)
+        if value is not None or row.default is not None:
+            object.__setattr__(self, row.name, row.parse(value))
+
+
+def _make(name: str, owners: tuple[str, ...], doc: str, namespace: dict, extra_fields=()) -> type:
+    rows = tuple(row for row in OPTIONS if row.owner in owners)
+    specs = [(row.name, row.annotation,
+              dataclasses.field(default=row.default, metadata={"help": row.help, "option": row}))
+             for row in rows]
+    return dataclasses.make_dataclass(
+        name, specs + list(extra_fields), frozen=True,
+        namespace={"__module__": __name__, "__qualname__": name, "__doc__": doc, "ROWS": rows, **namespace},
+    )
+
+
+def _calibration_post_init(self) -> None:
+    _parse_fields(self, type(self).ROWS)
+
+
+CalibrationSettings = _make(
+    "CalibrationSettings", (CALIBRATION, BOTH),
+    "What defines a score cache entry: change any of these and it is another entry.",
+    {"__post_init__": _calibration_post_init, "to_json": lambda self: dataclasses.asdict(self)},
+)
+
+
+def calibration_settings(raw: Mapping[str, Any]) -> "CalibrationSettings":
+    """The calibration keys of ``raw`` as settings; other keys are ignored."""
+    names = {row.name for row in CalibrationSettings.ROWS}
+    return CalibrationSettings(**{k: v for k, v in raw.items() if k in names and v is not None})
+
+
+def _options_post_init(self) -> None:
+    _parse_fields(self, type(self).ROWS)
+    _check_target(self)
+    if self.drop is not None and self.method != BY_NAME["method"].default:
+        raise OptionError(f"drop names the blocks itself, so method {self.method!r} would not be used; "
+                          "give drop or method, not both")
+
+
+def _check_target(self) -> None:
+    given = [name for name in TARGETS if getattr(self, name) is not None]
+    if not given:
+        raise OptionError(
+            "miprun needs a target: set keep (e.g. --miprun-keep 0.75), latency_budget "
+            "(e.g. --miprun-latency-budget 0.8) or drop (e.g. --miprun-drop 12-18)"
+        )
+    if len(given) > 1:
+        shown = ", ".join(f"{name}={_shown(getattr(self, name))}" for name in given)
+        which = f"either {given[0]} or {given[1]}, not both" if len(given) == 2 else \
+            f"only one of {', '.join(given)}"
+        raise OptionError(f"give {which} (got {shown}); remove all but one of them")
+
+
+def _shown(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else repr(value)
+
+
+def _options_from_dict(cls, raw: Mapping[str, Any] | None) -> "MiprunOptions":
+    """Build from ``model_loader_extra_config`` (or CLI values); unknown keys are an error."""
+    raw = dict(raw or {})
+    unknown = sorted(set(raw) - set(BY_NAME))
+    if unknown:
+        raise OptionError(f"unknown miprun option(s) {unknown}; valid options are {sorted(BY_NAME)}")
+    calibration = calibration_settings(raw)
+    own = {row.name: raw[row.name] for row in cls.ROWS if raw.get(row.name) is not None}
+    return cls(calibration=calibration, **own)
+
+
+def _options_to_json(self) -> dict[str, Any]:
+    data = dataclasses.asdict(self)
+    if data["drop"] is not None:
+        data["drop"] = list(data["drop"])
+    return data
+
+
+MiprunOptions = _make(
+    "MiprunOptions", (PLAN, BOTH),
+    "Loader options (``model_loader_extra_config`` keys); ``calibration`` holds the rest.",
+    {"__post_init__": _options_post_init, "from_dict": classmethod(_options_from_dict),
+     "to_json": _options_to_json},
+    extra_fields=[("calibration", "CalibrationSettings",
+                   dataclasses.field(default_factory=CalibrationSettings))],
+)

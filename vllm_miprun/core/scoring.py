@@ -82,16 +82,6 @@ def _upper(matrix: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def to_nested_list(matrix: np.ndarray) -> list[list[float | None]]:
-    """JSON form: floats above the diagonal, ``None`` elsewhere."""
-    size = matrix.shape[0]
-    return [[float(matrix[i, j]) if i < j else None for j in range(size)] for i in range(size)]
-
-
-def from_nested_list(rows: list[list[float | None]]) -> np.ndarray:
-    return np.array([[np.nan if v is None else float(v) for v in row] for row in rows], dtype=np.float64)
-
-
 # --------------------------------------------------------------------------- skip-channel MI
 # (research issue: the span statistics behind ``vllm_miprun.core.span_cost.span_cost_matrix``)
 
@@ -132,7 +122,7 @@ def extra_span_scores(states: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:
     rows as the span MI (``collect_boundary_stats(...).mi_states``).
 
     Returns ``{"skip_mi_iso": (L+1)x(L+1) array}`` (see :func:`isotropic_skip_mi_matrix`);
-    store it with :func:`to_nested_list` as ``cache.baselines["skip_mi_iso"]``.
+    store it with :func:`vllm_miprun.core.matrices.to_nested_list` as ``cache.baselines["skip_mi_iso"]``.
     ``vllm_miprun.core.span_cost.span_cost_matrix`` reads it from there.
     """
     return {"skip_mi_iso": isotropic_skip_mi_matrix(states)}

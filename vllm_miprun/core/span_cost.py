@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vllm_miprun.core.scoring import from_nested_list
+from vllm_miprun.core.matrices import from_nested_list
 
 POWER = 2.0
 SKIP_KEY = "skip_mi_iso"
@@ -67,14 +67,14 @@ def span_cost_matrix(cache, power: float = POWER) -> np.ndarray:
 def skip_cost(skip_mi: np.ndarray, dim: int, power: float = POWER) -> np.ndarray:
     """``exp(-2 I_skip / d) ** power``, closed under the DPI."""
     noise_fraction = np.exp(-2.0 * np.asarray(skip_mi, dtype=float) / float(dim))
-    return monotone_closure(_upper(noise_fraction ** power))
+    return monotone_closure(upper_triangle(noise_fraction ** power))
 
 
 def mi_fallback_cost(span_mi: np.ndarray, power: float = POWER) -> np.ndarray:
     """``(1 - I/I_max) ** power`` from the plain span MI, closed under the DPI."""
     span_mi = np.asarray(span_mi, dtype=float)
     cost = np.clip(1.0 - span_mi / np.nanmax(span_mi), 0.0, None)
-    return monotone_closure(_upper(cost ** power))
+    return monotone_closure(upper_triangle(cost ** power))
 
 
 def _estimator_name(cache) -> str:
@@ -86,7 +86,8 @@ def _dim_from(cache) -> int:
     raise ValueError("the score cache has no model.hidden_size; recalibrate")
 
 
-def _upper(matrix: np.ndarray) -> np.ndarray:
+def upper_triangle(matrix: np.ndarray) -> np.ndarray:
+    """``matrix`` above the diagonal, NaN on and below it (the span-cost layout)."""
     out = np.full(matrix.shape, np.nan)
     rows, cols = np.triu_indices(matrix.shape[0], k=1)
     out[rows, cols] = matrix[rows, cols]

@@ -1,18 +1,23 @@
 """Run a causal LM one decoder block at a time, reading each block's weights only when it runs.
 
-The model skeleton is built on the ``meta`` device (no memory). The embeddings, final
-norm and LM head are read once; each block is materialised from the safetensors files
-just before it runs and dropped right after. Peak memory is therefore the embeddings,
-one block and the activations, so a model larger than RAM can still be calibrated.
+The real transformers model is built on the ``meta`` device (no memory). Everything
+outside the decoder blocks (embeddings, final norm, LM head, rotary tables) is read
+once; each block is materialised from the safetensors files just before it runs and
+dropped right after. Peak memory is therefore the non-block weights, one block and the
+activations, so a model larger than RAM can still be calibrated.
 
-Per-token attention is causal SDPA over each calibration sequence; sliding windows are
-not applied (calibration sequences are shorter than any supported window).
+Architecture-agnostic by construction: the embedding (with any scaling), the per-block
+inputs (attention masks per layer type, sliding windows, rotary tables per layer type)
+and the head (final norm, soft-capping, logit scaling) all come from transformers' own
+forward, run with light stand-ins in place of the blocks. The stand-ins record what
+transformers hands each block, and the real block is then called with exactly that.
+Where the blocks live is the family's business (:mod:`vllm_miprun.model.architectures`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,11 +25,14 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from vllm_miprun.model.checkpoint import safetensors_files
+from vllm_miprun.model.architectures import for_config
+from vllm_miprun.model.architectures.hf_model import layers_owner
+from vllm_miprun.model.checkpoint import ModelFolderError, read_config, safetensors_files
+from vllm_miprun.model.quantization import check_checkpoint_quantization, dequantize, quantization_config
+from vllm_miprun.model.remap import layer_index
 
 logger = logging.getLogger(__name__)
 
-LAYER_PREFIX = "model.layers."
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
 
@@ -51,7 +59,9 @@ class TensorIndex:
                     self.numel[name] = _numel(sliced.get_shape())
                     self.size[name] = self.numel[name] * _DTYPE_BYTES.get(sliced.get_dtype(), 4)
 
-    def read(self, names: list[str], device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def read(self, names: list[str], device: str, dtype: torch.dtype,
+             quantization: dict | None = None) -> dict[str, torch.Tensor]:
+        """The named tensors, quantized linears dequantized (``quantization``), cast to ``dtype``."""
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self.location[name], []).append(name)
@@ -59,8 +69,9 @@ class TensorIndex:
         for file, file_names in by_file.items():
             with safe_open(str(file), framework="pt", device="cpu") as handle:
                 for name in file_names:
-                    tensors[name] = handle.get_tensor(name).to(device=device, dtype=dtype)
-        return tensors
+                    tensors[name] = handle.get_tensor(name)
+        tensors = dequantize(tensors, quantization)  # before the cast: packed ints are not numbers
+        return {name: t.to(device=device, dtype=dtype) for name, t in tensors.items()}
 
     def names_with_prefix(self, prefix: str) -> list[str]:
         return sorted(n for n in self.location if n.startswith(prefix))
@@ -68,6 +79,25 @@ class TensorIndex:
     def bytes_with_prefix(self, prefix: str) -> int:
         """On-disk size of the tensors under ``prefix``, from the headers alone."""
         return sum(self.size[n] for n in self.names_with_prefix(prefix))
+
+
+class _StandIn(nn.Module):
+    """Takes a decoder block's place in transformers' forward and hands its call to ``on_call``."""
+
+    def __init__(self, index: int, on_call: Callable):
+        super().__init__()
+        self.index, self.on_call = index, on_call
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.on_call(self.index, hidden_states, args, kwargs)
+
+
+class _Stop(Exception):
+    """Ends a forward pass early, carrying the hidden state it was stopped at."""
+
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
 
 
 class BlockwiseModel:
@@ -79,32 +109,96 @@ class BlockwiseModel:
 
         self.model_dir = Path(model_dir)
         self.device, self.dtype = device, dtype
+        self.family = for_config(read_config(self.model_dir))  # unsupported: refused before any work
+        check_checkpoint_quantization(self.model_dir)  # refuse an unreadable format before any work
+        self.quantization = quantization_config(read_config(self.model_dir))
         self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
-        self.config._attn_implementation = "sdpa"
+        self.config._attn_implementation = self.family.attn_implementation
         self.index = TensorIndex(self.model_dir)
         with torch.device("meta"):
-            self.skeleton = AutoModelForCausalLM.from_config(self.config, trust_remote_code=False)
-        self.num_blocks = len(self.skeleton.model.layers)
-        self.embed = self._materialise(self.skeleton.model.embed_tokens, "model.embed_tokens.")
-        self.norm = self._materialise(self.skeleton.model.norm, "model.norm.")
-        self.lm_head_weight = self._lm_head_weight()
-        self.rotary = type(self.skeleton.model.rotary_emb)(config=self.config).to(device)
+            self.skeleton = AutoModelForCausalLM.from_config(self.config, trust_remote_code=False, dtype=dtype)
+        self.skeleton.eval()
+        self._owner, self._attr = layers_owner(self.skeleton, self.family)
+        self.layers: nn.ModuleList = getattr(self._owner, self._attr)
+        self.num_blocks = len(self.layers)
+        self._position = {id(layer): i for i, layer in enumerate(self.layers)}
+        self._weight_mapping = None
+        self._load_outside_blocks()
+        self.norm = getattr(self._owner, "norm", None)  # the final norm, where the family has one
+        self.lm_head_weight = self.skeleton.get_output_embeddings().weight
         # Small models may keep loaded blocks (SLEB re-runs them many times); default is not to.
         self.resident_blocks = resident_blocks
         self._resident: dict[int, nn.Module] = {}
+        self._block_inputs: dict[int, list] = {}  # seq_len -> per-block (args, kwargs)
         self.blocks_loaded = 0
 
-    def _materialise(self, module: nn.Module, prefix: str) -> nn.Module:
-        names = self.index.names_with_prefix(prefix)
-        tensors = self.index.read(names, self.device, self.dtype)
-        state = {name[len(prefix):]: t for name, t in tensors.items()}
-        module.load_state_dict(state, strict=True, assign=True)
-        return module.requires_grad_(False)
+    # -- weights -------------------------------------------------------------------------
 
-    def _lm_head_weight(self) -> torch.Tensor:
-        if "lm_head.weight" in self.index.location:
-            return self.index.read(["lm_head.weight"], self.device, self.dtype)["lm_head.weight"]
-        return self.embed.weight  # tied embeddings
+    def block_tensor_names(self, index: int) -> list[str]:
+        """The checkpoint names of block ``index``'s tensors."""
+        return self.index.names_with_prefix(f"{self.family.layers_prefix}{index}.")
+
+    def read_block(self, index: int) -> dict[str, torch.Tensor]:
+        """Block ``index``'s tensors from disk, under their checkpoint names."""
+        names = self.block_tensor_names(index)
+        if not names:
+            raise ModelFolderError(f"{self.model_dir} has no tensors for block {index} "
+                                   f"({self.family.layers_prefix}{index}.*)")
+        return self.index.read(names, self.device, self.dtype, self.quantization)
+
+    def _materialise(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        """Fill ``module``'s buffers the way transformers initialises them, then load ``state``
+        (checkpoint names) through transformers' own loader, which also converts legacy
+        layouts (e.g. Mixtral's per-expert tensors into fused expert weights)."""
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+        from transformers.utils import logging as hf_logging
+
+        self._init_meta_buffers(module)
+        if self._weight_mapping is None:
+            self._weight_mapping = get_model_conversion_mapping(self.skeleton)
+        load_config = LoadStateDictConfig(device_map={"": self.device}, dtype=self.dtype,
+                                          weight_mapping=self._weight_mapping)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # one bar per block would drown calibration's own
+        try:
+            convert_and_load_state_dict_in_model(self.skeleton, state, load_config)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        module.requires_grad_(False)
+
+    def _init_meta_buffers(self, module: nn.Module) -> None:
+        """Non-persistent buffers (rotary tables, embedding scales) are not in the checkpoint:
+        allocate them and let the model's own ``_init_weights`` compute them."""
+        owners = {}
+        for name, buffer in module.named_buffers():
+            if buffer is not None and buffer.is_meta:
+                owner_name, _, attr = name.rpartition(".")
+                owner = module.get_submodule(owner_name) if owner_name else module
+                owner._buffers[attr] = torch.empty_like(buffer, device=self.device)
+                owners[id(owner)] = owner
+        for owner in owners.values():
+            self.skeleton._init_weights(owner)  # params are still meta here: only buffers change
+
+    def _load_outside_blocks(self) -> None:
+        names = [n for n in self.index.location if layer_index(n) is None]
+        state = self.index.read(names, self.device, self.dtype, self.quantization)
+        setattr(self._owner, self._attr, nn.ModuleList())  # the blocks stay on meta
+        try:
+            self._materialise(self.skeleton, state)
+            # Tie as from_pretrained does: only what the checkpoint leaves out (tied embeddings).
+            self.skeleton.tie_weights(missing_keys={n for n, p in self.skeleton.named_parameters() if p.is_meta})
+        finally:
+            setattr(self._owner, self._attr, self.layers)
+        self._require_loaded(self.skeleton, skip=self.family.layers_path + ".")
+
+    def _require_loaded(self, module: nn.Module, skip: str | None = None) -> None:
+        missing = [n for n, p in module.named_parameters() if p.is_meta and not (skip and n.startswith(skip))]
+        if missing:
+            raise ModelFolderError(f"{self.model_dir} lacks the tensors {missing[:5]}; "
+                                   "is it a complete checkpoint of this architecture?")
 
     @contextmanager
     def block(self, index: int) -> Iterator[nn.Module]:
@@ -112,12 +206,9 @@ class BlockwiseModel:
         if index in self._resident:
             yield self._resident[index]
             return
-        layer = self.skeleton.model.layers[index]
-        prefix = f"{LAYER_PREFIX}{index}."
-        names = self.index.names_with_prefix(prefix)
-        if not names:
-            raise ModelFolderError(f"{self.model_dir} has no tensors for block {index} ({prefix}*)")
-        self._materialise(layer, prefix)
+        layer = self.layers[index]
+        self._materialise(layer, self.read_block(index))
+        self._require_loaded(layer)
         self.blocks_loaded += 1
         try:
             yield layer
@@ -127,28 +218,67 @@ class BlockwiseModel:
             else:
                 layer.to("meta")  # frees the block's weights
 
+    # -- transformers' own forward, with stand-ins for the blocks -----------------------
+
+    @contextmanager
+    def _stand_ins(self, on_call: Callable) -> Iterator[None]:
+        setattr(self._owner, self._attr, nn.ModuleList(_StandIn(i, on_call) for i in range(self.num_blocks)))
+        try:
+            yield
+        finally:
+            setattr(self._owner, self._attr, self.layers)
+
+    def _block_kwargs(self, seq_len: int) -> list:
+        """What transformers passes each block for one sequence of ``seq_len`` tokens
+        (masks and position tables broadcast over the batch)."""
+        if seq_len not in self._block_inputs:
+            calls: list = [None] * self.num_blocks
+
+            def record(index, hidden, args, kwargs):
+                calls[index] = (args, kwargs)
+                return hidden
+
+            ids = torch.zeros(1, seq_len, dtype=torch.long, device=self.device)
+            with self._stand_ins(record):
+                self._owner(input_ids=ids, use_cache=False)
+            self._block_inputs = {seq_len: calls}  # one length at a time: calibration uses one
+        return self._block_inputs[seq_len]
+
     @torch.inference_mode()
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed(input_ids.to(self.device))
+        """The input of block 0: transformers' embedding, with the family's scaling."""
+        def stop(index, hidden, args, kwargs):
+            raise _Stop(hidden)
 
-    def position_embeddings(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(hidden.shape[1], device=self.device).unsqueeze(0)
-        return self.rotary(hidden, positions)
+        with self._stand_ins(stop):
+            try:
+                self._owner(input_ids=input_ids.to(self.device), use_cache=False)
+            except _Stop as stopped:
+                return stopped.hidden
+        raise ModelFolderError("the model's forward never reached its first decoder block")
 
     @torch.inference_mode()
     def run_block(self, layer: nn.Module, hidden: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
         """Apply one loaded block to ``hidden`` [sequences, tokens, dim] in micro-batches."""
-        rope = self.position_embeddings(hidden[:1])
+        args, kwargs = self._block_kwargs(hidden.shape[1])[self._position[id(layer)]]
         outputs = []
         for start in range(0, hidden.shape[0], batch_size):
-            chunk = hidden[start:start + batch_size]
-            out = layer(chunk, attention_mask=None, position_embeddings=rope)
+            out = layer(hidden[start:start + batch_size], *args, **kwargs)
             outputs.append(out[0] if isinstance(out, tuple) else out)
         return torch.cat(outputs)
 
     def _next_token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float32 next-token logits at every position but the last: [sequences, tokens - 1, vocab]."""
-        return (self.norm(hidden[:, :-1]) @ self.lm_head_weight.T).float()
+        """Float32 next-token logits at every position but the last: [sequences, tokens - 1, vocab],
+        from transformers' own head (final norm, LM head, soft-capping, logit scaling)."""
+        last = self.num_blocks - 1
+        states = hidden[:, :-1]
+
+        def inject(index, passed, args, kwargs):
+            return states if index == last else passed
+
+        ids = torch.zeros(states.shape[:2], dtype=torch.long, device=self.device)
+        with self._stand_ins(inject):
+            return self.skeleton(input_ids=ids, use_cache=False).logits.float()
 
     @torch.inference_mode()
     def token_nll(self, hidden: torch.Tensor, input_ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:

@@ -48,6 +48,24 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
     return files
 
 
+def missing_shards(model_dir: str | Path) -> list[str]:
+    """Shards the index names that are not on disk (a hub snapshot fetched only in part)."""
+    index = Path(model_dir) / INDEX_NAME
+    if not index.is_file():
+        return []
+    names = set(json.loads(index.read_text())["weight_map"].values())
+    return sorted(name for name in names if not (Path(model_dir) / name).is_file())
+
+
+def tensor_names(model_dir: str | Path) -> list[str]:
+    """Every tensor name of the checkpoint: the index's weight map when there is one (so a
+    snapshot fetched only in part still has all its names), else the safetensors headers."""
+    index = Path(model_dir) / INDEX_NAME
+    if index.is_file():
+        return sorted(json.loads(index.read_text())["weight_map"])
+    return sorted(tensor_bytes(safetensors_files(model_dir)))
+
+
 def read_header(path: str | Path) -> dict[str, dict]:
     """The safetensors header {name: {dtype, shape, data_offsets}}, without tensor data."""
     with open(path, "rb") as handle:

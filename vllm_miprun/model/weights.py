@@ -3,7 +3,9 @@
 No vLLM import: the loader and the exporter both use it. A pruned block's tensors are
 skipped by name before ``get_tensor``, so their bytes are never read (safetensors
 memory-maps the file and reads a tensor's byte range only when asked for it); shard
-files that hold nothing but pruned tensors are never opened.
+files that hold nothing but pruned tensors are never opened. Block tensors are recognised
+by the block prefixes of the supported families (``model.architectures``), through
+``remap.layer_index`` and ``remap.renamed_weight``.
 """
 
 from __future__ import annotations

@@ -19,10 +19,13 @@ from tqdm.auto import tqdm
 
 from vllm_miprun.pipeline import store as score_cache
 from vllm_miprun.core import scoring
+from vllm_miprun.core.matrices import to_nested_list
+from vllm_miprun.model import architectures
 from vllm_miprun.model.blockwise import BlockwiseModel
 from vllm_miprun.model.checkpoint import ModelFolderError, read_config
+from vllm_miprun.model.quantization import check_checkpoint_quantization
 from vllm_miprun.model.fingerprint import model_fingerprint
-from vllm_miprun.options import CalibrationSettings
+from vllm_miprun.options import CalibrationSettings, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -76,13 +79,14 @@ def calibration_ids(model_dir: str | Path, settings: CalibrationSettings) -> tor
 def calibrate(model_dir: str | Path, settings: CalibrationSettings, device: str = "cpu",
               cache_dir: str | Path | None = None, force: bool = False, progress: bool = True) -> CalibrationResult:
     """Return the cached scores for these weights and settings, computing them if needed."""
-    read_config(model_dir)  # clear error for a folder that is not a model
+    architectures.for_config(read_config(model_dir))  # not a model, or unsupported: refused before any work
+    check_checkpoint_quantization(model_dir, read_config(model_dir))  # not a model / unreadable format
     path, fingerprint = locate(model_dir, settings, cache_dir)
     key = calibration_key(settings)
     if path.exists() and not force:
         return CalibrationResult(score_cache.read_cache(path, fingerprint, key), path, reused=True)
     score_cache.ensure_writable(path.parent)  # fail before the expensive pass
-    cache = compute_scores(model_dir, settings, fingerprint, device=device, progress=progress)
+    cache = compute_scores(model_dir, settings, fingerprint, device=resolve_device(device), progress=progress)
     score_cache.write_cache(path, cache)
     logger.info("wrote score cache %s", path)
     return CalibrationResult(cache, path, reused=False)
@@ -121,9 +125,9 @@ def compute_scores(model_dir: str | Path, settings: CalibrationSettings, fingerp
         calibration=calibration_key(settings),
         estimator={"name": settings.estimator, **params, "units": "nats"},
         block_scores=[float(span[b, b + 1]) for b in range(num_blocks)],
-        span_scores=scoring.to_nested_list(span),
-        baselines={"block_influence": stats.block_influence, "angular": scoring.to_nested_list(angular),
-                   "skip_mi_iso": scoring.to_nested_list(skip_mi)},
+        span_scores=to_nested_list(span),
+        baselines={"block_influence": stats.block_influence, "angular": to_nested_list(angular),
+                   "skip_mi_iso": to_nested_list(skip_mi)},
         timings=timings,
     )
 

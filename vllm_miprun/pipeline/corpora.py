@@ -1,6 +1,7 @@
 """Named text corpora, their calibration/evaluation split, and deterministic sampling.
 
-Named sets come from the plain-text corpora bundled in the ``exllamav2`` package:
+Named sets are the plain-text corpora shipped in ``vllm_miprun/data`` (byte-for-byte
+copies of exllamav2 0.3.2's ``wiki.utf8`` and ``c4.utf8``; see ``bundled``):
 
 * ``wiki``: 2,349 Wikipedia articles in ``<doc ...>`` blocks. Calibration uses articles
   [0, 1000); evaluation uses articles [1500, 2349). Articles [1000, 1500) are unused, a
@@ -51,7 +52,7 @@ def load_documents(name_or_path: str) -> datasets.Dataset:
     """All documents of a named corpus or a local source, as a ``text`` column."""
     if name_or_path in NAMED_CORPORA:
         filename, _ = NAMED_CORPORA[name_or_path]
-        return _documents_from_text_file(bundled.corpus_dir() / filename, one_per_line=name_or_path == "c4")
+        return _documents_from_bytes(bundled.packaged_corpus(filename), filename, one_per_line=name_or_path == "c4")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return _documents_from_saved_dataset(path)
@@ -115,7 +116,11 @@ def sample_token_windows(
 
 
 def _documents_from_text_file(path: Path, one_per_line: bool) -> datasets.Dataset:
-    raw = path.read_bytes()
+    return _documents_from_bytes(path.read_bytes(), path, one_per_line)
+
+
+def _documents_from_bytes(raw: bytes, path: Path | str, one_per_line: bool) -> datasets.Dataset:
+    """Split UTF-8 text into documents; ``path`` only names the source in errors."""
     if b"\x00" in raw:
         raise CorpusError(f"{path} looks binary (it contains NUL bytes); expected UTF-8 text")
     try:

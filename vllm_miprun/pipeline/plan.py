@@ -17,14 +17,18 @@ import numpy as np
 
 from vllm_miprun.pipeline import store as score_cache
 from vllm_miprun.core import selection as selectors
+from vllm_miprun.core.selection.sleb import prefix_answers as sleb_prefix_answers
 from vllm_miprun.model.checkpoint import read_config
+from vllm_miprun.model.quantization import check_checkpoint_quantization
 from vllm_miprun.core.latency import LatencyModel
 from vllm_miprun.pipeline.speed_store import read_profile
-from vllm_miprun.options import MiprunOptions, OptionError
+from vllm_miprun.options import MiprunOptions, OptionError, check_drop, resolve_device
 
 logger = logging.getLogger(__name__)
 
 SCORE_FREE_METHODS = ("last", "random")
+# A plan's method when the user named the blocks (the ``drop`` option).
+DROP_METHOD = "drop"
 # Methods whose search runs the model on calibration tokens; their results are cached.
 FORWARD_METHODS = ("sleb", "mi-prun")
 # SLEB's greedy search sees the first 4 calibration sequences. MI-PRUN's soft-target bound
@@ -60,11 +64,14 @@ def make_plan(model_dir: str | Path, options: MiprunOptions, hf_config: dict | N
               progress: bool = True) -> Plan:
     """Choose the blocks to keep; raise ``OptionError``/``CacheError`` on bad input."""
     config = hf_config if hf_config is not None else read_config(model_dir)
+    check_checkpoint_quantization(model_dir, config)  # an unreadable format is refused before any work
     num_blocks = _num_blocks(config)
     try:
         protect = selectors.parse_protect(options.protect, num_blocks)
     except ValueError as err:
         raise OptionError(str(err)) from None
+    if options.drop is not None:
+        return explicit_plan(model_dir, config, options, num_blocks, protect)
 
     cache, path, source = None, None, "none-needed"
     if options.method not in SCORE_FREE_METHODS:
@@ -91,6 +98,21 @@ def make_plan(model_dir: str | Path, options: MiprunOptions, hf_config: dict | N
     )
 
 
+def explicit_plan(model_dir: str | Path, config: dict, options: MiprunOptions, num_blocks: int,
+                  protect: frozenset[int]) -> Plan:
+    """The plan for an explicit ``drop`` list: exactly those blocks go, no scores, no search."""
+    check_drop(options.drop, num_blocks, protect)
+    pruned = tuple(options.drop)
+    kept = tuple(b for b in range(num_blocks) if b not in pruned)
+    latency = latency_model(model_dir, config, None, options.cache_dir)
+    return Plan(
+        num_blocks=num_blocks, kept=kept, pruned=pruned, method=DROP_METHOD,
+        keep_ratio=len(kept) / num_blocks, predicted_speedup=latency.speedup(kept),
+        latency_source=latency.source, objective=None, scores_source="none-needed",
+        cache_path=None, fingerprint=None,
+    )
+
+
 def load_scores(model_dir: str | Path, options: MiprunOptions, progress: bool = True):
     """(cache, path, source): the explicit ``scores`` file, the matching cache, or a new one."""
     from vllm_miprun.pipeline.calibrate import calibrate, calibration_key, locate
@@ -110,7 +132,8 @@ def load_scores(model_dir: str | Path, options: MiprunOptions, progress: bool = 
             f"require_cache is set; run `vllm-miprun calibrate {model_dir}` first or drop require_cache"
         )
     logger.info("no score cache for %s; calibrating now (%s)", model_dir, settings.to_json())
-    result = calibrate(model_dir, settings, device=options.device, cache_dir=options.cache_dir, progress=progress)
+    result = calibrate(model_dir, settings, device=resolve_device(options.device), cache_dir=options.cache_dir,
+                       progress=progress)
     return result.cache, result.path, "computed"
 
 
@@ -120,7 +143,10 @@ def latency_model(model_dir, config: dict, cache: score_cache.ScoreCache | None,
     ``vllm-miprun profile`` writes), else the FLOP-and-byte estimate."""
     if cache is not None and cache.profile:
         return LatencyModel.from_profile(cache.profile)
-    profile = read_profile(model_dir, cache_dir)
+    from vllm_miprun.model.checkpoint import missing_shards
+
+    # A hub snapshot fetched in part has no fingerprint, so no sidecar can be found for it.
+    profile = None if missing_shards(model_dir) else read_profile(model_dir, cache_dir)
     if profile:
         return LatencyModel.from_profile(profile)
     logger.info("no latency profile; using the FLOP-and-byte estimate from the model config")
@@ -153,7 +179,7 @@ def _score_inputs(cache) -> dict[str, Any]:
     if cache is None:
         return {}
     from vllm_miprun.core.span_cost import span_cost_matrix
-    from vllm_miprun.core.scoring import from_nested_list
+    from vllm_miprun.core.matrices import from_nested_list
 
     return {
         "cost": span_cost_matrix(cache),
@@ -171,14 +197,13 @@ def _cached_selection(method: str, num_blocks: int, num_prune: int, protect: fro
     if cacheable:
         stored = score_cache.read_cache(path).selections.get(key, {}).get(str(num_prune))
         if stored is not None:
-            return selectors._make_selection(method, num_blocks, stored, cost=cost)
-    selectors._check_prune_request(num_blocks, num_prune, protect)
+            return selectors.make_selection(method, num_blocks, stored, cost=cost)
+    selectors.check_prune_request(num_blocks, num_prune, protect)
     result = forward.run(method, num_blocks, num_prune, protect)
     if cacheable:
         found = {str(num_prune): list(result.pruned)}
         if method == "sleb":  # a greedy trace: every prefix is SLEB's answer for that count
-            found.update({str(len(step["pruned"])): list(step["pruned"])
-                          for step in result.details.get("trace") or [] if "pruned" in step})
+            found.update({str(count): pruned for count, pruned in sleb_prefix_answers(result).items()})
         score_cache.update_cache(path, lambda cache: cache.selections.setdefault(key, {}).update(found))
     return result
 
@@ -197,7 +222,8 @@ class _ForwardSearch:
             from vllm_miprun.pipeline.calibrate import calibration_ids
 
             self._ids = calibration_ids(self.model_dir, self.options.calibration)[:FORWARD_MAX_SAMPLES]
-            self._model = BlockwiseModel(self.model_dir, device=self.options.device, resident_blocks=True)
+            device = resolve_device(self.options.device)
+            self._model = BlockwiseModel(self.model_dir, device=device, resident_blocks=True)
         return self._model, self._ids
 
     def run(self, method: str, num_blocks: int, num_prune: int, protect: frozenset[int]) -> selectors.Selection:
@@ -208,10 +234,9 @@ class _ForwardSearch:
             from vllm_miprun.pipeline.refine import refine
 
             return refine(self.model_dir, ids[:MI_PRUN_BOUND_SAMPLES], self.cost, num_prune, protect, model=model)
-        from vllm_miprun.pipeline.refine import CalibrationCE
+        from vllm_miprun.pipeline.refine import sleb
 
-        evaluate = CalibrationCE(model, ids)
-        return selectors.select(method, num_blocks, num_prune, protect=protect, evaluate=evaluate, cost=self.cost)
+        return sleb(model, ids, num_prune, protect, cost=self.cost)
 
 
 def _num_blocks(config: dict) -> int:

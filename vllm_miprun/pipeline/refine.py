@@ -26,16 +26,12 @@ picks the same sets on 2 calibration sequences as the hard-label bound on 4, at 
 cost, and the same set for every calibration seed at keep 0.9
 (``benchmarks/results/mi_research.md``, session 3).
 
-Search (``refine`` = ``mi_guided_greedy`` + ``portfolio_refine``, the default)
-------------------------------------------------------------------------------
-Blocks are removed one at a time, as in SLEB, but each round only measures the bound for
-the ``candidates`` blocks whose removal the span cost says is cheapest *given the blocks
-already removed*: the marginal objective ``J(P + {b}) - J(P)``, which merges ``b`` with
-adjacent pruned runs and prices the merged run by its own span cost. One greedy trace
-gives the selection for every smaller drop count too (a prefix).
-
-``swap_refine`` is the alternative: start from the exact span-cost optimum and try the
-cheapest single swaps (one pruned block out, one kept block in) until none improves.
+Search
+------
+The search that proposes which sets to measure is pure and lives in core:
+:func:`vllm_miprun.core.selection.mi_search.mi_prun_search` (MI-PRUN, via :func:`refine`
+here) and :func:`vllm_miprun.core.selection.sleb.select_sleb` (SLEB, via :func:`sleb`
+here). This module supplies what they call: the calibration loss of a pruned set.
 
 Compute is counted in *block passes* (one block applied to the calibration batch).
 Every evaluation resumes from stored boundary states (the full model's, or those of the
@@ -45,20 +41,12 @@ best sets evaluated so far) at the first block where the candidate differs from 
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from dataclasses import replace
+from typing import Iterable
 
 import numpy as np
 
-from vllm_miprun.core.selection import Selection, _make_selection, exact_select, fast_block_select, objective_value
-
-
-@dataclass
-class _Counter:
-    evaluations: int = 0
-    block_passes: int = 0
-    trace: list = field(default_factory=list)
+from vllm_miprun.core.selection import Selection, mi_prun_search, select
 
 
 class CalibrationCE:
@@ -145,97 +133,6 @@ class CalibrationKL(CalibrationCE):
 OBJECTIVES = {"ce": CalibrationCE, "kl": CalibrationKL}
 
 
-def mi_guided_greedy(
-    evaluate: Callable[[frozenset], float],
-    cost: np.ndarray,
-    num_prune: int,
-    protect: Iterable[int] = frozenset(),
-    *,
-    candidates: int = 3,
-) -> Selection:
-    """Greedy removal; each round measures ``evaluate`` (calibration loss) for only the
-    ``candidates`` blocks with the smallest marginal span cost ``J(P+{b}) - J(P)``.
-
-    ``details["trace"]`` lists each round's chosen block and loss, so the first ``r``
-    entries are the selection for ``r`` pruned blocks.
-    """
-    cost = np.asarray(cost, dtype=float)
-    num_blocks = cost.shape[0] - 1
-    protect = frozenset(protect)
-    pruned: set[int] = set()
-    trace = []
-    evaluations = 0
-    for _ in range(num_prune):
-        base = objective_value(cost, pruned) if pruned else 0.0
-        free = [b for b in range(num_blocks) if b not in pruned and b not in protect]
-        ranked = sorted(free, key=lambda b: (objective_value(cost, pruned | {b}) - base, b))
-        best = (math.inf, None)
-        for b in ranked[:candidates]:
-            value = float(evaluate(frozenset(pruned | {b})))
-            evaluations += 1
-            if value < best[0]:
-                best = (value, b)
-        pruned.add(best[1])
-        trace.append({"block": best[1], "loss": best[0], "tried": ranked[:candidates],
-                      "evaluations": evaluations,
-                      "block_passes": getattr(evaluate, "block_passes", None)})
-    return _make_selection(
-        "mi-prun", num_blocks, pruned, cost, run_evaluations=evaluations, iterations=num_prune,
-        details={"trace": trace, "search": "mi_guided_greedy", "candidates": candidates},
-    )
-
-
-def swap_refine(
-    evaluate: Callable[[frozenset], float],
-    cost: np.ndarray,
-    num_prune: int,
-    protect: Iterable[int] = frozenset(),
-    *,
-    top_swaps: int = 4,
-    max_evaluations: int = 40,
-    start: Iterable[int] | None = None,
-) -> Selection:
-    """Local search from the exact span-cost optimum (or ``start``): each round measures
-    ``evaluate`` for the ``top_swaps`` untried single swaps with the lowest span objective
-    and moves to the best if it lowers the loss; stops when a round brings no improvement
-    or the budget of evaluations is spent."""
-    cost = np.asarray(cost, dtype=float)
-    num_blocks = cost.shape[0] - 1
-    protect = frozenset(protect)
-    current = frozenset(exact_select(cost, num_prune, protect).pruned if start is None else start)
-    best_value = float(evaluate(current))
-    evaluations, tried = 1, {current}
-    trace = [{"pruned": sorted(current), "loss": best_value}]
-    while evaluations < max_evaluations:
-        swaps = []
-        for b in current:
-            for c in range(num_blocks):
-                if c in current or c in protect:
-                    continue
-                cand = (current - {b}) | {c}
-                if cand not in tried:
-                    swaps.append((objective_value(cost, cand), tuple(sorted(cand))))
-        swaps.sort()
-        improved = None
-        for _, cand in swaps[:top_swaps]:
-            if evaluations >= max_evaluations:
-                break
-            cand = frozenset(cand)
-            tried.add(cand)
-            value = float(evaluate(cand))
-            evaluations += 1
-            if value < best_value:
-                best_value, improved = value, cand
-        if improved is None:
-            break
-        current = improved
-        trace.append({"pruned": sorted(current), "loss": best_value})
-    return _make_selection(
-        "mi-prun", num_blocks, current, cost, run_evaluations=evaluations,
-        iterations=len(trace), details={"trace": trace, "search": "swap_refine"},
-    )
-
-
 def refine(
     model_dir,
     input_ids,
@@ -251,16 +148,13 @@ def refine(
     model=None,
     objective: str = "kl",
 ) -> Selection:
-    """MI-PRUN's default selection (the best configuration found on SmolLM2-135M).
-
-    1. :func:`mi_guided_greedy` on calibration tokens ``input_ids`` [samples, seq_len]
-       (the SLEB calibration batch; never evaluation text), ranking each round's
-       ``candidates`` by the span ``cost`` of :func:`vllm_miprun.core.span_cost.span_cost_matrix`
-       (which is the skip-MI noise fraction raised to ``cost_power``).
-    2. :func:`portfolio_refine` between the greedy set and the exact span-cost optima
-       with the cost re-raised to each of ``powers`` (power 1 favours one contiguous run,
-       power 2 spreads the blocks); the lowest calibration loss (= highest Barber-Agakov
-       bound) wins. The span-cost optima come from Fast-Block-Select.
+    """MI-PRUN's default selection (the best configuration found on SmolLM2-135M):
+    :func:`~vllm_miprun.core.selection.mi_search.mi_prun_search` -- a greedy guided by the
+    span ``cost`` of :func:`vllm_miprun.core.span_cost.span_cost_matrix`, then a portfolio
+    of Fast-Block-Select optima at each of ``powers`` (``cost`` is the skip-MI noise fraction
+    raised to ``cost_power``) -- whose loss is measured on calibration tokens ``input_ids``
+    [samples, seq_len] (the SLEB calibration batch; never evaluation text). The lowest
+    calibration loss (= highest Barber-Agakov bound) wins.
 
     ``objective`` is ``"kl"`` (default: ``KL(p_full || p_P)``, the bound on
     ``I(h_L^P; Y_full)``) or ``"ce"`` (cross-entropy on the text, the bound on ``I(h_L^P; Y)``).
@@ -284,45 +178,21 @@ def refine(
         model = BlockwiseModel(model_dir, device=device, resident_blocks=True)
     ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.as_tensor(np.asarray(input_ids))
     evaluator = OBJECTIVES[objective](model, ids)
-    cost = np.asarray(cost, dtype=float)
-    num_blocks = cost.shape[0] - 1
+    result = mi_prun_search(evaluator, cost, num_prune, protect, candidates=candidates, powers=powers,
+                            cost_power=cost_power)
     if num_prune == 0:
-        return _make_selection("mi-prun", num_blocks, (), cost)
-    greedy = mi_guided_greedy(evaluator, cost, num_prune, protect, candidates=candidates)
-    proposals = {"greedy": greedy.pruned}
-    for power in powers:
-        powered = np.clip(cost, 0.0, None) ** (float(power) / float(cost_power))
-        # Fast-Block-Select: the paper's search, certified optimal on DPI-monotone costs.
-        proposals[f"span_fbs_p{power:g}"] = fast_block_select(powered, num_prune, protect).pruned
-    result = portfolio_refine(evaluator, proposals, num_blocks, cost)
-    details = {**result.details, "greedy_trace": greedy.details["trace"], "candidates": candidates,
-               "objective": objective,
+        return result
+    details = {**result.details, "objective": objective,
                "block_passes": evaluator.block_passes, "calibration_tokens": int(ids.numel())}
-    from dataclasses import replace
-
     return replace(result, run_evaluations=len(evaluator.memo), details=details)
 
 
-def portfolio_refine(
-    evaluate: Callable[[frozenset], float],
-    proposals: dict[str, Iterable[int]],
-    num_blocks: int,
-    cost: np.ndarray | None = None,
-) -> Selection:
-    """Arbitrate between cheap proposals with the next-token MI bound: measure
-    ``evaluate`` (calibration loss = H(Y) - BA bound) for each distinct proposed set and
-    return the lowest. ``proposals`` maps a name to a pruned set, e.g. the exact
-    span-cost optima at powers 1 and 2 and the :func:`mi_guided_greedy` result.
-    ``details["scores"]`` lists every proposal's loss."""
-    scores = {}
-    seen: dict[frozenset, float] = {}
-    for name, pruned in proposals.items():
-        key = frozenset(int(b) for b in pruned)
-        if key not in seen:
-            seen[key] = float(evaluate(key))
-        scores[name] = {"pruned": sorted(key), "loss": seen[key]}
-    best = min(scores, key=lambda n: (scores[n]["loss"], scores[n]["pruned"]))
-    return _make_selection(
-        "mi-prun", num_blocks, scores[best]["pruned"], cost, run_evaluations=len(seen),
-        details={"search": "portfolio", "chosen": best, "scores": scores},
-    )
+def sleb(model, input_ids, num_prune: int, protect: Iterable[int] = frozenset(), *, cost=None) -> Selection:
+    """SLEB on calibration tokens ``input_ids`` [samples, seq_len]: the greedy of
+    :func:`vllm_miprun.core.selection.sleb.select_sleb`, whose ``evaluate`` is the pruned
+    model's cross-entropy (:class:`CalibrationCE`) -- the same bound MI-PRUN maximises,
+    searched over every remaining block each round. ``model`` is a
+    :class:`~vllm_miprun.model.blockwise.BlockwiseModel`; ``cost`` (optional) sets the
+    selection's ``objective`` to ``J`` on the span costs."""
+    evaluate = CalibrationCE(model, input_ids)
+    return select("sleb", model.num_blocks, num_prune, protect=protect, evaluate=evaluate, cost=cost)

@@ -177,6 +177,8 @@ def ensure_writable(folder: Path) -> None:
 
 
 def atomic_write_text(path: Path, payload: str) -> None:
+    """Write ``payload`` to ``path`` through a temporary file in the same folder, so a
+    reader sees the old file or the new one, never half of it; ``CacheError`` on failure."""
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:

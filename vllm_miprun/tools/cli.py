@@ -1,7 +1,8 @@
 """``vllm-miprun``: calibrate, inspect scores, plan, check stability, serve, export, evaluate.
 
 Bad input exits with status 2 and one line on stderr (what was expected, what was given,
-what to do), never a traceback.
+what to do), never a traceback (``errors.run_command``). The option flags come from the
+option table (``vllm_miprun.options``); only command-specific flags are declared here.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import sys
 import threading
 from pathlib import Path
 
-from vllm_miprun.options import DATASETS, ESTIMATORS, METHODS, CalibrationSettings, MiprunOptions
+from vllm_miprun.errors import run_command
+from vllm_miprun.option_flags import add_command_flags, given_options
+from vllm_miprun.options import (CalibrationSettings, MiprunOptions, calibration_settings, command_options,
+                                 option)
 
 logger = logging.getLogger("vllm_miprun")
 
@@ -32,22 +36,15 @@ def _out(text: str = "") -> None:
     sys.stdout.write(text + "\n")
 
 
-def add_calibration_args(parser: argparse.ArgumentParser) -> None:
-    defaults = CalibrationSettings()
-    group = parser.add_argument_group("calibration (each setting gives its own cache entry)")
-    group.add_argument("--dataset", default=defaults.dataset,
-                       help=f"{' | '.join(DATASETS)} | PATH (text file or datasets folder); default %(default)s")
-    group.add_argument("--samples", type=int, default=defaults.samples, help="sequences; default %(default)s")
-    group.add_argument("--seq-len", type=int, default=defaults.seq_len, help="tokens per sequence; default %(default)s")
-    group.add_argument("--seed", type=int, default=defaults.seed, help="sampling seed; default %(default)s")
-    group.add_argument("--estimator", choices=ESTIMATORS, default=defaults.estimator, help="default %(default)s")
-    group.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default %(default)s")
-    group.add_argument("--cache-dir", default=None, help="score cache folder (default $MIPRUN_CACHE_DIR)")
+def add_flags(parser: argparse.ArgumentParser, command: str, **kwargs) -> None:
+    """The option-table flags of ``command`` (see ``vllm_miprun.options.OPTIONS``)."""
+    add_command_flags(parser, command_options(command), **kwargs)
 
 
-def settings_from_args(args: argparse.Namespace) -> CalibrationSettings:
-    return CalibrationSettings(dataset=args.dataset, samples=args.samples, seq_len=args.seq_len,
-                               seed=args.seed, estimator=args.estimator)
+def calibration_args(args: argparse.Namespace) -> tuple[CalibrationSettings, str, str | None]:
+    """(settings, device, cache_dir) from a command's flags, table defaults for the rest."""
+    given = given_options(args)
+    return calibration_settings(given), given.get("device", option("device").default), given.get("cache_dir")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,31 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     calibrate = sub.add_parser("calibrate", help="score every block and run of blocks; write the cache")
     calibrate.add_argument("model_dir")
-    add_calibration_args(calibrate)
+    add_flags(calibrate, "calibrate")
     calibrate.add_argument("--force", action="store_true", help="recompute even if a cache matches")
 
     scores = sub.add_parser("scores", help="show the cached scores (never computes)")
     scores.add_argument("model_dir")
-    add_calibration_args(scores)
+    add_flags(scores, "scores")
     scores.add_argument("--json", action="store_true", help="print one JSON object")
 
     plan = sub.add_parser("plan", help="choose the blocks to keep from the cached scores")
     plan.add_argument("model_dir")
-    target = plan.add_mutually_exclusive_group(required=True)
-    target.add_argument("--keep", help="keep ratio in (0, 1]")
-    target.add_argument("--latency-budget", help="0.8 (fraction of full latency) or 12ms[@bsN]")
-    plan.add_argument("--method", default="mi-prun", help=f"{' | '.join(METHODS)}; default %(default)s")
-    plan.add_argument("--protect", default=None, help="blocks never dropped: first,last or indices")
-    add_calibration_args(plan)
+    add_flags(plan, "plan", target_required=True)
     plan.add_argument("--json", action="store_true", help="print one JSON object")
 
     stability = sub.add_parser("stability", help="agreement of pruned sets across calibration seeds")
     stability.add_argument("model_dir")
     stability.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1; default %(default)s")
-    stability.add_argument("--keep", default="0.75", help="keep ratio; default %(default)s")
     stability.add_argument("--methods", default="mi-prun,shortgpt,angular",
                            help="comma list; default %(default)s (sleb is slow: add it explicitly)")
-    add_calibration_args(stability)
+    add_flags(stability, "stability", defaults={"keep": 0.75})
     stability.add_argument("--json-out", default=None, help="also write the table as JSON here")
 
     from vllm_miprun.tools.evaluate import add_eval_parser
@@ -96,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from vllm_miprun.pipeline.calibrate import calibrate
 
-    result = calibrate(args.model_dir, settings_from_args(args), device=args.device,
-                       cache_dir=args.cache_dir, force=args.force)
+    settings, device, cache_dir = calibration_args(args)
+    result = calibrate(args.model_dir, settings, device=device, cache_dir=cache_dir, force=args.force)
     verb = "reused" if result.reused else "wrote"
     _out(f"{verb} score cache {result.path}")
     _out(format_block_table(result.cache))
@@ -108,8 +99,8 @@ def cmd_scores(args: argparse.Namespace) -> int:
     from vllm_miprun.pipeline.store import CacheError, read_cache
     from vllm_miprun.pipeline.calibrate import calibration_key, locate
 
-    settings = settings_from_args(args)
-    path, fingerprint = locate(args.model_dir, settings, args.cache_dir)
+    settings, _, cache_dir = calibration_args(args)
+    path, fingerprint = locate(args.model_dir, settings, cache_dir)
     if not path.exists():
         raise CacheError(
             f"no score cache for {args.model_dir} with {settings.to_json()} (looked for {path}); "
@@ -129,11 +120,7 @@ def cmd_scores(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from vllm_miprun.pipeline.plan import make_plan
 
-    options = MiprunOptions(
-        keep=args.keep, latency_budget=args.latency_budget, method=args.method, protect=args.protect,
-        require_cache=True, seed=args.seed, device=args.device, cache_dir=args.cache_dir,
-        calibration=settings_from_args(args),
-    )
+    options = MiprunOptions.from_dict({**given_options(args), "require_cache": True})
     plan = make_plan(args.model_dir, options)
     if args.json:
         _out(json.dumps(plan.to_json()))
@@ -155,15 +142,13 @@ def cmd_stability(args: argparse.Namespace) -> int:
     from vllm_miprun.pipeline.plan import make_plan
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    given = given_options(args)
+    # Every (method, seed) checked before the first calibration runs.
+    runs = {method: [MiprunOptions.from_dict({**given, "method": method, "seed": seed})
+                     for seed in range(args.seeds)] for method in methods}
     table = {}
-    for method in methods:
-        pruned_sets = []
-        for seed in range(args.seeds):
-            settings = CalibrationSettings(dataset=args.dataset, samples=args.samples, seq_len=args.seq_len,
-                                           seed=seed, estimator=args.estimator)
-            options = MiprunOptions(keep=args.keep, method=method, seed=seed, device=args.device,
-                                    cache_dir=args.cache_dir, calibration=settings)
-            pruned_sets.append(set(make_plan(args.model_dir, options).pruned))
+    for method, seed_options in runs.items():
+        pruned_sets = [set(make_plan(args.model_dir, options).pruned) for options in seed_options]
         table[method] = {"mean_pairwise_jaccard": mean_pairwise_jaccard(pruned_sets),
                          "pruned_sets": [sorted(s) for s in pruned_sets]}
     _out(f"{'method':<10} {'Jaccard':>8}  pruned sets over seeds 0..{args.seeds - 1}")
@@ -171,7 +156,7 @@ def cmd_stability(args: argparse.Namespace) -> int:
         sets = " | ".join(compact_ranges(s) for s in row["pruned_sets"])
         _out(f"{method:<10} {row['mean_pairwise_jaccard']:>8.3f}  {sets}")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"keep": args.keep, "seeds": args.seeds, "methods": table}, indent=1))
+        Path(args.json_out).write_text(json.dumps({"keep": given["keep"], "seeds": args.seeds, "methods": table}, indent=1))
     return 0
 
 
@@ -241,16 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
-    try:
-        handler = getattr(args, "func", None) or COMMANDS[args.command]
-        return handler(args)
-    except (ValueError, FileNotFoundError, PermissionError) as err:
-        # OptionError, CacheError, CorpusError and ModelFolderError are ValueErrors.
-        sys.stderr.write(f"vllm-miprun {args.command}: error: {err}\n")
-        return 2
-    except KeyboardInterrupt:
-        sys.stderr.write(f"vllm-miprun {args.command}: interrupted; nothing was written\n")
-        return 130
+    handler = getattr(args, "func", None) or COMMANDS[args.command]
+    return run_command(f"vllm-miprun {args.command}", lambda: handler(args))
 
 
 def _run_passthrough(target: str, argv: list[str]) -> int:

@@ -81,25 +81,11 @@ def _torch_dtype(dtype: str):
 
 
 def delete_blocks(model, kept: Sequence[int]):
-    """Keep only blocks ``kept`` of a Hugging Face causal LM, renumbered 0..K-1, in place."""
-    from torch import nn
+    """Keep only blocks ``kept`` of a Hugging Face causal LM, renumbered 0..K-1, in place
+    (through the model's architecture family, so per-layer config fields follow)."""
+    from vllm_miprun.model.architectures.hf_model import delete_blocks as delete_family_blocks
 
-    from vllm_miprun.model import remap
-
-    layers = model.model.layers
-    kept = remap.check_kept(list(kept), len(layers))
-    model.model.layers = nn.ModuleList([layers[i] for i in kept])
-    for new, layer in enumerate(model.model.layers):
-        attn = getattr(layer, "self_attn", None)
-        if attn is not None and hasattr(attn, "layer_idx"):
-            attn.layer_idx = new  # index into the KV cache
-        if hasattr(layer, "layer_idx"):
-            layer.layer_idx = new
-    config = model.config
-    if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) == len(layers):
-        config.layer_types = [config.layer_types[i] for i in kept]
-    config.num_hidden_layers = len(kept)
-    return model
+    return delete_family_blocks(model, kept)
 
 
 class TransformersBackend:
@@ -312,11 +298,14 @@ def evaluate(model_dir: str | Path, tasks: str | Sequence[str], *, backend: str 
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from vllm_miprun.option_flags import add_command_flags
+    from vllm_miprun.options import command_options
+
     parser.add_argument("model_dir", help="Hugging Face model folder (config.json + *.safetensors)")
     parser.add_argument("--tasks", default="wiki-ppl,c4-ppl",
                         help=f"comma-separated: {', '.join(TASKS)}; or all, mc, ppl")
-    parser.add_argument("--keep", type=float, default=None, help="keep ratio in (0, 1]; omit for the dense model")
-    parser.add_argument("--method", default=None, help="selection method (with --keep)")
+    # Plan options from the option table (omit every target for the dense model).
+    add_command_flags(parser, command_options("eval"))
     parser.add_argument("--extra-config", default=None,
                         help="more plan options as JSON, e.g. '{\"seed\": 1, \"estimator\": \"renyi\"}'")
     parser.add_argument("--backend", choices=BACKENDS, default="vllm")
@@ -341,15 +330,19 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
-    options = json.loads(args.extra_config) if args.extra_config else {}
+    """``--extra-config`` with the plan flags on top; None for the dense model."""
+    from vllm_miprun.option_flags import given_options
+    from vllm_miprun.options import TARGETS, command_options
+
+    try:
+        options = json.loads(args.extra_config) if args.extra_config else {}
+    except ValueError as err:
+        raise EvalError(f"--extra-config must be a JSON object, got {args.extra_config!r} ({err})") from None
     if not isinstance(options, dict):
         raise EvalError(f"--extra-config must be a JSON object, got {args.extra_config!r}")
-    if args.keep is not None:
-        options["keep"] = args.keep
-    if args.method is not None:
-        options["method"] = args.method
-    if options and "keep" not in options and "latency_budget" not in options:
-        raise EvalError("--method and --extra-config need a target: add --keep R")
+    options.update(given_options(args, command_options("eval")))
+    if options and not any(target in options for target in TARGETS):
+        raise EvalError("plan options need a target: add --keep R, --latency-budget B or --drop BLOCKS")
     return options or None
 
 
@@ -386,9 +379,12 @@ def eval_main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_eval_arguments(argparse.ArgumentParser(prog="python -m vllm_miprun.tools.evaluate"))
+    from vllm_miprun.errors import run_command
+
+    prog = "python -m vllm_miprun.tools.evaluate"
+    args = add_eval_arguments(argparse.ArgumentParser(prog=prog)).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    return eval_main(parser.parse_args(argv))
+    return run_command(prog, lambda: eval_main(args))
 
 
 if __name__ == "__main__":

@@ -13,12 +13,16 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 from vllm_miprun.model import checkpoint, remap
 from vllm_miprun.model import weights
-from vllm_miprun.options import MiprunOptions, OptionError
+from vllm_miprun.errors import run_command
+from vllm_miprun.option_flags import add_command_flags, given_options
+from vllm_miprun.options import MiprunOptions, OptionError, command_options
+from vllm_miprun.model.quant_remap import quantization_overrides
 
 # Files copied unchanged when present: tokenizer, chat template, generation settings.
 COPIED_FILES = (
@@ -34,7 +38,8 @@ def export_pruned(model_dir: str | Path, out_dir: str | Path, plan) -> Path:
     if out_dir.exists():
         raise OptionError(f"output folder {out_dir} already exists; remove it or pick another")
     hf_config = json.loads((model_dir / "config.json").read_text())
-    new_config = remap.remap_config(hf_config, plan.kept)
+    new_config = {**remap.remap_config(hf_config, plan.kept),
+                  **quantization_overrides(model_dir, hf_config, plan.kept)}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -64,7 +69,7 @@ def _write_weights(model_dir: Path, staging: Path, kept: list[int]) -> None:
         total_size += sum(t.numel() * t.element_size() for t in tensors.values())
     if len(files) > 1:
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        (staging / weights.INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        (staging / checkpoint.INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -72,37 +77,28 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser = parser or argparse.ArgumentParser(prog="vllm-miprun export")
     parser.add_argument("model_dir", help="Hugging Face model folder (safetensors)")
     parser.add_argument("out_dir", help="where to write the pruned checkpoint (must not exist)")
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--keep", help="keep ratio in (0, 1]")
-    target.add_argument("--latency-budget", help="fraction of full latency (0.8) or 12ms")
-    parser.add_argument("--method", default="mi-prun", help="selection method (default mi-prun)")
-    parser.add_argument("--scores", help="explicit score cache file")
-    parser.add_argument("--protect", help="blocks never dropped: first, last, or 0,29")
-    parser.add_argument("--require-cache", action="store_true", help="refuse to calibrate")
+    add_command_flags(parser, command_options("export"), target_required=True)
     return parser
 
 
 def options_from_args(args: argparse.Namespace) -> MiprunOptions:
-    raw = {"keep": args.keep, "latency_budget": args.latency_budget, "method": args.method,
-           "scores": args.scores, "protect": args.protect, "require_cache": args.require_cache}
-    return MiprunOptions.from_dict({k: v for k, v in raw.items() if v is not None})
+    return MiprunOptions.from_dict(given_options(args))
 
 
 def export_main(argv: list[str]) -> int:
-    """``vllm-miprun export MODEL_DIR OUT_DIR --keep R [--method M] ...``; exit status."""
-    import sys
-
+    """``vllm-miprun export MODEL_DIR OUT_DIR --keep R [--method M] ...``; exit status
+    (bad input: one line on stderr and 2, as in every ``vllm-miprun`` command)."""
     args = build_parser().parse_args(argv)
-    try:
-        from vllm_miprun.pipeline.plan import make_plan
+    return run_command("vllm-miprun export", lambda: _export(args))
 
-        options = options_from_args(args)
-        hf_config = json.loads((Path(args.model_dir) / "config.json").read_text())
-        remap.check_architecture(hf_config)
-        plan = make_plan(args.model_dir, options, hf_config=hf_config)
-        out = export_pruned(args.model_dir, args.out_dir, plan)
-    except (OptionError, FileNotFoundError) as error:
-        sys.stderr.write(f"vllm-miprun export: error: {error}\n")
-        return 1
+
+def _export(args: argparse.Namespace) -> int:
+    from vllm_miprun.pipeline.plan import make_plan
+
+    options = options_from_args(args)
+    hf_config = checkpoint.read_config(args.model_dir)
+    remap.check_architecture(hf_config)
+    plan = make_plan(args.model_dir, options, hf_config=hf_config)
+    out = export_pruned(args.model_dir, args.out_dir, plan)
     sys.stderr.write(f"wrote {out}: kept blocks {list(plan.kept)} of {plan.num_blocks}\n")
     return 0

@@ -171,6 +171,10 @@ def profile_model(model_dir: str | Path, batch_size: int = 1, keeps: Sequence[fl
 
 def profile_main(argv: list[str]) -> int:
     """``vllm-miprun profile MODEL_DIR [--batch-size N] [--keeps 1.0,0.75,0.5] ...``"""
+    from vllm_miprun.errors import run_command
+    from vllm_miprun.option_flags import add_command_flags, given_options
+    from vllm_miprun.options import option
+
     parser = argparse.ArgumentParser(
         prog="vllm-miprun profile",
         description="Measure seconds per output token at several keep counts with vLLM, fit "
@@ -184,9 +188,10 @@ def profile_main(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per figure (median); default %(default)s")
     parser.add_argument("--dtype", default="bfloat16", help="default %(default)s")
     parser.add_argument("--kv-cache-gib", type=float, default=0.25, help="KV cache memory; default %(default)s")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="recorded with the profile")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="vLLM's device, recorded with the profile (not the calibration device)")
     parser.add_argument("--no-eager", action="store_true", help="let vLLM compile / capture graphs")
-    parser.add_argument("--cache-dir", default=None, help="score cache folder (default $MIPRUN_CACHE_DIR)")
+    add_command_flags(parser, [option("cache_dir")])
     parser.add_argument("--no-store", action="store_true", help="measure and print only")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
@@ -200,32 +205,35 @@ def profile_main(argv: list[str]) -> int:
         parser.error("--batch-size and --repeats must be >= 1, --output-tokens >= 2")
     if not (Path(args.model_dir) / "config.json").is_file():
         parser.error(f"{args.model_dir} has no config.json; pass a Hugging Face model folder")
-    try:
+
+    def measure_and_print() -> int:
         result = profile_model(
             args.model_dir, batch_size=args.batch_size, keeps=keeps, output_tokens=args.output_tokens,
             prompt_tokens=args.prompt_tokens, repeats=args.repeats, dtype=args.dtype,
-            kv_bytes=int(args.kv_cache_gib * 2**30), cache_dir=args.cache_dir, store=not args.no_store,
-            enforce_eager=not args.no_eager, device=args.device,
+            kv_bytes=int(args.kv_cache_gib * 2**30), cache_dir=given_options(args).get("cache_dir"),
+            store=not args.no_store, enforce_eager=not args.no_eager, device=args.device,
         )
-    except (ValueError, RuntimeError) as err:
-        sys.stderr.write(f"vllm-miprun profile: error: {err}\n")
-        return 2
-    profile = result["profile"]
-    if args.json:
-        sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.write((json.dumps(result) if args.json else format_profile(result)) + "\n")
         return 0
-    out = sys.stdout.write
-    out(f"batch size {profile['batch_size']}: fixed {profile['fixed_s'] * 1e3:.3f} ms + "
-        f"{profile['block_s'][0] * 1e3:.3f} ms per block per output token "
-        f"(rms residual {profile['measured']['residual_rms_s'] * 1e3:.3f} ms)\n")
+
+    # RuntimeError: the engine failed; reported as one line like bad input.
+    return run_command("vllm-miprun profile", measure_and_print, also=(RuntimeError,))
+
+
+def format_profile(result: dict) -> str:
+    """The fitted profile, each measured point with its fitted speed-up beside the one speed
+    model's estimate without a profile, and the files written, for a person."""
+    profile = result["profile"]
     fitted = LatencyModel.from_profile(profile)
-    for run in profile["measured"]["runs"]:
-        out(f"  {run['kept']:4d} blocks: {run['tpot_s'] * 1e3:.3f} ms per token; speed-up fitted "
-            f"{fitted.speedup(range(run['kept'])):.3f}x, estimated without a profile "
-            f"{run['estimated_speedup']:.3f}x\n")
-    for path in result["written"]:
-        out(f"wrote {path}\n")
-    return 0
+    lines = [f"batch size {profile['batch_size']}: fixed {profile['fixed_s'] * 1e3:.3f} ms + "
+             f"{profile['block_s'][0] * 1e3:.3f} ms per block per output token "
+             f"(rms residual {profile['measured']['residual_rms_s'] * 1e3:.3f} ms)"]
+    lines += [f"  {run['kept']:4d} blocks: {run['tpot_s'] * 1e3:.3f} ms per token; speed-up fitted "
+              f"{fitted.speedup(range(run['kept'])):.3f}x, estimated without a profile "
+              f"{run['estimated_speedup']:.3f}x"
+              for run in profile["measured"]["runs"]]
+    lines += [f"wrote {path}" for path in result["written"]]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,13 @@
 
 ``register()`` wraps three ``EngineArgs`` methods, once:
 
-* ``add_cli_args`` adds the ``--miprun-*`` flags. Each value is checked by argparse,
-  so ``--miprun-keep 1.5`` ends in a one-line usage error before anything starts.
+* ``add_cli_args`` adds a ``--miprun-*`` flag for every row of the option table
+  (``vllm_miprun.options``). Each value is checked by the option's own parser in argparse,
+  so ``--miprun-keep 1.5`` ends in a one-line usage error (exit 2) before anything starts.
 * ``from_cli_args`` moves the flags into ``model_loader_extra_config`` (a key given both
   ways with different values is an error) and switches ``--load-format`` to ``miprun``:
-  any ``--miprun-*`` flag implies it. It then plans (below); an ``OptionError`` becomes
-  a one-line exit without traceback, since no engine process exists yet.
+  any ``--miprun-*`` flag implies it. It then plans (below); a ``MiprunError`` becomes
+  a one-line exit with status 1 and no traceback, since no engine process exists yet.
 * ``create_engine_config`` plans when the load format is ``miprun`` and nobody has yet
   (the Python ``LLM(...)`` path), raising ``OptionError`` to the caller.
 
@@ -25,8 +26,12 @@ from typing import Any
 
 from vllm.logger import init_logger
 
+from vllm_miprun.errors import USER_ERRORS
 from vllm_miprun.model import remap
-from vllm_miprun.options import METHODS, MiprunOptions, OptionError, parse_keep
+from vllm_miprun.option_flags import add_serve_flags, serve_flag_values
+from vllm_miprun.options import MiprunOptions, OptionError, option
+from vllm_miprun.vllm.cpu_dtype import apply_cpu_dtype_default
+from vllm_miprun.model.quant_remap import quantization_overrides
 
 # Under "vllm." so vLLM's logging config (handler, level, format) applies to it.
 logger = init_logger(f"vllm.{__name__}")
@@ -34,55 +39,16 @@ logger = init_logger(f"vllm.{__name__}")
 LOAD_FORMAT = "miprun"
 _WRAPPED = "_miprun_wrapped"
 
-# (option key, flag, argparse keyword arguments)
-FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
-    ("keep", "--miprun-keep", {"help": "keep ratio in (0, 1], e.g. 0.75"}),
-    ("latency_budget", "--miprun-latency-budget",
-     {"help": "fraction of full per-token latency (0.8) or ms per token (12ms)"}),
-    ("method", "--miprun-method", {"choices": METHODS, "help": "block selection method"}),
-    ("scores", "--miprun-scores", {"help": "explicit score cache file"}),
-    ("protect", "--miprun-protect", {"help": "blocks never dropped: first, last, or 0,29"}),
-    ("require_cache", "--miprun-require-cache",
-     {"action": "store_true", "help": "refuse to calibrate at load time"}),
-)
-
-
-def _keep_type(text: str) -> float:
-    try:
-        return parse_keep(text)
-    except OptionError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def add_miprun_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``--miprun-*`` flags to ``parser`` unless they are already there."""
-    if "--miprun-keep" in parser._option_string_actions:
-        return parser
-    group = parser.add_argument_group(
-        "miprun", "Load-time block pruning (vllm-miprun). Any --miprun-* flag implies "
-        "--load-format miprun; the same keys work in --model-loader-extra-config."
-    )
-    for key, flag, kwargs in FLAGS:
-        extra = {"type": _keep_type} if key == "keep" else {}
-        group.add_argument(flag, dest=f"miprun_{key}", default=None, **extra, **kwargs)
-    return parser
-
-
-def flags_to_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``--miprun-*`` values the user actually gave, keyed by option name."""
-    given = {key: getattr(args, f"miprun_{key}", None) for key, _, _ in FLAGS}
-    return {key: value for key, value in given.items() if value is not None}
-
 
 def merge_extra_config(explicit: dict[str, Any] | None, flags: dict[str, Any]) -> dict[str, Any]:
-    """``--model-loader-extra-config`` plus the flags; a key given twice must agree."""
+    """``--model-loader-extra-config`` plus the flags; a key given twice must agree
+    (compared after parsing, so ``"3-6"`` and ``[3, 4, 5, 6]`` agree)."""
     merged = dict(explicit or {})
     for key, value in flags.items():
-        if key in merged and str(merged[key]) != str(value):
+        if key in merged and option(key).parse(merged[key]) != option(key).parse(value):
             raise OptionError(
                 f"{key} is given twice with different values: --model-loader-extra-config "
-                f"has {merged[key]!r}, --miprun-{key.replace('_', '-')} has {value!r}; "
-                "give it once"
+                f"has {merged[key]!r}, {option(key).serve_flag} has {value!r}; give it once"
             )
         merged[key] = value
     return merged
@@ -90,7 +56,7 @@ def merge_extra_config(explicit: dict[str, Any] | None, flags: dict[str, Any]) -
 
 def apply_flags(engine_args, args: argparse.Namespace) -> None:
     """Move the ``--miprun-*`` flags into the engine args (they imply miprun)."""
-    flags = flags_to_options(args)
+    flags = serve_flag_values(args)
     if not flags:
         return
     if engine_args.load_format not in ("auto", LOAD_FORMAT):
@@ -108,6 +74,7 @@ def prepare_engine_args(engine_args) -> None:
     """Validate, plan, and write the pruned config into ``hf_overrides`` (once)."""
     if str(engine_args.load_format).lower() != LOAD_FORMAT:
         return
+    apply_cpu_dtype_default(engine_args)  # float32, not emulated bfloat16, on such CPUs (once)
     overrides = engine_args.hf_overrides
     if callable(overrides):
         raise OptionError("--load-format miprun cannot be combined with a callable hf_overrides")
@@ -116,15 +83,18 @@ def prepare_engine_args(engine_args) -> None:
         return  # already planned: create_engine_config after from_cli_args
     from vllm_miprun.model.checkpoint import read_config
     from vllm_miprun.vllm.loader import make_plan_for, plan_report, record_report
-    from vllm_miprun.vllm.model_files import resolve_model_dir
+    from vllm_miprun.vllm import model_files
 
     options = MiprunOptions.from_dict(engine_args.model_loader_extra_config)
-    model_dir = resolve_model_dir(engine_args.model, engine_args.revision)
+    source = model_files.ModelSource.from_engine_args(engine_args)
+    model_dir = model_files.fetch_for_plan(source, options)  # a hub id: metadata, or all for scores
     hf_config = read_config(model_dir)
     hf_config.update({k: v for k, v in overrides.items() if not isinstance(v, dict)})
     start = time.perf_counter()
     plan = make_plan_for(model_dir, options, hf_config)
-    pruned_fields = remap.config_overrides(hf_config, plan.kept)
+    model_files.fetch_kept_shards(source, model_dir, plan.kept)  # a hub id: only the kept blocks' shards
+    pruned_fields = {**remap.config_overrides(hf_config, plan.kept),
+                     **quantization_overrides(model_dir, hf_config, plan.kept)}
     engine_args.hf_overrides = {**overrides, **pruned_fields}
     report = plan_report(plan, time.perf_counter() - start)
     logger.info(
@@ -138,7 +108,7 @@ def prepare_engine_args(engine_args) -> None:
 def _wrap_add_cli_args(original):
     @functools.wraps(original)
     def add_cli_args(parser, *args, **kwargs):
-        return add_miprun_args(original(parser, *args, **kwargs))
+        return add_serve_flags(original(parser, *args, **kwargs))
 
     return add_cli_args
 
@@ -150,8 +120,8 @@ def _wrap_from_cli_args(original):
         try:
             apply_flags(engine_args, args)
             prepare_engine_args(engine_args)
-        except ValueError as error:  # OptionError, CacheError, CorpusError, ModelFolderError:
-            # CLI: one line, no traceback, nothing started yet
+        except USER_ERRORS as error:  # MiprunError and missing files: one line, no traceback,
+            # exit status 1 (vLLM's front process), nothing started yet
             raise SystemExit(f"vllm-miprun: error: {error}") from None
         return engine_args
 

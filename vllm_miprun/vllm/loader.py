@@ -26,8 +26,10 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
 from vllm_miprun.model import checkpoint, remap, weights
 from vllm_miprun.model.checkpoint import read_config
+from vllm_miprun.model.quant_remap import quantization_overrides
 from vllm_miprun.options import MiprunOptions, OptionError
-from vllm_miprun.vllm.model_files import resolve_model_dir
+from vllm_miprun.vllm import lora_and_draft, model_files
+from vllm_miprun.vllm.model_files import ModelSource
 
 # Under "vllm." so vLLM's logging config (handler, level, format) applies to it.
 logger = init_logger(f"vllm.{__name__}")
@@ -89,15 +91,27 @@ class MiprunModelLoader(BaseModelLoader):
         self._read_bytes = 0
         self._skipped_bytes = 0
 
+    def _source(self, model_config: ModelConfig) -> ModelSource:
+        return ModelSource.from_configs(model_config, self.load_config)
+
     def download_model(self, model_config: ModelConfig) -> None:
-        checkpoint.safetensors_files(resolve_model_dir(model_config.model, model_config.revision))
+        source = self._source(model_config)
+        kept = getattr(model_config.hf_config, remap.KEPT_FIELD, None)
+        if kept is None:  # not planned yet: the plan decides which shards
+            model_files.fetch_for_plan(source, self.options)
+            return
+        model_files.fetch_kept_shards(source, model_files.fetch_metadata(source), list(kept))
 
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
+        if lora_and_draft.is_draft(vllm_config, model_config):
+            return lora_and_draft.load_draft_unpruned(self.load_config, vllm_config, model_config, prefix)
         start = time.perf_counter()
         self._ensure_pruned_config(model_config)
         model = super().load_model(vllm_config, model_config, prefix)
         kept = list(model_config.hf_config.miprun_kept_layers)
         full = int(model_config.hf_config.miprun_num_blocks_full)
+        if vllm_config.lora_config is not None:
+            lora_and_draft.route_lora_to_kept_blocks(model, kept, full)
         report = {
             "kept": kept,
             "pruned": [i for i in range(full) if i not in set(kept)],
@@ -119,23 +133,31 @@ class MiprunModelLoader(BaseModelLoader):
         """Normally a no-op; plans here only when the front process did not."""
         if getattr(model_config.hf_config, remap.KEPT_FIELD, None) is not None:
             return
-        model_dir = resolve_model_dir(model_config.model, model_config.revision)
+        source = self._source(model_config)
+        model_dir = model_files.fetch_for_plan(source, self.options)
         hf_config = read_config(model_dir)
         start = time.perf_counter()
         plan = make_plan_for(model_dir, self.options, hf_config)
+        model_files.fetch_kept_shards(source, model_dir, plan.kept)
         logger.warning(
             "miprun: planning in the worker because the engine config was not made by "
             "EngineArgs; kept %s", list(plan.kept),
         )
-        _apply_overrides_in_place(model_config, remap.config_overrides(hf_config, plan.kept))
+        _apply_overrides_in_place(model_config, {**remap.config_overrides(hf_config, plan.kept),
+                                                 **quantization_overrides(model_dir, hf_config, plan.kept)})
         record_report(plan_report(plan, time.perf_counter() - start))
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         kept = list(model_config.hf_config.miprun_kept_layers)
-        model_dir = resolve_model_dir(model_config.model, model_config.revision)
-        files, self._read_bytes, self._skipped_bytes = weights.plan_reads(
-            checkpoint.safetensors_files(model_dir), kept
-        )
+        source = self._source(model_config)
+        model_dir = model_files.fetch_kept_shards(source, model_files.fetch_metadata(source), kept)
+        _, never_fetched = model_files.shard_split(model_dir, kept)
+        shards = [path for path in checkpoint.safetensors_files(model_dir) if path.name not in never_fetched]
+        files, self._read_bytes, self._skipped_bytes = weights.plan_reads(shards, kept)
+        if never_fetched:  # their bytes, from the index's total, were skipped too
+            total = model_files.index_total_bytes(model_dir)
+            if total is not None:
+                self._skipped_bytes = max(total - self._read_bytes, self._skipped_bytes)
         loaded = model.load_weights(weights.iter_kept_weights(files, kept))
         if loaded is not None and model_config.quantization is None:
             # vLLM's own completeness check: every parameter came from the checkpoint.

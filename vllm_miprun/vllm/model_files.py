@@ -1,23 +1,200 @@
-"""Where a served model's files are: a local folder, or a hub snapshot already on disk."""
+"""Where a served model's files are: a local folder, or a hub id fetched the way vLLM does.
+
+A hub id (``org/model``) goes through vLLM's own download path (``hf_api()``,
+``get_lock``, ``download_weights_from_hf``, ``maybe_download_from_modelscope``), with the
+engine's ``--revision``, ``--download-dir`` and ``--ignore-patterns``, and
+``HF_HUB_OFFLINE`` turning every call into a cache lookup. It is fetched in steps:
+
+1. the small files: ``config.json``, the safetensors index, the tokenizer;
+2. the plan. Scores need the weights' fingerprint, which samples every tensor, so a
+   plan that needs scores (calibration or a cached score file) downloads every shard
+   first, exactly as the default loader would. A plan that needs none (the score-free
+   methods ``last`` and ``random``, or an explicit drop list) is made from the config
+   and index alone;
+3. the shards that hold kept-block or non-block tensors, by name. A shard that holds only
+   pruned blocks' tensors is never downloaded.
+
+The front process (``engine_args``) and the worker's loader both build a ``ModelSource``
+from the same engine settings and call the same functions, so they agree on the folder.
+"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_miprun.errors import OptionError
+from vllm.logger import init_logger
+
+from vllm_miprun.errors import ModelFolderError
+from vllm_miprun.model.checkpoint import INDEX_NAME, missing_shards
+from vllm_miprun.model.remap import layer_index
+
+# Under "vllm." so vLLM's logging config (handler, level, format) applies to it.
+logger = init_logger(f"vllm.{__name__}")
+
+# Small files the plan and calibration read: config, safetensors index, generation config,
+# tokenizer. Weights are fetched separately.
+METADATA_PATTERNS = ["*.json", "*.model", "*.tiktoken", "merges.txt", "vocab.txt"]
+WEIGHT_PATTERNS = ["*.safetensors"]
 
 
-def resolve_model_dir(model: str, revision: str | None = None) -> Path:
-    """A local folder for ``model``: the path itself, or an already cached hub snapshot."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
+@dataclass(frozen=True)
+class ModelSource:
+    """A model as the engine names it, with the settings vLLM downloads it with."""
+
+    model: str
+    revision: str | None = None
+    download_dir: str | None = None
+    ignore_patterns: tuple[str, ...] = ()
+
+    @classmethod
+    def from_engine_args(cls, engine_args) -> "ModelSource":
+        return cls(engine_args.model, engine_args.revision, engine_args.download_dir,
+                   _patterns(engine_args.ignore_patterns))
+
+    @classmethod
+    def from_configs(cls, model_config, load_config) -> "ModelSource":
+        return cls(model_config.model, model_config.revision, load_config.download_dir,
+                   _patterns(load_config.ignore_patterns))
+
+    @property
+    def local_dir(self) -> Path | None:
+        path = Path(self.model).expanduser()
+        return path if path.is_dir() else None
+
+
+def _patterns(value) -> tuple[str, ...]:
+    if not value:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def plan_needs_all_weights(options) -> bool:
+    """Whether planning reads the weights (scores need their fingerprint), see the module doc."""
+    from vllm_miprun.pipeline.plan import SCORE_FREE_METHODS
+
+    return not getattr(options, "drop", None) and options.method not in SCORE_FREE_METHODS
+
+
+def fetch_for_plan(source: ModelSource, options) -> Path:
+    """The folder to plan from: metadata only, or everything when the plan needs scores."""
+    if source.local_dir is not None:
+        missing = missing_shards(source.local_dir)
+        if missing and plan_needs_all_weights(options):
+            raise ModelFolderError(
+                f"{source.local_dir} lacks the shards {missing}, but method {options.method} needs scores, "
+                "and scores need every shard; fetch them, or plan with a drop list or method last/random"
+            )
+        return source.local_dir
+    folder = fetch_metadata(source)
+    if plan_needs_all_weights(options):
+        logger.info("miprun: %s is a hub id and method %s needs scores, so every shard is "
+                    "downloaded first (the score cache is keyed by all the weights)",
+                    source.model, options.method)
+        folder = fetch_all_weights(source)
+    return folder
+
+
+def fetch_metadata(source: ModelSource) -> Path:
+    """``config.json``, the safetensors index and the tokenizer (a local folder as is)."""
+    if source.local_dir is not None:
+        return source.local_dir
+    return _snapshot(source, METADATA_PATTERNS)
+
+
+def fetch_all_weights(source: ModelSource) -> Path:
+    """Every shard, through vLLM's ``download_weights_from_hf`` as the default loader does."""
+    from vllm import envs
+    from vllm.model_executor.model_loader.weight_utils import download_weights_from_hf
+
+    if envs.VLLM_USE_MODELSCOPE:
+        return _snapshot(source, WEIGHT_PATTERNS)
     try:
-        from huggingface_hub import snapshot_download
+        folder = download_weights_from_hf(source.model, source.download_dir, list(WEIGHT_PATTERNS),
+                                          source.revision, ignore_patterns=list(source.ignore_patterns) or None)
+    except Exception as err:  # noqa: BLE001 - hub errors come in many types
+        raise _fetch_error(source, WEIGHT_PATTERNS, err) from None
+    return Path(folder)
 
-        return Path(snapshot_download(model, revision=revision, local_files_only=True))
-    except Exception:  # noqa: BLE001 - any failure means "not available offline"
-        raise OptionError(
-            f"miprun needs a local model folder or a cached hub snapshot, got {model!r}; "
-            "download the model first (e.g. `huggingface-cli download`)"
-        ) from None
+
+def shard_split(model_dir: str | Path, kept) -> tuple[list[str], list[str]]:
+    """(shards to fetch, shards holding only pruned blocks' tensors), from the index alone.
+
+    Without an index the checkpoint is one file, and it is always needed."""
+    index = Path(model_dir) / INDEX_NAME
+    if not index.is_file():
+        return list(WEIGHT_PATTERNS), []
+    weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+    wanted = set(kept)
+    needed = {shard for name, shard in weight_map.items()
+              if layer_index(name) is None or layer_index(name) in wanted}
+    return sorted(needed), sorted(set(weight_map.values()) - needed)
+
+
+def index_total_bytes(model_dir: str | Path) -> int | None:
+    """The index's ``metadata.total_size`` (tensor bytes of every shard), if it has one."""
+    index = Path(model_dir) / INDEX_NAME
+    if not index.is_file():
+        return None
+    total = (json.loads(index.read_text()).get("metadata") or {}).get("total_size")
+    return int(total) if isinstance(total, (int, float, str)) and str(total).isdigit() else None
+
+
+def fetch_kept_shards(source: ModelSource, model_dir: Path, kept) -> Path:
+    """Fetch the shards the kept blocks need; check they are all on disk afterwards."""
+    needed, skipped = shard_split(model_dir, kept)
+    if source.local_dir is None:
+        model_dir = _snapshot(source, needed)
+        if skipped:
+            logger.info("miprun: fetched %d of %d shards of %s; never downloaded (pruned blocks only): %s",
+                        len(needed), len(needed) + len(skipped), source.model, skipped)
+    missing = [name for name in needed if "*" not in name and not (model_dir / name).is_file()]
+    if missing:
+        raise ModelFolderError(
+            f"{source.model} lacks the shards {missing} that the kept blocks need (ignore_patterns "
+            f"{list(source.ignore_patterns)}); fetch them or change --ignore-patterns"
+        )
+    return model_dir
+
+
+def resolve_model_dir(model: str | ModelSource, revision: str | None = None) -> Path:
+    """The folder of a model whose files were already fetched (the worker, the metrics)."""
+    source = model if isinstance(model, ModelSource) else ModelSource(model, revision)
+    return fetch_metadata(source)
+
+
+def _snapshot(source: ModelSource, allow_patterns: list[str]) -> Path:
+    """One ``snapshot_download`` through vLLM's hub client, lock and offline switch."""
+    import huggingface_hub.constants
+    from vllm.model_executor.model_loader.weight_utils import (
+        DisabledTqdm, get_lock, maybe_download_from_modelscope)
+    from vllm.transformers_utils.repo_utils import hf_api
+
+    ignore = list(source.ignore_patterns) or None
+    try:
+        from_modelscope = maybe_download_from_modelscope(
+            source.model, source.revision, source.download_dir, ignore, allow_patterns)
+        if from_modelscope:
+            return Path(from_modelscope)
+        with get_lock(source.model, source.download_dir):
+            folder = hf_api().snapshot_download(
+                source.model, allow_patterns=allow_patterns, ignore_patterns=ignore,
+                cache_dir=source.download_dir, revision=source.revision, tqdm_class=DisabledTqdm,
+                local_files_only=huggingface_hub.constants.HF_HUB_OFFLINE,
+            )
+    except Exception as err:  # noqa: BLE001 - hub errors come in many types
+        raise _fetch_error(source, allow_patterns, err) from None
+    return Path(folder)
+
+
+def _fetch_error(source: ModelSource, patterns, err: Exception) -> ModelFolderError:
+    import huggingface_hub.constants
+
+    where = "the local hub cache (HF_HUB_OFFLINE is set)" if huggingface_hub.constants.HF_HUB_OFFLINE else "the hub"
+    first_line = (str(err).strip().splitlines() or [""])[0]
+    return ModelFolderError(
+        f"miprun could not fetch {patterns} of {source.model!r} (revision {source.revision or 'default'}) "
+        f"from {where}: {type(err).__name__}: {first_line}; expected a local folder or a hub id "
+        "that is cached or reachable"
+    )

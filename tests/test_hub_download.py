@@ -1,0 +1,155 @@
+"""Hub ids: fetched through vLLM's download path, only the shards the kept blocks need.
+
+The hub's network calls are replaced by ``fake_hub.FakeHub`` (the one allowed mock); the
+rest (vLLM's ``download_weights_from_hf``, the lock, the cache layout, offline lookups)
+is the real code.
+"""
+
+from __future__ import annotations
+
+import json
+
+import huggingface_hub.constants
+import pytest
+from vllm.engine.arg_utils import EngineArgs
+
+from fake_hub import REPO_ID, FakeHub, expected_shards, write_sharded_repo
+from vllm_miprun.errors import CacheError, ModelFolderError
+from vllm_miprun.model import remap
+from vllm_miprun.vllm import model_files
+from vllm_miprun.vllm.engine_args import prepare_engine_args
+
+IGNORE = ["original/**/*"]
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch, tiny_llama_dir):
+    weight_map = write_sharded_repo(tiny_llama_dir, tmp_path / "remote")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("MIPRUN_CACHE_DIR", str(tmp_path / "scores"))
+    fake = FakeHub(tmp_path / "remote", default_cache=tmp_path / "hf-default").install(monkeypatch)
+    fake.weight_map = weight_map
+    fake.download_dir = str(tmp_path / "downloads")
+    return fake
+
+
+def _engine_args(hub, **extra) -> EngineArgs:
+    return EngineArgs(model=REPO_ID, load_format="miprun", revision="v1", download_dir=hub.download_dir,
+                      ignore_patterns=list(IGNORE), model_loader_extra_config=extra)
+
+
+def test_score_free_plan_downloads_only_the_kept_blocks_shards(hub):
+    args = _engine_args(hub, keep=0.5, method="last")
+    prepare_engine_args(args)
+
+    kept = args.hf_overrides[remap.KEPT_FIELD]
+    wanted = expected_shards(hub.weight_map, kept)
+    all_shards = sorted(set(hub.weight_map.values()))
+    assert len(wanted) < len(all_shards), "the plan must leave at least one shard unneeded"
+    metadata, shards = hub.downloads()
+    assert metadata == model_files.METADATA_PATTERNS
+    assert shards == wanted
+    for call in hub.calls:  # every call carries the engine's revision, folder and ignore patterns
+        assert (call["revision"], call["cache_dir"], call["ignore_patterns"]) == ("v1", hub.download_dir, IGNORE)
+    folder = hub.snapshot_folder(hub.download_dir, "v1")
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == wanted
+
+
+def test_plan_that_needs_scores_downloads_every_shard_first(hub):
+    args = _engine_args(hub, keep=0.5, method="shortgpt", require_cache=True)
+    with pytest.raises(CacheError, match="require_cache"):
+        prepare_engine_args(args)
+    # vLLM's download_weights_from_hf: lists the repo, reads the index, fetches its shards
+    assert [c["call"] for c in hub.calls] == ["snapshot_download", "ls", "hf_hub_download", "snapshot_download"]
+    assert hub.calls[2]["filename"] == "model.safetensors.index.json"
+    assert sorted(hub.downloads()[1]) == sorted(set(hub.weight_map.values()))
+
+
+def test_offline_reads_the_cache_and_names_a_missing_shard(hub, monkeypatch):
+    """Offline, vLLM's EngineArgs swaps the id for the cached snapshot folder (HF's default
+    cache); the same plan then needs nothing new, and a larger one names the shard it lacks."""
+    prepare_engine_args(_engine_args(hub, keep=0.5, method="last"))
+    fetched = len(hub.calls)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", hub.download_dir)
+
+    again = _engine_args(hub, keep=0.5, method="last")
+    assert again.model == str(hub.snapshot_folder(hub.download_dir, "v1"))
+    prepare_engine_args(again)
+    assert again.hf_overrides[remap.KEPT_FIELD] is not None
+    new_calls = hub.calls[fetched:]
+    assert new_calls and all(call["local_files_only"] for call in new_calls)
+
+    with pytest.raises(ModelFolderError, match=r"lacks the shards \['model-000") as info:
+        prepare_engine_args(_engine_args(hub, keep=1.0, method="last"))
+    assert "\n" not in str(info.value)
+    with pytest.raises(ModelFolderError, match=r"needs scores.*every shard"):
+        prepare_engine_args(_engine_args(hub, keep=0.5, method="shortgpt"))
+
+
+def test_offline_hub_id_not_in_cache_is_one_line(hub, monkeypatch):
+    from vllm_miprun.options import MiprunOptions
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    source = model_files.ModelSource(REPO_ID, "v1", hub.download_dir, tuple(IGNORE))
+    with pytest.raises(ModelFolderError, match="HF_HUB_OFFLINE is set") as info:
+        model_files.fetch_for_plan(source, MiprunOptions(keep=0.5, method="last"))
+    assert "\n" not in str(info.value) and REPO_ID in str(info.value)
+    assert all(call["local_files_only"] for call in hub.calls)
+
+
+def test_ignore_patterns_that_hide_a_needed_shard_are_named(hub):
+    args = _engine_args(hub, keep=0.5, method="last")
+    args.ignore_patterns = ["model-00001-*"]
+    with pytest.raises(ModelFolderError, match=r"model-00001-of-.*--ignore-patterns"):
+        prepare_engine_args(args)
+
+
+def test_worker_finds_the_front_process_folder(hub, monkeypatch):
+    from vllm.config.load import LoadConfig
+
+    args = _engine_args(hub, keep=0.5, method="last")
+    prepare_engine_args(args)
+    kept = args.hf_overrides[remap.KEPT_FIELD]
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+    class WorkerModelConfig:  # what the worker's loader reads from vLLM's ModelConfig
+        model, revision = REPO_ID, "v1"
+
+    load_config = LoadConfig(load_format="miprun", download_dir=hub.download_dir, ignore_patterns=list(IGNORE))
+    source = model_files.ModelSource.from_configs(WorkerModelConfig, load_config)
+    folder = model_files.fetch_kept_shards(source, model_files.fetch_metadata(source), kept)
+    assert folder == hub.snapshot_folder(hub.download_dir, "v1")
+    needed, never = model_files.shard_split(folder, kept)
+    assert needed == expected_shards(hub.weight_map, kept) and never
+    total = json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    assert model_files.index_total_bytes(folder) == total
+
+
+def test_local_folder_is_never_fetched(hub, tiny_llama_dir):
+    args = EngineArgs(model=str(tiny_llama_dir), load_format="miprun",
+                      model_loader_extra_config={"keep": 0.5, "method": "last"})
+    prepare_engine_args(args)
+    assert hub.calls == []
+
+
+@pytest.mark.engine
+def test_engine_serves_a_hub_snapshot_without_its_pruned_only_shards(hub, tiny_llama_dir):
+    """Fetch like `vllm serve org/tiny` would (fake hub), then serve offline from the cache:
+    vLLM swaps the id for the snapshot folder, which lacks the pruned-only shard, and the
+    tokens equal the local full folder's."""
+    from test_loader_engine import run_engines
+
+    args = EngineArgs(model=REPO_ID, load_format="miprun", download_dir=hub.download_dir,
+                      model_loader_extra_config={"keep": 0.5, "method": "last"})
+    prepare_engine_args(args)
+    folder = hub.snapshot_folder(hub.download_dir, None)
+    never = model_files.shard_split(folder, args.hf_overrides[remap.KEPT_FIELD])[1]
+    assert never and not any((folder / name).exists() for name in never)
+    extra = {"keep": 0.5, "method": "last"}
+    from_hub, local = run_engines(
+        [{"model": REPO_ID, "load_format": "miprun", "extra": extra},
+         {"model": str(tiny_llama_dir), "load_format": "miprun", "extra": extra}],
+        VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1", HF_HUB_CACHE=hub.download_dir)
+    assert from_hub["kept"] == local["kept"] == args.hf_overrides[remap.KEPT_FIELD]
+    assert from_hub["tokens"] == local["tokens"]

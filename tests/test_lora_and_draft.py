@@ -1,0 +1,228 @@
+"""LoRA adapters land on the kept blocks; speculative-decoding drafts load unpruned.
+
+Fast tests drive vLLM's own adapter reader (``LoRAModel.from_local_checkpoint``, with the
+arguments ``WorkerLoRAManager._load_adapter`` passes) and the loader's draft check. The
+engine tests (marked ``engine``) serve a pruned model with an adapter and with a draft.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vllm_miprun.vllm import lora_and_draft
+
+NUM_BLOCKS = 8
+KEEP_HALF = {"keep": 0.5, "method": "last"}
+RANK, ALPHA = 4, 8
+TARGETS = {"q_proj": (128, 128), "v_proj": (64, 128)}  # (out, in) of the tiny Llama
+
+
+def write_adapter(out: Path, num_blocks: int = NUM_BLOCKS, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A PEFT LoRA adapter on q_proj and v_proj of every block, large enough to change outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for block in range(num_blocks):
+        for module, (rows, cols) in TARGETS.items():
+            name = f"base_model.model.model.layers.{block}.self_attn.{module}"
+            tensors[f"{name}.lora_A.weight"] = torch.randn(RANK, cols, generator=generator) * 0.3
+            tensors[f"{name}.lora_B.weight"] = torch.randn(rows, RANK, generator=generator) * 0.3
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": RANK, "lora_alpha": ALPHA, "lora_dropout": 0.0,
+        "target_modules": sorted(TARGETS), "bias": "none", "modules_to_save": None,
+        "use_rslora": False, "use_dora": False, "base_model_name_or_path": "tiny",
+    }))
+    return tensors
+
+
+class _Model:  # stands in for the pruned vLLM model: only its LoRA attributes are read
+    pass
+
+
+def _read_adapter(path: Path, model) -> "object":
+    """vLLM's adapter reading, with the arguments ``WorkerLoRAManager._load_adapter`` passes."""
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    peft_helper = PEFTHelper.from_local_dir(str(path), max_position_embeddings=2048)
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    return LoRAModel.from_local_checkpoint(
+        str(path), set(TARGETS), peft_helper=peft_helper, lora_model_id=1, device="cpu",
+        dtype=torch.float32, weights_mapper=mapper.get_rename_mapper() if mapper else None,
+        skip_prefixes=getattr(model, "lora_skip_prefixes", None),
+    )
+
+
+def test_adapter_layers_are_renumbered_to_kept_blocks_and_pruned_ones_dropped(tmp_path):
+    tensors = write_adapter(tmp_path / "adapter")
+    kept = [0, 1, 2, 4, 7]
+    model = _Model()
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger(lora_and_draft.logger.name)
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO
+    try:
+        lora_and_draft.route_lora_to_kept_blocks(model, kept, NUM_BLOCKS)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+    lora = _read_adapter(tmp_path / "adapter", model)
+    assert sorted(lora.loras) == sorted(f"model.layers.{new}.self_attn.{module}"
+                                        for new in range(len(kept)) for module in TARGETS)
+    for new, old in enumerate(kept):  # each kept block got its own adapter weights
+        got = lora.loras[f"model.layers.{new}.self_attn.q_proj"]
+        want = f"base_model.model.model.layers.{old}.self_attn.q_proj"
+        torch.testing.assert_close(got.lora_a, tensors[f"{want}.lora_A.weight"], rtol=0, atol=0)
+        torch.testing.assert_close(got.lora_b, tensors[f"{want}.lora_B.weight"], rtol=0, atol=0)
+    assert any("[3, 5, 6]" in line and "dropped" in line for line in records)
+
+
+def test_without_the_hooks_vllm_would_misapply_the_adapter(tmp_path):
+    """What the hooks prevent: by name alone, adapter layer 3 lands on block 3 of the
+    pruned model (block 4 of the full one) and layers >= K stay for blocks that do not exist."""
+    write_adapter(tmp_path / "adapter")
+    lora = _read_adapter(tmp_path / "adapter", _Model())
+    assert "model.layers.7.self_attn.q_proj" in lora.loras
+
+
+def test_existing_model_mapper_is_kept_and_applied_after_renumbering(tmp_path):
+    from vllm.model_executor.models.utils import WeightsMapper
+
+    write_adapter(tmp_path / "adapter")
+    model = _Model()
+    model.hf_to_vllm_mapper = WeightsMapper(orig_to_new_prefix={"model.": "language_model.model."})
+    lora_and_draft.route_lora_to_kept_blocks(model, [0, 2, 5], NUM_BLOCKS)
+    lora = _read_adapter(tmp_path / "adapter", model)
+    assert sorted({name.rsplit(".", 2)[0] for name in lora.loras}) == [
+        "language_model.model.layers.0", "language_model.model.layers.1", "language_model.model.layers.2"]
+
+
+def test_renumbering_never_renames_twice():
+    patterns = lora_and_draft.lora_renumbering([1, 2, 3])  # 1->0, 2->1, 3->2
+    name = "model.layers.3.mlp.down_proj.lora_A.weight"
+    for pattern, new in patterns.items():
+        if pattern.search(name):
+            name = pattern.sub(new, name)
+    assert name == "model.layers.2.mlp.down_proj.lora_A.weight"
+    assert lora_and_draft.lora_skips([0, 2], 4) == ["model.layers.1.", "model.layers.3."]
+
+
+def test_draft_is_recognised_and_gets_the_default_loader():
+    from vllm.config.load import LoadConfig
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    target, draft = SimpleNamespace(runner_type="generate"), SimpleNamespace(runner_type="generate")
+    spec = SimpleNamespace(draft_model_config=draft, target_model_config=target)
+    assert lora_and_draft.is_draft(SimpleNamespace(speculative_config=spec), draft)
+    assert not lora_and_draft.is_draft(SimpleNamespace(speculative_config=spec), target)
+    assert not lora_and_draft.is_draft(SimpleNamespace(speculative_config=None), target)
+    # ngram-style methods reuse the target's config as "draft": that is still the target
+    same = SimpleNamespace(draft_model_config=target, target_model_config=target)
+    assert not lora_and_draft.is_draft(SimpleNamespace(speculative_config=same), target)
+    assert lora_and_draft.is_draft(SimpleNamespace(speculative_config=None), SimpleNamespace(runner_type="draft"))
+
+    ours = LoadConfig(load_format="miprun", download_dir="/tmp/d", model_loader_extra_config={"keep": 0.5})
+    plain = lora_and_draft.default_load_config(ours)
+    assert (plain.load_format, plain.model_loader_extra_config, plain.download_dir) == ("auto", {}, "/tmp/d")
+    DefaultModelLoader(plain)  # accepted: no miprun keys reach the default loader
+    assert ours.load_format == "miprun"  # the target's config is untouched
+
+
+# --- engines --------------------------------------------------------------------------
+
+def _run(specs: list[dict]) -> list[dict]:
+    from test_loader_engine import _engine_env
+    from lora_spec_runner import RESULT_MARK
+    from vllm_miprun.tools.harness import run_in_own_group
+
+    runner = Path(__file__).with_name("lora_spec_runner.py")
+    code, out, err = run_in_own_group([sys.executable, str(runner), json.dumps(specs)], 900,
+                                      _engine_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"))
+    results = [json.loads(line[len(RESULT_MARK):]) for line in out.splitlines() if line.startswith(RESULT_MARK)]
+    assert code == 0 and len(results) == len(specs), err[-4000:]
+    return results
+
+
+def _reference_tokens(exported: Path, adapter: dict, kept: list[int], prompts: list[str], steps: int):
+    """transformers on the exported pruned model, with the adapter merged by hand into the
+    renumbered blocks (W += alpha/r * B @ A), greedy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    model = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for new, old in enumerate(kept):
+            for module in TARGETS:
+                name = f"base_model.model.model.layers.{old}.self_attn.{module}"
+                delta = adapter[f"{name}.lora_B.weight"] @ adapter[f"{name}.lora_A.weight"]
+                getattr(model.model.layers[new].self_attn, module).weight += ALPHA / RANK * delta
+    out = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        generated = []
+        for _ in range(steps):
+            with torch.no_grad():
+                token = int(model(ids, use_cache=False).logits[0, -1].argmax())
+            generated.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        out.append(generated)
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine_runs(tiny_llama_dir, tmp_path_factory):
+    from tiny_models import make_tiny_model
+
+    work = tmp_path_factory.mktemp("lora-spec")
+    draft = make_tiny_model(work / "draft", num_layers=6, seed=1)
+    adapter = write_adapter(work / "adapter")
+    miprun = {"model": str(tiny_llama_dir), "load_format": "miprun", "extra": KEEP_HALF}
+    speculative = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 2}
+    lora, spec, plain, draft_alone = _run([{**miprun, "lora": str(work / "adapter")},
+                                           {**miprun, "speculative": speculative}, miprun,
+                                           {"model": str(draft)}])
+    return SimpleNamespace(lora=lora, spec=spec, plain=plain, draft_alone=draft_alone, adapter=adapter,
+                           work=work)
+
+
+@pytest.mark.engine
+def test_engine_applies_adapter_to_the_kept_blocks(engine_runs, tiny_llama_dir):
+    from lora_spec_runner import PROMPTS
+    from vllm_miprun.options import MiprunOptions
+    from vllm_miprun.pipeline.plan import make_plan
+    from vllm_miprun.tools.export import export_pruned
+
+    run = engine_runs.lora
+    kept = run["kept"]
+    assert kept is not None and len(kept) == 4
+    assert run["tokens"] != run["base_tokens"], "the adapter must change the output"
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    plan = make_plan(tiny_llama_dir, MiprunOptions.from_dict(KEEP_HALF), hf_config=config)
+    assert list(plan.kept) == kept
+    exported = export_pruned(tiny_llama_dir, engine_runs.work / "exported", plan)
+    steps = len(run["tokens"][0])
+    assert run["tokens"] == _reference_tokens(Path(exported), engine_runs.adapter, kept, PROMPTS, steps)
+
+
+@pytest.mark.engine
+def test_engine_loads_the_draft_unpruned(engine_runs):
+    (worker,) = engine_runs.spec["workers"]
+    assert worker["target"]["layers"] == 4  # the target is pruned
+    # the draft keeps all its blocks and has the weights stock vLLM gives it when serving it alone
+    (alone,) = engine_runs.draft_alone["workers"]
+    assert worker["draft"]["layers"] == alone["target"]["layers"] == 6
+    assert worker["draft"]["param_sum"] == pytest.approx(alone["target"]["param_sum"], rel=1e-9)
+    # greedy speculative decoding is lossless: the same tokens as without a draft
+    assert engine_runs.spec["tokens"] == engine_runs.plain["tokens"]

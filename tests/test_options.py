@@ -1,0 +1,267 @@
+"""The option table: generated dataclasses and flags, README in step, drop lists, devices.
+
+No vLLM import here (test_cli_options.py checks the flags inside vLLM's own parser).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_miprun import errors
+from vllm_miprun.option_flags import add_command_flags, given_options, markdown_table, replace_readme_table
+from vllm_miprun.options import (OPTIONS, CalibrationSettings, MiprunOptions, OptionError, check_drop,
+                                 command_options, option, parse_device, parse_drop, resolve_device)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- one table -------------------------------------------------------------------------
+
+
+def test_readme_option_table_matches_the_table():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert replace_readme_table(readme) == readme, "run: python scripts/options_table.py"
+    for row in OPTIONS:
+        assert f"| `{row.name}` | `{row.serve_flag}` |" in readme
+
+
+def test_readme_table_changes_when_a_help_text_changes(monkeypatch):
+    """The drift check can fail: a changed help text no longer matches the README."""
+    import vllm_miprun.option_flags as flags
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    changed = tuple(dataclasses.replace(row, help=row.help + " (changed)") if row.name == "seed" else row
+                    for row in OPTIONS)
+    monkeypatch.setattr(flags, "OPTIONS", changed)
+    assert replace_readme_table(readme) != readme
+    assert "seed of `random` (changed)" in markdown_table()
+
+
+def test_dataclass_fields_are_the_table_rows():
+    plan_fields = {f.name: f for f in dataclasses.fields(MiprunOptions)}
+    calibration_fields = {f.name: f for f in dataclasses.fields(CalibrationSettings)}
+    for row in OPTIONS:
+        owners = [f for f in (plan_fields.get(row.name), calibration_fields.get(row.name)) if f]
+        assert owners, row.name
+        assert all(f.default == row.default and f.metadata["help"] == row.help for f in owners)
+    assert set(plan_fields) | set(calibration_fields) == {row.name for row in OPTIONS} | {"calibration"}
+    # The calibration part keys the score cache: same fields, order and defaults as before.
+    assert CalibrationSettings().to_json() == {"dataset": "wiki", "samples": 32, "seq_len": 256,
+                                               "seed": 0, "estimator": "gaussian"}
+    assert list(CalibrationSettings().to_json()) == ["dataset", "samples", "seq_len", "seed", "estimator"]
+
+
+def test_every_source_gives_the_same_options():
+    """Extra-config strings, Python values and CLI flags all end in equal dataclasses."""
+    from_strings = MiprunOptions.from_dict({"keep": "0.5", "seed": "3", "samples": "4", "require_cache": "true",
+                                            "protect": ["first", 5], "latency_budget": None})
+    from_values = MiprunOptions(keep=0.5, seed=3, require_cache=True, protect="first,5",
+                                calibration=CalibrationSettings(samples=4, seed=3))
+    parser = argparse.ArgumentParser()
+    add_command_flags(parser, command_options("export"), target_required=True)
+    args = parser.parse_args(["--keep", "0.5", "--seed", "3", "--samples", "4", "--require-cache",
+                              "--protect", "first,5"])
+    assert from_strings == from_values == MiprunOptions.from_dict(given_options(args))
+
+
+def test_cli_flags_are_checked_by_the_options_parsers(capsys):
+    parser = argparse.ArgumentParser()
+    add_command_flags(parser, command_options("plan"), target_required=True)
+    for argv, message in [(["--keep", "1.5"], "keep must be a number in (0, 1], got '1.5'"),
+                          (["--latency-budget", "fast"], "cannot read latency budget 'fast'"),
+                          (["--drop", "5-3"], "runs backwards"),
+                          (["--keep", "0.5", "--samples", "0"], "samples must be an integer >= 1"),
+                          (["--keep", "0.5", "--drop", "3"], "not allowed with argument"),
+                          ([], "one of the arguments --keep --latency-budget --drop is required")]:
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args(argv)
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err
+    # Flags not given stay out of the namespace: defaults come from the table alone.
+    assert given_options(parser.parse_args(["--keep", "0.5"])) == {"keep": 0.5}
+
+
+# --- targets, drop ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, blocks", [
+    ("12-18,25", (12, 13, 14, 15, 16, 17, 18, 25)),
+    (" 25 , 3 - 4 ", (3, 4, 25)),
+    ("7-7", (7,)),
+    (4, (4,)),
+    ([9, "1-2"], (1, 2, 9)),
+    ((1, 2, 9), (1, 2, 9)),
+])
+def test_drop_parses_indices_and_ranges(text, blocks):
+    assert parse_drop(text) == blocks
+    assert parse_drop(parse_drop(text)) == blocks  # parsing a parsed value gives it back
+
+
+@pytest.mark.parametrize("text, message", [
+    ("18-12", "runs backwards; write 12-18"),
+    ("3,1-4", "block(s) [3] more than once"),
+    ("-1", "cannot read drop item '-1'"),
+    ([-2], "negative"),
+    ("a-b", "cannot read drop item 'a-b'"),
+    ("1.5", "cannot read drop item '1.5'"),
+    (",", "names no block"),
+    ([], "names no block"),
+    (True, "drop must be block indices"),
+    ({"blocks": 3}, "drop must be block indices"),
+])
+def test_bad_drop_lists_are_refused(text, message):
+    with pytest.raises(OptionError, match=re.escape(message)):
+        parse_drop(text)
+
+
+def test_drop_is_checked_against_the_model():
+    check_drop((0, 6), 8, frozenset({7}))
+    with pytest.raises(OptionError, match=r"block\(s\) \[8, 9\], but the model has 8 blocks \(0..7\)"):
+        check_drop((3, 8, 9), 8, frozenset())
+    with pytest.raises(OptionError, match="all 8 blocks; at least one must be kept"):
+        check_drop(tuple(range(8)), 8, frozenset())
+    with pytest.raises(OptionError, match=r"block\(s\) \[0\] are both in drop and in protect"):
+        check_drop((0, 1), 8, frozenset({0, 7}))
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({}, "miprun needs a target"),
+    ({"keep": 0.5, "latency_budget": "0.8"}, "give either keep or latency_budget, not both"),
+    ({"keep": 0.5, "drop": "3"}, "give either keep or drop, not both"),
+    ({"latency_budget": 0.8, "drop": [1]}, "give either latency_budget or drop, not both"),
+    ({"drop": "3", "method": "sleb"}, "drop names the blocks itself"),
+    ({"latency_budget": "1.5"}, "latency budget fraction must be in (0, 1]"),
+    ({"latency_budget": "12 seconds"}, "cannot read latency budget"),
+    ({"latency_budget": "0ms"}, "latency budget must be > 0 ms"),
+    ({"keep": 0.5, "device": "tpu"}, "device must be one of auto, cpu, cuda or cuda:N"),
+    ({"keep": 0.5, "kep": 1}, "unknown miprun option(s) ['kep']"),
+])
+def test_inconsistent_options_are_refused(raw, message):
+    with pytest.raises(OptionError) as err:
+        MiprunOptions.from_dict(raw)
+    assert message in str(err.value)
+
+
+def test_options_are_checked_before_calibration(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """A bad budget, or a bad method late in stability's list, never reaches calibration."""
+    from vllm_miprun.pipeline import calibrate
+    from vllm_miprun.tools import cli
+
+    calls = []
+    monkeypatch.setattr(calibrate, "calibrate", lambda *a, **k: calls.append(a))
+    code = cli.main(["stability", str(tiny_llama_dir), "--methods", "mi-prun,nope", "--cache-dir", str(tmp_path)])
+    assert code == 2 and "method must be one of" in capsys.readouterr().err
+    with pytest.raises(OptionError, match="latency budget fraction"):
+        MiprunOptions.from_dict({"latency_budget": 2, "cache_dir": str(tmp_path)})
+    with pytest.raises(SystemExit):
+        cli.main(["plan", str(tiny_llama_dir), "--latency-budget", "12 s", "--cache-dir", str(tmp_path)])
+    assert "cannot read latency budget '12 s'" in capsys.readouterr().err
+    assert calls == [] and not list(tmp_path.iterdir())
+
+
+def test_drop_plan_prunes_exactly_those_blocks_without_scores(tiny_llama_dir, tmp_path):
+    from vllm_miprun.pipeline.plan import make_plan
+
+    options = MiprunOptions.from_dict({"drop": "2-4,6", "cache_dir": str(tmp_path), "require_cache": True})
+    plan = make_plan(tiny_llama_dir, options)
+    assert plan.pruned == (2, 3, 4, 6) and plan.kept == (0, 1, 5, 7)
+    assert (plan.method, plan.scores_source, plan.cache_path, plan.objective) == ("drop", "none-needed", None, None)
+    assert plan.keep_ratio == 0.5 and plan.predicted_speedup > 1.0
+    assert not list(tmp_path.iterdir())  # no calibration, no cache written
+    for raw, message in [({"drop": "6-8"}, "the model has 8 blocks"),
+                         ({"drop": "0-7"}, "at least one must be kept"),
+                         ({"drop": "0-2", "protect": "first"}, "both in drop and in protect")]:
+        with pytest.raises(OptionError, match=message):
+            make_plan(tiny_llama_dir, MiprunOptions.from_dict(raw))
+
+
+def test_cli_plan_with_drop(tiny_llama_dir, tmp_path, capsys):
+    from vllm_miprun.tools import cli
+
+    assert cli.main(["plan", str(tiny_llama_dir), "--drop", "1,3-4", "--json", "--cache-dir", str(tmp_path)]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["pruned"] == [1, 3, 4] and plan["method"] == "drop"
+    assert cli.main(["plan", str(tiny_llama_dir), "--drop", "7-9"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vllm-miprun plan: error: drop names block(s) [8, 9]") and err.count("\n") == 1
+
+
+def test_eval_takes_drop_as_a_target():
+    from vllm_miprun.tools import evaluate as ev
+
+    parser = argparse.ArgumentParser()
+    ev.add_eval_arguments(parser)
+    args = parser.parse_args(["model", "--drop", "3-4", "--seed", "5", "--seq-len", "64"])
+    assert ev.options_from_args(args) == {"drop": [3, 4]}  # --seed/--seq-len are eval's own
+    assert (args.seed, args.seq_len) == (5, 64)
+    dense = parser.parse_args(["model"])
+    assert ev.options_from_args(dense) is None
+
+
+# --- device ----------------------------------------------------------------------------
+
+
+def test_device_accepts_auto_cpu_cuda_and_an_index():
+    assert [parse_device(d) for d in ("auto", "cpu", "cuda", "cuda:1", " CUDA ")] == \
+        ["auto", "cpu", "cuda", "cuda:1", "cuda"]
+    for bad in ("gpu", "cuda:", "cuda:x", 0, None):
+        with pytest.raises(OptionError, match="device must be one of"):
+            parse_device(bad)
+    assert MiprunOptions(keep=0.5).device == option("device").default == "auto"
+
+
+def test_auto_is_resolved_at_the_point_of_use(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda" and resolve_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu" and resolve_device("cuda:1") == "cuda:1"
+
+
+def test_parsing_options_imports_no_torch():
+    """Parsing (as vllm serve's front process does) cannot initialise CUDA: torch stays unimported."""
+    code = ("import sys; from vllm_miprun.options import MiprunOptions; "
+            "o = MiprunOptions.from_dict({'keep': '0.5', 'device': 'auto', 'latency_budget': None}); "
+            "assert o.device == 'auto'; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.stdout.strip() == "False"
+
+
+# --- one error base class, one line, exit status 2 ---------------------------------------
+
+
+def test_run_command_reports_user_errors_as_one_line(capsys):
+    def fail():
+        raise errors.CacheError("score cache x is corrupt:\nnot JSON; delete it")
+
+    assert errors.run_command("vllm-miprun x", fail) == 2
+    assert capsys.readouterr().err == "vllm-miprun x: error: score cache x is corrupt: not JSON; delete it\n"
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert errors.run_command("vllm-miprun x", interrupted) == 130
+
+    def bug():
+        raise ZeroDivisionError("a bug, not bad input")
+
+    with pytest.raises(ZeroDivisionError):  # programming errors keep their traceback
+        errors.run_command("vllm-miprun x", bug)
+    assert errors.run_command("p", lambda: (_ for _ in ()).throw(RuntimeError("engine died")),
+                              also=(RuntimeError,)) == 2
+
+
+def test_every_error_class_is_a_miprun_error():
+    for cls in (errors.OptionError, errors.CacheError, errors.ModelFolderError, errors.CorpusError,
+                errors.EvalError):
+        assert issubclass(cls, errors.MiprunError)

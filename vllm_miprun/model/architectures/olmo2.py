@@ -1,0 +1,5 @@
+"""OLMo 2: post-norms and q/k norms inside the block; nothing to renumber."""
+
+from vllm_miprun.model.architectures.base import Architecture
+
+OLMO2 = Architecture(family="OLMo 2", architectures=("Olmo2ForCausalLM",))

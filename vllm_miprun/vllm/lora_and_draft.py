@@ -1,0 +1,86 @@
+"""LoRA adapters and speculative-decoding drafts next to a pruned model.
+
+LoRA. vLLM matches adapter weights to modules by name, so without help an adapter's
+layer ``i`` would land on kept block ``i`` (another block of the full model), and its
+layers >= K would vanish. vLLM 0.32 reads two model attributes each time it loads an
+adapter (``WorkerLoRAManager._load_adapter``): ``hf_to_vllm_mapper``, whose renames are
+applied to every adapter weight name, and ``lora_skip_prefixes``, whose names are skipped
+before anything is read. The loader sets both on the pruned model: kept block ``kept[j]``
+is renamed to ``j``, and the pruned blocks' weights are skipped, with a log line that
+names the blocks. Only when LoRA is enabled, and after the base weights are loaded.
+
+Speculative decoding. The draft model is loaded with the target's load config unless
+``speculative_config.draft_load_config`` is set, so it reaches the miprun loader. The
+loader recognises it (its ``ModelConfig`` is the speculative config's draft one, or its
+runner is ``draft``) and hands it to vLLM's ``DefaultModelLoader`` unpruned. The target's
+pruned config fields travel in dict ``hf_overrides``, which vLLM never applies to a draft.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from vllm.logger import init_logger
+
+logger = init_logger(f"vllm.{__name__}")
+
+BLOCK_PREFIX = "model.layers."  # the decoder blocks' weight-name prefix (as in model.remap)
+
+
+def is_draft(vllm_config, model_config) -> bool:
+    """Whether ``model_config`` is a speculative-decoding draft, not the served model."""
+    if getattr(model_config, "runner_type", None) == "draft":
+        return True
+    spec = getattr(vllm_config, "speculative_config", None)
+    if spec is None:
+        return False
+    draft = getattr(spec, "draft_model_config", None)
+    return model_config is draft and draft is not getattr(spec, "target_model_config", None)
+
+
+def default_load_config(load_config):
+    """The same load config for vLLM's default loader: format ``auto``, no miprun options."""
+    return dataclasses.replace(load_config, load_format="auto", model_loader_extra_config={})
+
+
+def load_draft_unpruned(load_config, vllm_config, model_config, prefix: str = ""):
+    """Load a draft model with ``DefaultModelLoader``, every block kept."""
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    logger.info("miprun: %s is a speculative-decoding draft; loading it unpruned with the default loader",
+                model_config.model)
+    return DefaultModelLoader(default_load_config(load_config)).load_model(vllm_config, model_config, prefix)
+
+
+def lora_renumbering(kept: list[int]) -> dict[re.Pattern, str]:
+    """Regex renames ``model.layers.{kept[j]}.`` -> ``model.layers.{j}.``, in ascending order
+    so a renamed key is never matched again (``j <= kept[j]`` < every later source index)."""
+    escaped = re.escape(BLOCK_PREFIX)
+    return {
+        re.compile(rf"(^|\.){escaped}{old}\."): rf"\g<1>{BLOCK_PREFIX}{new}."
+        for new, old in enumerate(sorted(kept)) if new != old
+    }
+
+
+def lora_skips(kept: list[int], num_blocks: int) -> list[str]:
+    """Weight-name prefixes of the pruned blocks (vLLM skips ``.prefix`` anywhere in a name)."""
+    wanted = set(kept)
+    return [f"{BLOCK_PREFIX}{index}." for index in range(num_blocks) if index not in wanted]
+
+
+def route_lora_to_kept_blocks(model, kept: list[int], num_blocks: int) -> None:
+    """Make vLLM's LoRA loading renumber adapters to the kept blocks and drop pruned ones."""
+    from vllm.model_executor.models.utils import WeightsMapper
+
+    renumber = WeightsMapper(orig_to_new_regex=lora_renumbering(kept))
+    existing = getattr(model, "hf_to_vllm_mapper", None)
+    model.hf_to_vllm_mapper = renumber | existing if existing is not None else renumber
+    skips = lora_skips(kept, num_blocks)
+    model.lora_skip_prefixes = list(getattr(model, "lora_skip_prefixes", None) or []) + skips
+    pruned = [index for index in range(num_blocks) if index not in set(kept)]
+    logger.info(
+        "miprun: LoRA adapters are renumbered to the kept blocks (block %s of the full model is "
+        "block %s here); adapter weights for the pruned blocks %s are dropped",
+        sorted(kept), list(range(len(kept))), pruned,
+    )

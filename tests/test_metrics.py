@@ -17,6 +17,7 @@ import pytest
 from vllm_miprun.core import gains
 from vllm_miprun.core.gains import Baseline, ThroughputWindow
 from vllm_miprun.core.latency import ideal_speedup, kv_bytes_per_token_per_block
+from vllm_miprun.model import weights
 from vllm_miprun.tools import harness
 from vllm_miprun.vllm import metrics, reports
 
@@ -52,8 +53,8 @@ def test_pruned_weight_bytes_from_headers(tmp_path):
     tensors["model.layers.1.input_layernorm.weight"] = torch.zeros(4, dtype=torch.bfloat16)
     save_file(tensors, tmp_path / "model.safetensors")
     expected = 4 * 9 * 4 + 4 * 2 + 4 * 10 * 4  # blocks 1 and 2
-    assert metrics.pruned_weight_bytes([tmp_path / "model.safetensors"], [1, 2]) == expected
-    assert metrics.pruned_weight_bytes([tmp_path / "model.safetensors"], []) == 0
+    assert weights.pruned_weight_bytes([tmp_path / "model.safetensors"], [1, 2]) == expected
+    assert weights.pruned_weight_bytes([tmp_path / "model.safetensors"], []) == 0
 
 
 @pytest.mark.parametrize("record, message", [

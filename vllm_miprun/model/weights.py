@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from vllm_miprun.model.checkpoint import tensor_bytes
+from vllm_miprun.model.checkpoint import bytes_by_block, tensor_bytes
 from vllm_miprun.model.remap import index_map, layer_index, renamed_weight
 
 
@@ -46,3 +46,9 @@ def iter_kept_weights(files: list[Path], kept: list[int]) -> Iterator[tuple[str,
                 new_name = renamed_weight(name, mapping)
                 if new_name is not None:  # skip pruned blocks before reading them
                     yield new_name, handle.get_tensor(name)
+
+
+def pruned_weight_bytes(files: list[Path], pruned) -> int:
+    """Stored bytes of the ``pruned`` blocks' tensors (safetensors headers only)."""
+    blocks, _ = bytes_by_block(files, layer_index)
+    return sum(blocks.get(b, 0) for b in set(pruned))

@@ -170,12 +170,13 @@ def mean_pairwise_jaccard(sets: list[set[int]]) -> float:
 def plan_memory(model_dir: str, plan) -> dict[str, int]:
     """Weight bytes and KV bytes per token saved by the pruned blocks (from headers only),
     computed as the metrics do; KV at 2 bytes per value, vLLM's default bf16 cache."""
-    from vllm_miprun.vllm import metrics
+    from vllm_miprun.core.gains import kv_bytes_per_token_saved
     from vllm_miprun.model.checkpoint import read_config, safetensors_files
+    from vllm_miprun.model.weights import pruned_weight_bytes
 
     return {
-        "weight_bytes_saved": metrics.pruned_weight_bytes(safetensors_files(model_dir), plan.pruned),
-        "kv_bytes_per_token_saved": metrics.kv_bytes_per_token_saved(read_config(model_dir), len(plan.pruned), 2),
+        "weight_bytes_saved": pruned_weight_bytes(safetensors_files(model_dir), plan.pruned),
+        "kv_bytes_per_token_saved": kv_bytes_per_token_saved(read_config(model_dir), len(plan.pruned), 2),
     }
 
 

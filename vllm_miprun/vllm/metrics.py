@@ -40,8 +40,9 @@ from vllm_miprun.core.gains import (
     kv_bytes_per_token_saved,
     throughput_gain,
 )
-from vllm_miprun.model.checkpoint import bytes_by_block, read_config, safetensors_files
-from vllm_miprun.model.remap import FULL_FIELD, KEPT_FIELD, layer_index
+from vllm_miprun.model.checkpoint import read_config, safetensors_files
+from vllm_miprun.model.remap import FULL_FIELD, KEPT_FIELD
+from vllm_miprun.model.weights import pruned_weight_bytes
 from vllm_miprun.vllm.reports import publish, read_reports  # noqa: F401 - publish: loader.record_report
 
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -96,12 +97,6 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
         "speed-up and is not a measurement. NaN when nothing ran in the window. "
         "Meaningful when the server runs at the baseline's batch size.", ("baseline",)),
 }
-
-
-def pruned_weight_bytes(files: Iterable[str | Path], pruned: Iterable[int]) -> int:
-    """Stored bytes of the ``pruned`` blocks' tensors (safetensors headers only)."""
-    blocks, _ = bytes_by_block(files, layer_index)
-    return sum(blocks.get(b, 0) for b in set(pruned))
 
 
 # --- the exporter in the API-server process ------------------------------------------------

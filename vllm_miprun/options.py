@@ -17,6 +17,7 @@ from vllm_miprun.errors import OptionError  # noqa: F401 - re-exported
 METHODS = ("mi-prun", "shortgpt", "angular", "sleb", "last", "random")
 ESTIMATORS = ("gaussian", "renyi")
 DATASETS = ("wiki", "c4")
+HEAL_MODES = ("none", "linear")
 
 
 
@@ -62,6 +63,8 @@ class MiprunOptions:
     seed: int = field(default=0, metadata={"help": "seed of the random selector"})
     device: str = field(default="cpu", metadata={"help": "device for load-time calibration: cpu or cuda"})
     cache_dir: str | None = field(default=None, metadata={"help": "score cache folder (default $MIPRUN_CACHE_DIR)"})
+    heal: str = field(default="none", metadata={"help": "none, or linear: fold one fitted linear map per pruned run "
+                                                        "into the block before it (pipeline/heal.py)"})
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
 
     def __post_init__(self) -> None:
@@ -79,6 +82,8 @@ class MiprunOptions:
             object.__setattr__(self, "keep", parse_keep(self.keep))
         if self.method not in METHODS:
             raise OptionError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.heal not in HEAL_MODES:
+            raise OptionError(f"heal must be one of {', '.join(HEAL_MODES)}, got {self.heal!r}")
         if self.device not in ("cpu", "cuda"):
             raise OptionError(f"device must be cpu or cuda, got {self.device!r}")
         _require_int("seed", self.seed, minimum=0)

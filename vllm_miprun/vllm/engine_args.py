@@ -26,7 +26,7 @@ from typing import Any
 from vllm.logger import init_logger
 
 from vllm_miprun.model import remap
-from vllm_miprun.options import METHODS, MiprunOptions, OptionError, parse_keep
+from vllm_miprun.options import HEAL_MODES, METHODS, MiprunOptions, OptionError, parse_keep
 
 # Under "vllm." so vLLM's logging config (handler, level, format) applies to it.
 logger = init_logger(f"vllm.{__name__}")
@@ -44,6 +44,7 @@ FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("protect", "--miprun-protect", {"help": "blocks never dropped: first, last, or 0,29"}),
     ("require_cache", "--miprun-require-cache",
      {"action": "store_true", "help": "refuse to calibrate at load time"}),
+    ("heal", "--miprun-heal", {"choices": HEAL_MODES, "help": "none, or linear: fold a fitted map per pruned run"}),
 )
 
 
@@ -125,6 +126,9 @@ def prepare_engine_args(engine_args) -> None:
     start = time.perf_counter()
     plan = make_plan_for(model_dir, options, hf_config)
     pruned_fields = remap.config_overrides(hf_config, plan.kept)
+    from vllm_miprun.pipeline.heal import prepare_maps
+
+    prepare_maps(model_dir, options, list(plan.kept), plan.num_blocks)  # fit once here, workers read
     engine_args.hf_overrides = {**overrides, **pruned_fields}
     report = plan_report(plan, time.perf_counter() - start)
     logger.info(

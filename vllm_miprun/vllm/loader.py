@@ -24,8 +24,11 @@ from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
-from vllm_miprun.model import remap
+from vllm_miprun.model import checkpoint, remap
 from vllm_miprun.model import weights
+from vllm_miprun.model.checkpoint import read_config
+from vllm_miprun.pipeline import heal
+from vllm_miprun.vllm.model_files import resolve_model_dir
 from vllm_miprun.options import MiprunOptions, OptionError
 
 # Under "vllm." so vLLM's logging config (handler, level, format) applies to it.
@@ -135,7 +138,9 @@ class MiprunModelLoader(BaseModelLoader):
         files, self._read_bytes, self._skipped_bytes = weights.plan_reads(
             checkpoint.safetensors_files(model_dir), kept
         )
-        loaded = model.load_weights(weights.iter_kept_weights(files, kept))
+        full = int(model_config.hf_config.miprun_num_blocks_full)
+        maps = heal.prepare_maps(model_dir, self.options, kept, full)  # {} unless heal=linear
+        loaded = model.load_weights(heal.fold_stream(weights.iter_kept_weights(files, kept), maps, kept))
         if loaded is not None and model_config.quantization is None:
             # vLLM's own completeness check: every parameter came from the checkpoint.
             DefaultModelLoader.track_weights_loading(self, model, loaded)

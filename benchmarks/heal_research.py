@@ -1,0 +1,280 @@
+"""Healing research (issue 16): which linear map per pruned run generalises beyond calibration text?
+
+On SmolLM2-135M (float32, transformers, CPU) with MI-PRUN's pruned sets from the committed
+quality table, every method fits one map ``T`` per maximal pruned run ``[i, j)`` on the MLP
+output of block ``i−1`` (``vllm_miprun.core.heal_math`` has the algebra), and is judged by
+perplexity on text calibration never saw:
+
+* calibration: the wiki and c4 *calibration* parts (``corpora.sample_token_windows``);
+* held-out: the wiki and c4 *evaluation* parts, and the bundled TinyStories, technical, code
+  and multilingual files. Each text is cut in two: a **validation** part (choices such as
+  the ridge strength are made on it, on the four domains unlike calibration) and a
+  **final** part, read only for the final table.
+
+Run: ``PYTHONPATH=. OMP_NUM_THREADS=2 python benchmarks/heal_research.py``
+→ ``benchmarks/results/heal_research.json`` (resumable: finished rows are kept) and
+``heal_research.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vllm_miprun.core import heal_math
+from vllm_miprun.pipeline import bundled, corpora
+from vllm_miprun.tools import assets
+
+PRUNED = {  # MI-PRUN's sets, README "Quality on SmolLM2-135M"
+    "0.75": [12, 13, 14, 15, 16, 17, 18],
+    "0.6": [3, 5, 7, 9, 12, 13, 14, 16, 17, 18, 22, 26],
+}
+UNLIKE = ("tiny", "technical", "code", "multilingual")  # domains unlike calibration
+ALL_DOMAINS = ("wiki", "c4") + UNLIKE
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0)
+OUT = Path(__file__).resolve().parent / "results"
+
+
+# --------------------------------------------------------------------------- data
+
+
+def split_file_windows(tokenizer, name: str, seq_len: int, n_val: int, n_final: int) -> dict[str, np.ndarray]:
+    """A bundled file cut at the newline nearest its middle: first half validation, second final."""
+    text = (bundled.corpus_dir() / f"{name}.utf8").read_text(encoding="utf-8")
+    cut = text.find("\n", len(text) // 2)
+    parts = {"val": (text[:cut], n_val), "final": (text[cut:], n_final)}
+    out = {}
+    for part, (chunk, count) in parts.items():
+        ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]
+        need = count * seq_len
+        assert len(ids) >= need, f"{name} {part}: {len(ids)} tokens < {need}"
+        out[part] = np.asarray(ids[:need], dtype=np.int64).reshape(count, seq_len)
+    return out
+
+
+def eval_windows(tokenizer, seq_len: int, n_val: int, n_final: int) -> dict[str, dict[str, np.ndarray]]:
+    data = {}
+    for name in ("wiki", "c4"):  # evaluation part, documents in order: validation first, then final
+        w = corpora.sample_token_windows(tokenizer, name, n_val + n_final, seq_len, 0, part="evaluation")
+        data[name] = {"val": w[:n_val], "final": w[n_val:]}
+    for name in UNLIKE:
+        data[name] = split_file_windows(tokenizer, name, seq_len, n_val, n_final)
+    return data
+
+
+# --------------------------------------------------------------------------- model walk
+
+
+def block_parts(layer, h, pos):
+    """``(r, d)`` of one decoder block: after attention, and the MLP output."""
+    r = h + layer.self_attn(layer.input_layernorm(h), position_embeddings=pos, attention_mask=None)[0]
+    return r, layer.mlp(layer.post_attention_layernorm(r))
+
+
+def walk(model, ids: torch.Tensor, kept: list[int], on_block=None) -> torch.Tensor:
+    """Residual stream after the kept blocks. ``on_block(b, r, d) -> d`` may replace a block's MLP output."""
+    inner = model.model
+    h = inner.embed_tokens(ids)
+    pos = inner.rotary_emb(h, position_ids=torch.arange(ids.shape[1]).unsqueeze(0))
+    for b in kept:
+        r, d = block_parts(inner.layers[b], h, pos)
+        if on_block is not None:
+            d = on_block(b, r, d)
+        h = r + d
+    return h
+
+
+def perplexity(model, windows: np.ndarray, kept: list[int], transforms: dict[int, torch.Tensor],
+               batch: int = 4) -> float:
+    """Each window scored on tokens 1..end (as ``tools.evaluate.perplexity``); maps applied explicitly."""
+    def apply(b, r, d):
+        return d @ transforms[b].T if b in transforms else d
+
+    nll, count = 0.0, 0
+    for start in range(0, len(windows), batch):
+        ids = torch.from_numpy(windows[start:start + batch])
+        h = model.model.norm(walk(model, ids, kept, apply))
+        for row in range(ids.shape[0]):
+            logits = model.lm_head(h[row, :-1]).float()
+            nll += float(torch.nn.functional.cross_entropy(logits, ids[row, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def dense_capture(model, ids: torch.Tensor, runs) -> dict:
+    """Dense-model ``(r, d)`` of each block ``i−1`` and ``h_j`` for every run, flattened to tokens."""
+    need_parts = {i - 1 for i, _ in runs}
+    need_out = {j - 1 for _, j in runs}
+    cap: dict = {}
+
+    def grab(b, r, d):
+        if b in need_parts:
+            cap[("r", b)] = r.reshape(-1, r.shape[-1]).clone()
+            cap[("d", b)] = d.reshape(-1, d.shape[-1]).clone()
+        if b in need_out:
+            cap[("h", b + 1)] = (r + d).reshape(-1, r.shape[-1]).clone()
+        return d
+
+    walk(model, ids, list(range(max(need_out) + 1)), grab)
+    return cap
+
+
+def fit_runs(model, ids: torch.Tensor, pruned: list[int], dense: dict, method: dict) -> tuple[dict, list]:
+    """One map per run; ``sequential`` fits each on the already-healed pruned prefix."""
+    runs = heal_math.pruned_runs(pruned)
+    assert all(i > 0 for i, _ in runs), "runs starting at block 0 are left unhealed (tied embeddings)"
+    starts = {i - 1: (i, j) for i, j in runs}
+    kept = [b for b in range(model.config.num_hidden_layers) if b not in set(pruned)]
+    transforms: dict[int, torch.Tensor] = {}
+    shares = []
+
+    def fit(b, r, d):
+        x = d.reshape(-1, d.shape[-1])
+        rr = r.reshape(-1, r.shape[-1])
+        i, j = starts[b]
+        y = dense[("h", j)] - rr
+        w = heal_math.token_weights(y, x, method.get("weights", "uniform"))
+        t = heal_math.fit_map(x, y, form=method.get("form", "full"), ridge=method.get("ridge", 0.0),
+                              rank=method.get("rank", 16), weights=w)
+        transforms[b] = t
+        shares.append(round(heal_math.residual_share(x, y, t), 4))
+        return d @ t.T
+
+    if method.get("sequential", True):
+        last = max(starts)
+        walk(model, ids, [b for b in kept if b <= last], lambda b, r, d: fit(b, r, d) if b in starts else d)
+    else:
+        for b in starts:
+            fit(b, dense[("r", b)], dense[("d", b)])
+    return transforms, shares
+
+
+# --------------------------------------------------------------------------- study
+
+
+def methods(best: dict[str, float]) -> dict[str, dict]:
+    """Every method of the final table. ``best`` holds the ridge chosen on validation per calibration set."""
+    lam = best.get("mix", 0.0)
+    return {
+        "none": {},
+        "lstsq-wiki (issue baseline)": {"calib": "wiki"},
+        f"ridge-wiki λ={best.get('wiki', 0.0):g}": {"calib": "wiki", "ridge": best.get("wiki", 0.0)},
+        "lstsq-mix": {"calib": "mix"},
+        f"ridge-mix λ={lam:g}": {"calib": "mix", "ridge": lam},
+        f"ridge-mix λ={lam:g} independent": {"calib": "mix", "ridge": lam, "sequential": False},
+        f"ridge-mix λ={lam:g} clip-outliers": {"calib": "mix", "ridge": lam, "weights": "clip"},
+        f"ridge-mix λ={lam:g} cosine": {"calib": "mix", "ridge": lam, "weights": "cosine"},
+        f"lowrank16+I-mix λ={lam:g}": {"calib": "mix", "ridge": lam, "form": "lowrank", "rank": 16},
+        "diag-mix": {"calib": "mix", "form": "diag"},
+        "rotdiag-mix (LinearPatch-style)": {"calib": "mix", "form": "rotdiag"},
+    }
+
+
+def geomean_ratio(ppl: dict, base: dict, domains) -> float:
+    return math.exp(sum(math.log(ppl[d] / base[d]) for d in domains) / len(domains))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calib-samples", type=int, default=32, help="windows of --calib-len per corpus")
+    parser.add_argument("--calib-len", type=int, default=256)
+    parser.add_argument("--val-windows", type=int, default=2)
+    parser.add_argument("--final-windows", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--out", type=Path, default=OUT / "heal_research.json")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = assets.smollm2_dir()
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    data = eval_windows(tok, args.seq_len, args.val_windows, args.final_windows)
+    wiki = corpora.sample_token_windows(tok, "wiki", args.calib_samples, args.calib_len, 0)
+    c4 = corpora.sample_token_windows(tok, "c4", args.calib_samples, args.calib_len, 0)
+    calib = {"wiki": torch.from_numpy(wiki), "mix": torch.from_numpy(np.concatenate([wiki, c4]))}
+    report = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    report.update({"command": "PYTHONPATH=. OMP_NUM_THREADS=2 python benchmarks/heal_research.py " + " ".join(argv or sys.argv[1:]),
+                   "settings": vars(args) | {"out": str(args.out)}, "pruned": PRUNED})
+    report.setdefault("validation", {})
+    report.setdefault("final", {})
+    n = model.config.num_hidden_layers
+
+    def save():
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(args.out)
+
+    with torch.inference_mode():
+        all_runs = sorted({r for p in PRUNED.values() for r in heal_math.pruned_runs(p)})
+        dense = {name: dense_capture(model, ids, all_runs) for name, ids in calib.items()}
+
+        def evaluate(keep, method, part, domains):
+            pruned = PRUNED[keep]
+            kept = [b for b in range(n) if b not in set(pruned)]
+            t0 = time.time()
+            transforms, shares = ({}, []) if not method else fit_runs(model, calib[method["calib"]], pruned,
+                                                                        dense[method["calib"]], method)
+            ppl = {d: round(perplexity(model, data[d][part], kept, transforms), 3) for d in domains}
+            return {"ppl": ppl, "residual_share": shares, "seconds": round(time.time() - t0, 1)}
+
+        # 1. validation: ridge strength per calibration set, on the unlike domains' validation parts
+        for keep in PRUNED:
+            val = report["validation"].setdefault(keep, {})
+            for name, method in [("none", {})] + [(f"{c} λ={lam:g}", {"calib": c, "ridge": lam})
+                                                  for c in ("wiki", "mix") for lam in (0.0,) + RIDGES]:
+                if name not in val:
+                    val[name] = evaluate(keep, method, "val", UNLIKE)
+                    print(keep, "val", name, val[name], flush=True)
+                    save()
+        best = {}
+        for c in ("wiki", "mix"):  # one λ for all ratios: worst geomean ratio over keeps, lowest wins
+            def score(lam):
+                return max(geomean_ratio(report["validation"][k][f"{c} λ={lam:g}"]["ppl"],
+                                         report["validation"][k]["none"]["ppl"], UNLIKE) for k in PRUNED)
+            best[c] = min((0.0,) + RIDGES, key=score)
+        report["chosen_ridge"] = best
+        # 2. final table, read once per method
+        for keep in PRUNED:
+            fin = report["final"].setdefault(keep, {})
+            for name, method in methods(best).items():
+                one_run = len(heal_math.pruned_runs(PRUNED[keep])) == 1
+                if name not in fin and not (one_run and method.get("sequential") is False):  # same as sequential
+                    fin[name] = evaluate(keep, method, "final", ALL_DOMAINS)
+                    print(keep, "final", name, fin[name], flush=True)
+                    save()
+    write_markdown(report, args.out.with_suffix(".md"))
+    return 0
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    lines = [f"Made by: `{report['command']}`", "",
+             "Perplexity on the FINAL held-out parts (never used for a choice). "
+             "geomean = geometric mean of healed/unhealed over the domains unlike calibration "
+             f"({', '.join(UNLIKE)}); worst = largest single-domain change vs unhealed, all six domains.", "",
+             "| keep | method | " + " | ".join(ALL_DOMAINS) + " | geomean ×unlike | worst domain | goals met |",
+             "|---|---|" + "---|" * len(ALL_DOMAINS) + "---|---|---|"]
+    for keep, rows in report["final"].items():
+        base = rows["none"]["ppl"]
+        for name, row in rows.items():
+            ppl = row["ppl"]
+            g = geomean_ratio(ppl, base, UNLIKE)
+            worst = max(ALL_DOMAINS, key=lambda d: ppl[d] / base[d])
+            change = ppl[worst] / base[worst] - 1
+            met = "-" if name == "none" else ("yes" if g <= 0.85 and change <= 0.02 else "no")
+            lines.append(f"| {keep} | {name} | " + " | ".join(f"{ppl[d]:.1f}" for d in ALL_DOMAINS)
+                         + f" | {g:.3f} | {worst} {change:+.1%} | {met} |")
+    lines += ["", f"Ridge chosen on validation (unlike domains, worst keep): {report.get('chosen_ridge')}", ""]
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

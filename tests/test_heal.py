@@ -64,6 +64,9 @@ def test_fold_equals_explicit_map_after_block(tiny_llama_dir):
     folded = _logits(_folded_model(tiny_llama_dir, maps), ids)
     plain = _logits(_folded_model(tiny_llama_dir, {}), ids)
     assert torch.allclose(folded, explicit, atol=1e-4, rtol=1e-4)
+    in_place = delete_blocks(_hf(tiny_llama_dir), KEPT)  # the eval backend's path
+    heal.fold_into_model(in_place, maps, KEPT)
+    assert torch.allclose(_logits(in_place, ids), explicit, atol=1e-4, rtol=1e-4)
     assert (folded - plain).abs().max() > 0.1  # the maps do change the model
 
 

@@ -260,3 +260,18 @@ def fold_stream(stream: Iterable[tuple[str, torch.Tensor]], maps: dict[int, torc
     if missing:
         raise HealError(f"heal maps target blocks {sorted(map(str, missing))} whose weights never came; "
                         "the checkpoint does not match the plan")
+
+
+def fold_into_model(model, maps: dict[int, torch.Tensor], kept: list[int]) -> None:
+    """Fold ``maps`` into a pruned Hugging Face model in place (the eval backend's path);
+    the same arithmetic as ``fold_stream``."""
+    with torch.no_grad():
+        for start, transform in maps.items():
+            if start == 0:
+                embed = model.model.embed_tokens.weight
+                embed.copy_(heal_math.fold_embedding(embed, transform))
+                continue
+            down = model.model.layers[kept.index(start - 1)].mlp.down_proj
+            down.weight.copy_(heal_math.fold_down_proj(down.weight, transform))
+            if down.bias is not None:
+                down.bias.copy_(heal_math.fold_bias(down.bias, transform))

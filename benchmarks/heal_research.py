@@ -147,7 +147,7 @@ def fit_runs(model, ids: torch.Tensor, pruned: list[int], dense: dict, method: d
         shares.append(round(heal_math.residual_share(x, y, t), 4))
         return d @ t.T
 
-    if method.get("sequential", True):
+    if method.get("sequential", False):
         last = max(starts)
         walk(model, ids, [b for b in kept if b <= last], lambda b, r, d: fit(b, r, d) if b in starts else d)
     else:
@@ -165,10 +165,10 @@ def methods(best: dict[str, float]) -> dict[str, dict]:
     return {
         "none": {},
         "lstsq-wiki (issue baseline)": {"calib": "wiki"},
-        f"ridge-wiki λ={best.get('wiki', 0.0):g}": {"calib": "wiki", "ridge": best.get("wiki", 0.0)},
+        f"ridge-wiki λ={lam:g}": {"calib": "wiki", "ridge": lam},
         "lstsq-mix": {"calib": "mix"},
         f"ridge-mix λ={lam:g}": {"calib": "mix", "ridge": lam},
-        f"ridge-mix λ={lam:g} independent": {"calib": "mix", "ridge": lam, "sequential": False},
+        f"ridge-mix λ={lam:g} sequential": {"calib": "mix", "ridge": lam, "sequential": True},
         f"ridge-mix λ={lam:g} clip-outliers": {"calib": "mix", "ridge": lam, "weights": "clip"},
         f"ridge-mix λ={lam:g} cosine": {"calib": "mix", "ridge": lam, "weights": "cosine"},
         f"lowrank16+I-mix λ={lam:g}": {"calib": "mix", "ridge": lam, "form": "lowrank", "rank": 16},
@@ -231,13 +231,13 @@ def main(argv=None) -> int:
         for keep in PRUNED:
             val = report["validation"].setdefault(keep, {})
             for name, method in [("none", {})] + [(f"{c} λ={lam:g}", {"calib": c, "ridge": lam})
-                                                  for c in ("wiki", "mix") for lam in (0.0,) + RIDGES]:
+                                                  for c in ("mix",) for lam in (0.0,) + RIDGES]:
                 if name not in val:
                     val[name] = evaluate(keep, method, "val", UNLIKE)
                     print(keep, "val", name, val[name], flush=True)
                     save()
         best = {}
-        for c in ("wiki", "mix"):  # one λ for all ratios: worst geomean ratio over keeps, lowest wins
+        for c in ("mix",):  # one λ for all ratios: worst geomean ratio over keeps, lowest wins
             def score(lam):
                 return max(geomean_ratio(report["validation"][k][f"{c} λ={lam:g}"]["ppl"],
                                          report["validation"][k]["none"]["ppl"], UNLIKE) for k in PRUNED)
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
             fin = report["final"].setdefault(keep, {})
             for name, method in methods(best).items():
                 one_run = len(heal_math.pruned_runs(PRUNED[keep])) == 1
-                if name not in fin and not (one_run and method.get("sequential") is False):  # same as sequential
+                if name not in fin and not (one_run and method.get("sequential")):  # one run: same as independent
                     fin[name] = evaluate(keep, method, "final", ALL_DOMAINS)
                     print(keep, "final", name, fin[name], flush=True)
                     save()

@@ -168,3 +168,33 @@ def test_bad_heal_value_is_one_line(capsys):
     assert exit_info.value.code == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(lines) == 1 and "--heal" in lines[0] and "cubic" in lines[0]
+
+
+@pytest.mark.engine
+def test_vllm_serving_healed_equals_transformers_on_healed_export(tiny_llama_dir, tmp_path):
+    """The loader's fold (vLLM) and the export's fold (read back by transformers) agree in greedy tokens."""
+    from engine_runner import DEFAULT_PROMPTS
+    from test_loader_engine import run_engines
+    from transformers import AutoTokenizer
+
+    from vllm_miprun.pipeline.plan import make_plan
+    from vllm_miprun.tools.export import export_pruned
+
+    extra = {"keep": 0.5, "method": "last", "heal": "linear", "samples": 4, "seq_len": 32,
+             "cache_dir": str(tmp_path / "cache")}
+    options = MiprunOptions.from_dict(extra)
+    plan = make_plan(tiny_llama_dir, options, hf_config=checkpoint.read_config(tiny_llama_dir))
+    maps = heal.prepare_maps(tiny_llama_dir, options, list(plan.kept), plan.num_blocks, progress=False)
+    assert sorted(maps) == [3]  # "last" keeps 0, 1, 2, 7: one run [3, 7), folded into block 2
+    exported = export_pruned(tiny_llama_dir, tmp_path / "healed", plan, maps)
+    spec = {"model": str(tiny_llama_dir), "load_format": "miprun", "kv_bytes": 16 * 2**20, "max_tokens": 12}
+    healed, plain = run_engines([{**spec, "extra": extra}, {**spec, "extra": {**extra, "heal": "none"}}],
+                                VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    model = _hf(exported)
+    for prompt, tokens in zip(DEFAULT_PROMPTS, healed["tokens"]):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+        assert out[0, ids.shape[1]:].tolist() == tokens
+    assert healed["logprobs"] != plain["logprobs"]  # the served model is the healed one

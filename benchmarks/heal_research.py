@@ -165,15 +165,15 @@ def methods(best: dict[str, float]) -> dict[str, dict]:
     return {
         "none": {},
         "lstsq-wiki (issue baseline)": {"calib": "wiki"},
-        f"ridge-wiki λ={lam:g}": {"calib": "wiki", "ridge": lam},
-        "lstsq-mix": {"calib": "mix"},
         f"ridge-mix λ={lam:g}": {"calib": "mix", "ridge": lam},
+        "lstsq-mix": {"calib": "mix"},
         f"ridge-mix λ={lam:g} sequential": {"calib": "mix", "ridge": lam, "sequential": True},
         f"ridge-mix λ={lam:g} clip-outliers": {"calib": "mix", "ridge": lam, "weights": "clip"},
         f"ridge-mix λ={lam:g} cosine": {"calib": "mix", "ridge": lam, "weights": "cosine"},
         f"lowrank16+I-mix λ={lam:g}": {"calib": "mix", "ridge": lam, "form": "lowrank", "rank": 16},
         "diag-mix": {"calib": "mix", "form": "diag"},
         "rotdiag-mix (LinearPatch-style)": {"calib": "mix", "form": "rotdiag"},
+        f"ridge-wiki λ={lam:g}": {"calib": "wiki", "ridge": lam},
     }
 
 
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calib-samples", type=int, default=32, help="windows of --calib-len per corpus")
     parser.add_argument("--calib-len", type=int, default=256)
     parser.add_argument("--val-windows", type=int, default=2)
-    parser.add_argument("--final-windows", type=int, default=4)
+    parser.add_argument("--final-windows", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--out", type=Path, default=OUT / "heal_research.json")
     args = parser.parse_args(argv)
@@ -244,9 +244,9 @@ def main(argv=None) -> int:
             best[c] = min((0.0,) + RIDGES, key=score)
         report["chosen_ridge"] = best
         # 2. final table, read once per method
-        for keep in PRUNED:
-            fin = report["final"].setdefault(keep, {})
-            for name, method in methods(best).items():
+        for name, method in methods(best).items():  # method-major: a cut-short run still pairs the keeps
+            for keep in PRUNED:
+                fin = report["final"].setdefault(keep, {})
                 one_run = len(heal_math.pruned_runs(PRUNED[keep])) == 1
                 if name not in fin and not (one_run and method.get("sequential")):  # one run: same as independent
                     fin[name] = evaluate(keep, method, "final", ALL_DOMAINS)

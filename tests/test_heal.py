@@ -130,6 +130,19 @@ def test_prepare_maps_fits_stores_and_reuses(tiny_llama_dir, tmp_path, monkeypat
     assert heal.prepare_maps(tiny_llama_dir, MiprunOptions(keep=0.5), KEPT, NUM_BLOCKS) == {}
 
 
+def test_sequential_and_independent_fits_agree_on_the_first_inner_run(tiny_llama_dir, tmp_path, monkeypatch):
+    """The first run's input is the full model's prefix either way, so both fits agree on it;
+    the second run's input differs once the first run is pruned and healed."""
+    kept = [0, 1, 2, 5, 6]  # runs [3, 5) and [7, 8)
+    ids = heal.heal_ids(tiny_llama_dir, _options(tmp_path).calibration)
+    fits = {}
+    for sequential in (False, True):
+        monkeypatch.setitem(heal.RECIPE, "sequential", sequential)
+        fits[sequential] = heal.fit_maps(tiny_llama_dir, ids, kept, [3, 7], progress=False)
+    assert torch.allclose(fits[False][3], fits[True][3], atol=1e-5)  # same (unpruned) prefix
+    assert not torch.allclose(fits[False][7], fits[True][7], atol=1e-3)  # healed prefix differs
+
+
 def test_stored_maps_for_other_weights_or_settings_are_refused(tiny_llama_dir, tmp_path):
     options = _options(tmp_path)
     heal.prepare_maps(tiny_llama_dir, options, KEPT, NUM_BLOCKS, progress=False)

@@ -188,6 +188,7 @@ def main(argv=None) -> int:
     parser.add_argument("--val-windows", type=int, default=2)
     parser.add_argument("--final-windows", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--heal-aware", action="store_true", help="also run the heal-aware span selection stage")
     parser.add_argument("--out", type=Path, default=OUT / "heal_research.json")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -201,8 +202,11 @@ def main(argv=None) -> int:
     c4 = corpora.sample_token_windows(tok, "c4", args.calib_samples, args.calib_len, 0)
     calib = {"wiki": torch.from_numpy(wiki), "mix": torch.from_numpy(np.concatenate([wiki, c4]))}
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    report.update({"command": "PYTHONPATH=. OMP_NUM_THREADS=2 python benchmarks/heal_research.py " + " ".join(argv or sys.argv[1:]),
-                   "settings": vars(args) | {"out": str(args.out)}, "pruned": PRUNED})
+    command = ("PYTHONPATH=. OMP_NUM_THREADS=2 python benchmarks/heal_research.py " + " ".join(argv or sys.argv[1:])).strip()
+    report.setdefault("commands", [report.pop("command")] if "command" in report else [])
+    if command not in report["commands"]:  # a resumed run keeps finished rows; every command is listed
+        report["commands"].append(command)
+    report.update({"settings": vars(args) | {"out": str(args.out)}, "pruned": PRUNED})
     report.setdefault("validation", {})
     report.setdefault("final", {})
     n = model.config.num_hidden_layers
@@ -236,6 +240,12 @@ def main(argv=None) -> int:
                     val[name] = evaluate(keep, method, "val", UNLIKE)
                     print(keep, "val", name, val[name], flush=True)
                     save()
+        for keep in PRUNED:  # the opt-in recipe's form: full ridge or diagonal, also decided on validation
+            val = report["validation"][keep]
+            if "mix diag" not in val:
+                val["mix diag"] = evaluate(keep, {"calib": "mix", "form": "diag"}, "val", UNLIKE)
+                print(keep, "val mix diag", val["mix diag"], flush=True)
+                save()
         best = {}
         for c in ("mix",):  # one λ for all ratios: worst geomean ratio over keeps, lowest wins
             def score(lam):
@@ -243,6 +253,17 @@ def main(argv=None) -> int:
                                          report["validation"][k]["none"]["ppl"], UNLIKE) for k in PRUNED)
             best[c] = min((0.0,) + RIDGES, key=score)
         report["chosen_ridge"] = best
+
+        def val_summary(name):  # (worst-keep geomean ratio, worst single-domain change) on validation
+            rows = [(report["validation"][k][name]["ppl"], report["validation"][k]["none"]["ppl"]) for k in PRUNED]
+            return (round(max(geomean_ratio(p, b, UNLIKE) for p, b in rows), 4),
+                    round(max(p[d] / b[d] - 1 for p, b in rows for d in UNLIKE), 4))
+
+        candidates = {f"mix λ={best['mix']:g}": "full", "mix diag": "diag"}
+        summary = {name: val_summary(name) for name in candidates}
+        safe = [n for n in candidates if summary[n][1] <= 0.02] or list(candidates)
+        report["recipe_choice"] = {"validation (geomean, worst change)": summary,
+                                   "chosen": min(safe, key=lambda n: summary[n][0])}
         # 2. final table, read once per method
         for name, method in methods(best).items():  # method-major: a cut-short run still pairs the keeps
             for keep in PRUNED:
@@ -252,12 +273,53 @@ def main(argv=None) -> int:
                     fin[name] = evaluate(keep, method, "final", ALL_DOMAINS)
                     print(keep, "final", name, fin[name], flush=True)
                     save()
+        if args.heal_aware and "heal_aware" not in report:
+            heal_aware_stage(model, calib["mix"], data, report, best["mix"])
+            save()
     write_markdown(report, args.out.with_suffix(".md"))
     return 0
 
 
+def heal_aware_spans(model, calib: torch.Tensor, width: int, ridge: float) -> list[dict]:
+    """Every contiguous span of ``width`` blocks, scored by its calibration error after the best
+    linear map (relative to ``‖h_j‖²``) and without one: a heal-aware selection, contiguous only."""
+    n = model.config.num_hidden_layers
+    runs = [(i, i + width) for i in range(1, n - width + 1)]
+    dense = dense_capture(model, calib, runs)
+    rows = []
+    for i, j in runs:
+        x, r, h = dense[("d", i - 1)], dense[("r", i - 1)], dense[("h", j)]
+        y = h - r
+        t = heal_math.fit_map(x, y, ridge=ridge)
+        energy = float(h.double().pow(2).sum())
+        rows.append({"span": [i, j],
+                     "healed_rel_error": float(((x @ t.T) - y).double().pow(2).sum()) / energy,
+                     "plain_rel_error": float((x - y).double().pow(2).sum()) / energy})
+    return rows
+
+
+def heal_aware_stage(model, calib, data, report, lam: float) -> None:
+    """Choose the keep-0.75 span by healed error (on a quarter of the calibration windows);
+    fit its map on all of them as the table's rows are fitted, and evaluate it."""
+    width = len(PRUNED["0.75"])
+    rows = heal_aware_spans(model, calib[::4], width, lam)
+    best = min(rows, key=lambda row: row["healed_rel_error"])
+    stage = {"spans": rows, "chosen": best["span"], "select_then_heal": [PRUNED["0.75"][0], PRUNED["0.75"][-1] + 1]}
+    if best["span"] != stage["select_then_heal"]:
+        pruned = list(range(*best["span"]))
+        kept = [b for b in range(model.config.num_hidden_layers) if b not in set(pruned)]
+        dense = dense_capture(model, calib, heal_math.pruned_runs(pruned))
+        method = {"calib": "mix", "ridge": lam}
+        transforms, shares = fit_runs(model, calib, pruned, dense, method)
+        stage["final_ppl"] = {d: round(perplexity(model, data[d]["final"], kept, transforms), 3) for d in ALL_DOMAINS}
+        stage["final_ppl_unhealed"] = {d: round(perplexity(model, data[d]["final"], kept, {}), 3) for d in ALL_DOMAINS}
+    report["heal_aware"] = stage
+
+
 def write_markdown(report: dict, path: Path) -> None:
-    lines = [f"Made by: `{report['command']}`", "",
+    lines = ["Made by (in this order; the second resumed the first's rows and added the heal-aware stage): "
+             + "; ".join(f"`{c}`" for c in report["commands"]), "",
+             "Settings: " + json.dumps(report["settings"]), "",
              "Perplexity on the FINAL held-out parts (never used for a choice). "
              "geomean = geometric mean of healed/unhealed over the domains unlike calibration "
              f"({', '.join(UNLIKE)}); worst = largest single-domain change vs unhealed, all six domains.", "",
@@ -274,6 +336,20 @@ def write_markdown(report: dict, path: Path) -> None:
             lines.append(f"| {keep} | {name} | " + " | ".join(f"{ppl[d]:.1f}" for d in ALL_DOMAINS)
                          + f" | {g:.3f} | {worst} {change:+.1%} | {met} |")
     lines += ["", f"Ridge chosen on validation (unlike domains, worst keep): {report.get('chosen_ridge')}", ""]
+    if "recipe_choice" in report:
+        lines += [f"Opt-in recipe chosen on validation (no unlike domain > 2% worse at any keep, then lowest "
+                  f"worst-keep geomean): {report['recipe_choice']}", ""]
+    aware = report.get("heal_aware")
+    if aware:
+        ranked = sorted(aware["spans"], key=lambda row: row["healed_rel_error"])[:5]
+        lines += ["Heal-aware selection (keep 0.75, contiguous spans only): calibration error after the best "
+                  "linear map, relative to ‖h_j‖², best five:", "",
+                  "| span | healed rel. error | plain rel. error |", "|---|---|---|"]
+        lines += [f"| {r['span']} | {r['healed_rel_error']:.4f} | {r['plain_rel_error']:.4f} |" for r in ranked]
+        lines += ["", f"Chosen {aware['chosen']}; select-then-heal prunes {aware['select_then_heal']}."]
+        if "final_ppl" in aware:
+            lines += [f"Chosen span healed, final parts: {aware['final_ppl']}; unhealed: {aware['final_ppl_unhealed']}."]
+        lines.append("")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -29,6 +29,7 @@ DATASETS = ("wiki", "c4")
 DEVICES = ("auto", "cpu", "cuda")
 # Exactly one of these says how many (or which) blocks go.
 TARGETS = ("keep", "latency_budget", "drop")
+HEAL_MODES = ("none", "linear")
 
 # Which dataclass a row is a field of.
 PLAN, CALIBRATION, BOTH = "plan", "calibration", "both"
@@ -236,6 +237,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("protect", "str | None", parse_protect, None,
            "blocks never dropped: `first`, `last`, indices `0,29`", _PLAN_COMMANDS,
            metavar="BLOCKS", shown_default="none"),
+    Option("heal", "str", _choice("heal", HEAL_MODES), "none",
+           "`none`, or `linear`: fold one fitted linear map per pruned run into the block before it "
+           "(see [Healing](#healing))", ("export", "eval"), choices=HEAL_MODES),
     Option("require_cache", "bool", parse_bool("require_cache"), False,
            "refuse to calibrate at load time", ("export", "eval"), switch=True),
     Option("device", "str", parse_device, "auto",

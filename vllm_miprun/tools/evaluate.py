@@ -92,7 +92,8 @@ class TransformersBackend:
     """A Hugging Face model with the pruned blocks deleted, scored in batches."""
 
     def __init__(self, model_dir: str | Path, kept: Sequence[int] | None = None, dtype: str = "float32",
-                 device: str = "cpu", max_batch_tokens: int = 4096, max_length: int | None = None):
+                 device: str = "cpu", max_batch_tokens: int = 4096, max_length: int | None = None,
+                 heal_maps: dict | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -102,6 +103,10 @@ class TransformersBackend:
         self.kept = sorted(kept) if kept is not None else None
         if kept is not None:
             delete_blocks(self.model, kept)
+            if heal_maps:
+                from vllm_miprun.pipeline.heal import fold_into_model
+
+                fold_into_model(self.model, heal_maps, sorted(kept))
         self.device, self.max_batch_tokens = device, max_batch_tokens
         limit = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.max_length = min(max_length or limit, limit)
@@ -225,8 +230,12 @@ def make_backend(model_dir: str | Path, backend: str = "vllm", prune=None, dtype
         from vllm_miprun.options import MiprunOptions
         from vllm_miprun.pipeline.plan import make_plan
 
-        plan = make_plan(model_dir, MiprunOptions.from_dict(options), hf_config=read_config(model_dir))
+        from vllm_miprun.pipeline.heal import prepare_maps
+
+        parsed = MiprunOptions.from_dict(options)
+        plan = make_plan(model_dir, parsed, hf_config=read_config(model_dir))
         kept = list(plan.kept)
+        kwargs["heal_maps"] = prepare_maps(model_dir, parsed, kept, plan.num_blocks)
     return TransformersBackend(model_dir, kept=kept, dtype=dtype, max_length=max_model_len, **kwargs)
 
 

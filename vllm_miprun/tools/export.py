@@ -32,8 +32,9 @@ COPIED_FILES = (
 )
 
 
-def export_pruned(model_dir: str | Path, out_dir: str | Path, plan) -> Path:
-    """Write the model that keeps ``plan.kept`` of ``model_dir`` to ``out_dir``."""
+def export_pruned(model_dir: str | Path, out_dir: str | Path, plan, heal_maps: dict | None = None) -> Path:
+    """Write the model that keeps ``plan.kept`` of ``model_dir`` to ``out_dir``, with
+    ``heal_maps`` (``pipeline.heal.prepare_maps``) folded in as the loader folds them."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.exists():
         raise OptionError(f"output folder {out_dir} already exists; remove it or pick another")
@@ -43,7 +44,7 @@ def export_pruned(model_dir: str | Path, out_dir: str | Path, plan) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        _write_weights(model_dir, staging, list(plan.kept))
+        _write_weights(model_dir, staging, list(plan.kept), heal_maps or {})
         (staging / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
         (staging / "miprun_plan.json").write_text(json.dumps(plan.to_json(), indent=2) + "\n")
         for name in COPIED_FILES:
@@ -55,21 +56,32 @@ def export_pruned(model_dir: str | Path, out_dir: str | Path, plan) -> Path:
     return out_dir
 
 
-def _write_weights(model_dir: Path, staging: Path, kept: list[int]) -> None:
+def _write_weights(model_dir: Path, staging: Path, kept: list[int], heal_maps: dict) -> None:
     """One output shard per input shard that holds a kept tensor, plus a fresh index."""
     from safetensors.torch import save_file
+
+    from vllm_miprun.pipeline.heal import fold_stream
 
     files, _, _ = weights.plan_reads(checkpoint.safetensors_files(model_dir), kept)
     weight_map: dict[str, str] = {}
     total_size = 0
     for path in files:
-        tensors = dict(weights.iter_kept_weights([path], kept))
+        tensors = dict(fold_stream(weights.iter_kept_weights([path], kept),
+                                   {s: t for s, t in heal_maps.items() if _lands_in(s, kept, path)}, kept))
         save_file(tensors, staging / path.name, metadata={"format": "pt"})
         weight_map.update({name: path.name for name in tensors})
         total_size += sum(t.numel() * t.element_size() for t in tensors.values())
     if len(files) > 1:
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         (staging / checkpoint.INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _lands_in(start: int, kept: list[int], path: Path) -> bool:
+    """Whether shard ``path`` holds the tensor the map of the run at ``start`` folds into."""
+    header = checkpoint.read_header(path)
+    if start == 0:
+        return "model.embed_tokens.weight" in header
+    return any(remap.layer_index(n) == start - 1 and ".mlp.down_proj." in n for n in header)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -99,6 +111,9 @@ def _export(args: argparse.Namespace) -> int:
     hf_config = checkpoint.read_config(args.model_dir)
     remap.check_architecture(hf_config)
     plan = make_plan(args.model_dir, options, hf_config=hf_config)
-    out = export_pruned(args.model_dir, args.out_dir, plan)
+    from vllm_miprun.pipeline.heal import prepare_maps
+
+    maps = prepare_maps(args.model_dir, options, list(plan.kept), plan.num_blocks)
+    out = export_pruned(args.model_dir, args.out_dir, plan, maps)
     sys.stderr.write(f"wrote {out}: kept blocks {list(plan.kept)} of {plan.num_blocks}\n")
     return 0

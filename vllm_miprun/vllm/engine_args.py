@@ -95,6 +95,9 @@ def prepare_engine_args(engine_args) -> None:
     model_files.fetch_kept_shards(source, model_dir, plan.kept)  # a hub id: only the kept blocks' shards
     pruned_fields = {**remap.config_overrides(hf_config, plan.kept),
                      **quantization_overrides(model_dir, hf_config, plan.kept)}
+    from vllm_miprun.pipeline.heal import prepare_maps
+
+    prepare_maps(model_dir, options, list(plan.kept), plan.num_blocks)  # fit once here, workers read
     engine_args.hf_overrides = {**overrides, **pruned_fields}
     report = plan_report(plan, time.perf_counter() - start)
     logger.info(

@@ -27,6 +27,7 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm_miprun.model import checkpoint, remap, weights
 from vllm_miprun.model.checkpoint import read_config
 from vllm_miprun.model.quant_remap import quantization_overrides
+from vllm_miprun.pipeline import heal
 from vllm_miprun.options import MiprunOptions, OptionError
 from vllm_miprun.vllm import lora_and_draft, model_files
 from vllm_miprun.vllm.model_files import ModelSource
@@ -158,7 +159,9 @@ class MiprunModelLoader(BaseModelLoader):
             total = model_files.index_total_bytes(model_dir)
             if total is not None:
                 self._skipped_bytes = max(total - self._read_bytes, self._skipped_bytes)
-        loaded = model.load_weights(weights.iter_kept_weights(files, kept))
+        full = int(model_config.hf_config.miprun_num_blocks_full)
+        maps = heal.prepare_maps(model_dir, self.options, kept, full)  # {} unless heal=linear
+        loaded = model.load_weights(heal.fold_stream(weights.iter_kept_weights(files, kept), maps, kept))
         if loaded is not None and model_config.quantization is None:
             # vLLM's own completeness check: every parameter came from the checkpoint.
             DefaultModelLoader.track_weights_loading(self, model, loaded)

@@ -74,6 +74,8 @@ def plan_needs_all_weights(options) -> bool:
     """Whether planning reads the weights (scores need their fingerprint), see the module doc."""
     from vllm_miprun.pipeline.plan import SCORE_FREE_METHODS
 
+    if getattr(options, "heal", "none") != "none":  # healing fits on calibration states
+        return True
     return not getattr(options, "drop", None) and options.method not in SCORE_FREE_METHODS
 
 

@@ -1,0 +1,213 @@
+"""Healing: the fold is exact, fitted maps help, stored maps are keyed and refused, bad values fail."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from tiny_models import make_tiny_model
+from vllm_miprun.core import heal_math
+from vllm_miprun.model import checkpoint, remap, weights
+from vllm_miprun.options import CalibrationSettings, MiprunOptions, OptionError
+from vllm_miprun.pipeline import heal
+from vllm_miprun.tools.evaluate import delete_blocks
+
+KEPT = [1, 2, 5, 6]  # pruned 0, 3, 4, 7: a run at block 0 (untied embedding), one inside, one at the end
+NUM_BLOCKS = 8
+
+
+def _hf(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def _random_maps(dim: int, starts, seed: int = 0) -> dict[int, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {s: torch.eye(dim) + 0.3 * torch.randn(dim, dim, generator=gen) / dim ** 0.5 for s in starts}
+
+
+def _explicit_model(model_dir, maps):
+    """The pruned model with each map applied as an explicit linear layer after block i−1's MLP."""
+    model = delete_blocks(_hf(model_dir), KEPT)
+    for start, t in maps.items():
+        module = model.model.embed_tokens if start == 0 else model.model.layers[KEPT.index(start - 1)].mlp
+        module.register_forward_hook(lambda _m, _i, out, t=t: out @ t.T)
+    return model
+
+
+def _folded_model(model_dir, maps):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**remap.remap_config(checkpoint.read_config(model_dir), KEPT))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    files = checkpoint.safetensors_files(model_dir)
+    state = dict(heal.fold_stream(weights.iter_kept_weights(files, KEPT), maps, KEPT))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _logits(model, ids):
+    with torch.inference_mode():
+        return model(input_ids=ids).logits
+
+
+def test_fold_equals_explicit_map_after_block(tiny_llama_dir):
+    starts = [s for s, _ in heal_math.pruned_runs([0, 3, 4, 7])]
+    assert starts == [0, 3, 7]
+    maps = _random_maps(128, starts)
+    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
+    explicit = _logits(_explicit_model(tiny_llama_dir, maps), ids)
+    folded = _logits(_folded_model(tiny_llama_dir, maps), ids)
+    plain = _logits(_folded_model(tiny_llama_dir, {}), ids)
+    assert torch.allclose(folded, explicit, atol=1e-4, rtol=1e-4)
+    in_place = delete_blocks(_hf(tiny_llama_dir), KEPT)  # the eval backend's path
+    heal.fold_into_model(in_place, maps, KEPT)
+    assert torch.allclose(_logits(in_place, ids), explicit, atol=1e-4, rtol=1e-4)
+    assert (folded - plain).abs().max() > 0.1  # the maps do change the model
+
+
+def test_export_writes_the_same_folded_weights(tiny_llama_dir, tmp_path):
+    from vllm_miprun.tools.export import export_pruned
+
+    class Plan:
+        kept = tuple(KEPT)
+
+        def to_json(self):
+            return {"kept": KEPT}
+
+    maps = _random_maps(128, [0, 3, 7], seed=2)
+    out = export_pruned(tiny_llama_dir, tmp_path / "healed", Plan(), maps)
+    ids = torch.randint(0, 200, (1, 16), generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(_logits(_hf(out), ids), _logits(_folded_model(tiny_llama_dir, maps), ids), atol=1e-5)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == len(KEPT)
+
+
+def test_fit_map_recovers_a_linear_map_and_ridge_shrinks_to_identity():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 16, generator=gen)
+    truth = torch.eye(16) + 0.5 * torch.randn(16, 16, generator=gen)
+    y = x @ truth.T + 0.01 * torch.randn(2000, 16, generator=gen)
+    for form in ("full", "lowrank"):
+        fitted = heal_math.fit_map(x, y, form=form, rank=16)
+        assert torch.allclose(fitted, truth, atol=0.02), form
+    assert torch.allclose(heal_math.fit_map(x, y, ridge=1e9), torch.eye(16), atol=1e-4)
+    assert heal_math.residual_share(x, y, heal_math.fit_map(x, y)) < 1e-3
+    diag = heal_math.fit_map(x, x * 2.0, form="diag")
+    assert torch.allclose(diag, 2.0 * torch.eye(16), atol=1e-5)
+
+
+def _options(tmp_path, **kw):
+    calibration = CalibrationSettings(samples=4, seq_len=32)
+    return MiprunOptions(keep=0.5, heal="linear", cache_dir=str(tmp_path / "cache"), calibration=calibration, **kw)
+
+
+def _calibration_kl(model_dir, maps, ids):
+    """Mean KL(full model || pruned model) on ``ids``: what healing should lower."""
+    full = torch.log_softmax(_logits(_hf(model_dir), ids), -1)
+    pruned = torch.log_softmax(_logits(_folded_model(model_dir, maps), ids), -1)
+    return float((full.exp() * (full - pruned)).sum(-1).mean())
+
+
+def test_prepare_maps_fits_stores_and_reuses(tiny_llama_dir, tmp_path, monkeypatch):
+    options = _options(tmp_path)
+    maps = heal.prepare_maps(tiny_llama_dir, options, KEPT, NUM_BLOCKS, progress=False)
+    assert sorted(maps) == [0, 3, 7]
+    stored = list((tmp_path / "cache").glob("*-heal-*.safetensors"))
+    assert len(stored) == 1
+    ids = heal.heal_ids(tiny_llama_dir, options.calibration)
+    assert _calibration_kl(tiny_llama_dir, maps, ids) < _calibration_kl(tiny_llama_dir, {}, ids)
+
+    def no_fit(*_a, **_k):
+        raise AssertionError("stored maps must be reused, not refitted")
+
+    monkeypatch.setattr(heal, "fit_maps", no_fit)
+    again = heal.prepare_maps(tiny_llama_dir, options, KEPT, NUM_BLOCKS, progress=False)
+    assert all(torch.equal(again[s], maps[s]) for s in maps)
+    assert heal.prepare_maps(tiny_llama_dir, MiprunOptions(keep=0.5), KEPT, NUM_BLOCKS) == {}
+
+
+def test_sequential_and_independent_fits_agree_on_the_first_inner_run(tiny_llama_dir, tmp_path, monkeypatch):
+    """The first run's input is the full model's prefix either way, so both fits agree on it;
+    the second run's input differs once the first run is pruned and healed."""
+    kept = [0, 1, 2, 5, 6]  # runs [3, 5) and [7, 8)
+    ids = heal.heal_ids(tiny_llama_dir, _options(tmp_path).calibration)
+    fits = {}
+    for sequential in (False, True):
+        monkeypatch.setitem(heal.RECIPE, "sequential", sequential)
+        fits[sequential] = heal.fit_maps(tiny_llama_dir, ids, kept, [3, 7], progress=False)
+    assert torch.allclose(fits[False][3], fits[True][3], atol=1e-5)  # same (unpruned) prefix
+    assert not torch.allclose(fits[False][7], fits[True][7], atol=1e-3)  # healed prefix differs
+
+
+def test_stored_maps_for_other_weights_or_settings_are_refused(tiny_llama_dir, tmp_path):
+    options = _options(tmp_path)
+    heal.prepare_maps(tiny_llama_dir, options, KEPT, NUM_BLOCKS, progress=False)
+    (path,) = (tmp_path / "cache").glob("*-heal-*.safetensors")
+    # other weights, same folder name: put the stored maps where that model's maps would be
+    other = make_tiny_model(tmp_path / "other" / tiny_llama_dir.name, seed=7)
+    from vllm_miprun.model.fingerprint import model_fingerprint
+
+    record = heal.heal_record(model_fingerprint(other), options.calibration.to_json(), KEPT, NUM_BLOCKS)
+    shutil.copy(path, heal.heal_path(other, record, options.cache_dir))
+    with pytest.raises(heal.HealError, match="other weights"):
+        heal.prepare_maps(other, options, KEPT, NUM_BLOCKS, progress=False)
+    own = heal.heal_record(model_fingerprint(tiny_llama_dir), options.calibration.to_json(), KEPT, NUM_BLOCKS)
+    with pytest.raises(heal.HealError, match="calibration"):
+        heal.read_maps(path, {**own, "calibration": {**own["calibration"], "samples": 8}})
+    with pytest.raises(heal.HealError, match="kept"):
+        heal.read_maps(path, {**own, "kept": [0, 1, 2, 3]})
+
+
+def test_run_at_block_zero_with_tied_embedding_stays_unhealed(caplog):
+    names = [f"model.layers.{b}.mlp.down_proj.weight" for b in range(NUM_BLOCKS)]
+    assert heal.check_foldable(KEPT, NUM_BLOCKS, names, tied=True) == [3, 7]
+    assert heal.check_foldable(KEPT, NUM_BLOCKS, names, tied=False) == [0, 3, 7]
+    with pytest.raises(heal.HealError, match="down_proj"):
+        heal.check_foldable(KEPT, NUM_BLOCKS, ["model.layers.2.mlp.fc2.weight"], tied=False)
+
+
+def test_bad_heal_value_is_one_line(capsys):
+    with pytest.raises(OptionError) as err:
+        MiprunOptions.from_dict({"keep": 0.75, "heal": "cubic"})
+    assert "\n" not in str(err.value) and "none, linear" in str(err.value) and "'cubic'" in str(err.value)
+    from vllm_miprun.tools.export import export_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(["model", "out", "--keep", "0.75", "--heal", "cubic"])
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(lines) == 1 and "--heal" in lines[0] and "cubic" in lines[0]
+
+
+@pytest.mark.engine
+def test_vllm_serving_healed_equals_transformers_on_healed_export(tiny_llama_dir, tmp_path):
+    """The loader's fold (vLLM) and the export's fold (read back by transformers) agree in greedy tokens."""
+    from engine_runner import DEFAULT_PROMPTS
+    from test_loader_engine import run_engines
+    from transformers import AutoTokenizer
+
+    from vllm_miprun.pipeline.plan import make_plan
+    from vllm_miprun.tools.export import export_pruned
+
+    extra = {"keep": 0.5, "method": "last", "heal": "linear", "samples": 4, "seq_len": 32,
+             "cache_dir": str(tmp_path / "cache")}
+    options = MiprunOptions.from_dict(extra)
+    plan = make_plan(tiny_llama_dir, options, hf_config=checkpoint.read_config(tiny_llama_dir))
+    maps = heal.prepare_maps(tiny_llama_dir, options, list(plan.kept), plan.num_blocks, progress=False)
+    assert sorted(maps) == [3]  # "last" keeps 0, 1, 2, 7: one run [3, 7), folded into block 2
+    exported = export_pruned(tiny_llama_dir, tmp_path / "healed", plan, maps)
+    spec = {"model": str(tiny_llama_dir), "load_format": "miprun", "kv_bytes": 16 * 2**20, "max_tokens": 12}
+    healed, plain = run_engines([{**spec, "extra": extra}, {**spec, "extra": {**extra, "heal": "none"}}],
+                                VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    model = _hf(exported)
+    for prompt, tokens in zip(DEFAULT_PROMPTS, healed["tokens"]):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+        assert out[0, ids.shape[1]:].tolist() == tokens
+    assert healed["logprobs"] != plain["logprobs"]  # the served model is the healed one

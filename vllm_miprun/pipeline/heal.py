@@ -1,0 +1,289 @@
+"""Load-time healing (``heal=linear``): fit, store and fold one linear map per pruned run.
+
+Each maximal pruned run ``[i, j)`` gets a map ``T`` on the MLP output of block ``i−1``
+(``vllm_miprun.core.heal_math`` has the algebra), fitted on calibration tokens against the
+full model's ``h_j``. Runs are fitted in order in one block-by-block pass, each on the
+already-healed pruned prefix. The maps are folded into ``down_proj`` as the kept tensors
+stream to the model (``fold_stream``), so the served model has the same K blocks and
+shapes as the unhealed one: no serving cost.
+
+Maps are stored beside the score cache as safetensors (never pickle). The file's metadata
+records the weights' fingerprint, the calibration settings, the recipe and the plan; a
+file whose record differs is refused. The recipe comes from ``benchmarks/heal_research.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+
+from vllm_miprun import envs
+from vllm_miprun.core import heal_math
+from vllm_miprun.errors import CacheError
+from vllm_miprun.model.remap import layer_index
+from vllm_miprun.options import resolve_device
+
+logger = logging.getLogger(__name__)
+
+HEAL_FORMAT = "miprun-heal"
+HEAL_VERSION = 1
+# The research's choice for the opt-in (benchmarks/results/heal_research.md), made on
+# validation text unlike calibration: one scale per channel (the full ridge map made code
+# 31% worse at keep 0.6; the diagonal made no domain worse); calibration text from ``wiki``
+# and ``c4`` together; each run fitted on the full model's states (independent): fitting
+# on the healed prefix (sequential) hurt held-out text badly at keep 0.6.
+RECIPE: dict[str, Any] = {"form": "diag", "ridge": 0.0, "weights": "uniform", "sequential": False,
+                          "mix": ["wiki", "c4"]}
+DOWN_PROJ = ".mlp.down_proj."
+EMBED = "model.embed_tokens.weight"
+
+
+class HealError(CacheError):
+    """Stored heal maps are missing, corrupt, or belong to other weights, settings or plans."""
+
+
+# --------------------------------------------------------------------------- store
+
+
+def heal_record(fingerprint: str, calibration: dict[str, Any], kept: list[int], num_blocks: int) -> dict[str, Any]:
+    """Everything the stored maps depend on; any difference means other maps."""
+    return {"format": HEAL_FORMAT, "version": HEAL_VERSION, "fingerprint": fingerprint,
+            "calibration": calibration, "recipe": RECIPE, "kept": list(kept), "num_blocks": num_blocks}
+
+
+def heal_path(model_dir: str | Path, record: dict[str, Any], cache_dir: str | Path | None = None) -> Path:
+    from vllm_miprun.pipeline.store import safe_name
+
+    folder = Path(cache_dir).expanduser() if cache_dir else envs.cache_dir()
+    key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    return folder / f"{safe_name(Path(model_dir).resolve().name)}-heal-{key}.safetensors"
+
+
+def write_maps(path: Path, record: dict[str, Any], maps: dict[int, torch.Tensor]) -> Path:
+    """Atomically write ``{run start: T}`` with ``record`` as safetensors metadata."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        tensors = {f"map.{start}": t.float().contiguous() for start, t in maps.items()}
+        save_file(tensors, temp, metadata={"miprun": json.dumps(record, sort_keys=True)})
+        os.replace(temp, path)
+    finally:
+        Path(temp).unlink(missing_ok=True)
+    return path
+
+
+def read_maps(path: Path, record: dict[str, Any]) -> dict[int, torch.Tensor]:
+    """The maps in ``path``, refused unless they were made for exactly ``record``."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            stored = json.loads((handle.metadata() or {}).get("miprun", "null"))
+            maps = {int(name.split(".", 1)[1]): handle.get_tensor(name) for name in handle.keys()}
+    except (OSError, SafetensorError, ValueError) as err:
+        raise HealError(f"heal maps {path} cannot be read ({err}); delete the file and load again") from None
+    if not isinstance(stored, dict) or stored.get("format") != HEAL_FORMAT:
+        raise HealError(f"{path} is not a miprun heal-map file; delete it and load again")
+    if stored.get("fingerprint") != record["fingerprint"]:
+        raise HealError(
+            f"heal maps {path} belong to other weights (fingerprint {str(stored.get('fingerprint'))[:19]}..., "
+            f"model has {record['fingerprint'][:19]}...); delete them or heal this model's own maps"
+        )
+    for field in ("version", "calibration", "recipe", "kept", "num_blocks"):
+        if stored.get(field) != record[field]:
+            raise HealError(
+                f"heal maps {path} were made for {field}={stored.get(field)!r}, not {record[field]!r}; "
+                "delete them or load with the settings they were made for"
+            )
+    return maps
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def pruned_of(kept: list[int], num_blocks: int) -> list[int]:
+    return [b for b in range(num_blocks) if b not in set(kept)]
+
+
+def check_foldable(kept: list[int], num_blocks: int, weight_names: Iterable[str], tied: bool) -> list[int]:
+    """Run starts that will be healed; raise if a Llama-style ``mlp.down_proj`` is missing."""
+    names = set(weight_names)
+    starts = []
+    for start, _ in heal_math.pruned_runs(pruned_of(kept, num_blocks)):
+        if start == 0:
+            if tied:
+                logger.warning("heal: the run starting at block 0 stays unhealed: its map would fold into "
+                               "the embedding, which is tied to the LM head")
+                continue
+            starts.append(start)
+            continue
+        if not any(n.startswith(f"model.layers.{start - 1}{DOWN_PROJ}") for n in names):
+            raise HealError(
+                f"heal=linear folds into model.layers.{start - 1}.mlp.down_proj, which this checkpoint lacks; "
+                "healing supports Llama-style blocks (mlp.down_proj); use heal=none"
+            )
+        starts.append(start)
+    return starts
+
+
+def block_parts(model, layer, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r, d)`` of a Llama-style pre-norm block, whose output is ``r + d``: the stream after
+    attention, and the MLP output (caught on its way out, so the block runs through the
+    runner with the masks and rotary tables transformers gives it)."""
+    caught: list[torch.Tensor] = []
+    handle = layer.mlp.register_forward_hook(lambda module, args, out: caught.append(out))
+    try:
+        out = model.run_block(layer, hidden)
+    finally:
+        handle.remove()
+    d = torch.cat(caught)
+    return out - d, d
+
+
+@torch.inference_mode()
+def fit_maps(model_dir: str | Path, ids: torch.Tensor, kept: list[int], starts: list[int],
+             device: str = "cpu", progress: bool = True) -> dict[int, torch.Tensor]:
+    """One pass over the blocks: the full model's stream and the healed pruned stream side by side.
+
+    At block ``i−1`` the pruned stream's ``(r, d)`` (or, with ``RECIPE["sequential"]`` off,
+    the full stream's) waits until the full stream reaches ``h_j``; then ``T`` is fitted
+    and the pruned stream continues as ``r + T d``.
+    """
+    from tqdm.auto import tqdm
+
+    from vllm_miprun.model.blockwise import BlockwiseModel
+
+    model = BlockwiseModel(model_dir, device=device)
+    pruned = set(pruned_of(kept, model.num_blocks))
+    runs = {i: j for i, j in heal_math.pruned_runs(sorted(pruned))}
+    ends = {j: i for i, j in runs.items()}
+    dense = model.embed_tokens(ids)
+    healed: torch.Tensor | None = dense.clone()
+    pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    if 0 in starts:
+        pending[runs[0]] = (torch.zeros_like(dense), dense.clone())  # h_j ≈ T h_0
+    maps: dict[int, torch.Tensor] = {}
+    for b in tqdm(range(max(runs.values())), desc="heal: fitting", disable=not progress, leave=False):
+        with model.block(b) as layer:
+            r_full, d_full = block_parts(model, layer, dense)
+            if b not in pruned and b + 1 in starts and not RECIPE["sequential"]:
+                pending[runs[b + 1]] = (r_full, d_full)
+            elif RECIPE["sequential"] and b not in pruned and healed is not None:
+                r, d = block_parts(model, layer, healed)
+                if b + 1 in starts:
+                    pending[runs[b + 1]], healed = (r, d), None
+                else:
+                    healed = r + d
+        dense = r_full + d_full
+        if b + 1 in ends:
+            start = ends[b + 1]
+            if start not in starts:  # left unhealed: the stream goes on from h_i
+                continue
+            r, d = pending.pop(b + 1)
+            x, y = d.reshape(-1, d.shape[-1]), (dense - r).reshape(-1, d.shape[-1])
+            weights = heal_math.token_weights(y, x, RECIPE["weights"])
+            maps[start] = heal_math.fit_map(x.cpu(), y.cpu(), form=RECIPE["form"], ridge=RECIPE["ridge"],
+                                            weights=weights)
+            logger.info("heal: run [%d, %d) keeps %.3f of its unhealed error", start, b + 1,
+                        heal_math.residual_share(x.cpu(), y.cpu(), maps[start]))
+            healed = r + d @ maps[start].to(d).T
+    return maps
+
+
+def heal_ids(model_dir: str | Path, settings) -> torch.Tensor:
+    """Calibration windows: ``settings.samples`` from each corpus of the recipe's mix when
+    ``settings.dataset`` is one of them, else from ``settings.dataset`` alone."""
+    from dataclasses import replace
+
+    from vllm_miprun.pipeline.calibrate import calibration_ids
+
+    names = RECIPE["mix"] if settings.dataset in RECIPE["mix"] else [settings.dataset]
+    return torch.cat([calibration_ids(model_dir, replace(settings, dataset=name)) for name in names])
+
+
+# --------------------------------------------------------------------------- load or fit, and fold
+
+
+def prepare_maps(model_dir: str | Path, options, kept: list[int], num_blocks: int,
+                 progress: bool = True) -> dict[int, torch.Tensor]:
+    """The maps for this model, settings and plan: read if stored, else fitted and stored.
+
+    ``{}`` for ``heal=none``. With ``require_cache``, missing maps are an error, not a fit.
+    """
+    if getattr(options, "heal", "none") == "none":
+        return {}
+    from vllm_miprun.model import checkpoint
+    from vllm_miprun.model.fingerprint import model_fingerprint
+
+    config = checkpoint.read_config(model_dir)
+    names = [n for f in checkpoint.safetensors_files(model_dir) for n in checkpoint.read_header(f)]
+    tied = bool(config.get("tie_word_embeddings", False)) or "lm_head.weight" not in names
+    starts = check_foldable(list(kept), num_blocks, names, tied)
+    if not starts:
+        return {}
+    record = heal_record(model_fingerprint(model_dir), options.calibration.to_json(), list(kept), num_blocks)
+    path = heal_path(model_dir, record, options.cache_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock", timeout=3600):  # tensor-parallel workers fit once, then read
+        if path.exists():
+            return read_maps(path, record)
+        if options.require_cache:
+            raise HealError(f"no heal maps at {path} and require_cache is set; load once without "
+                            "require_cache (or run `vllm-miprun export --heal linear`) to fit them")
+        logger.info("heal: fitting %d map(s) for runs starting at %s", len(starts), starts)
+        maps = fit_maps(model_dir, heal_ids(model_dir, options.calibration), list(kept), starts,
+                        device=resolve_device(options.device), progress=progress)
+        write_maps(path, record, maps)
+    return maps
+
+
+def fold_stream(stream: Iterable[tuple[str, torch.Tensor]], maps: dict[int, torch.Tensor],
+                kept: list[int]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Fold each run's map into the renumbered ``down_proj`` (weight and bias) of the block
+    before it, or into the embedding for a run at block 0. Other tensors pass unchanged."""
+    if not maps:
+        yield from stream
+        return
+    targets = {kept.index(start - 1): t for start, t in maps.items() if start > 0}
+    seen = set()
+    for name, tensor in stream:
+        index = layer_index(name)
+        if index in targets and DOWN_PROJ in name and name.endswith((".weight", ".bias")):
+            fold = heal_math.fold_down_proj if name.endswith(".weight") else heal_math.fold_bias
+            tensor = fold(tensor, targets[index])
+            seen.add(index)
+        elif name == EMBED and 0 in maps:
+            tensor = heal_math.fold_embedding(tensor, maps[0])
+            seen.add("embed")
+        yield name, tensor
+    missing = (set(targets) - seen) | ({"embed"} - seen if 0 in maps else set())
+    if missing:
+        raise HealError(f"heal maps target blocks {sorted(map(str, missing))} whose weights never came; "
+                        "the checkpoint does not match the plan")
+
+
+def fold_into_model(model, maps: dict[int, torch.Tensor], kept: list[int]) -> None:
+    """Fold ``maps`` into a pruned Hugging Face model in place (the eval backend's path);
+    the same arithmetic as ``fold_stream``."""
+    with torch.no_grad():
+        for start, transform in maps.items():
+            if start == 0:
+                embed = model.model.embed_tokens.weight
+                embed.copy_(heal_math.fold_embedding(embed, transform))
+                continue
+            down = model.model.layers[kept.index(start - 1)].mlp.down_proj
+            down.weight.copy_(heal_math.fold_down_proj(down.weight, transform))
+            if down.bias is not None:
+                down.bias.copy_(heal_math.fold_bias(down.bias, transform))

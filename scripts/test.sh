@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's test command: set up (idempotent), then run every test tier.
-# Extra arguments go to pytest, e.g. `scripts/test.sh -m "not engine"` for the fast tier.
+# Extra arguments go to pytest, e.g. `scripts/test.sh -m "not engine and not smollm2 and not slow"` for the fast tier.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

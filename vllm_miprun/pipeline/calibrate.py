@@ -158,7 +158,8 @@ def _mi_rows(samples: int, seq_len: int, mi_tokens: int, seed: int) -> torch.Ten
 
 
 def _keep_boundary(stats: BoundaryStats, hidden: torch.Tensor, rows: torch.Tensor) -> None:
+    """Keep the rows in float32 on the calibration device: the span statistics run there."""
     flat = hidden.flatten(0, 1)
-    stats.mi_states.append(flat[rows].float().cpu().clone())
-    stats.last_tokens.append(hidden[:, -1].float().cpu().clone())
+    stats.mi_states.append(flat[rows.to(flat.device)].float().clone())
+    stats.last_tokens.append(hidden[:, -1].float().clone())
 

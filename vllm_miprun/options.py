@@ -62,6 +62,11 @@ class MiprunOptions:
     seed: int = field(default=0, metadata={"help": "seed of the random selector"})
     device: str = field(default="cpu", metadata={"help": "device for load-time calibration: cpu or cuda"})
     cache_dir: str | None = field(default=None, metadata={"help": "score cache folder (default $MIPRUN_CACHE_DIR)"})
+    max_memory: int | str | None = field(
+        default=None,
+        metadata={"help": "bytes forward searches may keep blocks resident in (8GiB, 500MB); "
+                          "default: the accelerator's free memory minus a margin, 0 on the CPU"},
+    )
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
 
     def __post_init__(self) -> None:
@@ -82,6 +87,11 @@ class MiprunOptions:
         if self.device not in ("cpu", "cuda"):
             raise OptionError(f"device must be cpu or cuda, got {self.device!r}")
         _require_int("seed", self.seed, minimum=0)
+        if self.max_memory is not None:
+            try:
+                object.__setattr__(self, "max_memory", parse_bytes(self.max_memory))
+            except ValueError as err:
+                raise OptionError(f"max_memory: {err}") from None
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> "MiprunOptions":
@@ -120,6 +130,26 @@ def parse_keep(value: Any) -> float:
     if isinstance(value, bool) or not math.isfinite(ratio) or not 0.0 < ratio <= 1.0:
         raise OptionError(f"keep must be a number in (0, 1], got {value!r}; e.g. --miprun-keep 0.75")
     return ratio
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
+               "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
+
+
+def parse_bytes(value: Any) -> int:
+    """``8GiB``, ``500MB``, ``1.5g`` or a byte count -> bytes (``ValueError`` otherwise)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raw = str(value).strip().lower().replace(" ", "")
+    number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = raw[len(number):]
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = -1.0
+    if isinstance(value, bool) or unit not in _BYTE_UNITS or not math.isfinite(amount) or amount < 0:
+        raise ValueError(f"expected a size such as 8GiB, 500MB or a byte count, got {value!r}")
+    return int(amount * _BYTE_UNITS[unit])
 
 
 def _require_int(name: str, value: Any, minimum: int) -> None:

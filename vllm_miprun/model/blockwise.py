@@ -20,7 +20,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from vllm_miprun.model.checkpoint import safetensors_files
+from vllm_miprun.model import stream
+from vllm_miprun.model.checkpoint import ModelFolderError, safetensors_files
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +44,17 @@ class TensorIndex:
         self.location: dict[str, Path] = {}
         self.size: dict[str, int] = {}
         self.numel: dict[str, int] = {}
+        self.stored_dtype: dict[str, str] = {}
         for file in safetensors_files(model_dir):
             with safe_open(str(file), framework="pt") as handle:
                 for name in handle.keys():
                     self.location[name] = file
                     sliced = handle.get_slice(name)
                     self.numel[name] = _numel(sliced.get_shape())
+                    self.stored_dtype[name] = sliced.get_dtype()
                     self.size[name] = self.numel[name] * _DTYPE_BYTES.get(sliced.get_dtype(), 4)
 
-    def read(self, names: list[str], device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def read(self, names: list[str], device: str, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self.location[name], []).append(name)
@@ -73,15 +76,21 @@ class TensorIndex:
 class BlockwiseModel:
     """Embeddings, blocks and head of a causal LM, with blocks loaded on demand."""
 
-    def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 resident_blocks: bool = False):
+    def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
+                 resident_blocks: bool = False, max_memory: int | None = None):
+        """``dtype`` None: the checkpoint's dtype on an accelerator, float32 on the CPU
+        (:func:`~vllm_miprun.model.stream.compute_dtype`). ``resident_blocks`` keeps
+        blocks loaded between passes within ``max_memory`` bytes (default:
+        :func:`~vllm_miprun.model.stream.default_max_memory`)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.model_dir = Path(model_dir)
-        self.device, self.dtype = device, dtype
         self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
         self.config._attn_implementation = "sdpa"
         self.index = TensorIndex(self.model_dir)
+        self.device = device
+        self.dtype = stream.compute_dtype(device, stream.checkpoint_dtype(self.index.stored_dtype.values()), dtype)
+        self.reader = stream.PrefetchingReader(lambda names: self.index.read(names, "cpu", None), device, self.dtype)
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(self.config, trust_remote_code=False)
         self.num_blocks = len(self.skeleton.model.layers)
@@ -89,8 +98,10 @@ class BlockwiseModel:
         self.norm = self._materialise(self.skeleton.model.norm, "model.norm.")
         self.lm_head_weight = self._lm_head_weight()
         self.rotary = type(self.skeleton.model.rotary_emb)(config=self.config).to(device)
-        # Small models may keep loaded blocks (SLEB re-runs them many times); default is not to.
+        # Forward searches re-run blocks many times: keep some loaded, within a budget.
         self.resident_blocks = resident_blocks
+        self.budget = stream.ResidentBudget(
+            (stream.default_max_memory(device) if max_memory is None else max_memory) if resident_blocks else 0)
         self._resident: dict[int, nn.Module] = {}
         self.blocks_loaded = 0
 
@@ -117,15 +128,29 @@ class BlockwiseModel:
         names = self.index.names_with_prefix(prefix)
         if not names:
             raise ModelFolderError(f"{self.model_dir} has no tensors for block {index} ({prefix}*)")
-        self._materialise(layer, prefix)
+        tensors = self.reader.get(index, names)
+        layer.load_state_dict({n[len(prefix):]: t for n, t in tensors.items()}, strict=True, assign=True)
+        layer.requires_grad_(False)
         self.blocks_loaded += 1
+        self._prefetch(index + 1)
         try:
             yield layer
         finally:
-            if self.resident_blocks:
-                self._resident[index] = layer
-            else:
-                layer.to("meta")  # frees the block's weights
+            self._release(index, layer, sum(t.numel() * t.element_size() for t in tensors.values()))
+
+    def _prefetch(self, index: int) -> None:
+        """Read block ``index`` in the background while the current block runs."""
+        if index < self.num_blocks and index not in self._resident:
+            self.reader.hint(index, self.index.names_with_prefix(f"{LAYER_PREFIX}{index}."))
+
+    def _release(self, index: int, layer: nn.Module, size: int) -> None:
+        keep, evicted = self.budget.admit(index, size)
+        for other in evicted:
+            self._resident.pop(other).to("meta")
+        if keep:
+            self._resident[index] = layer
+        else:
+            layer.to("meta")  # frees the block's weights
 
     @torch.inference_mode()
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:

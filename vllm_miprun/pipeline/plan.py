@@ -197,7 +197,8 @@ class _ForwardSearch:
             from vllm_miprun.pipeline.calibrate import calibration_ids
 
             self._ids = calibration_ids(self.model_dir, self.options.calibration)[:FORWARD_MAX_SAMPLES]
-            self._model = BlockwiseModel(self.model_dir, device=self.options.device, resident_blocks=True)
+            self._model = BlockwiseModel(self.model_dir, device=self.options.device, resident_blocks=True,
+                                         max_memory=self.options.max_memory)
         return self._model, self._ids
 
     def run(self, method: str, num_blocks: int, num_prune: int, protect: frozenset[int]) -> selectors.Selection:

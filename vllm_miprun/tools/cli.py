@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--latency-budget", help="0.8 (fraction of full latency) or 12ms[@bsN]")
     plan.add_argument("--method", default="mi-prun", help=f"{' | '.join(METHODS)}; default %(default)s")
     plan.add_argument("--protect", default=None, help="blocks never dropped: first,last or indices")
+    plan.add_argument("--max-memory", default=None,
+                      help="memory forward searches may keep blocks in (8GiB); default: free accelerator memory, 0 on CPU")
     add_calibration_args(plan)
     plan.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -132,7 +134,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     options = MiprunOptions(
         keep=args.keep, latency_budget=args.latency_budget, method=args.method, protect=args.protect,
         require_cache=True, seed=args.seed, device=args.device, cache_dir=args.cache_dir,
-        calibration=settings_from_args(args),
+        max_memory=args.max_memory, calibration=settings_from_args(args),
     )
     plan = make_plan(args.model_dir, options)
     if args.json:

@@ -115,7 +115,7 @@ def prepare_engine_args(engine_args) -> None:
     if remap.KEPT_FIELD in overrides:
         return  # already planned: create_engine_config after from_cli_args
     from vllm_miprun.model.checkpoint import read_config
-    from vllm_miprun.vllm.loader import make_plan_for, plan_report, record_report
+    from vllm_miprun.vllm.loader import plan_report, record_report
     from vllm_miprun.vllm.model_files import resolve_model_dir
 
     options = MiprunOptions.from_dict(engine_args.model_loader_extra_config)
@@ -123,7 +123,7 @@ def prepare_engine_args(engine_args) -> None:
     hf_config = read_config(model_dir)
     hf_config.update({k: v for k, v in overrides.items() if not isinstance(v, dict)})
     start = time.perf_counter()
-    plan = make_plan_for(model_dir, options, hf_config)
+    plan = plan_outside_cuda(model_dir, options, hf_config)
     pruned_fields = remap.config_overrides(hf_config, plan.kept)
     engine_args.hf_overrides = {**overrides, **pruned_fields}
     report = plan_report(plan, time.perf_counter() - start)
@@ -133,6 +133,18 @@ def prepare_engine_args(engine_args) -> None:
         list(plan.pruned), plan.method, plan.scores_source, plan.predicted_speedup,
     )
     record_report(report)
+
+
+def plan_outside_cuda(model_dir, options: MiprunOptions, hf_config: dict):
+    """The plan; made in a spawned child when it may initialise CUDA, so that this (API
+    server) process leaves the GPU as it found it for vLLM's memory profiling."""
+    from vllm_miprun.pipeline.child import needs_child, plan_in_child
+    from vllm_miprun.vllm.loader import make_plan_for
+
+    if not needs_child(options):
+        return make_plan_for(model_dir, options, hf_config)
+    remap.check_architecture(hf_config)  # cheap, and its error needs no child
+    return plan_in_child(model_dir, options, hf_config)
 
 
 def _wrap_add_cli_args(original):

@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -133,7 +134,12 @@ def step_cli_plan(args: dict) -> dict:
     return {"seconds": time.perf_counter() - tic, "exit_code": code, "argv": ["vllm-miprun", *argv]}
 
 
-STEPS = {"forward": step_forward, "calibrate": step_calibrate, "plan": step_plan, "cli_plan": step_cli_plan}
+def step_build(args: dict) -> dict:
+    """In a child, so that the parent never holds the GPU memory the build used."""
+    return build_checkpoint(Path(args["model"]), args["shape"], args["layers"], args["device"], Path(args["text"]))
+
+
+STEPS = {"build": step_build, "forward": step_forward, "calibrate": step_calibrate, "plan": step_plan, "cli_plan": step_cli_plan}
 
 
 def run_step_here(name: str, args: dict) -> dict:
@@ -143,6 +149,8 @@ def run_step_here(name: str, args: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     result = STEPS[name](args)
     result["peak_rss_bytes"] = peak_rss_bytes()
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # CPU time: steadier than wall time on a shared machine
+    result["process_cpu_s"] = usage.ru_utime + usage.ru_stime
     if args["device"] == "cuda":
         result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
         result["peak_gpu_reserved_bytes"] = torch.cuda.max_memory_reserved()
@@ -218,7 +226,10 @@ def run_shape(args, work: Path) -> dict:
     text = work / "calibration.txt"
     synthetic_text(text, words=max(20000, 2 * args.samples * args.seq_len))
     model = work / "model"
-    checkpoint = build_checkpoint(model, args.shape, args.layers, args.device, text)
+    checkpoint = run_step("build", {"model": str(model), "shape": args.shape, "layers": args.layers,
+                                    "device": args.device, "text": str(text)})
+    if "error" in checkpoint:
+        raise SystemExit(f"building the {args.shape} checkpoint failed: {checkpoint['error']}")
     print(f"built {args.shape}: {checkpoint['checkpoint_bytes'] / 2**30:.2f} GiB in {checkpoint['build_s']:.0f}s",
           flush=True)
     base = {"model": str(model), "text": str(text), "samples": args.samples, "seq_len": args.seq_len,
@@ -266,7 +277,7 @@ def depth_check(args, work: Path) -> dict:
     result = {}
     for blocks in (8, 32):
         model = work / f"wide-{blocks}"
-        build_checkpoint(model, "wide", blocks, "cpu", text)
+        run_step("build", {"model": str(model), "shape": "wide", "layers": blocks, "device": "cpu", "text": str(text)})
         base = {"model": str(model), "text": str(text), "samples": 4, "seq_len": 64, "device": args.device,
                 "keep": 0.75, "cache_dir": str(work / f"cache-wide-{blocks}")}
         calibration = run_step("calibrate", base)

@@ -323,6 +323,33 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _cell(step: dict, device: str) -> str:
+    if "seconds" not in step:
+        return "—"
+    memory = step.get("peak_gpu_bytes") if device == "cuda" else step["peak_rss_bytes"]
+    cpu = f", {step['process_cpu_s']:.1f} s CPU" if "process_cpu_s" in step and device == "cpu" else ""
+    return f"{step['seconds']:.1f} s{cpu}, {memory / 2**20:,.0f} MiB"
+
+
+def markdown_table(before: dict, after: dict) -> str:
+    """Before/after rows for the README: wall time, CPU time (CPU runs) and peak memory."""
+    device = after["device"]
+    memory = "peak GPU memory" if device == "cuda" else "peak RSS"
+    lines = [f"| step ({after['shape']}, {after['tokens']} tokens, {device}) | before: time, {memory} "
+             f"| after: time, {memory} |", "|---|---|---|"]
+    for name, step in after["shape_run"]["steps"].items():
+        lines.append(f"| {name} | {_cell(before['shape_run']['steps'].get(name, {}), device)} | {_cell(step, device)} |")
+    for key in ("calibrate_over_load_plus_forward_float32", "calibrate_over_load_plus_forward_bfloat16",
+                "span_statistics_share_of_calibration"):
+        values = [run["shape_run"]["ratios"].get(key) for run in (before, after)]
+        lines.append(f"| {key} | " + " | ".join("—" if v is None else f"{v:.2f}" for v in values) + " |")
+    if "depth_check" in after and "depth_check" in before:
+        values = [run["depth_check"].get("peak_rss_ratio_32_over_8") for run in (before, after)]
+        lines.append("| `plan --method mi-prun`, peak RSS 32 blocks / 8 blocks (wide shape; target <= 1.3) | "
+                     + " | ".join(f"{v:.2f}" for v in values) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
@@ -339,7 +366,12 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/scale_cpu.json")
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--step-args", help=argparse.SUPPRESS)
+    parser.add_argument("--table", nargs=2, metavar=("BEFORE_JSON", "AFTER_JSON"),
+                        help="print the README's before/after table from two runs and exit")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(*(json.loads(Path(p).read_text()) for p in args.table)))
+        return
     if args.step:
         print(json.dumps(run_step_here(args.step, json.loads(args.step_args))))
         return

@@ -151,6 +151,8 @@ class BlockwiseModel:
             self._resident[index] = layer
         else:
             layer.to("meta")  # frees the block's weights
+            if torch.device(self.device).type == "cpu":
+                stream.return_freed_host_memory()
 
     @torch.inference_mode()
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:

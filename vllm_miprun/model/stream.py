@@ -17,7 +17,6 @@ import ctypes.util
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 
@@ -66,17 +65,6 @@ def default_max_memory(device: str | torch.device) -> int:
         return 0
     free, total = torch.cuda.mem_get_info(device)
     return max(0, int(free - DEVICE_MARGIN_BYTES - DEVICE_MARGIN_FRACTION * total))
-
-
-def available_ram_bytes() -> int:
-    """``MemAvailable`` from /proc/meminfo (0 where there is none)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 class PrefetchingReader:

@@ -60,3 +60,19 @@ def test_cuda_planning_under_vllm_runs_in_a_child_and_leaves_cuda_alone(tiny_lla
         child_pid = int(re.search(r"pid (\d+)", str(raised.value)).group(1))
         assert child_pid != os.getpid()
     assert not torch.cuda.is_initialized()
+
+
+def test_heal_maps_for_cuda_are_fitted_in_a_child(tiny_llama_dir, tmp_path):
+    from vllm_miprun.vllm.engine_args import heal_outside_cuda
+
+    options = MiprunOptions.from_dict({"keep": 0.75, "heal": "linear", "device": "cuda",
+                                       "cache_dir": str(tmp_path), **CALIBRATION})
+    kept = [0, 1, 2, 4, 5, 7]  # runs of pruned blocks start after blocks 2 and 5
+    if torch.cuda.is_available():
+        heal_outside_cuda(tiny_llama_dir, options, kept, 8)
+        assert [p for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    else:
+        with pytest.raises(ChildPlanError, match="planning child process") as raised:
+            heal_outside_cuda(tiny_llama_dir, options, kept, 8)
+        assert int(re.search(r"pid (\d+)", str(raised.value)).group(1)) != os.getpid()
+    assert not torch.cuda.is_initialized()

@@ -148,3 +148,19 @@ def test_cli_rejects_bad_settings(tiny_llama_dir, tmp_path, capsys, argv, messag
     assert code == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_compute_dtype_follows_the_device_and_the_dtype_option(tiny_llama_dir, tmp_path):
+    model = tmp_path / "bf16"
+    shutil.copytree(tiny_llama_dir, model)
+    tensors = {name: t.to(torch.bfloat16) for name, t in load_file(model / "model.safetensors").items()}
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    on_cpu = BlockwiseModel(model)
+    assert on_cpu.dtype == torch.float32  # CPU: float32, as the caches before the option
+    with on_cpu.block(0) as layer:
+        assert layer.mlp.down_proj.weight.dtype == torch.float32
+    cache = calibrate(model, SMALL, cache_dir=tmp_path / "c32", progress=False).cache
+    assert cache.model["compute_dtype"] == "float32"
+    half = calibrate(model, SMALL, cache_dir=tmp_path / "c16", progress=False, dtype=torch.bfloat16).cache
+    assert half.model["compute_dtype"] == "bfloat16"
+    assert half.block_scores != cache.block_scores  # the blocks really ran in bfloat16

@@ -5,7 +5,8 @@ model, must match ``tests/data/selection_regression.json``.
 The fixture was written by ``python tests/test_selection_regression.py`` on the code
 before ``core/selection.py`` became a package (redesign step 1, commit 98de7a3), so any
 change in a plan or a selection -- the blocks, the objective, the number of cost reads --
-fails here. Regenerate it only for an intended change of behaviour, and say so.
+fails here (plan objectives to 1e-12 relative: the batched span statistics of issue 14 sum
+in another order). Regenerate it only for an intended change of behaviour, and say so.
 """
 
 from __future__ import annotations
@@ -114,7 +115,16 @@ def test_selectors_give_the_recorded_answers():
 def test_plans_for_every_method_are_the_recorded_ones(arch, request, tmp_path):
     expected = _load_fixture()["plans"][arch]
     got = _roundtrip(record_plans(request.getfixturevalue(f"tiny_{arch}_dir"), tmp_path))
-    assert got == expected
+    assert sorted(got) == sorted(expected)
+    for key, plan in expected.items():
+        assert got[key]["kept"] == plan["kept"], key
+        assert got[key]["predicted_speedup"] == plan["predicted_speedup"], key
+        # Span statistics are batched on the device since issue 14: float64 sums in another
+        # order move the objective by an ulp or two, never the blocks.
+        if plan["objective"] is None:
+            assert got[key]["objective"] is None, key
+        else:
+            assert got[key]["objective"] == pytest.approx(plan["objective"], rel=1e-12, abs=0), key
 
 
 if __name__ == "__main__":

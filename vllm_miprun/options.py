@@ -164,6 +164,33 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
+               "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
+
+
+def parse_bytes(value: Any) -> int:
+    """``8GiB``, ``500MB``, ``1.5g`` or a byte count -> bytes (``ValueError`` otherwise)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raw = str(value).strip().lower().replace(" ", "")
+    number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = raw[len(number):]
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = -1.0
+    if isinstance(value, bool) or unit not in _BYTE_UNITS or not math.isfinite(amount) or amount < 0:
+        raise ValueError(f"expected a size such as 8GiB, 500MB or a byte count, got {value!r}")
+    return int(amount * _BYTE_UNITS[unit])
+
+
+def parse_max_memory(value: Any) -> int:
+    try:
+        return parse_bytes(value)
+    except ValueError as err:
+        raise OptionError(f"max_memory: {err}") from None
+
+
 def _choice(name: str, choices: tuple[str, ...]) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if value not in choices:
@@ -245,6 +272,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("device", "str", parse_device, "auto",
            "device for calibration and forward searches: `auto` (cuda if available, else cpu), "
            "`cpu`, `cuda`, `cuda:N`", CALIBRATION_COMMANDS),
+    Option("max_memory", "int | None", parse_max_memory, None,
+           "memory forward searches (MI-PRUN's bound, SLEB) may keep blocks resident in: `8GiB`, "
+           "`500MB` or bytes; the rest are streamed", ("plan",), metavar="BYTES",
+           shown_default="free accelerator memory − margin; 0 on CPU"),
     Option("cache_dir", "str | None", _text("cache_dir", "a folder"), None,
            "score cache folder", CALIBRATION_COMMANDS, metavar="DIR", shown_default="`$MIPRUN_CACHE_DIR`"),
     Option("dataset", "str", _text("dataset", "wiki, c4 or a local path"), "wiki",

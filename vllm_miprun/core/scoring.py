@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from vllm_miprun.core import mi
+from vllm_miprun.core import mi, span_batch
 
 # mi_tokens rows are kept per boundary (the skip-channel statistics use all of them);
 # the Gaussian span MI uses every other row: N = 2048 is still 8x the joint PCA dimension.
@@ -41,20 +41,24 @@ def angular_matrix(last_tokens: Sequence[torch.Tensor]) -> np.ndarray:
     size = len(last_tokens)
     unit = torch.stack([torch.nn.functional.normalize(t.double(), dim=-1) for t in last_tokens])
     cos = torch.einsum("isd,jsd->ijs", unit, unit).clamp(-1.0, 1.0)
-    angle = (torch.arccos(cos) / math.pi).mean(dim=-1).numpy()
+    angle = (torch.arccos(cos) / math.pi).mean(dim=-1).cpu().numpy()
     return _upper(angle, size)
 
 
 @torch.no_grad()
 def span_mi_matrix(states: Sequence[torch.Tensor], estimator: str, params: dict) -> np.ndarray:
-    """(L+1)x(L+1) matrix of ``I(h_i; h_j)`` for ``i < j``, NaN elsewhere, in nats."""
+    """(L+1)x(L+1) matrix of ``I(h_i; h_j)`` for ``i < j``, NaN elsewhere, in nats.
+
+    Computed in float64 on the states' device, every span from one set of per-state
+    matrices (:mod:`vllm_miprun.core.span_batch`); only the small result comes back.
+    """
     if estimator == "gaussian":
         stride = params.get("gaussian_row_stride", 1)
         projected = _shared_pca([state[::stride] for state in states], params["pca_dim"])
         matrix = mi.gaussian_mi_matrix(projected, shrinkage=params["shrinkage"]).cpu().numpy()
         return _upper(matrix, len(states))
     if estimator == "renyi":
-        return _renyi_matrix(states, params)
+        return _upper(span_batch.renyi_mi_matrix(states, params["alpha"]).cpu().numpy(), len(states))
     raise ValueError(f"estimator must be gaussian or renyi, got {estimator!r}")
 
 
@@ -63,16 +67,7 @@ def _shared_pca(states: Sequence[torch.Tensor], dim: int | None) -> list[torch.T
     when no information is cut, and it keeps N well above the joint dimension)."""
     if not dim or dim >= states[0].shape[1]:
         return list(states)
-    return [mi.pca_project(s, dim) for s in states]
-
-
-def _renyi_matrix(states: Sequence[torch.Tensor], params: dict) -> np.ndarray:
-    size = len(states)
-    matrix = np.full((size, size), np.nan)
-    for i in range(size):
-        for j in range(i + 1, size):
-            matrix[i, j] = mi.renyi_mi(states[i], states[j], alpha=params["alpha"])
-    return matrix
+    return span_batch.pca_project_many(states, dim)
 
 
 def _upper(matrix: np.ndarray, size: int) -> np.ndarray:
@@ -106,15 +101,10 @@ def isotropic_skip_mi_matrix(states: Sequence[torch.Tensor]) -> np.ndarray:
     invertible but essential run keeps ``I(h_i; h_j)`` high while destroying the skip
     channel. Cost: O(L^2 N d).
     """
-    g = torch.stack([rms_normalise(s) for s in states])  # [L+1, N, d]
-    size, count, d = g.shape
-    signal = g.var(dim=1).sum(dim=1)
-    # E||g_j - g_i||^2 for all pairs at once: (|g_i|^2 + |g_j|^2 - 2 <g_i, g_j>) / N.
-    flat = g.reshape(size, -1)
-    squares = flat.pow(2).sum(dim=1)
-    noise = (squares[:, None] + squares[None, :] - 2.0 * flat @ flat.T) / count
-    mi = 0.5 * d * torch.log(signal[None, :] / noise.clamp_min(1e-30))
-    return _upper(mi.numpy(), size)
+    size, d = len(states), states[0].shape[1]
+    signal, noise = span_batch.skip_channel_moments(states)
+    value = 0.5 * d * torch.log(signal[None, :] / noise.clamp_min(1e-30))
+    return _upper(value.cpu().numpy(), size)
 
 
 def extra_span_scores(states: Sequence[torch.Tensor]) -> dict[str, np.ndarray]:

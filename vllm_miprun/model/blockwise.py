@@ -4,7 +4,9 @@ The real transformers model is built on the ``meta`` device (no memory). Everyth
 outside the decoder blocks (embeddings, final norm, LM head, rotary tables) is read
 once; each block is materialised from the safetensors files just before it runs and
 dropped right after. Peak memory is therefore the non-block weights, one block and the
-activations, so a model larger than RAM can still be calibrated.
+activations, so a model larger than RAM can still be calibrated. While one block runs the
+next is read in a thread (:mod:`vllm_miprun.model.stream`); forward searches may keep
+blocks resident between passes within a byte budget (``max_memory``).
 
 Architecture-agnostic by construction: the embedding (with any scaling), the per-block
 inputs (attention masks per layer type, sliding windows, rotary tables per layer type)
@@ -25,6 +27,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from vllm_miprun.model import stream
 from vllm_miprun.model.architectures import for_config
 from vllm_miprun.model.architectures.hf_model import layers_owner
 from vllm_miprun.model.checkpoint import ModelFolderError, read_config, safetensors_files
@@ -51,17 +54,20 @@ class TensorIndex:
         self.location: dict[str, Path] = {}
         self.size: dict[str, int] = {}
         self.numel: dict[str, int] = {}
+        self.stored_dtype: dict[str, str] = {}
         for file in safetensors_files(model_dir):
             with safe_open(str(file), framework="pt") as handle:
                 for name in handle.keys():
                     self.location[name] = file
                     sliced = handle.get_slice(name)
                     self.numel[name] = _numel(sliced.get_shape())
+                    self.stored_dtype[name] = sliced.get_dtype()
                     self.size[name] = self.numel[name] * _DTYPE_BYTES.get(sliced.get_dtype(), 4)
 
-    def read(self, names: list[str], device: str, dtype: torch.dtype,
+    def read(self, names: list[str], device: str, dtype: torch.dtype | None,
              quantization: dict | None = None) -> dict[str, torch.Tensor]:
-        """The named tensors, quantized linears dequantized (``quantization``), cast to ``dtype``."""
+        """The named tensors, quantized linears dequantized (``quantization``), cast to ``dtype``
+        (None: as stored, or as dequantized)."""
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self.location[name], []).append(name)
@@ -71,6 +77,8 @@ class TensorIndex:
                 for name in file_names:
                     tensors[name] = handle.get_tensor(name)
         tensors = dequantize(tensors, quantization)  # before the cast: packed ints are not numbers
+        if dtype is None:
+            return {name: t.to(device=device) for name, t in tensors.items()}
         return {name: t.to(device=device, dtype=dtype) for name, t in tensors.items()}
 
     def names_with_prefix(self, prefix: str) -> list[str]:
@@ -103,20 +111,28 @@ class _Stop(Exception):
 class BlockwiseModel:
     """Embeddings, blocks and head of a causal LM, with blocks loaded on demand."""
 
-    def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 resident_blocks: bool = False):
+    def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
+                 resident_blocks: bool = False, max_memory: int | None = None):
+        """``dtype`` None: the checkpoint's dtype on an accelerator, float32 on the CPU
+        (:func:`~vllm_miprun.model.stream.compute_dtype`). ``resident_blocks`` keeps
+        blocks loaded between passes within ``max_memory`` bytes (default:
+        :func:`~vllm_miprun.model.stream.default_max_memory`)."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.model_dir = Path(model_dir)
-        self.device, self.dtype = device, dtype
+        self.device = device
         self.family = for_config(read_config(self.model_dir))  # unsupported: refused before any work
         check_checkpoint_quantization(self.model_dir)  # refuse an unreadable format before any work
         self.quantization = quantization_config(read_config(self.model_dir))
         self.config = AutoConfig.from_pretrained(self.model_dir, trust_remote_code=False)
         self.config._attn_implementation = self.family.attn_implementation
         self.index = TensorIndex(self.model_dir)
+        self.dtype = stream.compute_dtype(device, stream.checkpoint_dtype(self.index.stored_dtype.values()), dtype)
+        # Blocks are read (and dequantized) on the host in a thread, then cast and placed on the device.
+        self.reader = stream.PrefetchingReader(
+            lambda names: self.index.read(names, "cpu", None, self.quantization), device, self.dtype)
         with torch.device("meta"):
-            self.skeleton = AutoModelForCausalLM.from_config(self.config, trust_remote_code=False, dtype=dtype)
+            self.skeleton = AutoModelForCausalLM.from_config(self.config, trust_remote_code=False, dtype=self.dtype)
         self.skeleton.eval()
         self._owner, self._attr = layers_owner(self.skeleton, self.family)
         self.layers: nn.ModuleList = getattr(self._owner, self._attr)
@@ -126,8 +142,10 @@ class BlockwiseModel:
         self._load_outside_blocks()
         self.norm = getattr(self._owner, "norm", None)  # the final norm, where the family has one
         self.lm_head_weight = self.skeleton.get_output_embeddings().weight
-        # Small models may keep loaded blocks (SLEB re-runs them many times); default is not to.
+        # Forward searches re-run blocks many times: keep some loaded, within a budget.
         self.resident_blocks = resident_blocks
+        self.budget = stream.ResidentBudget(
+            (stream.default_max_memory(device) if max_memory is None else max_memory) if resident_blocks else 0)
         self._resident: dict[int, nn.Module] = {}
         self._block_inputs: dict[int, list] = {}  # seq_len -> per-block (args, kwargs)
         self.blocks_loaded = 0
@@ -139,12 +157,13 @@ class BlockwiseModel:
         return self.index.names_with_prefix(f"{self.family.layers_prefix}{index}.")
 
     def read_block(self, index: int) -> dict[str, torch.Tensor]:
-        """Block ``index``'s tensors from disk, under their checkpoint names."""
+        """Block ``index``'s tensors under their checkpoint names, dequantized, cast and on the
+        device: prefetched if :meth:`block` hinted this block, else read from disk now."""
         names = self.block_tensor_names(index)
         if not names:
             raise ModelFolderError(f"{self.model_dir} has no tensors for block {index} "
                                    f"({self.family.layers_prefix}{index}.*)")
-        return self.index.read(names, self.device, self.dtype, self.quantization)
+        return self.reader.get(index, names)
 
     def _materialise(self, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
         """Fill ``module``'s buffers the way transformers initialises them, then load ``state``
@@ -207,16 +226,33 @@ class BlockwiseModel:
             yield self._resident[index]
             return
         layer = self.layers[index]
-        self._materialise(layer, self.read_block(index))
+        tensors = self.read_block(index)
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        self._materialise(layer, tensors)
+        del tensors  # the layer holds the weights now
         self._require_loaded(layer)
         self.blocks_loaded += 1
+        self._prefetch(index + 1)
         try:
             yield layer
         finally:
-            if self.resident_blocks:
-                self._resident[index] = layer
-            else:
-                layer.to("meta")  # frees the block's weights
+            self._release(index, layer, size)
+
+    def _prefetch(self, index: int) -> None:
+        """Read block ``index`` in the background while the current block runs."""
+        if index < self.num_blocks and index not in self._resident:
+            self.reader.hint(index, self.block_tensor_names(index))
+
+    def _release(self, index: int, layer: nn.Module, size: int) -> None:
+        keep, evicted = self.budget.admit(index, size)
+        for other in evicted:
+            self._resident.pop(other).to("meta")
+        if keep:
+            self._resident[index] = layer
+        else:
+            layer.to("meta")  # frees the block's weights
+            if torch.device(self.device).type == "cpu":
+                stream.return_freed_host_memory()
 
     # -- transformers' own forward, with stand-ins for the blocks -----------------------
 

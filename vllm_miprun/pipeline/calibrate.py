@@ -77,8 +77,13 @@ def calibration_ids(model_dir: str | Path, settings: CalibrationSettings) -> tor
 
 
 def calibrate(model_dir: str | Path, settings: CalibrationSettings, device: str = "cpu",
-              cache_dir: str | Path | None = None, force: bool = False, progress: bool = True) -> CalibrationResult:
-    """Return the cached scores for these weights and settings, computing them if needed."""
+              cache_dir: str | Path | None = None, force: bool = False, progress: bool = True,
+              dtype: torch.dtype | None = None) -> CalibrationResult:
+    """Return the cached scores for these weights and settings, computing them if needed.
+
+    ``dtype`` is the blocks' compute dtype; None keeps the checkpoint's dtype on an
+    accelerator and uses float32 on the CPU (the statistics are float32/float64 either way).
+    """
     architectures.for_config(read_config(model_dir))  # not a model, or unsupported: refused before any work
     check_checkpoint_quantization(model_dir, read_config(model_dir))  # not a model / unreadable format
     path, fingerprint = locate(model_dir, settings, cache_dir)
@@ -86,14 +91,16 @@ def calibrate(model_dir: str | Path, settings: CalibrationSettings, device: str 
     if path.exists() and not force:
         return CalibrationResult(score_cache.read_cache(path, fingerprint, key), path, reused=True)
     score_cache.ensure_writable(path.parent)  # fail before the expensive pass
-    cache = compute_scores(model_dir, settings, fingerprint, device=resolve_device(device), progress=progress)
+    cache = compute_scores(model_dir, settings, fingerprint, device=resolve_device(device), progress=progress,
+                           dtype=dtype)
     score_cache.write_cache(path, cache)
     logger.info("wrote score cache %s", path)
     return CalibrationResult(cache, path, reused=False)
 
 
 def compute_scores(model_dir: str | Path, settings: CalibrationSettings, fingerprint: str,
-                   device: str = "cpu", progress: bool = True) -> score_cache.ScoreCache:
+                   device: str = "cpu", progress: bool = True,
+                   dtype: torch.dtype | None = None) -> score_cache.ScoreCache:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     input_ids = calibration_ids(model_dir, settings)
@@ -101,7 +108,7 @@ def compute_scores(model_dir: str | Path, settings: CalibrationSettings, fingerp
 
     params = scoring.estimator_params(settings.estimator)
     tic = time.perf_counter()
-    model = BlockwiseModel(model_dir, device=device)
+    model = BlockwiseModel(model_dir, device=device, dtype=dtype)
     stats = collect_boundary_stats(model, input_ids, params["mi_tokens"], settings.seed, progress)
     timings["forward_s"] = time.perf_counter() - tic
 
@@ -121,6 +128,7 @@ def compute_scores(model_dir: str | Path, settings: CalibrationSettings, fingerp
             "architecture": (config.get("architectures") or ["unknown"])[0],
             "num_blocks": num_blocks,
             "hidden_size": config.get("hidden_size"),
+            "compute_dtype": str(model.dtype).removeprefix("torch."),
         },
         calibration=calibration_key(settings),
         estimator={"name": settings.estimator, **params, "units": "nats"},
@@ -162,7 +170,8 @@ def _mi_rows(samples: int, seq_len: int, mi_tokens: int, seed: int) -> torch.Ten
 
 
 def _keep_boundary(stats: BoundaryStats, hidden: torch.Tensor, rows: torch.Tensor) -> None:
+    """Keep the rows in float32 on the calibration device: the span statistics run there."""
     flat = hidden.flatten(0, 1)
-    stats.mi_states.append(flat[rows].float().cpu().clone())
-    stats.last_tokens.append(hidden[:, -1].float().cpu().clone())
+    stats.mi_states.append(flat[rows.to(flat.device)].float().clone())
+    stats.last_tokens.append(hidden[:, -1].float().clone())
 

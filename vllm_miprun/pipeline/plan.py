@@ -223,7 +223,8 @@ class _ForwardSearch:
 
             self._ids = calibration_ids(self.model_dir, self.options.calibration)[:FORWARD_MAX_SAMPLES]
             device = resolve_device(self.options.device)
-            self._model = BlockwiseModel(self.model_dir, device=device, resident_blocks=True)
+            self._model = BlockwiseModel(self.model_dir, device=device, resident_blocks=True,
+                                         max_memory=self.options.max_memory)
         return self._model, self._ids
 
     def run(self, method: str, num_blocks: int, num_prune: int, protect: frozenset[int]) -> selectors.Selection:

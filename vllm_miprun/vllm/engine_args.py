@@ -82,7 +82,7 @@ def prepare_engine_args(engine_args) -> None:
     if remap.KEPT_FIELD in overrides:
         return  # already planned: create_engine_config after from_cli_args
     from vllm_miprun.model.checkpoint import read_config
-    from vllm_miprun.vllm.loader import make_plan_for, plan_report, record_report
+    from vllm_miprun.vllm.loader import plan_report, record_report
     from vllm_miprun.vllm import model_files
 
     options = MiprunOptions.from_dict(engine_args.model_loader_extra_config)
@@ -91,13 +91,11 @@ def prepare_engine_args(engine_args) -> None:
     hf_config = read_config(model_dir)
     hf_config.update({k: v for k, v in overrides.items() if not isinstance(v, dict)})
     start = time.perf_counter()
-    plan = make_plan_for(model_dir, options, hf_config)
+    plan = plan_outside_cuda(model_dir, options, hf_config)
     model_files.fetch_kept_shards(source, model_dir, plan.kept)  # a hub id: only the kept blocks' shards
     pruned_fields = {**remap.config_overrides(hf_config, plan.kept),
                      **quantization_overrides(model_dir, hf_config, plan.kept)}
-    from vllm_miprun.pipeline.heal import prepare_maps
-
-    prepare_maps(model_dir, options, list(plan.kept), plan.num_blocks)  # fit once here, workers read
+    heal_outside_cuda(model_dir, options, list(plan.kept), plan.num_blocks)  # fit once here, workers read
     engine_args.hf_overrides = {**overrides, **pruned_fields}
     report = plan_report(plan, time.perf_counter() - start)
     logger.info(
@@ -106,6 +104,30 @@ def prepare_engine_args(engine_args) -> None:
         list(plan.pruned), plan.method, plan.scores_source, plan.predicted_speedup,
     )
     record_report(report)
+
+
+def plan_outside_cuda(model_dir, options: MiprunOptions, hf_config: dict):
+    """The plan; made in a spawned child when it may initialise CUDA, so that this (API
+    server) process leaves the GPU as it found it for vLLM's memory profiling."""
+    from vllm_miprun.pipeline.child import needs_child, plan_in_child
+    from vllm_miprun.vllm.loader import make_plan_for
+
+    if not needs_child(options):
+        return make_plan_for(model_dir, options, hf_config)
+    remap.check_architecture(hf_config)  # cheap, and its error needs no child
+    return plan_in_child(model_dir, options, hf_config)
+
+
+def heal_outside_cuda(model_dir, options: MiprunOptions, kept: list[int], num_blocks: int) -> None:
+    """Fit and store the heal maps (``heal=linear``) once, in a spawned child when the fit
+    would run on CUDA, for the same reason as :func:`plan_outside_cuda`."""
+    from vllm_miprun.pipeline.child import heal_in_child, on_cuda
+    from vllm_miprun.pipeline.heal import prepare_maps
+
+    if options.heal == "none" or not on_cuda(options):
+        prepare_maps(model_dir, options, kept, num_blocks)
+    else:
+        heal_in_child(model_dir, options, kept, num_blocks)
 
 
 def _wrap_add_cli_args(original):

@@ -1,0 +1,78 @@
+"""Issue 14: planning that may initialise CUDA runs in a spawned child process, so the
+front (API-server) process leaves the GPU as it found it."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+
+from vllm_miprun.options import MiprunOptions
+from vllm_miprun.pipeline.child import ChildPlanError, needs_child, plan_in_child, run_in_child
+from vllm_miprun.pipeline.plan import make_plan
+
+CALIBRATION = {"samples": 4, "seq_len": 32}
+
+
+def test_only_cuda_planning_that_reads_the_model_needs_a_child():
+    assert needs_child(MiprunOptions(keep=0.5, device="cuda"))
+    assert needs_child(MiprunOptions(keep=0.5, device="cuda", method="shortgpt"))
+    assert not needs_child(MiprunOptions(keep=0.5, device="cuda", method="last"))
+    assert not needs_child(MiprunOptions(keep=0.5, device="cpu"))
+    assert needs_child(MiprunOptions(keep=0.5, device="cuda:1"))
+    assert not needs_child(MiprunOptions(drop="1-2", device="cuda"))  # named blocks: nothing is read
+    # auto stands for cuda exactly when torch sees a GPU
+    assert needs_child(MiprunOptions(keep=0.5, device="auto")) == torch.cuda.is_available()
+
+
+def test_the_child_is_another_process():
+    assert run_in_child(os.getpid) != os.getpid()
+
+
+def test_a_plan_made_in_the_child_is_the_plan_made_here(tiny_llama_dir, tmp_path):
+    options = MiprunOptions.from_dict({"keep": 0.75, "method": "shortgpt", "cache_dir": str(tmp_path / "child"),
+                                       **CALIBRATION})
+    child = plan_in_child(tiny_llama_dir, options)
+    assert list((tmp_path / "child").glob("*.json")), "the child calibrated and wrote the score cache"
+    here = make_plan(tiny_llama_dir, MiprunOptions.from_dict(
+        {"keep": 0.75, "method": "shortgpt", "cache_dir": str(tmp_path / "here"), **CALIBRATION}), progress=False)
+    assert child.kept == here.kept and child.scores_source == "computed"
+
+
+def test_cuda_planning_under_vllm_runs_in_a_child_and_leaves_cuda_alone(tiny_llama_dir, tmp_path):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_miprun.vllm.engine_args import prepare_engine_args
+
+    engine_args = EngineArgs(
+        model=str(tiny_llama_dir), load_format="miprun",
+        model_loader_extra_config={"keep": 0.75, "device": "cuda", "cache_dir": str(tmp_path), **CALIBRATION},
+    )
+    if torch.cuda.is_available():
+        prepare_engine_args(engine_args)
+        assert engine_args.hf_overrides  # planned, in the child
+    else:
+        # No GPU here: the child finds none and says so; the error names the child's pid.
+        with pytest.raises(ChildPlanError, match="planning child process") as raised:
+            prepare_engine_args(engine_args)
+        child_pid = int(re.search(r"pid (\d+)", str(raised.value)).group(1))
+        assert child_pid != os.getpid()
+    assert not torch.cuda.is_initialized()
+
+
+def test_heal_maps_for_cuda_are_fitted_in_a_child(tiny_llama_dir, tmp_path):
+    from vllm_miprun.vllm.engine_args import heal_outside_cuda
+
+    options = MiprunOptions.from_dict({"keep": 0.75, "heal": "linear", "device": "cuda",
+                                       "cache_dir": str(tmp_path), **CALIBRATION})
+    kept = [0, 1, 2, 4, 5, 7]  # runs of pruned blocks start after blocks 2 and 5
+    if torch.cuda.is_available():
+        heal_outside_cuda(tiny_llama_dir, options, kept, 8)
+        assert [p for p in tmp_path.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    else:
+        with pytest.raises(ChildPlanError, match="planning child process") as raised:
+            heal_outside_cuda(tiny_llama_dir, options, kept, 8)
+        assert int(re.search(r"pid (\d+)", str(raised.value)).group(1)) != os.getpid()
+    assert not torch.cuda.is_initialized()

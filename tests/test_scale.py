@@ -1,0 +1,70 @@
+"""Issue 14: span statistics on the calibration device agree with the recorded per-pair CPU
+values, and the same plans come out."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from span_fixture import CASES, REFERENCE, build_models, compute_case, model_for
+from vllm_miprun.core import mi, scoring, span_batch
+
+
+def _matrix(rows) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
+
+
+@pytest.fixture(scope="module")
+def fixture_models(tmp_path_factory):
+    return build_models(tmp_path_factory.mktemp("span-ref"))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_span_statistics_match_the_recorded_cpu_values(case, fixture_models, tmp_path):
+    reference = json.loads(REFERENCE.read_text())[case]
+    now = compute_case(case, model_for(case, fixture_models), tmp_path)
+    for key in ("span_scores", "skip_mi_iso", "angular"):
+        np.testing.assert_allclose(_matrix(now[key]), _matrix(reference[key]), rtol=1e-10, atol=1e-12,
+                                   equal_nan=True, err_msg=f"{case}: {key}")
+    np.testing.assert_allclose(now["block_influence"], reference["block_influence"], rtol=1e-10, atol=1e-12)
+    assert now["plans"] == reference["plans"]
+
+
+def _states(count=5, rows=40, width=24, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows, width, generator=generator)
+    states = [base]
+    for _ in range(count - 1):
+        states.append(states[-1] + 0.5 * torch.randn(rows, width, generator=generator))
+    return states
+
+
+@pytest.mark.parametrize("rows, width", [(40, 24), (24, 40)])
+def test_batched_pca_spans_the_reference_subspace(rows, width):
+    states = _states(rows=rows, width=width)
+    for state, projected in zip(states, span_batch.pca_project_many(states, 6)):
+        reference = mi.pca_project(state, 6)
+        # same columns up to sign: compare the projections' absolute values
+        torch.testing.assert_close(projected.abs(), reference.abs(), rtol=1e-6, atol=1e-8)
+
+
+def test_batched_renyi_matches_the_per_pair_estimator():
+    states = _states(count=4, rows=30, width=6)
+    matrix = span_batch.renyi_mi_matrix(states, alpha=1.01)
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert float(matrix[i, j]) == pytest.approx(mi.renyi_mi(states[i], states[j], alpha=1.01), rel=1e-9)
+    assert torch.isnan(matrix[2, 1]) and torch.isnan(matrix[1, 1])
+
+
+def test_skip_moments_accumulated_over_row_chunks_match_one_pass(monkeypatch):
+    states = _states(count=4, rows=50, width=8)
+    one_pass = scoring.isotropic_skip_mi_matrix(states)
+    monkeypatch.setattr(span_batch, "ROW_CHUNK", 7)  # 50 rows in 8 uneven chunks
+    np.testing.assert_allclose(scoring.isotropic_skip_mi_matrix(states), one_pass, rtol=1e-12, equal_nan=True)
+    g = [scoring.rms_normalise(s) for s in states]
+    expected = 0.5 * 8 * np.log(float(g[3].var(dim=0).sum()) / float((g[3] - g[1]).pow(2).sum(1).mean()))
+    assert one_pass[1, 3] == pytest.approx(expected, rel=1e-12)

@@ -1,0 +1,106 @@
+"""Issue 14: prefetched block reads, the compute dtype and the resident-block budget."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from vllm_miprun.model import stream
+from vllm_miprun.model.blockwise import BlockwiseModel
+from vllm_miprun.options import MiprunOptions, OptionError, parse_bytes
+from vllm_miprun.pipeline.calibrate import calibration_ids
+from vllm_miprun.options import CalibrationSettings
+
+
+class RecordingRead:
+    """A read function over in-memory tensors that records which thread read what."""
+
+    def __init__(self, groups):
+        self.tensors = {name: torch.full((2, 2), float(i)) for i, names in enumerate(groups) for name in names}
+        self.threads: list[tuple[str, str]] = []
+
+    def __call__(self, names):
+        self.threads.extend((name, threading.current_thread().name) for name in names)
+        return {name: self.tensors[name].to(torch.float64) for name in names}
+
+
+def test_stream_groups_reads_the_next_group_in_a_thread_and_casts():
+    groups = [["a.w", "a.b"], ["b.w"], ["c.w"]]
+    read = RecordingRead(groups)
+    out = list(stream.stream_groups(read, groups, "cpu", torch.float32))
+    assert [sorted(group) for group in out] == [sorted(g) for g in groups]
+    assert all(t.dtype == torch.float32 for group in out for t in group.values())
+    assert float(out[2]["c.w"][0, 0]) == 2.0
+    by_name = dict(read.threads)
+    assert by_name["a.w"] == threading.current_thread().name  # the first group: nothing to overlap
+    assert by_name["b.w"].startswith("miprun-prefetch") and by_name["c.w"].startswith("miprun-prefetch")
+
+
+def test_reader_drops_a_hint_that_was_not_taken():
+    groups = [["a"], ["b"], ["c"]]
+    read = RecordingRead(groups)
+    reader = stream.PrefetchingReader(read, "cpu", torch.float32)
+    reader.hint(1, ["b"])
+    assert float(reader.get(2, ["c"])["c"][0, 0]) == 2.0  # not the hinted group: read now
+    assert reader.prefetch_hits == 0
+    reader.hint(0, ["a"])
+    assert float(reader.get(0, ["a"])["a"][0, 0]) == 0.0 and reader.prefetch_hits == 1
+    reader.close()
+
+
+def test_budget_keeps_later_blocks_and_never_exceeds_max_memory():
+    budget = stream.ResidentBudget(250)
+    assert budget.admit(0, 100) == (True, [])
+    assert budget.admit(1, 100) == (True, [])
+    assert budget.admit(2, 100) == (True, [0])  # a later block displaces the earliest
+    assert budget.used == 200 and sorted(budget.sizes) == [1, 2]
+    assert budget.admit(0, 100) == (False, [])  # an earlier block displaces nothing
+    assert budget.admit(5, 300) == (False, [])  # larger than the whole budget
+    assert stream.ResidentBudget(0).admit(3, 1) == (False, [])
+    with pytest.raises(ValueError, match="max_memory"):
+        stream.ResidentBudget(-1)
+
+
+def test_compute_dtype_keeps_the_checkpoint_dtype_off_the_cpu():
+    assert stream.checkpoint_dtype(["BF16", "BF16", "F32"]) == torch.bfloat16
+    assert stream.compute_dtype("cpu", torch.bfloat16) == torch.float32
+    assert stream.compute_dtype("cuda", torch.bfloat16) == torch.bfloat16
+    assert stream.compute_dtype("cuda", torch.bfloat16, torch.float32) == torch.float32
+    assert stream.default_max_memory("cpu") == 0
+
+
+def _loaded_blocks(model) -> int:
+    return sum(any(not p.is_meta for p in layer.parameters()) for layer in model.skeleton.model.layers)
+
+
+def test_forward_search_stays_within_the_block_budget(tiny_llama_dir):
+    from vllm_miprun.pipeline.refine import CalibrationKL
+
+    ids = calibration_ids(tiny_llama_dir, CalibrationSettings(samples=4, seq_len=32))[:2]
+    everything = BlockwiseModel(tiny_llama_dir, resident_blocks=True, max_memory=1 << 40)
+    block_bytes = everything.index.bytes_with_prefix("model.layers.0.")
+    bounded = BlockwiseModel(tiny_llama_dir, resident_blocks=True, max_memory=2 * block_bytes)
+    peak = [0]
+    original = bounded.run_block
+
+    def run_and_count(layer, hidden, batch_size=8):
+        peak[0] = max(peak[0], _loaded_blocks(bounded))
+        return original(layer, hidden, batch_size)
+
+    bounded.run_block = run_and_count
+    sets = [frozenset(), frozenset({2}), frozenset({2, 5}), frozenset({6}), frozenset({1, 7})]
+    full, small = CalibrationKL(everything, ids), CalibrationKL(bounded, ids)
+    for pruned in sets:
+        assert small(pruned) == pytest.approx(full(pruned), rel=1e-6)
+    assert _loaded_blocks(everything) == 8
+    assert 1 <= peak[0] <= 3 and _loaded_blocks(bounded) <= 2  # two resident + the one running
+    assert sorted(bounded._resident) == [6, 7]  # the later blocks, which resumed passes re-run
+
+
+def test_max_memory_option_is_parsed_and_checked():
+    assert parse_bytes("8GiB") == 8 << 30 and parse_bytes("500MB") == 500_000_000 and parse_bytes(1024) == 1024
+    assert MiprunOptions(keep=0.5, max_memory="1.5g").max_memory == int(1.5 * (1 << 30))
+    with pytest.raises(OptionError, match="max_memory: expected a size such as 8GiB"):
+        MiprunOptions(keep=0.5, max_memory="lots")

@@ -38,7 +38,7 @@ def export_pruned(model_dir: str | Path, out_dir: str | Path, plan, heal_maps: d
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.exists():
         raise OptionError(f"output folder {out_dir} already exists; remove it or pick another")
-    hf_config = json.loads((model_dir / "config.json").read_text())
+    hf_config = checkpoint.read_config(model_dir)
     new_config = {**remap.remap_config(hf_config, plan.kept),
                   **quantization_overrides(model_dir, hf_config, plan.kept)}
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -259,8 +259,7 @@ def raw_matrices(seed: int = 0) -> dict:
     path = CACHE / f"raw_s{seed}.npz"
     if path.exists():
         return dict(np.load(path))
-    from vllm_miprun.core import mi
-    from vllm_miprun.core import scoring
+    from vllm_miprun.core import mi, scoring
 
     xs, _ = calib_rows(seed)
     out = {}

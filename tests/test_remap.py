@@ -7,8 +7,7 @@ import json
 import pytest
 from safetensors.torch import save_file
 
-from vllm_miprun.model import checkpoint, remap
-from vllm_miprun.model import weights
+from vllm_miprun.model import checkpoint, remap, weights
 from vllm_miprun.options import OptionError
 
 

@@ -17,8 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from vllm_miprun.model import checkpoint, remap
-from vllm_miprun.model import weights
+from vllm_miprun.model import checkpoint, remap, weights
 from vllm_miprun.errors import run_command
 from vllm_miprun.option_flags import add_command_flags, given_options
 from vllm_miprun.options import MiprunOptions, OptionError, command_options

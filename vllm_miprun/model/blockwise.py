@@ -30,22 +30,11 @@ from torch import nn
 from vllm_miprun.model import stream
 from vllm_miprun.model.architectures import for_config
 from vllm_miprun.model.architectures.hf_model import layers_owner
-from vllm_miprun.model.checkpoint import ModelFolderError, read_config, safetensors_files
+from vllm_miprun.model.checkpoint import ModelFolderError, read_config, read_header, safetensors_files
 from vllm_miprun.model.quantization import check_checkpoint_quantization, dequantize, quantization_config
 from vllm_miprun.model.remap import layer_index
 
 logger = logging.getLogger(__name__)
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
-
-
-def _numel(shape) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
-
 
 class TensorIndex:
     """Where each tensor lives, from the safetensors headers only."""
@@ -53,16 +42,13 @@ class TensorIndex:
     def __init__(self, model_dir: str | Path):
         self.location: dict[str, Path] = {}
         self.size: dict[str, int] = {}
-        self.numel: dict[str, int] = {}
         self.stored_dtype: dict[str, str] = {}
         for file in safetensors_files(model_dir):
-            with safe_open(str(file), framework="pt") as handle:
-                for name in handle.keys():
-                    self.location[name] = file
-                    sliced = handle.get_slice(name)
-                    self.numel[name] = _numel(sliced.get_shape())
-                    self.stored_dtype[name] = sliced.get_dtype()
-                    self.size[name] = self.numel[name] * _DTYPE_BYTES.get(sliced.get_dtype(), 4)
+            for name, info in read_header(file).items():
+                start, end = info["data_offsets"]
+                self.location[name] = file
+                self.size[name] = end - start
+                self.stored_dtype[name] = info["dtype"]
 
     def read(self, names: list[str], device: str, dtype: torch.dtype | None,
              quantization: dict | None = None) -> dict[str, torch.Tensor]:

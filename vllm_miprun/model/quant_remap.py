@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from vllm_miprun.errors import OptionError
+from vllm_miprun.model.architectures import for_config
 from vllm_miprun.model.checkpoint import tensor_names as checkpoint_tensor_names
 from vllm_miprun.model.quantization import quantization_config
 
@@ -254,8 +255,10 @@ def remap_model_quantization(hf_config: dict[str, Any], kept: list[int] | tuple[
 
 
 def quantization_overrides(model_dir, hf_config: dict[str, Any], kept: list[int] | tuple[int, ...],
-                           layer_prefix: str = LAYER_PREFIX) -> dict[str, Any]:
-    """:func:`remap_model_quantization` with the tensor names read from ``model_dir``'s headers."""
+                           layer_prefix: str | None = None) -> dict[str, Any]:
+    """:func:`remap_model_quantization` with the tensor names read from ``model_dir``'s headers;
+    the blocks' name prefix is the architecture family's unless given."""
     if quantization_config(hf_config) is None:
         return {}
-    return remap_model_quantization(hf_config, kept, checkpoint_tensor_names(model_dir), layer_prefix)
+    prefix = layer_prefix or for_config(hf_config).layers_prefix
+    return remap_model_quantization(hf_config, kept, checkpoint_tensor_names(model_dir), prefix)

@@ -1,6 +1,7 @@
 """Rewrite a Hugging Face config and weight names for a model that keeps some blocks.
 
-Pure functions, no vLLM import: the loader, the exporter and the tests share them.
+No vLLM import: the loader, the exporter and the tests share them. Only :func:`pruned_fields`
+reads files (the tensor names a quantization config is renumbered against).
 Block ``kept[i]`` of the full model becomes block ``i`` of the pruned one, so every
 per-layer list is sliced (including the ones transformers derives when config.json
 omits them) and every index-based field is renumbered by the model's family
@@ -15,9 +16,10 @@ from typing import Any
 from vllm_miprun.model.architectures import LAYER_NAME, SUPPORTED_ARCHITECTURES, for_config
 from vllm_miprun.model.architectures.base import INDEX_FIELDS, is_neutral, refuse_field, resolved_config
 from vllm_miprun.options import OptionError
+from vllm_miprun.model.quant_remap import quantization_overrides
 
 __all__ = ["FULL_FIELD", "KEPT_FIELD", "SUPPORTED_ARCHITECTURES", "check_architecture", "check_kept",
-           "config_overrides", "index_map", "layer_index", "remap_config", "renamed_weight"]
+           "config_overrides", "index_map", "pruned_fields", "layer_index", "remap_config", "renamed_weight"]
 
 KEPT_FIELD = "miprun_kept_layers"
 FULL_FIELD = "miprun_num_blocks_full"
@@ -81,6 +83,12 @@ def config_overrides(hf_config: dict[str, Any], kept: list[int] | tuple[int, ...
     """Only the fields :func:`remap_config` changes or adds (for vLLM's hf_overrides)."""
     new = remap_config(hf_config, kept)
     return {k: v for k, v in new.items() if k not in hf_config or hf_config[k] != v}
+
+
+def pruned_fields(model_dir, hf_config: dict[str, Any], kept: list[int] | tuple[int, ...]) -> dict[str, Any]:
+    """Every config field a model keeping ``kept`` overrides for vLLM: the per-layer fields
+    (:func:`config_overrides`) and the renumbered ``quantization_config``."""
+    return {**config_overrides(hf_config, kept), **quantization_overrides(model_dir, hf_config, kept)}
 
 
 def _with_derived_fields(hf_config: dict[str, Any], derived: tuple[str, ...]) -> dict[str, Any]:

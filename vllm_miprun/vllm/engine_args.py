@@ -31,7 +31,6 @@ from vllm_miprun.model import remap
 from vllm_miprun.option_flags import add_serve_flags, serve_flag_values
 from vllm_miprun.options import MiprunOptions, OptionError, option
 from vllm_miprun.vllm.cpu_dtype import apply_cpu_dtype_default
-from vllm_miprun.model.quant_remap import quantization_overrides
 
 # Under "vllm." so vLLM's logging config (handler, level, format) applies to it.
 logger = init_logger(f"vllm.{__name__}")
@@ -93,8 +92,7 @@ def prepare_engine_args(engine_args) -> None:
     start = time.perf_counter()
     plan = plan_outside_cuda(model_dir, options, hf_config)
     model_files.fetch_kept_shards(source, model_dir, plan.kept)  # a hub id: only the kept blocks' shards
-    pruned_fields = {**remap.config_overrides(hf_config, plan.kept),
-                     **quantization_overrides(model_dir, hf_config, plan.kept)}
+    pruned_fields = remap.pruned_fields(model_dir, hf_config, plan.kept)
     heal_outside_cuda(model_dir, options, list(plan.kept), plan.num_blocks)  # fit once here, workers read
     engine_args.hf_overrides = {**overrides, **pruned_fields}
     report = plan_report(plan, time.perf_counter() - start)

@@ -26,7 +26,6 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
 from vllm_miprun.model import checkpoint, remap, weights
 from vllm_miprun.model.checkpoint import read_config
-from vllm_miprun.model.quant_remap import quantization_overrides
 from vllm_miprun.pipeline import heal
 from vllm_miprun.options import MiprunOptions, OptionError
 from vllm_miprun.vllm import lora_and_draft, model_files
@@ -144,8 +143,7 @@ class MiprunModelLoader(BaseModelLoader):
             "miprun: planning in the worker because the engine config was not made by "
             "EngineArgs; kept %s", list(plan.kept),
         )
-        _apply_overrides_in_place(model_config, {**remap.config_overrides(hf_config, plan.kept),
-                                                 **quantization_overrides(model_dir, hf_config, plan.kept)})
+        _apply_overrides_in_place(model_config, remap.pruned_fields(model_dir, hf_config, plan.kept))
         record_report(plan_report(plan, time.perf_counter() - start))
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:

@@ -27,7 +27,16 @@ line per method) in ``--out``. One command produces every SmolLM2 row:
 
 ``--rows ... [--ratios ...] --merge`` redoes some (row, keep) pairs and keeps the others of
 the existing JSON (same settings only); the JSON's ``commands`` says which command produced
-which ``row@keep``.
+which ``row@keep``. The file is re-read under a lock at every write, so two ``--merge`` runs
+with different rows may share one file.
+
+``--heal`` evaluates every pruned set twice, plain and with ``heal=linear`` (the maps are
+fitted once per set and stored beside the score cache), on every perplexity domain
+(``--ppl-tasks ppl``: the calibration domains wiki and c4, and the evaluation-only domains
+unlike them), and writes issue 16's table and goals instead (``heal_table.py``):
+
+    python benchmarks/bench_quality.py --backend transformers --limit 20 --ppl-windows 8 \
+        --heal --ppl-tasks ppl --stability-seeds 1 --name quality_heal_smollm2
 
 (the transformers backend deletes the same blocks; ``tests/test_evaluate.py`` checks
 that it agrees with vLLM request by request). vLLM starts its workers with spawn:
@@ -47,6 +56,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import heal_table  # noqa: E402
 
 from vllm_miprun.tools import evaluate as ev  # noqa: E402
 from vllm_miprun.tools import harness  # noqa: E402
@@ -83,16 +95,16 @@ def timed_plan(model_dir: Path, options: dict[str, Any], cache_dir: Path):
 
 
 def run_row(args, name: str, base: dict[str, Any] | None, seeds: tuple[int, ...],
-            evaluated: dict[tuple[int, ...], dict[str, Any]]) -> list[dict[str, Any]]:
-    tasks = ["wiki-ppl", "c4-ppl"] + ([] if args.no_zero_shot else list(ZERO_SHOT))
+            evaluated: dict[tuple, dict[str, Any]]) -> list[dict[str, Any]]:
+    tasks = list(args.ppl_tasks) + ([] if args.no_zero_shot else list(ZERO_SHOT))
     # Fewest kept first: a greedy search (SLEB) then caches every smaller drop on the way.
     ratios = (1.0,) if base is None else tuple(sorted(args.ratios))
     records = []
     for seed in seeds:
         cache_dir = args.cache_root  # shared by all rows: one calibration per seed, as in serving
         for ratio in ratios:
-            record: dict[str, Any] = {"row": name, "keep": ratio, "seed": seed}
-            prune = None
+            record: dict[str, Any] = {"row": name, "keep": ratio, "seed": seed, "heal": "none"}
+            prune = options = None
             if base is not None:
                 options = {**base, "keep": ratio, "seed": seed}
                 plan, seconds = timed_plan(args.model, options, cache_dir)
@@ -101,25 +113,60 @@ def run_row(args, name: str, base: dict[str, Any] | None, seeds: tuple[int, ...]
                 # vLLM plans again in the loader: same options and cache, so the same blocks
                 prune = {**options, "cache_dir": str(cache_dir)} if args.backend == "vllm" else list(plan.kept)
             # Two methods that keep the same blocks have the same model: evaluate it once.
-            same = evaluated.get(tuple(record["kept"])) if base is not None else None
+            same = evaluated.get((tuple(record["kept"]), "none")) if base is not None else None
             if same is not None:
                 report = {**same, "reused": True}
             else:
                 report = ev.evaluate(args.model, tasks, backend=args.backend, prune=prune, limit=args.limit,
                                      ppl_limit=args.ppl_windows, seed=args.seed, seq_len=args.seq_len,
                                      dtype=args.dtype, progress=True)
-                evaluated[tuple(report["kept"])] = report
+                evaluated[(tuple(report["kept"]), "none")] = report
             if base is not None and report["kept"] != record["kept"]:
                 raise RuntimeError(f"{name} keep={ratio}: served blocks {report['kept']} differ from "
                                    f"the plan's {record['kept']}")
             record["eval"] = report
             records.append(record)
-            logger.info("%s keep=%.2f seed=%d wiki=%.3f c4=%.3f zero-shot=%s", name, ratio, seed,
-                        report["tasks"]["wiki-ppl"]["ppl"], report["tasks"]["c4-ppl"]["ppl"],
-                        report.get("mc_avg_acc_norm"))
+            log_record(record)
+            if args.heal and base is not None:
+                records.append(healed_record(args, record, options, tasks, evaluated))
+                log_record(records[-1])
     if base is not None and base["method"] == "sleb":
-        prorate_greedy_cost(records)
+        prorate_greedy_cost([r for r in records if r["heal"] == "none"])
     return records
+
+
+def log_record(record: dict[str, Any]) -> None:
+    ppl = {task.removesuffix("-ppl"): round(m["ppl"], 2) for task, m in record["eval"]["tasks"].items()
+           if "ppl" in m}
+    logger.info("%s keep=%.2f seed=%d heal=%s ppl=%s zero-shot=%s", record["row"], record["keep"], record["seed"],
+                record["heal"], ppl, record["eval"].get("mc_avg_acc_norm"))
+
+
+def healed_record(args, plain: dict[str, Any], options: dict[str, Any], tasks: list[str],
+                  evaluated: dict[tuple, dict[str, Any]]) -> dict[str, Any]:
+    """The plain record's pruned set with ``heal=linear``: the product's own maps (fitted on
+    the calibration settings of ``options``, stored beside the score cache), folded by the
+    transformers backend as ``vllm-miprun eval --heal linear`` does."""
+    from vllm_miprun.options import MiprunOptions
+    from vllm_miprun.pipeline.heal import prepare_maps
+
+    kept = plain["kept"]
+    record = {k: v for k, v in plain.items() if k != "eval"} | {"heal": "linear"}
+    same = evaluated.get((tuple(kept), "linear"))
+    if same is not None:
+        return record | {"eval": {**same, "reused": True}}
+    parsed = MiprunOptions.from_dict({**options, "cache_dir": str(args.cache_root), "heal": "linear"})
+    start = time.perf_counter()
+    maps = prepare_maps(args.model, parsed, kept, len(kept) + len(plain["pruned"]), progress=False)
+    record.update(heal_seconds=round(time.perf_counter() - start, 3), healed_runs=sorted(maps))
+    backend = ev.TransformersBackend(args.model, kept=kept, dtype=args.dtype, heal_maps=maps)
+    try:
+        report = ev.evaluate(args.model, tasks, backend=backend, limit=args.limit, ppl_limit=args.ppl_windows,
+                             seed=args.seed, seq_len=args.seq_len, dtype=args.dtype, progress=True)
+    finally:
+        backend.close()
+    evaluated[(tuple(kept), "linear")] = report
+    return record | {"eval": report}
 
 
 def method_cost(plan, plan_seconds: float) -> dict[str, float]:
@@ -231,13 +278,20 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="model folder (default: converted SmolLM2-135M)")
-    parser.add_argument("--rows", default=None, help=f"comma-separated subset of {[r[0] for r in ROWS]}")
+    parser.add_argument("--rows", default=None, help=f"comma-separated subset of {[r[0] for r in ROWS]} "
+                                                     "(run in this order)")
     parser.add_argument("--ratios", type=lambda s: tuple(float(x) for x in s.split(",")), default=RATIOS)
     parser.add_argument("--backend", choices=ev.BACKENDS, default="vllm")
     parser.add_argument("--limit", type=int, default=None, help="zero-shot examples per task (default all)")
     parser.add_argument("--ppl-windows", type=int, default=ev.DEFAULT_PPL_WINDOWS)
     parser.add_argument("--seq-len", type=int, default=ev.DEFAULT_SEQ_LEN)
     parser.add_argument("--no-zero-shot", action="store_true", help="perplexity only")
+    parser.add_argument("--ppl-tasks", type=ev.parse_tasks, default=("wiki-ppl", "c4-ppl"),
+                        help="perplexity tasks (ppl = every domain, the evaluation-only ones included)")
+    parser.add_argument("--max-seeds", type=int, default=None,
+                        help="at most this many calibration seeds per row (random has 3)")
+    parser.add_argument("--heal", action="store_true",
+                        help="also evaluate every pruned set with heal=linear; writes issue 16's table")
     parser.add_argument("--stability-seeds", type=int, default=5)
     parser.add_argument("--stability-keeps", type=lambda v: tuple(float(x) for x in v.split(",")), default=RATIOS,
                         help="keep ratios at which stability is measured")
@@ -259,19 +313,33 @@ def main(argv: list[str] | None = None) -> None:
     args.model = args.model or harness.default_model_dir(prepare=True)
     args.out.mkdir(parents=True, exist_ok=True)
     args.cache_root = args.cache_root or Path(tempfile.mkdtemp(prefix="miprun-quality-caches-"))
-    wanted = set(args.rows.split(",")) if args.rows else None
-    rows = [r for r in ROWS if wanted is None or r[0] in wanted]
+    known = {name: (name, base, seeds[:args.max_seeds]) for name, base, seeds in ROWS}
+    wanted = args.rows.split(",") if args.rows else list(known)
+    if set(wanted) - set(known):
+        raise SystemExit(f"--rows: unknown {sorted(set(wanted) - set(known))}; choose from {list(known)}")
+    rows = [known[name] for name in wanted]
 
     records, stable, evaluated = [], {}, {}
     redo = {(name, 1.0) if base is None else (name, keep) for name, base, _ in rows for keep in args.ratios}
-    kept_records, kept_stable, commands = previous_rows(args, redo) if args.merge else ([], {}, [])
-    commands.append({"command": "python " + " ".join(sys.argv), "rows": _row_keeps(redo)})
+    if args.merge:
+        previous_rows(args, redo)  # refuse other settings before any work
+    command = {"command": "python " + " ".join(sys.argv), "rows": _row_keeps(redo)}
     for name, base, seeds in rows:
         records += run_row(args, name, base, seeds, evaluated)
         if base is not None and args.stability_seeds > 1:
             stable[name] = stability(args, base, name)
         # after every row: a long run can be stopped early
-        write_outputs(args, kept_records + records, {**kept_stable, **stable}, commands)
+        save(args, redo, records, stable, command)
+
+
+def save(args, redo, records: list[dict[str, Any]], stable: dict[str, dict], command: dict) -> None:
+    """Write this run's rows, with (``--merge``) the other rows the file holds now, re-read
+    under a lock so that concurrent runs with different rows keep each other's."""
+    from filelock import FileLock
+
+    with FileLock(str((args.out / args.name).with_suffix(".lock"))):
+        kept_records, kept_stable, commands = previous_rows(args, redo) if args.merge else ([], {}, [])
+        write_outputs(args, kept_records + records, {**kept_stable, **stable}, commands + [command])
 
 
 SETTINGS = ("backend", "limit", "ppl_windows", "seq_len", "dtype")
@@ -306,20 +374,33 @@ def _row_keeps(pairs) -> list[str]:
 
 
 def write_outputs(args, records: list[dict[str, Any]], stable: dict[str, dict], commands: list[dict]) -> None:
-    goals = check_goals(records, stable)
+    healed = any(r.get("heal", "none") != "none" for r in records)
+    plain = [r for r in records if r.get("heal", "none") == "none"]
+    goals = heal_table.check_goals(records) if healed else check_goals(plain, stable)
     result = {"benchmark": "benchmarks/bench_quality.py", "commands": commands,
               "model": str(args.model), "backend": args.backend, "ratios": list(args.ratios),
               "limit": args.limit, "zero_shot_tasks": list(ZERO_SHOT), "ppl_windows": args.ppl_windows,
-              "seq_len": args.seq_len, "dtype": args.dtype, "stability_seeds": args.stability_seeds,
+              "seq_len": args.seq_len, "dtype": args.dtype, "ppl_tasks": list(args.ppl_tasks), "heal": args.heal,
+              "stability_seeds": args.stability_seeds,
               "stability_keeps": list(args.stability_keeps), "timed": TIMED, "records": records, "stability": stable,
               "goals": goals}
     harness.stamp(result)
     stem = args.out / args.name
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown_table(records, stable, args.limit)
-                                       + "\n" + goals_markdown(goals))
-    plot(records, stem.with_name(stem.name + "_ppl.png"))
+    table = heal_table.markdown(records, args.limit, len(ZERO_SHOT)) if healed else \
+        markdown_table(plain, stable, args.limit)
+    atomic_write(stem.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
+    atomic_write(stem.with_suffix(".md"), table + "\n" + goals_markdown(goals))
+    if healed:
+        heal_table.plot(records, stem.with_name(stem.name + "_ppl.png"), PLOT_CAP)
+    else:
+        plot(plain, stem.with_name(stem.name + "_ppl.png"))
     logger.info("wrote %s.{json,md} and %s_ppl.png", stem, stem)
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 TIMED = ("calibration s: the score cache's own timing (one forward pass with the hidden states + every "

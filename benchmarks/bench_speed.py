@@ -5,7 +5,9 @@ figures are independent), one after another within one run:
 
 - ``stock-full``: stock vLLM on the full model (``--load-format auto``);
 - ``miprun-<keep>``: the miprun loader at keep 1.0, 0.875, 0.75 and 0.5;
-- ``stock-exported-<keep>``: stock vLLM on the checkpoint ``export_pruned`` wrote at 0.75.
+- ``stock-exported-<keep>``: stock vLLM on the checkpoint ``export_pruned`` wrote at 0.75;
+- ``miprun-<keep>-healed`` (``--heal-keeps``): the miprun loader with ``heal=linear``, the
+  same K blocks with maps folded into the weights (fitted here first, so loads are cache hits).
 
 What is timed (see ``vllm_miprun.vllm.measure``):
 
@@ -82,6 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="vLLM's device, and the device of any planning forward pass")
     p.add_argument("--no-eager", action="store_true", help="let vLLM compile / capture graphs")
+    p.add_argument("--heal-keeps", default="",
+                   help="keep ratios (among --keeps) also run with heal=linear, e.g. 0.75")
     # Plan options from the option table; the score cache they name must exist ('last' needs none).
     add_command_flags(p, [option(name) for name in PLAN_FLAGS],
                       defaults={name: option(name).default for name in PLAN_FLAGS})
@@ -106,10 +110,21 @@ def extra_for(args, keep):
     return {"keep": keep, "require_cache": True, "device": args.device, **given_options(args)}
 
 
-def options_for(args, keep):
+def options_for(args, keep, heal="none"):
     from vllm_miprun.options import MiprunOptions
 
-    return MiprunOptions.from_dict(extra_for(args, keep))
+    return MiprunOptions.from_dict({**extra_for(args, keep), "heal": heal})
+
+
+def fit_heal_maps(model, args, plans, keeps, num_blocks):
+    """Fit (or read) the heal maps of each healed keep now, so that the engines' loads are
+    cache hits like the plans'."""
+    from vllm_miprun.pipeline.heal import prepare_maps
+
+    for keep in keeps:
+        maps = prepare_maps(model, options_for(args, keep, "linear"), list(plans[keep][0].kept), num_blocks,
+                            progress=False)
+        print(f"heal keep={keep}: maps for the runs starting at {sorted(maps)}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -125,6 +140,9 @@ def main(argv=None) -> int:
     config = read_config(model)
     num_blocks = int(config["num_hidden_layers"])
     keeps = [float(k) for k in args.keeps.split(",")]
+    heal_keeps = [float(k) for k in args.heal_keeps.split(",") if k]
+    if set(heal_keeps) - set(keeps):
+        sys.exit(f"bench_speed: --heal-keeps {sorted(set(heal_keeps) - set(keeps))} are not among --keeps {keeps}")
     batches = [int(b) for b in args.batch_sizes.split(",")]
     dtype_bytes = DTYPE_BYTES.get(args.dtype, 2)
     context = mean_decode_context(args.prompt_tokens, args.output_tokens)
@@ -141,6 +159,8 @@ def main(argv=None) -> int:
         print(f"plan keep={keep}: {len(plan.kept)}/{num_blocks} blocks, pruned {list(plan.pruned)}, "
               f"scores {plan.scores_source}", flush=True)
 
+    fit_heal_maps(model, args, plans, heal_keeps, num_blocks)
+
     export_root = Path(tempfile.mkdtemp(prefix="miprun-bench-export-"))
     export_dir = export_root / f"{Path(model).name}-keep{args.export_keep}"
     export_pruned(model, export_dir, plans[args.export_keep][0])
@@ -155,6 +175,9 @@ def main(argv=None) -> int:
     for keep in keeps:
         configs.append((f"miprun-{keep}", keep, {"model": model, "load_format": "miprun",
                                                   "extra": extra_for(args, keep)}, keep))
+        if keep in heal_keeps:
+            configs.append((f"miprun-{keep}-healed", keep, {"model": model, "load_format": "miprun",
+                                                             "extra": {**extra_for(args, keep), "heal": "linear"}}, keep))
     configs.append((f"stock-exported-{args.export_keep}", args.export_keep,
                     {"model": str(export_dir), "load_format": "auto"}, args.export_keep))
 
@@ -220,6 +243,14 @@ def summarise(rows, batches, num_blocks, args, config, kv_bytes, context):
         targets.append(_target(f"KV capacity ratio at keep {ek} (target exactly L/K = {num_blocks}/{mip['kept_blocks']})",
                                mip["kv_capacity_ratio"], "==", want,
                                f"{mip['kv_tokens']} vs {full['kv_tokens']} tokens"))
+    for row in rows:
+        plain = by.get(row["config"].removesuffix("-healed"))
+        if row["config"].endswith("-healed") and plain:
+            ratio = row["batches"][top]["output_tokens_per_s"] / plain["batches"][top]["output_tokens_per_s"]
+            targets.append(_target(f"throughput healed / unhealed at keep {row['keep']} (batch {top}; "
+                                   "same K blocks and shapes, so equal up to noise)", ratio, ">=", 0.98,
+                                   f"{row['batches'][top]['output_tokens_per_s']:.1f} vs "
+                                   f"{plain['batches'][top]['output_tokens_per_s']:.1f} tok/s"))
     return harness.stamp({
         "benchmark": "benchmarks/bench_speed.py",
         "command": "python " + " ".join(["benchmarks/bench_speed.py", *sys.argv[1:]]),
@@ -258,7 +289,8 @@ def store(model, args, rows, summary):
     written = {}
     pb = str(args.profile_batch_size)
     points = [(r["kept_blocks"], r["batches"][pb]["tpot_s"]) for r in rows
-              if r["config"].startswith("miprun-") and pb in r["batches"]]
+              if r["config"].startswith("miprun-") and not r["config"].endswith("-healed")
+              and pb in r["batches"]]
     if len({k for k, _ in points}) >= 2:
         profile = make_profile(summary["num_blocks"], args.profile_batch_size, points, measured={
             "measured_by": "benchmarks/bench_speed.py", "device": summary["device"], "dtype": args.dtype,

@@ -29,14 +29,14 @@ import numpy as np
 import torch
 
 from vllm_miprun.core import heal_math
-from vllm_miprun.pipeline import bundled, corpora
+from vllm_miprun.pipeline import corpora
 from vllm_miprun.tools import assets
 
 PRUNED = {  # MI-PRUN's sets, README "Quality on SmolLM2-135M"
     "0.75": [12, 13, 14, 15, 16, 17, 18],
     "0.6": [3, 5, 7, 9, 12, 13, 14, 16, 17, 18, 22, 26],
 }
-UNLIKE = ("tiny", "technical", "code", "multilingual")  # domains unlike calibration
+UNLIKE = tuple(corpora.HELD_OUT_FILES)  # domains unlike calibration
 ALL_DOMAINS = ("wiki", "c4") + UNLIKE
 RIDGES = (1e-2, 1e-1, 1.0)
 OUT = Path(__file__).resolve().parent / "results"
@@ -46,13 +46,11 @@ OUT = Path(__file__).resolve().parent / "results"
 
 
 def split_file_windows(tokenizer, name: str, seq_len: int, n_val: int, n_final: int) -> dict[str, np.ndarray]:
-    """A bundled file cut at the newline nearest its middle: first half validation, second final."""
-    text = (bundled.corpus_dir() / f"{name}.utf8").read_text(encoding="utf-8")
-    cut = text.find("\n", len(text) // 2)
-    parts = {"val": (text[:cut], n_val), "final": (text[cut:], n_final)}
+    """An evaluation-only domain's two halves (``corpora.held_out_halves``): validation, final."""
+    halves = dict(zip(("val", "final"), corpora.held_out_halves(name)))
     out = {}
-    for part, (chunk, count) in parts.items():
-        ids = tokenizer(chunk, add_special_tokens=False)["input_ids"]
+    for part, count in (("val", n_val), ("final", n_final)):
+        ids = tokenizer(halves[part], add_special_tokens=False)["input_ids"]
         need = count * seq_len
         assert len(ids) >= need, f"{name} {part}: {len(ids)} tokens < {need}"
         out[part] = np.asarray(ids[:need], dtype=np.int64).reshape(count, seq_len)

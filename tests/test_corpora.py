@@ -84,3 +84,17 @@ def test_evaluation_only_from_named_sets(tmp_path):
     path.write_text("some text")
     with pytest.raises(corpora.CorpusError, match="evaluation text comes only"):
         corpora.split_documents(str(path), "evaluation")
+
+
+@pytest.mark.parametrize("name", sorted(corpora.HELD_OUT_FILES))
+def test_evaluation_only_domains_evaluate_on_the_second_half_only(name, tokenizer):
+    first, second = corpora.held_out_halves(name)
+    text = (corpora.bundled.corpus_dir() / corpora.HELD_OUT_FILES[name]).read_text(encoding="utf-8")
+    assert first + second == text and second.startswith("\n")
+    assert abs(len(first) - len(text) / 2) < 0.05 * len(text)  # cut near the middle
+    assert corpora.split_documents(name, "evaluation")["text"] == [second]
+    windows = corpora.sample_token_windows(tokenizer, name, 2, 64, 0, part="evaluation")
+    ids = tokenizer(second, add_special_tokens=False)["input_ids"]
+    assert windows.reshape(-1).tolist() == ids[:128]  # the evaluation half, from its start
+    with pytest.raises(corpora.CorpusError, match="evaluation-only domain"):
+        corpora.split_documents(name, "calibration")

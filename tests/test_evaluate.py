@@ -188,7 +188,8 @@ def test_limit_subsample_depends_on_seed_and_tasks_are_validated():
     assert tasks.select_indices(10, None, 0) == list(range(10))
     a, b = tasks.select_indices(1000, 5, 0), tasks.select_indices(1000, 5, 1)
     assert a == sorted(a) and a != b and a == tasks.select_indices(1000, 5, 0)
-    assert tasks.parse_tasks("ppl,piqa") == ["wiki-ppl", "c4-ppl", "piqa"]
+    assert tasks.parse_tasks("ppl,piqa") == ["wiki-ppl", "c4-ppl", "tiny-ppl", "technical-ppl", "code-ppl",
+                                             "multilingual-ppl", "piqa"]
     with pytest.raises(ev.EvalError, match="unknown task 'mmlu'"):
         tasks.parse_tasks("mmlu")
 

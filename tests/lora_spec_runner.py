@@ -27,9 +27,18 @@ def _inspect(worker) -> dict:
             total = float(sum(p.double().sum() for p in model.parameters()))
         return {"layers": len(inner.layers), "param_sum": total}
 
+    def eagle3(model):
+        """The target's EAGLE-3 default depths, and the depths set for full-model depths (1, 2, 8)."""
+        if not hasattr(model, "set_aux_hidden_state_layers"):
+            return None
+        default = list(model.get_eagle3_default_aux_hidden_state_layers())
+        model.set_aux_hidden_state_layers((1, 2, 8))  # last, so no later generate sees it
+        return {"default": default, "set_1_2_8": list(getattr(model, "model", model).aux_hidden_state_layers)}
+
     runner = worker.model_runner
     drafter = getattr(runner, "drafter", None)
-    return {"target": describe(runner.model), "draft": describe(drafter.model) if drafter is not None else None}
+    return {"target": describe(runner.model), "draft": describe(drafter.model) if drafter is not None else None,
+            "eagle3": eagle3(runner.model)}
 
 
 def run(spec: dict) -> dict:

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from vllm_miprun.errors import OptionError
 from vllm_miprun.vllm import lora_and_draft
 
 NUM_BLOCKS = 8
@@ -117,6 +118,15 @@ def test_renumbering_never_renames_twice():
             name = pattern.sub(new, name)
     assert name == "model.layers.2.mlp.down_proj.lora_A.weight"
     assert lora_and_draft.lora_skips([0, 2], 4) == ["model.layers.1.", "model.layers.3."]
+
+
+def test_eagle3_depths_follow_the_kept_blocks_and_refuse_merged_depths():
+    kept = [0, 1, 2, 3, 7, 8, 9]  # blocks 4-6 pruned, of 10
+    # the state after full-model block t is the state after the kept blocks below t
+    assert lora_and_draft.eagle3_depths(kept, 10, (2, 5, 8)) == (2, 4, 5)
+    assert lora_and_draft.eagle3_depths(kept, 10, (0, 4, 10)) == (0, 4, 7)
+    with pytest.raises(OptionError, match=r"after blocks \[4, 6\].*blocks \[4, 5, 6\] pruned.*depths \[4, 4\]"):
+        lora_and_draft.eagle3_depths(kept, 10, (4, 6))  # both inside the pruned run: one state
 
 
 def test_draft_is_recognised_and_gets_the_default_loader():
@@ -226,3 +236,15 @@ def test_engine_loads_the_draft_unpruned(engine_runs):
     assert worker["draft"]["param_sum"] == pytest.approx(alone["target"]["param_sum"], rel=1e-9)
     # greedy speculative decoding is lossless: the same tokens as without a draft
     assert engine_runs.spec["tokens"] == engine_runs.plain["tokens"]
+
+
+@pytest.mark.engine
+def test_engine_renumbers_eagle3_depths_on_the_pruned_target(engine_runs):
+    """The served (pruned) target takes EAGLE-3 depths in the full model's numbering: with
+    blocks 3-6 of 8 pruned, depths 1, 2 and 8 are 1, 2 and 4; stock vLLM takes them as given."""
+    assert engine_runs.spec["kept"] == [0, 1, 2, 7]
+    (worker,) = engine_runs.spec["workers"]
+    # the default is the full model's (2, L // 2, L - 3), not the pruned model's (2, 2, 1)
+    assert worker["eagle3"] == {"default": [2, 4, 5], "set_1_2_8": [1, 2, 4]}
+    (alone,) = engine_runs.draft_alone["workers"]
+    assert alone["eagle3"] == {"default": [2, 3, 3], "set_1_2_8": [1, 2, 8]}  # stock vLLM, 6 blocks

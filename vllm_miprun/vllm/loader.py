@@ -112,6 +112,7 @@ class MiprunModelLoader(BaseModelLoader):
         full = int(model_config.hf_config.miprun_num_blocks_full)
         if vllm_config.lora_config is not None:
             lora_and_draft.route_lora_to_kept_blocks(model, kept, full)
+        lora_and_draft.route_eagle3_to_kept_blocks(model, kept, full)
         report = {
             "kept": kept,
             "pruned": [i for i in range(full) if i not in set(kept)],

@@ -14,6 +14,14 @@ Speculative decoding. The draft model is loaded with the target's load config un
 loader recognises it (its ``ModelConfig`` is the speculative config's draft one, or its
 runner is ``draft``) and hands it to vLLM's ``DefaultModelLoader`` unpruned. The target's
 pruned config fields travel in dict ``hf_overrides``, which vLLM never applies to a draft.
+
+EAGLE-3 drafts read the target's residual stream at given depths: aux layer ``t`` is the
+state after ``t`` decoder blocks (``EagleModelMixin``), in the full model's numbering (the
+draft's ``eagle_aux_hidden_state_layer_ids``, else ``(2, L // 2, L - 3)``). The loader
+renumbers them on the pruned target: depth ``t`` of the full model is the state after the
+kept blocks below ``t``, the same stream a pruned run passes on unchanged. Two depths that
+fall into one pruned run would become one state, and the draft would get fewer inputs than
+it was trained on, so that is refused in one line.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ import dataclasses
 import re
 
 from vllm.logger import init_logger
+
+from vllm_miprun.errors import OptionError
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -84,3 +94,33 @@ def route_lora_to_kept_blocks(model, kept: list[int], num_blocks: int) -> None:
         "block %s here); adapter weights for the pruned blocks %s are dropped",
         sorted(kept), list(range(len(kept))), pruned,
     )
+
+
+def eagle3_depths(kept: list[int], num_blocks: int, layers) -> tuple[int, ...]:
+    """The pruned model's depth for each full-model depth an EAGLE-3 draft reads."""
+    layers = tuple(int(t) for t in layers)
+    depths = tuple(sum(1 for block in kept if block < t) for t in layers)
+    if len(set(depths)) < len(set(layers)):
+        pruned = [i for i in range(num_blocks) if i not in set(kept)]
+        raise OptionError(
+            f"the EAGLE-3 draft reads the target's hidden states after blocks {list(layers)} of the full "
+            f"model, but with blocks {pruned} pruned some of them are the same state (depths {list(depths)}); "
+            "prune fewer blocks between them, or serve without this draft"
+        )
+    return depths
+
+
+def route_eagle3_to_kept_blocks(model, kept: list[int], num_blocks: int) -> None:
+    """Make the target's EAGLE-3 aux-layer setter take full-model depths (see the module doc)."""
+    if not hasattr(model, "set_aux_hidden_state_layers"):
+        return
+    set_pruned_depths = model.set_aux_hidden_state_layers
+
+    def set_full_model_depths(layers) -> None:
+        depths = eagle3_depths(kept, num_blocks, layers)
+        logger.info("miprun: EAGLE-3 hidden states after blocks %s of the full model are read at depths %s "
+                    "of the pruned one", list(layers), list(depths))
+        set_pruned_depths(depths)
+
+    model.set_aux_hidden_state_layers = set_full_model_depths
+    model.get_eagle3_default_aux_hidden_state_layers = lambda: (2, num_blocks // 2, num_blocks - 3)

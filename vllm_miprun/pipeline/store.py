@@ -31,8 +31,6 @@ FORMAT = "vllm-miprun-scores"
 FORMAT_VERSION = 1
 
 
-
-
 @dataclass
 class ScoreCache:
     """Scores of one model under one calibration setting (see the module docstring)."""
@@ -105,9 +103,14 @@ def safe_name(text: str) -> str:
     return slug or "model"
 
 
+def cache_folder(cache_dir: str | Path | None = None) -> Path:
+    """Where score caches and their sidecars go: ``cache_dir``, else ``MIPRUN_CACHE_DIR``."""
+    return Path(cache_dir).expanduser() if cache_dir else envs.cache_dir()
+
+
 def cache_path(model_dir: str | Path, fingerprint: str, calibration: dict[str, Any],
                cache_dir: str | Path | None = None) -> Path:
-    folder = Path(cache_dir).expanduser() if cache_dir else envs.cache_dir()
+    folder = cache_folder(cache_dir)
     name = f"{safe_name(Path(model_dir).resolve().name)}-{cache_key(fingerprint, calibration)}.json"
     return folder / name
 

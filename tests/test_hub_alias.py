@@ -189,7 +189,8 @@ def test_snapshot_id_reads_the_hub_cache_layout(tmp_path):
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    assert hub_alias.snapshot_id(folder("models--org--m", "snapshots", COMMIT_A)) == hub_alias.SnapshotId("org/m", COMMIT_A)
+    found = hub_alias.snapshot_id(folder("models--org--m", "snapshots", COMMIT_A))
+    assert found == hub_alias.SnapshotId("org/m", COMMIT_A)
     assert hub_alias.snapshot_id(folder("models--gpt2", "snapshots", COMMIT_A)).repo_id == "gpt2"
     assert hub_alias.snapshot_id(folder("models--org--m", "snapshots", "main")) is None
     assert hub_alias.snapshot_id(folder("datasets--org--m", "snapshots", COMMIT_A)) is None
@@ -245,3 +246,27 @@ def test_unwritable_cache_folder_costs_a_warning_not_the_plan(tmp_path, tiny_lla
     with caplog.at_level(logging.WARNING):
         assert hub_alias.weights_fingerprint(full, blocked / "scores") == model_fingerprint(full)
     assert "could not record the hub alias" in caplog.text
+
+
+@pytest.mark.engine
+def test_engine_serves_mi_prun_from_cached_scores_without_the_pruned_only_shards(hub):
+    """Replica A scores a complete snapshot; replica B plans from the cached scores and
+    fetches only the kept blocks' shards. Served offline (vLLM swaps the id for B's snapshot
+    folder, which lacks the pruned-only shards), its tokens equal A's complete snapshot's.
+    It replaces the score-free partial-snapshot engine test: the loader path is the same."""
+    from test_loader_engine import run_engines
+
+    _plan(hub, "replica-a", revision=None)
+    args, _ = _plan(hub, "replica-b", revision=None)
+    kept = args.hf_overrides[remap.KEPT_FIELD]
+    partial = hub.snapshot_folder(str(hub.root / "replica-b"), None)
+    never = model_files.shard_split(partial, kept)[1]
+    assert never and not any((partial / name).exists() for name in never)
+    complete = hub.snapshot_folder(str(hub.root / "replica-a"), None)
+    from_hub, full = run_engines(
+        [{"model": REPO_ID, "load_format": "miprun", "extra": MI_PRUN},
+         {"model": str(complete), "load_format": "miprun", "extra": MI_PRUN}],
+        VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hub.root / "replica-b"))
+    assert from_hub["kept"] == full["kept"] == kept
+    assert from_hub["tokens"] == full["tokens"]
+    assert not any((partial / name).exists() for name in never)  # serving fetched nothing more

@@ -102,15 +102,16 @@ def weights_fingerprint(model_dir: str | Path, cache_dir: str | Path | None = No
     written as the hub alias of a snapshot), else read from the hub alias.
 
     Raises ``MissingWeightsError`` for a folder that lacks shards and has no valid alias."""
-    if has_every_shard(model_dir):
-        fingerprint = model_fingerprint(model_dir)
+    missing = missing_shards(model_dir)
+    if not missing and (snapshot_id(model_dir) is None or has_every_shard(model_dir)):
+        fingerprint = model_fingerprint(model_dir)  # a folder with no weights at all: its own error
         if record:
             record_alias(model_dir, fingerprint, cache_dir)
         return fingerprint
     fingerprint = read_alias(model_dir, cache_dir)
     if fingerprint is None:
         raise MissingWeightsError(
-            f"{model_dir} lacks the shards {missing_shards(model_dir)}, and the score cache is keyed by a "
+            f"{model_dir} lacks the shards {missing or ['*.safetensors']}, and the score cache is keyed by a "
             "fingerprint that samples every shard (a hub snapshot is known by its commit only after a "
             "complete copy of it was scored with this cache folder); fetch them, or plan with a drop "
             "list or method last/random"
@@ -180,8 +181,9 @@ def alias_problem(record, snapshot: SnapshotId, digests: dict[str, str | None]) 
     version = record.get("format_version")
     if not isinstance(version, int) or version > ALIAS_FORMAT_VERSION:
         return f"format_version {version!r} is not one this vllm-miprun reads ({ALIAS_FORMAT_VERSION})"
-    if (record.get("repo_id"), record.get("commit")) != (snapshot.repo_id, snapshot.commit):
-        return f"it was made for {record.get('repo_id')}@{record.get('commit')}, not {snapshot.repo_id}@{snapshot.commit}"
+    made_for = (record.get("repo_id"), record.get("commit"))
+    if made_for != (snapshot.repo_id, snapshot.commit):
+        return f"it was made for {made_for[0]}@{made_for[1]}, not {snapshot.repo_id}@{snapshot.commit}"
     if not isinstance(record.get("fingerprint"), str) or not _FINGERPRINT.fullmatch(record["fingerprint"]):
         return "its fingerprint is not sha256:<64 hex>"
     if digests.get(CONFIG_NAME) is None or record.get("pinned_sha256") != digests:

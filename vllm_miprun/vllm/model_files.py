@@ -38,7 +38,7 @@ from vllm.logger import init_logger
 from vllm_miprun.errors import ModelFolderError
 from vllm_miprun.model.checkpoint import INDEX_NAME, missing_shards
 from vllm_miprun.model.remap import layer_index
-from vllm_miprun.pipeline.hub_alias import MissingWeightsError, has_every_shard
+from vllm_miprun.pipeline.hub_alias import MissingWeightsError, has_every_shard, snapshot_id
 
 # Under "vllm." so vLLM's logging config (handler, level, format) applies to it.
 logger = init_logger(f"vllm.{__name__}")
@@ -110,8 +110,9 @@ def fetch_for_plan(source: ModelSource, options) -> Path:
                         "weights, so only the shards the kept blocks need are fetched", source.model)
         return folder
     else:
-        reason = (f"method {options.method} needs scores, and scores need every shard until a complete "
-                  "copy of this hub commit was scored with this cache folder (its hub alias)")
+        reason = f"method {options.method} needs scores, and scores need every shard"
+        if snapshot_id(folder) is not None:
+            reason += " until a complete copy of this hub commit was scored with this cache folder (its hub alias)"
     if source.local_dir is not None:
         missing = missing_shards(folder)
         if missing:

@@ -6,6 +6,10 @@ name is a sanitised model name plus a hash of fingerprint and settings: it is on
 lookup key, and the contents are checked again on every read, so a renamed or copied
 file is never trusted for other weights or other settings.
 
+The same folder holds the speed sidecars (``speed_store.py``) and the hub aliases
+(``hub_alias.py``: a hub commit -> its weights' fingerprint, so a snapshot fetched in
+part finds its cache).
+
 Writes are atomic (temporary file, fsync, rename) under a file lock, so an interrupted
 or concurrent calibration never leaves a partial file behind.
 """

@@ -132,24 +132,3 @@ def test_local_folder_is_never_fetched(hub, tiny_llama_dir):
     prepare_engine_args(args)
     assert hub.calls == []
 
-
-@pytest.mark.engine
-def test_engine_serves_a_hub_snapshot_without_its_pruned_only_shards(hub, tiny_llama_dir):
-    """Fetch like `vllm serve org/tiny` would (fake hub), then serve offline from the cache:
-    vLLM swaps the id for the snapshot folder, which lacks the pruned-only shard, and the
-    tokens equal the local full folder's."""
-    from test_loader_engine import run_engines
-
-    args = EngineArgs(model=REPO_ID, load_format="miprun", download_dir=hub.download_dir,
-                      model_loader_extra_config={"keep": 0.5, "method": "last"})
-    prepare_engine_args(args)
-    folder = hub.snapshot_folder(hub.download_dir, None)
-    never = model_files.shard_split(folder, args.hf_overrides[remap.KEPT_FIELD])[1]
-    assert never and not any((folder / name).exists() for name in never)
-    extra = {"keep": 0.5, "method": "last"}
-    from_hub, local = run_engines(
-        [{"model": REPO_ID, "load_format": "miprun", "extra": extra},
-         {"model": str(tiny_llama_dir), "load_format": "miprun", "extra": extra}],
-        VLLM_ENABLE_V1_MULTIPROCESSING="0", HF_HUB_OFFLINE="1", HF_HUB_CACHE=hub.download_dir)
-    assert from_hub["kept"] == local["kept"] == args.hf_overrides[remap.KEPT_FIELD]
-    assert from_hub["tokens"] == local["tokens"]

@@ -22,9 +22,9 @@ from vllm_miprun.core import scoring
 from vllm_miprun.core.matrices import to_nested_list
 from vllm_miprun.model import architectures
 from vllm_miprun.model.blockwise import BlockwiseModel
-from vllm_miprun.model.checkpoint import ModelFolderError, read_config
+from vllm_miprun.model.checkpoint import ModelFolderError, missing_shards, read_config
 from vllm_miprun.model.quantization import check_checkpoint_quantization
-from vllm_miprun.model.fingerprint import model_fingerprint
+from vllm_miprun.pipeline import hub_alias
 from vllm_miprun.options import CalibrationSettings, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -51,8 +51,11 @@ def calibration_key(settings: CalibrationSettings) -> dict:
 
 def locate(model_dir: str | Path, settings: CalibrationSettings,
            cache_dir: str | Path | None = None) -> tuple[Path, str]:
-    """Where the cache for these weights and settings lives, and the weights' fingerprint."""
-    fingerprint = model_fingerprint(model_dir)
+    """Where the cache for these weights and settings lives, and the weights' fingerprint.
+
+    A hub snapshot with every shard records its alias here (commit -> fingerprint); one
+    fetched in part finds its fingerprint through that alias (see ``hub_alias``)."""
+    fingerprint = hub_alias.weights_fingerprint(model_dir, cache_dir)
     return score_cache.cache_path(model_dir, fingerprint, calibration_key(settings), cache_dir), fingerprint
 
 
@@ -90,6 +93,11 @@ def calibrate(model_dir: str | Path, settings: CalibrationSettings, device: str 
     key = calibration_key(settings)
     if path.exists() and not force:
         return CalibrationResult(score_cache.read_cache(path, fingerprint, key), path, reused=True)
+    if not hub_alias.has_every_shard(model_dir):  # known through its hub alias, but not on disk
+        raise hub_alias.MissingWeightsError(
+            f"{model_dir} lacks the shards {missing_shards(model_dir)} and has no score cache at "
+            f"{path}; calibration reads every block, so fetch every shard first"
+        )
     score_cache.ensure_writable(path.parent)  # fail before the expensive pass
     cache = compute_scores(model_dir, settings, fingerprint, device=resolve_device(device), progress=progress,
                            dtype=dtype)

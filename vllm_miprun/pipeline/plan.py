@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from vllm_miprun.pipeline import store as score_cache
+from vllm_miprun.pipeline import hub_alias, store as score_cache
 from vllm_miprun.core import selection as selectors
 from vllm_miprun.core.selection.sleb import prefix_answers as sleb_prefix_answers
-from vllm_miprun.model.checkpoint import read_config
+from vllm_miprun.model.checkpoint import missing_shards, read_config
 from vllm_miprun.model.quantization import check_checkpoint_quantization
 from vllm_miprun.core.latency import LatencyModel
 from vllm_miprun.pipeline.speed_store import read_profile
@@ -137,16 +137,39 @@ def load_scores(model_dir: str | Path, options: MiprunOptions, progress: bool = 
     return result.cache, result.path, "computed"
 
 
+def scores_cached_for_commit(model_dir: str | Path, options: MiprunOptions) -> bool:
+    """Whether the scores this plan reads are known for ``model_dir``'s hub commit without
+    its weights: a valid hub alias, and a score cache (or the ``scores`` file) made for the
+    alias's fingerprint and, for the cache, these calibration settings (``hub_alias``)."""
+    from vllm_miprun.pipeline.calibrate import calibration_key
+
+    fingerprint = hub_alias.read_alias(model_dir, options.cache_dir)
+    if fingerprint is None:
+        return False
+    key = calibration_key(options.calibration)
+    path = (Path(options.scores).expanduser() if options.scores
+            else score_cache.cache_path(model_dir, fingerprint, key, options.cache_dir))
+    if not path.is_file():
+        logger.info("hub alias of %s found, but no score cache at %s", model_dir, path)
+        return False
+    try:
+        score_cache.read_cache(path, fingerprint, None if options.scores else key)
+    except score_cache.CacheError as err:
+        logger.info("hub alias of %s found, but its score cache is not usable: %s", model_dir, err)
+        return False
+    return True
+
+
 def latency_model(model_dir, config: dict, cache: score_cache.ScoreCache | None,
                   cache_dir: str | None = None) -> LatencyModel:
     """The measured per-block profile (score cache, else the weights' speed sidecar that
     ``vllm-miprun profile`` writes), else the FLOP-and-byte estimate."""
     if cache is not None and cache.profile:
         return LatencyModel.from_profile(cache.profile)
-    from vllm_miprun.model.checkpoint import missing_shards
-
-    # A hub snapshot fetched in part has no fingerprint, so no sidecar can be found for it.
-    profile = None if missing_shards(model_dir) else read_profile(model_dir, cache_dir)
+    # A hub snapshot fetched in part knows its fingerprint only through its hub alias;
+    # without one no sidecar can be found for it.
+    fingerprint = cache.fingerprint if cache is not None else hub_alias.known_fingerprint(model_dir, cache_dir)
+    profile = read_profile(model_dir, cache_dir, fingerprint) if fingerprint else None
     if profile:
         return LatencyModel.from_profile(profile)
     logger.info("no latency profile; using the FLOP-and-byte estimate from the model config")
@@ -218,6 +241,13 @@ class _ForwardSearch:
 
     def _load(self):
         if self._model is None:
+            if not hub_alias.has_every_shard(self.model_dir):  # planned from a hub alias's cached scores
+                raise hub_alias.MissingWeightsError(
+                    f"{self.model_dir} lacks the shards {missing_shards(self.model_dir)}, and method "
+                    f"{self.options.method} has no cached answer for this request (a search that runs every "
+                    "block on calibration tokens); fetch every shard, or plan with a method that needs no "
+                    "forward search"
+                )
             from vllm_miprun.model.blockwise import BlockwiseModel
             from vllm_miprun.pipeline.calibrate import calibration_ids
 

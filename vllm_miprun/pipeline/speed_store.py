@@ -34,9 +34,11 @@ def speed_path(model_dir: str | Path, cache_dir: str | Path | None = None,
     return folder / f"{score_cache.safe_name(Path(model_dir).resolve().name)}-{digest}.speed.json"
 
 
-def read_speed(model_dir: str | Path, cache_dir: str | Path | None = None) -> dict[str, Any] | None:
-    """The speed sidecar's contents for these weights, or None when there is none."""
-    fingerprint = model_fingerprint(model_dir)
+def read_speed(model_dir: str | Path, cache_dir: str | Path | None = None,
+               fingerprint: str | None = None) -> dict[str, Any] | None:
+    """The speed sidecar's contents for these weights (``fingerprint`` when the caller
+    knows it, e.g. from a hub alias), or None when there is none."""
+    fingerprint = fingerprint or model_fingerprint(model_dir)
     path = speed_path(model_dir, cache_dir, fingerprint)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -47,9 +49,10 @@ def read_speed(model_dir: str | Path, cache_dir: str | Path | None = None) -> di
     return data
 
 
-def read_profile(model_dir: str | Path, cache_dir: str | Path | None = None) -> dict[str, Any] | None:
+def read_profile(model_dir: str | Path, cache_dir: str | Path | None = None,
+                 fingerprint: str | None = None) -> dict[str, Any] | None:
     """The measured profile from the sidecar (``LatencyModel.from_profile`` input), or None."""
-    data = read_speed(model_dir, cache_dir)
+    data = read_speed(model_dir, cache_dir, fingerprint)
     profile = data.get("profile") if data else None
     if not profile:
         return None

@@ -6,6 +6,10 @@ name is a sanitised model name plus a hash of fingerprint and settings: it is on
 lookup key, and the contents are checked again on every read, so a renamed or copied
 file is never trusted for other weights or other settings.
 
+The same folder holds the speed sidecars (``speed_store.py``) and the hub aliases
+(``hub_alias.py``: a hub commit -> its weights' fingerprint, so a snapshot fetched in
+part finds its cache).
+
 Writes are atomic (temporary file, fsync, rename) under a file lock, so an interrupted
 or concurrent calibration never leaves a partial file behind.
 """
@@ -29,8 +33,6 @@ from vllm_miprun.errors import CacheError  # noqa: F401 - re-exported
 
 FORMAT = "vllm-miprun-scores"
 FORMAT_VERSION = 1
-
-
 
 
 @dataclass
@@ -105,9 +107,14 @@ def safe_name(text: str) -> str:
     return slug or "model"
 
 
+def cache_folder(cache_dir: str | Path | None = None) -> Path:
+    """Where score caches and their sidecars go: ``cache_dir``, else ``MIPRUN_CACHE_DIR``."""
+    return Path(cache_dir).expanduser() if cache_dir else envs.cache_dir()
+
+
 def cache_path(model_dir: str | Path, fingerprint: str, calibration: dict[str, Any],
                cache_dir: str | Path | None = None) -> Path:
-    folder = Path(cache_dir).expanduser() if cache_dir else envs.cache_dir()
+    folder = cache_folder(cache_dir)
     name = f"{safe_name(Path(model_dir).resolve().name)}-{cache_key(fingerprint, calibration)}.json"
     return folder / name
 

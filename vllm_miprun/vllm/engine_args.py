@@ -90,7 +90,8 @@ def prepare_engine_args(engine_args) -> None:
     hf_config = read_config(model_dir)
     hf_config.update({k: v for k, v in overrides.items() if not isinstance(v, dict)})
     start = time.perf_counter()
-    plan = plan_outside_cuda(model_dir, options, hf_config)
+    model_dir, plan = model_files.plan_or_fetch_all(  # every shard after all if a search needs them
+        source, model_dir, lambda folder: plan_outside_cuda(folder, options, hf_config))
     model_files.fetch_kept_shards(source, model_dir, plan.kept)  # a hub id: only the kept blocks' shards
     pruned_fields = remap.pruned_fields(model_dir, hf_config, plan.kept)
     heal_outside_cuda(model_dir, options, list(plan.kept), plan.num_blocks)  # fit once here, workers read

@@ -138,7 +138,8 @@ class MiprunModelLoader(BaseModelLoader):
         model_dir = model_files.fetch_for_plan(source, self.options)
         hf_config = read_config(model_dir)
         start = time.perf_counter()
-        plan = make_plan_for(model_dir, self.options, hf_config)
+        model_dir, plan = model_files.plan_or_fetch_all(
+            source, model_dir, lambda folder: make_plan_for(folder, self.options, hf_config))
         model_files.fetch_kept_shards(source, model_dir, plan.kept)
         logger.warning(
             "miprun: planning in the worker because the engine config was not made by "

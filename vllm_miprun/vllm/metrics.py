@@ -136,9 +136,11 @@ def find_cached_baseline(model_dir: Path, plan: Mapping[str, Any] | None,
         if not path.is_file():
             continue
         if fingerprint is None:
-            from vllm_miprun.model.fingerprint import model_fingerprint
+            from vllm_miprun.pipeline.hub_alias import known_fingerprint
 
-            fingerprint = model_fingerprint(model_dir)
+            fingerprint = known_fingerprint(model_dir, cache_dir)  # a partial hub snapshot: its alias
+            if fingerprint is None:
+                break
         try:
             cache = score_cache.read_cache(path, fingerprint=fingerprint)
         except score_cache.CacheError:

@@ -6,11 +6,19 @@ engine's ``--revision``, ``--download-dir`` and ``--ignore-patterns``, and
 ``HF_HUB_OFFLINE`` turning every call into a cache lookup. It is fetched in steps:
 
 1. the small files: ``config.json``, the safetensors index, the tokenizer;
-2. the plan. Scores need the weights' fingerprint, which samples every tensor, so a
-   plan that needs scores (calibration or a cached score file) downloads every shard
-   first, exactly as the default loader would. A plan that needs none (the score-free
-   methods ``last`` and ``random``, or an explicit drop list) is made from the config
-   and index alone;
+2. the plan. A plan that needs no scores (the score-free methods ``last`` and ``random``,
+   or an explicit drop list) is made from the config and index alone. Scores are keyed by
+   the weights' fingerprint, which samples every tensor; a hub snapshot is also known by
+   its commit, which needs no weights (``pipeline/hub_alias.py``). So a plan that needs
+   scores downloads nothing more when a hub alias (commit -> fingerprint, written the
+   first time a complete snapshot of that commit was scored) and a matching score cache
+   exist in the cache folder: a restart, or a replica with its own download folder that
+   shares the cache folder. Otherwise it downloads every shard first, exactly as the
+   default loader would, scores them and records the alias for the next time. Healing
+   (``heal``) fits on every block's calibration states, so it always downloads every
+   shard. A plan made without the weights that turns out to need them (a forward search
+   whose answer the cache lacks) downloads every shard and plans again
+   (:func:`plan_or_fetch_all`);
 3. the shards that hold kept-block or non-block tensors, by name. A shard that holds only
    pruned blocks' tensors is never downloaded.
 
@@ -23,12 +31,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from vllm.logger import init_logger
 
 from vllm_miprun.errors import ModelFolderError
 from vllm_miprun.model.checkpoint import INDEX_NAME, missing_shards
 from vllm_miprun.model.remap import layer_index
+from vllm_miprun.pipeline.hub_alias import MissingWeightsError, has_every_shard, snapshot_id
 
 # Under "vllm." so vLLM's logging config (handler, level, format) applies to it.
 logger = init_logger(f"vllm.{__name__}")
@@ -70,32 +80,62 @@ def _patterns(value) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
-def plan_needs_all_weights(options) -> bool:
-    """Whether planning reads the weights (scores need their fingerprint), see the module doc."""
+def plan_needs_scores(options) -> bool:
+    """Whether planning reads scores: any method but the score-free ones, unless a drop list."""
     from vllm_miprun.pipeline.plan import SCORE_FREE_METHODS
 
-    if getattr(options, "heal", "none") != "none":  # healing fits on calibration states
-        return True
     return not getattr(options, "drop", None) and options.method not in SCORE_FREE_METHODS
 
 
+def plan_needs_all_weights(options) -> bool:
+    """Whether planning reads every block's weights whatever is cached: healing fits on
+    calibration states."""
+    return getattr(options, "heal", "none") != "none"
+
+
 def fetch_for_plan(source: ModelSource, options) -> Path:
-    """The folder to plan from: metadata only, or everything when the plan needs scores."""
-    if source.local_dir is not None:
-        missing = missing_shards(source.local_dir)
-        if missing and plan_needs_all_weights(options):
-            raise ModelFolderError(
-                f"{source.local_dir} lacks the shards {missing}, but method {options.method} needs scores, "
-                "and scores need every shard; fetch them, or plan with a drop list or method last/random"
-            )
-        return source.local_dir
+    """The folder to plan from: metadata only, or every shard when the plan needs the
+    weights (see the module doc). A local folder is never fetched: lacking shards the
+    plan needs is an error."""
+    from vllm_miprun.pipeline.plan import scores_cached_for_commit
+
     folder = fetch_metadata(source)
     if plan_needs_all_weights(options):
-        logger.info("miprun: %s is a hub id and method %s needs scores, so every shard is "
-                    "downloaded first (the score cache is keyed by all the weights)",
-                    source.model, options.method)
-        folder = fetch_all_weights(source)
-    return folder
+        reason = "heal fits on the calibration states of every block"
+    elif not plan_needs_scores(options):
+        return folder
+    elif scores_cached_for_commit(folder, options):
+        if not has_every_shard(folder):
+            logger.info("miprun: scores for %s are cached for its commit (hub alias); planning without its "
+                        "weights, so only the shards the kept blocks need are fetched", source.model)
+        return folder
+    else:
+        reason = f"method {options.method} needs scores, and scores need every shard"
+        if snapshot_id(folder) is not None:
+            reason += " until a complete copy of this hub commit was scored with this cache folder (its hub alias)"
+    if source.local_dir is not None:
+        missing = missing_shards(folder)
+        if missing:
+            raise ModelFolderError(f"{folder} lacks the shards {missing}, but {reason}; fetch them, or plan "
+                                   "with a drop list or method last/random")
+        return folder
+    logger.info("miprun: downloading every shard of %s first: %s", source.model, reason)
+    return fetch_all_weights(source)
+
+
+def plan_or_fetch_all(source: ModelSource, model_dir: Path, plan_for: Callable[[Path], Any]) -> tuple[Path, Any]:
+    """``(folder, plan_for(folder))``. A plan made from a hub snapshot's cached scores that
+    turns out to read weights the snapshot lacks (``MissingWeightsError``: a forward search
+    the cache has no answer for) downloads every shard and plans again; a local folder's
+    error stands."""
+    try:
+        return model_dir, plan_for(model_dir)
+    except MissingWeightsError as err:
+        if source.local_dir is not None:
+            raise
+        logger.info("miprun: downloading every shard of %s and planning again: %s", source.model, err)
+    folder = fetch_all_weights(source)
+    return folder, plan_for(folder)
 
 
 def fetch_metadata(source: ModelSource) -> Path:

@@ -132,3 +132,28 @@ def test_local_folder_is_never_fetched(hub, tiny_llama_dir):
     prepare_engine_args(args)
     assert hub.calls == []
 
+
+
+def test_metrics_read_the_snapshot_in_the_engines_download_folder(hub, monkeypatch):
+    """The API server's metrics exporter finds the same snapshot as the loader: in
+    ``--download-dir``, not in the hub's default cache."""
+    from types import SimpleNamespace
+
+    from vllm.config.load import LoadConfig
+
+    from vllm_miprun.vllm.metrics import exporter_for
+
+    args = _engine_args(hub, keep=0.5, method="last")
+    prepare_engine_args(args)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    kept = args.hf_overrides[remap.KEPT_FIELD]
+    hf_config = SimpleNamespace(**{remap.KEPT_FIELD: kept, remap.FULL_FIELD: 8})
+    model_config = SimpleNamespace(model=REPO_ID, revision="v1", hf_config=hf_config, served_model_name=REPO_ID,
+                                   dtype="float32")
+    load_config = LoadConfig(load_format="miprun", download_dir=hub.download_dir, ignore_patterns=list(IGNORE),
+                             model_loader_extra_config={})
+    vllm_config = SimpleNamespace(model_config=model_config, load_config=load_config,
+                                  cache_config=SimpleNamespace(cache_dtype="auto"))
+    exporter = exporter_for(vllm_config)
+    assert exporter.model_dir == hub.snapshot_folder(hub.download_dir, "v1")
+    assert exporter.kept == list(kept) and exporter.num_blocks == 8

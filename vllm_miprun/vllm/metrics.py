@@ -249,9 +249,10 @@ def exporter_for(vllm_config) -> Exporter | None:
     kept = getattr(hf_config, KEPT_FIELD, None)
     if kept is None:
         return None
-    from vllm_miprun.vllm.model_files import resolve_model_dir
+    from vllm_miprun.vllm.model_files import ModelSource, resolve_model_dir
 
-    model_dir = resolve_model_dir(model_config.model, model_config.revision)
+    # the engine's download folder and ignore patterns too: the snapshot the loader read
+    model_dir = resolve_model_dir(ModelSource.from_configs(model_config, vllm_config.load_config))
     extra = vllm_config.load_config.model_loader_extra_config or {}
     return Exporter(
         model_name=str(model_config.served_model_name),

@@ -113,7 +113,7 @@ def run_row(args, name: str, base: dict[str, Any] | None, seeds: tuple[int, ...]
                 # vLLM plans again in the loader: same options and cache, so the same blocks
                 prune = {**options, "cache_dir": str(cache_dir)} if args.backend == "vllm" else list(plan.kept)
             # Two methods that keep the same blocks have the same model: evaluate it once.
-            same = evaluated.get((tuple(record["kept"]), "none")) if base is not None else None
+            same = earlier_report(args, evaluated, record["kept"], "none") if base is not None else None
             if same is not None:
                 report = {**same, "reused": True}
             else:
@@ -135,6 +135,19 @@ def run_row(args, name: str, base: dict[str, Any] | None, seeds: tuple[int, ...]
     return records
 
 
+def earlier_report(args, evaluated: dict[tuple, dict[str, Any]], kept: list[int], heal: str) -> dict | None:
+    """The report of a model already evaluated with the same blocks and heal: by this run,
+    or (``--merge``) by a run that shares the file, such as a concurrent one."""
+    key = (tuple(kept), heal)
+    if key not in evaluated and args.merge:
+        path = (args.out / args.name).with_suffix(".json")
+        records = json.loads(path.read_text())["records"] if path.exists() else []
+        for r in records:
+            if "kept" in r and r["eval"].get("tasks", {}).keys() >= set(args.ppl_tasks):
+                evaluated.setdefault((tuple(r["kept"]), r.get("heal", "none")), r["eval"])
+    return evaluated.get(key)
+
+
 def log_record(record: dict[str, Any]) -> None:
     ppl = {task.removesuffix("-ppl"): round(m["ppl"], 2) for task, m in record["eval"]["tasks"].items()
            if "ppl" in m}
@@ -152,7 +165,7 @@ def healed_record(args, plain: dict[str, Any], options: dict[str, Any], tasks: l
 
     kept = plain["kept"]
     record = {k: v for k, v in plain.items() if k != "eval"} | {"heal": "linear"}
-    same = evaluated.get((tuple(kept), "linear"))
+    same = earlier_report(args, evaluated, kept, "linear")
     if same is not None:
         return record | {"eval": {**same, "reused": True}}
     parsed = MiprunOptions.from_dict({**options, "cache_dir": str(args.cache_root), "heal": "linear"})

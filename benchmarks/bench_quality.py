@@ -399,7 +399,7 @@ def write_outputs(args, records: list[dict[str, Any]], stable: dict[str, dict], 
               "goals": goals}
     harness.stamp(result)
     stem = args.out / args.name
-    table = heal_table.markdown(records, args.limit, len(ZERO_SHOT)) if healed else \
+    table = heal_table.markdown(records, args.limit, len(ZERO_SHOT), [r[0] for r in ROWS]) if healed else \
         markdown_table(plain, stable, args.limit)
     atomic_write(stem.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
     atomic_write(stem.with_suffix(".md"), table + "\n" + goals_markdown(goals))

@@ -60,13 +60,15 @@ def heal_effect(plain: list[dict[str, Any]], healed: list[dict[str, Any]]) -> tu
     return geomean(list(mean.values())), worst.removesuffix("-ppl"), mean[worst] - 1
 
 
-def markdown(records: list[dict[str, Any]], limit: int | None, zero_shot_tasks: int) -> str:
+def markdown(records: list[dict[str, Any]], limit: int | None, zero_shot_tasks: int,
+             row_order: list[str] | None = None) -> str:
     groups = by_key(records)
     tasks = [t for t in PPL_TASKS if any(ppl(r, t) is not None for r in records)]
     head = ["keep", "method", "heal"] + [t.removesuffix("-ppl") for t in tasks] + \
         ["geomean unlike", "geomean ×plain", "worst unlike domain", "zero-shot acc_norm", "pruned"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    order = {name: i for i, name in enumerate(dict.fromkeys(r["row"] for r in records))}
+    names = list(dict.fromkeys((row_order or []) + [r["row"] for r in records]))
+    order = {name: i for i, name in enumerate(names)}
     for (row, keep, heal), rs in sorted(groups.items(), key=lambda kv: (-kv[0][1], order[kv[0][0]], kv[0][2] != "none")):
         cells = [_fmt(domain_ppl(rs, t)) for t in tasks]
         effect = heal_effect(groups.get((row, keep, "none"), []), rs) if heal != "none" else None

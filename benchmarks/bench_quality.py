@@ -301,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-zero-shot", action="store_true", help="perplexity only")
     parser.add_argument("--ppl-tasks", type=ev.parse_tasks, default=("wiki-ppl", "c4-ppl"),
                         help="perplexity tasks (ppl = every domain, the evaluation-only ones included)")
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite <name>.md and the plot from <name>.json (no model is run)")
     parser.add_argument("--max-seeds", type=int, default=None,
                         help="at most this many calibration seeds per row (random has 3)")
     parser.add_argument("--heal", action="store_true",
@@ -323,6 +325,12 @@ def main(argv: list[str] | None = None) -> None:
                              "command that contributed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.render:
+        saved = json.loads((args.out / args.name).with_suffix(".json").read_text())
+        for key in SETTINGS:
+            setattr(args, key, saved[key])
+        write_outputs(args, saved["records"], saved.get("stability", {}), saved["commands"], saved)
+        return
     args.model = args.model or harness.default_model_dir(prepare=True)
     args.out.mkdir(parents=True, exist_ok=True)
     args.cache_root = args.cache_root or Path(tempfile.mkdtemp(prefix="miprun-quality-caches-"))
@@ -386,7 +394,9 @@ def _row_keeps(pairs) -> list[str]:
     return [f"{row}@{keep:g}" for row, keep in sorted(pairs)]
 
 
-def write_outputs(args, records: list[dict[str, Any]], stable: dict[str, dict], commands: list[dict]) -> None:
+def write_outputs(args, records: list[dict[str, Any]], stable: dict[str, dict], commands: list[dict],
+                  saved: dict[str, Any] | None = None) -> None:
+    """The JSON (``saved`` as it is, when only re-rendering), the markdown and the plot."""
     healed = any(r.get("heal", "none") != "none" for r in records)
     plain = [r for r in records if r.get("heal", "none") == "none"]
     goals = heal_table.check_goals(records) if healed else check_goals(plain, stable)
@@ -398,6 +408,7 @@ def write_outputs(args, records: list[dict[str, Any]], stable: dict[str, dict], 
               "stability_keeps": list(args.stability_keeps), "timed": TIMED, "records": records, "stability": stable,
               "goals": goals}
     harness.stamp(result)
+    result = {**saved, "goals": goals} if saved else result
     stem = args.out / args.name
     table = heal_table.markdown(records, args.limit, len(ZERO_SHOT), [r[0] for r in ROWS]) if healed else \
         markdown_table(plain, stable, args.limit)

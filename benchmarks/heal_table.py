@@ -81,7 +81,9 @@ def markdown(records: list[dict[str, Any]], limit: int | None, zero_shot_tasks: 
             "-" if not zs else f"{sum(zs) / len(zs):.3f}",
             "; ".join(",".join(map(str, r.get("pruned", []))) for r in rs) or "-"]) + " |")
     notes = [f"\nUnlike domains (the goals'): {', '.join(t.removesuffix('-ppl') for t in UNLIKE_PPL_TASKS)}. "
-             "wiki and c4 are the calibration domains (evaluation split)."]
+             "wiki and c4 are the calibration domains (evaluation split). geomean ×plain: healed / plain "
+             "perplexity, geometric mean over the unlike domains; worst unlike domain: the one healing raises "
+             "most (or lowers least), against plain."]
     if limit:
         notes.append(f"Zero-shot: average acc_norm over {zero_shot_tasks} tasks x {limit} seeded examples "
                      f"(standard error about {100 * (0.25 / (zero_shot_tasks * limit)) ** 0.5:.1f} points).")

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
 import torch
 
-from tiny_models import make_tiny_model
+from tiny_models import FAMILY_ARCHS, make_tiny_model
 from vllm_miprun.core import heal_math
 from vllm_miprun.model import checkpoint, remap, weights
 from vllm_miprun.options import CalibrationSettings, MiprunOptions, OptionError
@@ -211,3 +212,43 @@ def test_vllm_serving_healed_equals_transformers_on_healed_export(tiny_llama_dir
             out = model.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)
         assert out[0, ids.shape[1]:].tolist() == tokens
     assert healed["logprobs"] != plain["logprobs"]  # the served model is the healed one
+
+
+def _fold_is_exact(model_dir, block: int) -> bool:
+    """Whether ``T`` folded into block ``block``'s ``mlp.down_proj`` turns its output into
+    ``(output − MLP output) + T · MLP output``: the identity the heal fit assumes."""
+    from vllm_miprun.model.blockwise import BlockwiseModel
+
+    runner = BlockwiseModel(model_dir)
+    ids = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        hidden = runner.embed_tokens(ids)
+        with runner.block(block) as layer:
+            r, d = heal.block_parts(runner, layer, hidden)
+            t = _random_maps(d.shape[-1], [1])[1]
+            layer.mlp.down_proj.weight.copy_(t @ layer.mlp.down_proj.weight)
+            if layer.mlp.down_proj.bias is not None:
+                layer.mlp.down_proj.bias.copy_(t @ layer.mlp.down_proj.bias)
+            folded = runner.run_block(layer, hidden)
+    return torch.allclose(folded, r + d @ t.T, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", sorted(FAMILY_ARCHS))
+def test_heal_refuses_exactly_the_families_where_the_fold_is_not_the_fit(arch, tmp_path):
+    """For every family: where block 1 has an ``mlp.down_proj``, the fold is exact if and
+    only if the family does not refuse healing; a refused family fails before any fit."""
+    from vllm_miprun.model import architectures
+
+    model_dir = make_tiny_model(tmp_path / arch, arch=arch, num_layers=4)
+    config = checkpoint.read_config(model_dir)
+    family = architectures.for_config(config)
+    names = [n for f in checkpoint.safetensors_files(model_dir) for n in checkpoint.read_header(f)]
+    if any(n.startswith(f"{family.layers_prefix}1{heal.DOWN_PROJ}") for n in names):
+        assert _fold_is_exact(model_dir, 1) == (family.heal_refusal is None), family.family
+    else:  # MoE or another MLP layout: check_foldable refuses it by name
+        with pytest.raises(heal.HealError, match="mlp.down_proj"):
+            heal.check_foldable([0, 1, 3], 4, names, tied=True)
+    if family.heal_refusal is not None:
+        options = MiprunOptions.from_dict({"drop": "2", "heal": "linear", "cache_dir": str(tmp_path / "cache")})
+        with pytest.raises(heal.HealError, match=re.escape(f"cannot fold into {family.family} blocks")):
+            heal.prepare_maps(model_dir, options, [0, 1, 3], 4)

@@ -117,6 +117,17 @@ def pruned_of(kept: list[int], num_blocks: int) -> list[int]:
     return [b for b in range(num_blocks) if b not in set(kept)]
 
 
+def check_family(config: dict[str, Any]) -> None:
+    """Refuse a family whose MLP output is normalised or scaled before the residual add:
+    a map folded into ``down_proj`` would then not be the map that was fitted."""
+    from vllm_miprun.model import architectures
+
+    family = architectures.for_config(config)
+    if family.heal_refusal:
+        raise HealError(f"heal=linear cannot fold into {family.family} blocks: {family.heal_refusal}; "
+                        "use heal=none")
+
+
 def check_foldable(kept: list[int], num_blocks: int, weight_names: Iterable[str], tied: bool) -> list[int]:
     """Run starts that will be healed; raise if a Llama-style ``mlp.down_proj`` is missing."""
     names = set(weight_names)
@@ -228,6 +239,7 @@ def prepare_maps(model_dir: str | Path, options, kept: list[int], num_blocks: in
     from vllm_miprun.model.fingerprint import model_fingerprint
 
     config = checkpoint.read_config(model_dir)
+    check_family(config)
     names = [n for f in checkpoint.safetensors_files(model_dir) for n in checkpoint.read_header(f)]
     tied = bool(config.get("tie_word_embeddings", False)) or "lm_head.weight" not in names
     starts = check_foldable(list(kept), num_blocks, names, tied)

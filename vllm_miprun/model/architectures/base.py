@@ -58,6 +58,9 @@ class Architecture:
     attn_implementation: str = "sdpa"
     # Static refusal before any work: (config) -> None, raising OptionError.
     check: Callable[[dict[str, Any]], None] | None = None
+    # Why a heal map cannot fold into ``mlp.down_proj`` (None: the block's output is the
+    # stream after attention plus the MLP output as it leaves the MLP, so it can).
+    heal_refusal: str | None = None
 
 
 def is_neutral(value: Any) -> bool:

@@ -8,4 +8,5 @@ the runner uses eager attention for this family, as transformers itself recommen
 from vllm_miprun.model.architectures.base import Architecture
 
 GEMMA2 = Architecture(family="Gemma 2", architectures=("Gemma2ForCausalLM",), derived=("layer_types",),
-                      renumbered=("sliding_window_pattern",), attn_implementation="eager")
+                      renumbered=("sliding_window_pattern",), attn_implementation="eager",
+                      heal_refusal="its MLP output passes post_feedforward_layernorm before the residual add")

@@ -408,7 +408,9 @@ def write_outputs(args, records: list[dict[str, Any]], stable: dict[str, dict], 
               "stability_keeps": list(args.stability_keeps), "timed": TIMED, "records": records, "stability": stable,
               "goals": goals}
     harness.stamp(result)
-    result = {**saved, "goals": goals} if saved else result
+    # merged runs may each have covered some ratios: say which the file holds
+    ratios = sorted({r["keep"] for r in records if "kept" in r}, reverse=True)
+    result = {**(saved or result), "goals": goals, "ratios": ratios}
     stem = args.out / args.name
     table = heal_table.markdown(records, args.limit, len(ZERO_SHOT), [r[0] for r in ROWS]) if healed else \
         markdown_table(plain, stable, args.limit)

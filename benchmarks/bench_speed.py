@@ -121,9 +121,11 @@ def fit_heal_maps(model, args, plans, keeps, num_blocks):
     cache hits like the plans'."""
     from vllm_miprun.pipeline.heal import prepare_maps
 
+    from vllm_miprun.options import MiprunOptions
+
     for keep in keeps:
-        maps = prepare_maps(model, options_for(args, keep, "linear"), list(plans[keep][0].kept), num_blocks,
-                            progress=False)
+        fitting = MiprunOptions.from_dict({**extra_for(args, keep), "heal": "linear", "require_cache": False})
+        maps = prepare_maps(model, fitting, list(plans[keep][0].kept), num_blocks, progress=False)
         print(f"heal keep={keep}: maps for the runs starting at {sorted(maps)}", flush=True)
 
 

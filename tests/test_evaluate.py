@@ -240,7 +240,8 @@ def test_vllm_and_transformers_agree_per_request(tiny_llama_dir, tiny_tokenizer,
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
     returncode, out, err = harness.run_in_own_group([sys.executable, str(script), str(spec)], 600, env)
     lines = [l for l in out.splitlines() if l.startswith("MIPRUN_EVAL ")]
-    assert returncode == 0 and lines, err[-4000:]
+    # vLLM logs to stdout: both tails, so a crash says how far the engine got
+    assert returncode == 0 and lines, f"exit {returncode}\nstdout:\n{out[-2500:]}\nstderr:\n{err[-2500:]}"
     served = json.loads(lines[-1][len("MIPRUN_EVAL "):])
     kept = served["kept"]
     assert kept is not None and len(kept) == 4  # the engine really served a pruned model

@@ -110,10 +110,10 @@ def extra_for(args, keep):
     return {"keep": keep, "require_cache": True, "device": args.device, **given_options(args)}
 
 
-def options_for(args, keep, heal="none"):
+def options_for(args, keep):
     from vllm_miprun.options import MiprunOptions
 
-    return MiprunOptions.from_dict({**extra_for(args, keep), "heal": heal})
+    return MiprunOptions.from_dict(extra_for(args, keep))
 
 
 def fit_heal_maps(model, args, plans, keeps, num_blocks):

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from filelock import FileLock
 
-from vllm_miprun import envs
 from vllm_miprun.core import heal_math
 from vllm_miprun.errors import CacheError
 from vllm_miprun.model.remap import layer_index
@@ -61,9 +60,9 @@ def heal_record(fingerprint: str, calibration: dict[str, Any], kept: list[int], 
 
 
 def heal_path(model_dir: str | Path, record: dict[str, Any], cache_dir: str | Path | None = None) -> Path:
-    from vllm_miprun.pipeline.store import safe_name
+    from vllm_miprun.pipeline.store import cache_folder, safe_name
 
-    folder = Path(cache_dir).expanduser() if cache_dir else envs.cache_dir()
+    folder = cache_folder(cache_dir)
     key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
     return folder / f"{safe_name(Path(model_dir).resolve().name)}-heal-{key}.safetensors"
 

@@ -16,7 +16,6 @@ from typing import Any, Mapping
 
 from filelock import FileLock
 
-from vllm_miprun import envs
 from vllm_miprun.core.latency import LatencyModel
 from vllm_miprun.model.fingerprint import model_fingerprint
 from vllm_miprun.pipeline import store as score_cache
@@ -29,7 +28,7 @@ def speed_path(model_dir: str | Path, cache_dir: str | Path | None = None,
                fingerprint: str | None = None) -> Path:
     """The speed sidecar for these weights: ``<cache_dir>/<model>-<fingerprint>.speed.json``."""
     fingerprint = fingerprint or model_fingerprint(model_dir)
-    folder = Path(cache_dir).expanduser() if cache_dir else envs.cache_dir()
+    folder = score_cache.cache_folder(cache_dir)
     digest = fingerprint.split(":", 1)[-1][:16]
     return folder / f"{score_cache.safe_name(Path(model_dir).resolve().name)}-{digest}.speed.json"
 

@@ -121,12 +121,11 @@ def find_cached_baseline(model_dir: Path, plan: Mapping[str, Any] | None,
                          cache_dir: str | Path | None) -> Baseline:
     """The baseline from the plan's score cache, else from any cache of these weights."""
     from vllm_miprun.pipeline import store as score_cache
-    from vllm_miprun import envs
 
     candidates: list[Path] = []
     if plan and plan.get("cache_path"):
         candidates.append(Path(plan["cache_path"]))
-    folder = Path(cache_dir).expanduser() if cache_dir else envs.cache_dir()
+    folder = score_cache.cache_folder(cache_dir)
     if folder.is_dir():
         pattern = f"{score_cache.safe_name(model_dir.resolve().name)}-*.json"
         candidates += sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime, reverse=True)

@@ -51,10 +51,12 @@ def unlike_geomean(rs: list[dict[str, Any]]) -> float | None:
 
 
 def heal_effect(plain: list[dict[str, Any]], healed: list[dict[str, Any]]) -> tuple[float, str, float] | None:
-    """(geomean healed/plain, worst unlike domain, its change), per seed then averaged."""
-    ratios = {t: [ppl(h, t) / ppl(p, t) for p, h in zip(plain, healed)] for t in UNLIKE_PPL_TASKS}
-    if any(None in (ppl(p, t), ppl(h, t)) for p, h in zip(plain, healed) for t in UNLIKE_PPL_TASKS):
+    """(geomean healed/plain, worst unlike domain, its change), per seed then averaged; None
+    without a plain record per healed one, or without every unlike domain."""
+    if not plain or len(plain) != len(healed) or any(
+            None in (ppl(p, t), ppl(h, t)) for p, h in zip(plain, healed) for t in UNLIKE_PPL_TASKS):
         return None
+    ratios = {t: [ppl(h, t) / ppl(p, t) for p, h in zip(plain, healed)] for t in UNLIKE_PPL_TASKS}
     mean = {t: geomean(v) for t, v in ratios.items()}
     worst = max(mean, key=mean.get)
     return geomean(list(mean.values())), worst.removesuffix("-ppl"), mean[worst] - 1

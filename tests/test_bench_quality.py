@@ -110,3 +110,12 @@ def test_heal_goal_fails_when_one_domain_is_more_than_two_percent_worse():
     assert [g["met"] for g in goals] == [True, False]
     table = heal_table.markdown(records, 20, 8)
     assert "| 0.6 | mi-prun | linear |" in table and "multilingual +3.0%" in table
+
+
+def test_heal_effect_is_none_without_a_plain_twin_or_a_domain():
+    healed = _record("mi-prun", 0.6, "linear", dict(zip(UNLIKE, (50.0,) * 4)))
+    assert heal_table.heal_effect([], [healed]) is None
+    partial = _record("mi-prun", 0.6, "none", {"tiny": 100.0, "wiki": 40.0})  # no technical/code/multilingual
+    assert heal_table.heal_effect([partial], [healed]) is None
+    table = heal_table.markdown([healed], None, 8)
+    assert "| 0.6 | mi-prun | linear |" in table and "| - | - |" in table

@@ -60,6 +60,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import heal_table  # noqa: E402
 
+from vllm_miprun.pipeline.store import atomic_write_text  # noqa: E402
 from vllm_miprun.tools import evaluate as ev  # noqa: E402
 from vllm_miprun.tools import harness  # noqa: E402
 from vllm_miprun.tools.cli import mean_pairwise_jaccard  # noqa: E402
@@ -400,33 +401,26 @@ def write_outputs(args, records: list[dict[str, Any]], stable: dict[str, dict], 
     healed = any(r.get("heal", "none") != "none" for r in records)
     plain = [r for r in records if r.get("heal", "none") == "none"]
     goals = heal_table.check_goals(records) if healed else check_goals(plain, stable)
-    result = {"benchmark": "benchmarks/bench_quality.py", "commands": commands,
-              "model": str(args.model), "backend": args.backend, "ratios": list(args.ratios),
-              "limit": args.limit, "zero_shot_tasks": list(ZERO_SHOT), "ppl_windows": args.ppl_windows,
-              "seq_len": args.seq_len, "dtype": args.dtype, "ppl_tasks": list(args.ppl_tasks), "heal": args.heal,
-              "stability_seeds": args.stability_seeds,
-              "stability_keeps": list(args.stability_keeps), "timed": TIMED, "records": records, "stability": stable,
-              "goals": goals}
-    harness.stamp(result)
+    if saved is None:
+        saved = harness.stamp({
+            "benchmark": "benchmarks/bench_quality.py", "commands": commands, "model": str(args.model),
+            "backend": args.backend, "limit": args.limit, "zero_shot_tasks": list(ZERO_SHOT),
+            "ppl_windows": args.ppl_windows, "seq_len": args.seq_len, "dtype": args.dtype,
+            "ppl_tasks": list(args.ppl_tasks), "heal": args.heal, "stability_seeds": args.stability_seeds,
+            "stability_keeps": list(args.stability_keeps), "timed": TIMED, "records": records, "stability": stable})
     # merged runs may each have covered some ratios: say which the file holds
     ratios = sorted({r["keep"] for r in records if "kept" in r}, reverse=True)
-    result = {**(saved or result), "goals": goals, "ratios": ratios}
+    result = {**saved, "goals": goals, "ratios": ratios}
     stem = args.out / args.name
     table = heal_table.markdown(records, args.limit, len(ZERO_SHOT), [r[0] for r in ROWS]) if healed else \
         markdown_table(plain, stable, args.limit)
-    atomic_write(stem.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
-    atomic_write(stem.with_suffix(".md"), table + "\n" + goals_markdown(goals))
+    atomic_write_text(stem.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
+    atomic_write_text(stem.with_suffix(".md"), table + "\n" + goals_markdown(goals))
     if healed:
         heal_table.plot(records, stem.with_name(stem.name + "_ppl.png"), PLOT_CAP)
     else:
         plot(plain, stem.with_name(stem.name + "_ppl.png"))
     logger.info("wrote %s.{json,md} and %s_ppl.png", stem, stem)
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 TIMED = ("calibration s: the score cache's own timing (one forward pass with the hidden states + every "

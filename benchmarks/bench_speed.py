@@ -105,9 +105,9 @@ def parse_args(argv=None):
     return args
 
 
-def extra_for(args, keep):
+def extra_for(args, keep, heal="none"):
     """One miprun run's plan options: its engine's extra config, and the plan made here first."""
-    return {"keep": keep, "require_cache": True, "device": args.device, **given_options(args)}
+    return {"keep": keep, "require_cache": True, "device": args.device, "heal": heal, **given_options(args)}
 
 
 def options_for(args, keep):
@@ -119,12 +119,11 @@ def options_for(args, keep):
 def fit_heal_maps(model, args, plans, keeps, num_blocks):
     """Fit (or read) the heal maps of each healed keep now, so that the engines' loads are
     cache hits like the plans'."""
+    from vllm_miprun.options import MiprunOptions
     from vllm_miprun.pipeline.heal import prepare_maps
 
-    from vllm_miprun.options import MiprunOptions
-
     for keep in keeps:
-        fitting = MiprunOptions.from_dict({**extra_for(args, keep), "heal": "linear", "require_cache": False})
+        fitting = MiprunOptions.from_dict({**extra_for(args, keep, "linear"), "require_cache": False})
         maps = prepare_maps(model, fitting, list(plans[keep][0].kept), num_blocks, progress=False)
         print(f"heal keep={keep}: maps for the runs starting at {sorted(maps)}", flush=True)
 
@@ -179,7 +178,7 @@ def main(argv=None) -> int:
                                                   "extra": extra_for(args, keep)}, keep))
         if keep in heal_keeps:
             configs.append((f"miprun-{keep}-healed", keep, {"model": model, "load_format": "miprun",
-                                                             "extra": {**extra_for(args, keep), "heal": "linear"}}, keep))
+                                                             "extra": extra_for(args, keep, "linear")}, keep))
     configs.append((f"stock-exported-{args.export_keep}", args.export_keep,
                     {"model": str(export_dir), "load_format": "auto"}, args.export_keep))
 
@@ -290,9 +289,7 @@ def store(model, args, rows, summary):
     """Profile (miprun runs at --profile-batch-size) and the full model's throughput."""
     written = {}
     pb = str(args.profile_batch_size)
-    points = [(r["kept_blocks"], r["batches"][pb]["tpot_s"]) for r in rows
-              if r["config"].startswith("miprun-") and not r["config"].endswith("-healed")
-              and pb in r["batches"]]
+    points = [(r["kept_blocks"], r["batches"][pb]["tpot_s"]) for r in plain_miprun(rows) if pb in r["batches"]]
     if len({k for k, _ in points}) >= 2:
         profile = make_profile(summary["num_blocks"], args.profile_batch_size, points, measured={
             "measured_by": "benchmarks/bench_speed.py", "device": summary["device"], "dtype": args.dtype,
@@ -314,6 +311,11 @@ def store(model, args, rows, summary):
     return written
 
 
+def plain_miprun(rows):
+    """The miprun loader's runs without healing: the keep curve and the fitted profile."""
+    return [r for r in rows if r["config"].startswith("miprun-") and not r["config"].endswith("-healed")]
+
+
 def write_outputs(summary, args):
     out = Path(args.out_json)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -333,8 +335,7 @@ def plot(summary, path):
     import matplotlib.pyplot as plt
 
     rows = summary["configs"]
-    mip = sorted([r for r in rows if r["config"].startswith("miprun-") and not r["config"].endswith("-healed")],
-                 key=lambda r: r["keep"])
+    mip = sorted(plain_miprun(rows), key=lambda r: r["keep"])
     full = rows[0]
     exported = [r for r in rows if r["config"].startswith("stock-exported")]
     healed = [r for r in rows if r["config"].endswith("-healed")]

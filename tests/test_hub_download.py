@@ -134,6 +134,20 @@ def test_local_folder_is_never_fetched(hub, tiny_llama_dir):
 
 
 
+def test_layers_past_the_stack_are_always_fetched(tmp_path):
+    """DeepSeek-V3 keeps its multi-token-prediction layer at index num_hidden_layers. It is
+    no block of the stack, so pruning never drops its shard: an MTP draft reads it."""
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 4}))
+    weight_map = {f"model.layers.{i}.mlp.down_proj.weight": f"model-0000{i + 1}-of-00005.safetensors"
+                  for i in range(5)}
+    weight_map["model.embed_tokens.weight"] = "model-00001-of-00005.safetensors"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    needed, never = model_files.shard_split(tmp_path, [0, 1])
+    assert needed == ["model-00001-of-00005.safetensors", "model-00002-of-00005.safetensors",
+                      "model-00005-of-00005.safetensors"]
+    assert never == ["model-00003-of-00005.safetensors", "model-00004-of-00005.safetensors"]
+
+
 def test_metrics_read_the_snapshot_in_the_engines_download_folder(hub, monkeypatch):
     """The API server's metrics exporter finds the same snapshot as the loader: in
     ``--download-dir``, not in the hub's default cache."""

@@ -36,7 +36,7 @@ from typing import Any, Callable
 from vllm.logger import init_logger
 
 from vllm_miprun.errors import ModelFolderError
-from vllm_miprun.model.checkpoint import INDEX_NAME, missing_shards
+from vllm_miprun.model.checkpoint import INDEX_NAME, missing_shards, read_config
 from vllm_miprun.model.remap import layer_index
 from vllm_miprun.pipeline.hub_alias import MissingWeightsError, has_every_shard, snapshot_id
 
@@ -163,14 +163,20 @@ def fetch_all_weights(source: ModelSource) -> Path:
 def shard_split(model_dir: str | Path, kept) -> tuple[list[str], list[str]]:
     """(shards to fetch, shards holding only pruned blocks' tensors), from the index alone.
 
-    Without an index the checkpoint is one file, and it is always needed."""
+    Without an index the checkpoint is one file, and it is always needed. Layers past the
+    stack (index >= ``num_hidden_layers``: DeepSeek-V3's multi-token-prediction layer) are
+    no block of it and are never pruned: an MTP draft reads them from the same snapshot."""
     index = Path(model_dir) / INDEX_NAME
     if not index.is_file():
         return list(WEIGHT_PATTERNS), []
     weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-    wanted = set(kept)
-    needed = {shard for name, shard in weight_map.items()
-              if layer_index(name) is None or layer_index(name) in wanted}
+    wanted, depth = set(kept), int(read_config(model_dir)["num_hidden_layers"])
+
+    def is_needed(name: str) -> bool:
+        block = layer_index(name)
+        return block is None or block in wanted or block >= depth
+
+    needed = {shard for name, shard in weight_map.items() if is_needed(name)}
     return sorted(needed), sorted(set(weight_map.values()) - needed)
 
 

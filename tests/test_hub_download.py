@@ -16,6 +16,7 @@ from vllm.engine.arg_utils import EngineArgs
 from fake_hub import REPO_ID, FakeHub, expected_shards, write_sharded_repo
 from vllm_miprun.errors import CacheError, ModelFolderError
 from vllm_miprun.model import remap
+from vllm_miprun.options import MiprunOptions
 from vllm_miprun.vllm import model_files
 from vllm_miprun.vllm.engine_args import prepare_engine_args
 
@@ -88,8 +89,6 @@ def test_offline_reads_the_cache_and_names_a_missing_shard(hub, monkeypatch):
 
 
 def test_offline_hub_id_not_in_cache_is_one_line(hub, monkeypatch):
-    from vllm_miprun.options import MiprunOptions
-
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     source = model_files.ModelSource(REPO_ID, "v1", hub.download_dir, tuple(IGNORE))
     with pytest.raises(ModelFolderError, match="HF_HUB_OFFLINE is set") as info:
@@ -132,6 +131,28 @@ def test_local_folder_is_never_fetched(hub, tiny_llama_dir):
     prepare_engine_args(args)
     assert hub.calls == []
 
+
+
+def test_plan_source_times_the_plan_and_applies_flat_overrides(tiny_llama_dir):
+    """The front process and a planning worker share plan_source: the config the plan sees
+    carries the engine's flat hf_overrides (nested ones are vLLM's), and plan_seconds is the
+    time spent planning."""
+    import time
+    from types import SimpleNamespace
+
+    seen = {}
+
+    def plan_for(folder, hf_config):
+        seen.update(folder=folder, config=dict(hf_config))
+        time.sleep(0.05)
+        return SimpleNamespace(kept=[0, 1])
+
+    source = model_files.ModelSource(str(tiny_llama_dir))
+    planned = model_files.plan_source(source, MiprunOptions(keep=0.5, method="last"), plan_for,
+                                      {"rope_theta": 123.0, "rope_scaling": {"type": "linear"}})
+    assert planned.folder == tiny_llama_dir == seen["folder"]
+    assert seen["config"]["rope_theta"] == 123.0 and "rope_scaling" not in seen["config"]
+    assert planned.plan.kept == [0, 1] and 0.05 <= planned.plan_seconds < 5
 
 
 def test_layers_past_the_stack_are_always_fetched(tmp_path):

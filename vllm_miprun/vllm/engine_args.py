@@ -80,23 +80,19 @@ def prepare_engine_args(engine_args) -> None:
     overrides = dict(overrides or {})
     if remap.KEPT_FIELD in overrides:
         return  # already planned: create_engine_config after from_cli_args
-    from vllm_miprun.model.checkpoint import read_config
     from vllm_miprun.vllm.loader import plan_report, record_report
     from vllm_miprun.vllm import model_files
 
     options = MiprunOptions.from_dict(engine_args.model_loader_extra_config)
     source = model_files.ModelSource.from_engine_args(engine_args)
-    model_dir = model_files.fetch_for_plan(source, options)  # a hub id: metadata, or all for scores
-    hf_config = read_config(model_dir)
-    hf_config.update({k: v for k, v in overrides.items() if not isinstance(v, dict)})
+    planned = model_files.plan_source(
+        source, options, lambda folder, hf_config: plan_outside_cuda(folder, options, hf_config), overrides)
+    plan = planned.plan
+    pruned_fields = remap.pruned_fields(planned.folder, planned.hf_config, plan.kept)
     start = time.perf_counter()
-    model_dir, plan = model_files.plan_or_fetch_all(  # every shard after all if a search needs them
-        source, model_dir, lambda folder: plan_outside_cuda(folder, options, hf_config))
-    model_files.fetch_kept_shards(source, model_dir, plan.kept)  # a hub id: only the kept blocks' shards
-    pruned_fields = remap.pruned_fields(model_dir, hf_config, plan.kept)
-    heal_outside_cuda(model_dir, options, list(plan.kept), plan.num_blocks)  # fit once here, workers read
+    heal_outside_cuda(planned.folder, options, list(plan.kept), plan.num_blocks)  # fit once here, workers read
     engine_args.hf_overrides = {**overrides, **pruned_fields}
-    report = plan_report(plan, time.perf_counter() - start)
+    report = plan_report(plan, planned.plan_seconds + time.perf_counter() - start)
     logger.info(
         "miprun plan: keep %d of %d blocks, kept %s, pruned %s, method %s, scores %s, "
         "predicted speedup %.2fx", len(plan.kept), plan.num_blocks, list(plan.kept),

@@ -25,7 +25,6 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
 from vllm_miprun.model import checkpoint, remap, weights
-from vllm_miprun.model.checkpoint import read_config
 from vllm_miprun.pipeline import heal
 from vllm_miprun.options import MiprunOptions, OptionError
 from vllm_miprun.vllm import lora_and_draft, model_files
@@ -134,19 +133,16 @@ class MiprunModelLoader(BaseModelLoader):
         """Normally a no-op; plans here only when the front process did not."""
         if getattr(model_config.hf_config, remap.KEPT_FIELD, None) is not None:
             return
-        source = self._source(model_config)
-        model_dir = model_files.fetch_for_plan(source, self.options)
-        hf_config = read_config(model_dir)
-        start = time.perf_counter()
-        model_dir, plan = model_files.plan_or_fetch_all(
-            source, model_dir, lambda folder: make_plan_for(folder, self.options, hf_config))
-        model_files.fetch_kept_shards(source, model_dir, plan.kept)
+        planned = model_files.plan_source(
+            self._source(model_config), self.options,
+            lambda folder, hf_config: make_plan_for(folder, self.options, hf_config))
+        kept = planned.plan.kept
         logger.warning(
             "miprun: planning in the worker because the engine config was not made by "
-            "EngineArgs; kept %s", list(plan.kept),
+            "EngineArgs; kept %s", list(kept),
         )
-        _apply_overrides_in_place(model_config, remap.pruned_fields(model_dir, hf_config, plan.kept))
-        record_report(plan_report(plan, time.perf_counter() - start))
+        _apply_overrides_in_place(model_config, remap.pruned_fields(planned.folder, planned.hf_config, kept))
+        record_report(plan_report(planned.plan, planned.plan_seconds))
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         kept = list(model_config.hf_config.miprun_kept_layers)

@@ -23,12 +23,15 @@ engine's ``--revision``, ``--download-dir`` and ``--ignore-patterns``, and
    pruned blocks' tensors is never downloaded.
 
 The front process (``engine_args``) and the worker's loader both build a ``ModelSource``
-from the same engine settings and call the same functions, so they agree on the folder.
+from the same engine settings and plan through :func:`plan_source`, so they agree on the
+folder.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -136,6 +139,40 @@ def plan_or_fetch_all(source: ModelSource, model_dir: Path, plan_for: Callable[[
         logger.info("miprun: downloading every shard of %s and planning again: %s", source.model, err)
     folder = fetch_all_weights(source)
     return folder, plan_for(folder)
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    """A planned source: its folder, the plan, the config it was made with, and the
+    seconds spent in ``plan_for`` (calibration included, downloads not)."""
+
+    folder: Path
+    plan: Any
+    hf_config: dict[str, Any]
+    plan_seconds: float
+
+
+def plan_source(source: ModelSource, options, plan_for: Callable[[Path, dict[str, Any]], Any],
+                overrides: Mapping[str, Any] | None = None) -> SourcePlan:
+    """Fetch what the plan needs, plan, then fetch the kept blocks' shards (steps 1-3 of
+    the module doc): the one sequence of the front process and of a worker that plans.
+    ``overrides``' flat fields (the engine's ``hf_overrides``) are applied to the config."""
+    folder = fetch_for_plan(source, options)
+    hf_config = read_config(folder)
+    hf_config.update({key: value for key, value in (overrides or {}).items() if not isinstance(value, dict)})
+    seconds = 0.0
+
+    def timed_plan(where: Path):
+        nonlocal seconds
+        start = time.perf_counter()
+        try:
+            return plan_for(where, hf_config)
+        finally:
+            seconds += time.perf_counter() - start
+
+    folder, plan = plan_or_fetch_all(source, folder, timed_plan)
+    folder = fetch_kept_shards(source, folder, plan.kept)
+    return SourcePlan(folder, plan, hf_config, seconds)
 
 
 def fetch_metadata(source: ModelSource) -> Path:

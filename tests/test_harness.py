@@ -66,11 +66,13 @@ def test_kill_group_takes_grandchildren_and_reports_none_left(tmp_path):
 
 
 def test_stop_group_interrupts_first(tmp_path):
-    marker = tmp_path / "interrupted"
-    script = (f"import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
-              f"    open({str(marker)!r}, 'w').write('yes')\n")
+    marker, ready = tmp_path / "interrupted", tmp_path / "ready"
+    script = (f"import time\ntry:\n    open({str(ready)!r}, 'w').close()\n    time.sleep(60)\n"
+              f"except KeyboardInterrupt:\n    open({str(marker)!r}, 'w').write('yes')\n")
     proc = harness.start_in_own_group([sys.executable, "-c", script])
-    time.sleep(1.0)  # let the interpreter install its SIGINT handler
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:  # its SIGINT handler is in place
+        time.sleep(0.05)
     assert harness.stop_group(proc, grace=10) == []
     assert marker.read_text() == "yes"  # a clean shutdown ran before any SIGKILL
 

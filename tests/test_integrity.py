@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 
 import pytest
 
@@ -17,20 +18,38 @@ def _calibrate_cmd(model_dir, cache_dir, samples: int = 4) -> list[str]:
             "--seq-len", "32", "--cache-dir", str(cache_dir)]
 
 
+def _start_and_await(cmd: list[str], marker: bytes, timeout: float = 120):
+    """Start ``cmd``; return it with its stderr so far once ``marker`` shows there (a
+    thread keeps reading, so ``proc.wait`` then ``"".join(err)`` has the rest)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err: list[bytes] = []
+    seen = threading.Event()
+
+    def pump() -> None:  # tqdm ends its updates with \r, not \n: read raw chunks
+        for chunk in iter(lambda: os.read(proc.stderr.fileno(), 4096), b""):
+            err.append(chunk)
+            if marker in b"".join(err[-2:]):
+                seen.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    assert seen.wait(timeout), b"".join(err).decode(errors="replace")[-3000:]
+    return proc, reader, err
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_calibration_leaves_no_cache(tiny_llama_dir, tmp_path, signum):
     cache_dir = tmp_path / "scores"
-    # Enough samples that the block pass is still running when the signal lands.
-    proc = subprocess.Popen(_calibrate_cmd(tiny_llama_dir, cache_dir, samples=2048),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (cache_dir.exists() and proc.poll() is None):
-        time.sleep(0.2)  # the cache folder appears once the expensive pass starts
-    time.sleep(1.0)
-    assert proc.poll() is None, proc.communicate()
+    # The signal lands once the block pass has started (its progress bar is on stderr); with
+    # this many samples the pass still has seconds to go, even on a busy machine.
+    proc, reader, chunks = _start_and_await(_calibrate_cmd(tiny_llama_dir, cache_dir, samples=4096),
+                                            b"calibrating blocks")
+    assert proc.poll() is None, b"".join(chunks).decode(errors="replace")[-3000:]
     proc.send_signal(signum)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    err = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 130, err[-3000:]
     assert "interrupted; nothing was written" in err and "Traceback" not in err
     assert [p.name for p in cache_dir.iterdir() if not p.name.endswith(".lock")] == []
 

@@ -67,7 +67,9 @@ def test_kill_group_takes_grandchildren_and_reports_none_left(tmp_path):
 
 def test_stop_group_interrupts_first(tmp_path):
     marker, ready = tmp_path / "interrupted", tmp_path / "ready"
-    script = (f"import time\ntry:\n    open({str(ready)!r}, 'w').close()\n    time.sleep(60)\n"
+    # default_int_handler: a runner that started the tests in the background ignores SIGINT
+    script = (f"import signal, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+              f"try:\n    open({str(ready)!r}, 'w').close()\n    time.sleep(60)\n"
               f"except KeyboardInterrupt:\n    open({str(marker)!r}, 'w').write('yes')\n")
     proc = harness.start_in_own_group([sys.executable, "-c", script])
     deadline = time.monotonic() + 60

@@ -67,9 +67,7 @@ def test_kill_group_takes_grandchildren_and_reports_none_left(tmp_path):
 
 def test_stop_group_interrupts_first(tmp_path):
     marker, ready = tmp_path / "interrupted", tmp_path / "ready"
-    # default_int_handler: a runner that started the tests in the background ignores SIGINT
-    script = (f"import signal, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
-              f"try:\n    open({str(ready)!r}, 'w').close()\n    time.sleep(60)\n"
+    script = (f"import time\ntry:\n    open({str(ready)!r}, 'w').close()\n    time.sleep(60)\n"
               f"except KeyboardInterrupt:\n    open({str(marker)!r}, 'w').write('yes')\n")
     proc = harness.start_in_own_group([sys.executable, "-c", script])
     deadline = time.monotonic() + 60
@@ -77,6 +75,19 @@ def test_stop_group_interrupts_first(tmp_path):
         time.sleep(0.05)
     assert harness.stop_group(proc, grace=10) == []
     assert marker.read_text() == "yes"  # a clean shutdown ran before any SIGKILL
+
+
+def test_children_get_sigint_back_when_the_starter_ignores_it():
+    """A starter run in the background (``cmd &``) ignores SIGINT; stop_group's interrupt
+    must still reach the child's handler."""
+    child = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    starter = ("import signal, subprocess, sys\n"
+               "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+               "from vllm_miprun.tools import harness\n"
+               f"proc = harness.start_in_own_group([sys.executable, '-c', {child!r}], stdout=subprocess.PIPE)\n"
+               "print(proc.communicate(timeout=60)[0].strip())\n")
+    out = subprocess.run([sys.executable, "-c", starter], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr
 
 
 def test_wait_healthy_on_a_live_server_then_stop(tmp_path):

@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from vllm_miprun.pipeline.store import read_cache
+from vllm_miprun.tools import harness
 
 
 def _calibrate_cmd(model_dir, cache_dir, samples: int = 4) -> list[str]:
@@ -18,16 +19,11 @@ def _calibrate_cmd(model_dir, cache_dir, samples: int = 4) -> list[str]:
             "--seq-len", "32", "--cache-dir", str(cache_dir)]
 
 
-def _default_sigint() -> None:
-    """A runner that started the tests in the background (``cmd &``) ignores SIGINT, and a
-    child inherits that: Python then installs no Ctrl-C handler. Undo it for the child."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _start_and_await(cmd: list[str], marker: bytes, timeout: float = 120):
     """Start ``cmd``; return it with its stderr so far once ``marker`` shows there (a
     thread keeps reading, so ``proc.wait`` then ``"".join(err)`` has the rest)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_default_sigint)
+    # the harness's start: the child handles SIGINT even when the tests run in the background
+    proc = harness.start_in_own_group(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=False)
     err: list[bytes] = []
     seen = threading.Event()
 

@@ -39,10 +39,19 @@ def free_port() -> int:
 def start_in_own_group(argv: Sequence[str], *, env: Mapping[str, str] | None = None, stdout=None,
                        stderr=None, cwd: str | Path | None = None, text: bool = True) -> subprocess.Popen:
     """Start ``argv`` as the leader of a new session, so :func:`kill_group` takes its
-    whole tree. ``stdout``/``stderr`` as for ``Popen``; stdin is closed."""
+    whole tree. ``stdout``/``stderr`` as for ``Popen``; stdin is closed.
+
+    A process started in the background (``cmd &``) ignores SIGINT, and its children
+    inherit that, so :func:`stop_group`'s interrupt would reach no handler. The child has
+    its own session, away from any terminal's Ctrl-C, so it gets the default back."""
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                             env=dict(env) if env is not None else None, cwd=cwd, text=text,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_sigint if ignored else None)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_in_own_group(argv: Sequence[str], timeout_s: float,

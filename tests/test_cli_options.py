@@ -14,12 +14,11 @@ from vllm_miprun.options import OptionError
 @pytest.fixture(scope="module")
 def serve_parser():
     import vllm_miprun
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from vllm_miprun.vllm import compat
 
     vllm_miprun.register()
     vllm_miprun.register()  # re-entrant: the flags are added once
-    return make_arg_parser(FlexibleArgumentParser())
+    return compat.serve_parser()
 
 
 def _engine_args(parser, *argv):

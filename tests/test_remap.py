@@ -134,6 +134,23 @@ def test_deepseek_moe_layer_freq_is_refused_naming_it():
         remap.check_architecture(config)
 
 
+def test_approximate_experts_follow_their_blocks_and_pruned_entries_go():
+    # vLLM 0.33 substitutes the experts listed under a block's index in its MoE layer's name
+    config = _family("Qwen3MoeForCausalLM", "qwen3_moe", num_experts=4,
+                     approximate_experts={"1": [0, 2], "4": [3], "6": [1], "7": []})
+    new = remap.remap_config(config, [0, 4, 5, 6])
+    assert new["approximate_experts"] == {"1": [3], "3": [1]}  # block 4 is now 1, block 6 is now 3
+    assert remap.config_overrides(config, [0, 4, 5, 6])["approximate_experts"] == {"1": [3], "3": [1]}
+    assert remap.remap_config(config, [0, 2])["approximate_experts"] == {}  # no substituted expert kept
+
+
+@pytest.mark.parametrize("value", [{"8": [0]}, {"-1": [0]}, {"x": [0]}, [[0]]])
+def test_approximate_experts_outside_the_model_are_refused_naming_the_field(value):
+    config = _family("MixtralForCausalLM", "mixtral", num_local_experts=4, approximate_experts=value)
+    with pytest.raises(OptionError, match="approximate_experts"):
+        remap.remap_config(config, [0, 1])
+
+
 def test_llama4_moe_layers_are_renumbered_or_refused():
     config = _family("Llama4ForCausalLM", "llama4_text", interleave_moe_layer_step=2)  # MoE at 1, 3, 5, 7
     new = remap.remap_config(config, [0, 1, 4, 5])

@@ -148,11 +148,10 @@ def test_choose_dtype(requested, on_cpu, flags, served):
 @pytest.fixture(scope="module")
 def serve_parser():
     import vllm_miprun
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from vllm_miprun.vllm import compat
 
     vllm_miprun.register()
-    return make_arg_parser(FlexibleArgumentParser())
+    return compat.serve_parser()
 
 
 @pytest.fixture

@@ -7,12 +7,23 @@ def register() -> None:
     """``vllm.general_plugins`` entry point; vLLM calls it in every process, maybe twice.
 
     Importing ``loader`` registers the ``miprun`` load format; ``install`` adds the
-    ``--miprun-*`` flags and the front-process planning hook, once.
+    ``--miprun-*`` flags and the front-process planning hook, once. It never raises: a
+    plugin that fails here would stop every vLLM command, miprun or not. On a vLLM
+    release the plugin was not checked against it warns once, and planning refuses
+    ``--load-format miprun`` (``vllm.compat``).
     """
-    from vllm_miprun.vllm import engine_args, loader  # noqa: F401 - import registers the loader
+    import logging
 
-    engine_args.install()
-    _route_library_logs_to_vllm()
+    try:
+        from vllm_miprun.vllm import compat, engine_args, loader  # noqa: F401 - import registers the loader
+
+        compat.warn_if_unchecked()
+        engine_args.install()
+        _route_library_logs_to_vllm()
+    except Exception as error:  # noqa: BLE001 - vLLM itself must keep working
+        logging.getLogger("vllm.vllm_miprun").warning(
+            "vllm-miprun is disabled in this process: registering it failed with %s: %s "
+            "(--load-format miprun will be unknown)", type(error).__name__, error)
 
 
 def _route_library_logs_to_vllm() -> None:

@@ -12,7 +12,12 @@ ENV_VARS: dict[str, str] = {
     "MIPRUN_HOME": "root of converted models and score caches (default ~/.cache/vllm-miprun)",
     "MIPRUN_CACHE_DIR": "where score caches are written (default $MIPRUN_HOME/scores)",
     "MIPRUN_RUN_DIR": "internal: the report folder the front process hands to vLLM's processes for metrics; do not set",
+    "VLLM_MIPRUN_ALLOW_UNTESTED_VLLM": "1 lets --load-format miprun run on a vLLM release the plugin was not "
+                                       "checked against (default: refused; a VLLM_* name so Ray forwards it)",
 }
+
+ALLOW_UNTESTED_VLLM = "VLLM_MIPRUN_ALLOW_UNTESTED_VLLM"
+_TRUE = ("1", "true", "yes", "on")
 
 
 def home() -> Path:
@@ -23,3 +28,7 @@ def home() -> Path:
 def cache_dir() -> Path:
     value = os.environ.get("MIPRUN_CACHE_DIR")
     return Path(value).expanduser() if value else home() / "scores"
+
+
+def allow_untested_vllm() -> bool:
+    return os.environ.get(ALLOW_UNTESTED_VLLM, "").strip().lower() in _TRUE

@@ -18,11 +18,15 @@ from vllm_miprun.model.architectures.base import INDEX_FIELDS, is_neutral, refus
 from vllm_miprun.options import OptionError
 from vllm_miprun.model.quant_remap import quantization_overrides
 
-__all__ = ["FULL_FIELD", "KEPT_FIELD", "SUPPORTED_ARCHITECTURES", "check_architecture", "check_kept",
-           "config_overrides", "index_map", "pruned_fields", "layer_index", "remap_config", "renamed_weight"]
+__all__ = ["APPROXIMATE_EXPERTS", "FULL_FIELD", "KEPT_FIELD", "SUPPORTED_ARCHITECTURES", "check_architecture", "check_kept",
+           "config_overrides", "index_map", "pruned_fields", "layer_index", "remap_config", "renamed_weight",
+           "renumber_approximate_experts"]
 
 KEPT_FIELD = "miprun_kept_layers"
 FULL_FIELD = "miprun_num_blocks_full"
+
+# vLLM >= 0.33 (MoNE checkpoints, any MoE family): {block index: substituted expert ids}.
+APPROXIMATE_EXPERTS = "approximate_experts"
 
 # Lists that are not per-layer even when their length happens to equal the block count
 # (token ids, and lists of block indices, which the family renumbers instead).
@@ -72,6 +76,8 @@ def remap_config(hf_config: dict[str, Any], kept: list[int] | tuple[int, ...]) -
             raise OptionError(f"config field {key} has {len(value)} entries but num_hidden_layers="
                               f"{num_blocks}; fix config.json before pruning")
     new["num_hidden_layers"] = len(kept)
+    if not is_neutral(full.get(APPROXIMATE_EXPERTS)):
+        new[APPROXIMATE_EXPERTS] = renumber_approximate_experts(full[APPROXIMATE_EXPERTS], kept, num_blocks)
     if family.renumber is not None:
         family.renumber(hf_config, new, kept)
     new[KEPT_FIELD] = kept
@@ -89,6 +95,23 @@ def pruned_fields(model_dir, hf_config: dict[str, Any], kept: list[int] | tuple[
     """Every config field a model keeping ``kept`` overrides for vLLM: the per-layer fields
     (:func:`config_overrides`) and the renumbered ``quantization_config``."""
     return {**config_overrides(hf_config, kept), **quantization_overrides(model_dir, hf_config, kept)}
+
+
+def renumber_approximate_experts(value: Any, kept: list[int], num_blocks: int) -> dict[str, Any]:
+    """``approximate_experts`` keyed by the pruned model's block indices; pruned blocks' entries
+    go (vLLM matches an MoE layer to its entry by the block index in the layer's name)."""
+    if not isinstance(value, dict):
+        raise refuse_field(APPROXIMATE_EXPERTS, value, "must map block indices to expert ids")
+    new_index = index_map(kept)
+    renumbered: dict[str, Any] = {}
+    for key, experts in value.items():
+        block = int(key) if str(key).isdigit() else -1
+        if not 0 <= block < num_blocks:
+            raise refuse_field(APPROXIMATE_EXPERTS, value,
+                               f"names block {key!r}, not an index in [0, {num_blocks})")
+        if block in new_index:
+            renumbered[str(new_index[block])] = experts
+    return renumbered
 
 
 def _with_derived_fields(hf_config: dict[str, Any], derived: tuple[str, ...]) -> dict[str, Any]:

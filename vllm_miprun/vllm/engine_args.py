@@ -30,6 +30,7 @@ from vllm_miprun.errors import USER_ERRORS
 from vllm_miprun.model import remap
 from vllm_miprun.option_flags import add_serve_flags, serve_flag_values
 from vllm_miprun.options import MiprunOptions, OptionError, option
+from vllm_miprun.vllm.compat import check_vllm_supported
 from vllm_miprun.vllm.cpu_dtype import apply_cpu_dtype_default
 
 # Under "vllm." so vLLM's logging config (handler, level, format) applies to it.
@@ -73,6 +74,7 @@ def prepare_engine_args(engine_args) -> None:
     """Validate, plan, and write the pruned config into ``hf_overrides`` (once)."""
     if str(engine_args.load_format).lower() != LOAD_FORMAT:
         return
+    check_vllm_supported()  # an unchecked vLLM release: one line, unless the user opted in
     apply_cpu_dtype_default(engine_args)  # float32, not emulated bfloat16, on such CPUs (once)
     overrides = engine_args.hf_overrides
     if callable(overrides):

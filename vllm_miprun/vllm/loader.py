@@ -28,6 +28,7 @@ from vllm_miprun.model import checkpoint, remap, weights
 from vllm_miprun.pipeline import heal
 from vllm_miprun.options import MiprunOptions, OptionError
 from vllm_miprun.vllm import lora_and_draft, model_files
+from vllm_miprun.vllm.compat import check_vllm_supported
 from vllm_miprun.vllm.model_files import ModelSource
 
 # Under "vllm." so vLLM's logging config (handler, level, format) applies to it.
@@ -85,6 +86,7 @@ class MiprunModelLoader(BaseModelLoader):
     """Loads a model with only the blocks the MI-PRUN plan keeps."""
 
     def __init__(self, load_config: LoadConfig):
+        check_vllm_supported()  # also where no front process planned (Ray workers get VLLM_*)
         super().__init__(load_config)
         self.options = MiprunOptions.from_dict(load_config.model_loader_extra_config)
         self._read_bytes = 0

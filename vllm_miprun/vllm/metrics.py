@@ -43,6 +43,7 @@ from vllm_miprun.core.gains import (
 from vllm_miprun.model.checkpoint import read_config, safetensors_files
 from vllm_miprun.model.remap import FULL_FIELD, KEPT_FIELD
 from vllm_miprun.model.weights import pruned_weight_bytes
+from vllm_miprun.vllm.compat import kv_element_bytes
 from vllm_miprun.vllm.reports import publish, read_reports  # noqa: F401 - publish: loader.record_report
 
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -154,7 +155,7 @@ class Exporter:
     """Sets the miprun gauges for one served model; knows nothing about vLLM."""
 
     def __init__(self, model_name: str, model_dir: Path, config: Mapping[str, Any], kept: list[int],
-                 num_blocks: int, kv_dtype_bytes: int, cache_dir: str | None = None,
+                 num_blocks: int, kv_dtype_bytes: int | None, cache_dir: str | None = None,
                  window_s: float = WINDOW_S):
         self.model_name = model_name
         self.model_dir = Path(model_dir)
@@ -187,8 +188,9 @@ class Exporter:
         self._set("miprun_blocks_kept", k)
         self._set("miprun_keep_ratio", k / total)
         self._set("miprun_kv_capacity_ratio", total / k)
-        self._set("miprun_kv_cache_bytes_per_token_saved",
-                  kv_bytes_per_token_saved(self.config, len(pruned), self.kv_dtype_bytes))
+        if self.kv_dtype_bytes is not None:  # None: a packed KV format whose size vLLM's backend owns
+            self._set("miprun_kv_cache_bytes_per_token_saved",
+                      kv_bytes_per_token_saved(self.config, len(pruned), self.kv_dtype_bytes))
         self._set("miprun_weight_bytes_saved", pruned_weight_bytes(safetensors_files(self.model_dir), pruned))
         if self.plan:
             self._set("miprun_predicted_speedup", float(self.plan["predicted_speedup"]),
@@ -230,17 +232,6 @@ class Exporter:
         self._set("miprun_throughput_gain", gain, baseline=series[0])
 
 
-def _dtype_bytes(cache_dtype: str, model_dtype: Any) -> int:
-    """Bytes per KV element: the KV cache dtype, or the model's when it is "auto"."""
-    if cache_dtype and cache_dtype != "auto":
-        if cache_dtype.startswith("fp8") or cache_dtype.startswith("int8"):
-            return 1
-        if cache_dtype in ("float32", "fp32"):
-            return 4
-        return 2
-    return int(getattr(model_dtype, "itemsize", 2))
-
-
 def exporter_for(vllm_config) -> Exporter | None:
     """An exporter for a config that serves a miprun-pruned model, else None."""
     model_config = vllm_config.model_config
@@ -259,7 +250,7 @@ def exporter_for(vllm_config) -> Exporter | None:
         config=read_config(model_dir),
         kept=list(kept),
         num_blocks=int(getattr(hf_config, FULL_FIELD)),
-        kv_dtype_bytes=_dtype_bytes(str(vllm_config.cache_config.cache_dtype), model_config.dtype),
+        kv_dtype_bytes=kv_element_bytes(str(vllm_config.cache_config.cache_dtype), model_config.dtype),
         cache_dir=extra.get("cache_dir") if isinstance(extra, dict) else None,
     )
 

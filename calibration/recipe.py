@@ -1,0 +1,91 @@
+"""A calibration recipe: one model, its calibration settings, and the targets to plan ahead.
+
+JSON (``.json``) or TOML (``.toml``) with these keys::
+
+    model         the model as ``vllm serve`` is given it: a local folder or a hub id
+    revision      hub revision (optional)
+    download_dir  vLLM's --download-dir (optional)
+    options       miprun options shared by every target: method, dataset, samples,
+                  seq_len, seed, estimator, protect, device, max_memory (optional)
+    targets       list of {"keep": R} or {"latency_budget": B}: the plans to make now
+    heal          true to fit and store the heal maps (heal=linear) of every target
+
+Everything is checked when the file is read, before any model is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vllm_miprun.options import BY_NAME, MiprunOptions, OptionError
+
+KEYS = ("model", "revision", "download_dir", "options", "targets", "heal")
+TARGET_KEYS = ("keep", "latency_budget")
+# Set per target or by the runner, not in ``options``.
+NOT_SHARED = ("keep", "latency_budget", "drop", "heal", "scores", "require_cache", "cache_dir")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    model: str
+    revision: str | None = None
+    download_dir: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    targets: tuple[dict[str, Any], ...] = ()
+    heal: bool = False
+
+    def options_for(self, target: dict[str, Any], cache_dir: str | None) -> MiprunOptions:
+        """The miprun options of one target: what ``vllm serve`` must be given to reuse the cache."""
+        extra = {"heal": "linear"} if self.heal else {}
+        return MiprunOptions.from_dict({**self.options, **target, **extra, "cache_dir": cache_dir})
+
+
+def read_recipe(path: str | Path) -> Recipe:
+    """Read and check one recipe file; raise ``OptionError`` naming the file and the key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (OSError, ValueError) as err:
+        raise OptionError(f"recipe {path} must be a readable JSON or TOML file: {err}") from None
+    if not isinstance(data, dict):
+        raise OptionError(f"recipe {path} must hold a table of {', '.join(KEYS)}, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(KEYS))
+    if unknown or not isinstance(data.get("model"), str):
+        raise OptionError(f"recipe {path} takes the keys {', '.join(KEYS)} with a model name or folder; "
+                          f"got unknown keys {unknown} and model={data.get('model')!r}")
+    options = dict(data.get("options") or {})
+    bad = sorted(k for k in options if k not in BY_NAME or k in NOT_SHARED)
+    if bad:
+        raise OptionError(f"recipe {path}: options may not hold {bad}; targets go in `targets`, heal in "
+                          "`heal`, and the cache folder is the runner's --cache-dir")
+    targets = tuple(_target(path, t) for t in data.get("targets") or ())
+    if not targets:
+        raise OptionError(f'recipe {path} needs at least one target, e.g. "targets": [{{"keep": 0.75}}]')
+    recipe = Recipe(name=path.stem, model=data["model"], revision=data.get("revision"),
+                    download_dir=data.get("download_dir"), options=options, targets=targets,
+                    heal=_heal(path, data.get("heal", False)))
+    for target in targets:
+        try:
+            recipe.options_for(target, None)
+        except OptionError as err:
+            raise OptionError(f"recipe {path}, target {target}: {err}") from None
+    return recipe
+
+
+def _target(path: Path, target: Any) -> dict[str, Any]:
+    if not isinstance(target, dict) or len(target) != 1 or next(iter(target)) not in TARGET_KEYS:
+        raise OptionError(f'recipe {path}: each target is {{"keep": R}} or {{"latency_budget": B}}, '
+                          f"got {target!r}")
+    return dict(target)
+
+
+def _heal(path: Path, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise OptionError(f"recipe {path}: heal must be true or false, got {value!r}")
+    return value

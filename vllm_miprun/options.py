@@ -104,8 +104,8 @@ def parse_quality_budget(value: Any) -> float:
     except (TypeError, ValueError):
         ratio = math.nan
     if isinstance(value, bool) or not math.isfinite(ratio) or ratio <= 1.0:
-        raise OptionError(f"quality_budget must be a finite number > 1 (largest perplexity ratio to the dense "
-                          f"model), got {value!r}; e.g. --miprun-quality-budget 1.3")
+        raise OptionError(f"quality_budget must be a finite number > 1, got {value!r}; it is the largest "
+                          "perplexity ratio to the dense model to allow, e.g. --miprun-quality-budget 1.3")
     return ratio
 
 

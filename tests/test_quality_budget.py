@@ -19,7 +19,7 @@ from vllm_miprun.options import MiprunOptions, OptionError
 from vllm_miprun.pipeline import corpora
 from vllm_miprun.pipeline import store as score_cache
 from vllm_miprun.pipeline.calibrate import load_tokenizer
-from vllm_miprun.pipeline.plan import _ForwardSearch, make_plan
+from vllm_miprun.pipeline.plan import make_plan
 from vllm_miprun.pipeline.quality import QualityProbe
 from vllm_miprun.tools import cli
 from vllm_miprun.vllm import metrics
@@ -74,6 +74,8 @@ def test_quality_budget_joins_only_a_latency_budget():
     for other in ({"keep": 0.5}, {"drop": "3"}):
         with pytest.raises(OptionError, match="not both"):
             MiprunOptions.from_dict({"quality_budget": 1.3, **other})
+    with pytest.raises(OptionError, match="give quality_budget or heal, not both"):
+        MiprunOptions.from_dict({"quality_budget": 1.3, "heal": "linear"})
 
 
 def test_bad_budget_is_refused_before_the_model_is_read(tmp_path, capsys):
@@ -116,7 +118,7 @@ def _options(cache_dir, **extra):
 
 def _fresh_ratio(model_dir, options, pruned) -> float:
     """The ratio measured from scratch: no cache, a new model."""
-    return QualityProbe(model_dir, options, None, _ForwardSearch(model_dir, options, None).model).ratio(pruned)
+    return QualityProbe(model_dir, options, None, lambda: BlockwiseModel(model_dir)).ratio(pruned)
 
 
 def test_quality_plan_is_within_budget_and_one_more_block_is_not(tiny_llama_dir, tmp_path):

@@ -79,7 +79,8 @@ def serve_flag_values(args: argparse.Namespace) -> dict[str, Any]:
 def add_command_flags(parser: argparse.ArgumentParser, rows: Iterable[Option], *,
                       target_required: bool = False, defaults: dict[str, Any] | None = None) -> None:
     """Add ``--NAME`` for each row. Targets (keep, latency_budget, drop) exclude each other
-    and, with ``target_required``, one must be given. ``defaults`` overrides the table's
+    and, with ``target_required``, one must be given (with quality_budget among the rows,
+    the options check that instead). ``defaults`` overrides the table's
     default for this parser (the value then is always in the namespace)."""
     rows, defaults = list(rows), dict(defaults or {})
     # quality_budget may join latency_budget, so it stays outside the exclusive group; with it,

@@ -11,6 +11,10 @@ copies of exllamav2 0.3.2's ``wiki.utf8`` and ``c4.utf8``; see ``bundled``):
 Both corpora repeat a few documents, so evaluation also drops any document whose text
 occurs in the calibration part.
 
+Validation text (the quality budget's, :func:`validation_token_windows`) is calibration-part
+text that calibration never reads: the documents after the last one calibration reads, in
+calibration's seeded order.
+
 Evaluation-only domains (``HELD_OUT_FILES``: TinyStories, technical, code, multilingual) are
 exllamav2's other corpora, which ``scripts/setup.sh`` installs. Calibration never reads them.
 Each file is cut at the newline nearest its middle (:func:`held_out_halves`): the first half

@@ -20,7 +20,8 @@ from vllm_miprun.pipeline import corpora
 from vllm_miprun.pipeline import store as score_cache
 from vllm_miprun.pipeline.calibrate import load_tokenizer
 from vllm_miprun.pipeline.plan import make_plan
-from vllm_miprun.pipeline.quality import QualityProbe
+from vllm_miprun.pipeline.quality import QualityProbe, validation_ids
+from vllm_miprun.tools.evaluate import TransformersBackend, perplexity
 from vllm_miprun.tools import cli
 from vllm_miprun.vllm import metrics
 
@@ -116,6 +117,13 @@ def _options(cache_dir, **extra):
     return MiprunOptions.from_dict({**SMALL, "cache_dir": str(cache_dir), **extra})
 
 
+def _transformers_ratio(model_dir, options, kept) -> float:
+    """The ratio through another code path: the Hugging Face model with blocks deleted."""
+    windows = validation_ids(model_dir, options.calibration).numpy()
+    dense = perplexity(TransformersBackend(model_dir), windows)["ppl"]
+    return perplexity(TransformersBackend(model_dir, kept=kept), windows)["ppl"] / dense
+
+
 def _fresh_ratio(model_dir, options, pruned) -> float:
     """The ratio measured from scratch: no cache, a new model."""
     return QualityProbe(model_dir, options, None, lambda: BlockwiseModel(model_dir)).ratio(pruned)
@@ -134,6 +142,7 @@ def test_quality_plan_is_within_budget_and_one_more_block_is_not(tiny_llama_dir,
     assert plan.quality_ppl_ratio == pytest.approx(ratios[count], rel=1e-5) and plan.quality_ppl_ratio <= budget
     assert ratios[count + 1] > budget or count + 1 == 7
     assert plan.to_json()["quality_ppl_ratio"] == plan.quality_ppl_ratio
+    assert _transformers_ratio(tiny_llama_dir, base, plan.kept) == pytest.approx(plan.quality_ppl_ratio, rel=1e-4)
 
 
 def test_with_a_latency_budget_the_binding_target_is_reported(tiny_llama_dir, tmp_path):
@@ -204,3 +213,24 @@ def test_quality_metric_follows_the_plan_report(tiny_llama_dir, tmp_path, monkey
     exporter.publish_static()
     gauge = metrics.gauges()["miprun_quality_ppl_ratio"]
     assert gauge.labels(model_name="quality-test", binding_target="quality_budget")._value.get() == 1.25
+
+
+# --- SmolLM2 -----------------------------------------------------------------------------
+
+
+@pytest.mark.smollm2
+def test_smollm2_quality_plan_is_within_budget_on_held_out_text(smollm2_dir, tmp_path, capsys):
+    """A real model: ShortGPT's sets (no forward search, to stay short) under budget 1.5."""
+    args = ["plan", str(smollm2_dir), "--quality-budget", "1.5", "--method", "shortgpt", "--samples", "4",
+            "--seq-len", "128", "--cache-dir", str(tmp_path), "--device", "cpu", "--json"]
+    options = MiprunOptions.from_dict({"method": "shortgpt", "samples": 4, "seq_len": 128, "keep": 0.5})
+    from vllm_miprun.pipeline.calibrate import calibrate
+
+    calibrate(smollm2_dir, options.calibration, cache_dir=tmp_path, progress=False)
+    assert cli.main(args) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["binding_target"] == "quality_budget" and 1 <= len(plan["pruned"]) < 29
+    assert 1.0 < plan["quality_ppl_ratio"] <= 1.5
+    # measured again through the Hugging Face model with the blocks deleted
+    assert _transformers_ratio(smollm2_dir, options, plan["kept"]) == pytest.approx(plan["quality_ppl_ratio"],
+                                                                                      rel=1e-3)

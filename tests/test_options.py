@@ -104,11 +104,16 @@ def test_cli_flags_are_checked_by_the_options_parsers(capsys):
                           (["--drop", "5-3"], "runs backwards"),
                           (["--keep", "0.5", "--samples", "0"], "samples must be an integer >= 1"),
                           (["--keep", "0.5", "--drop", "3"], "not allowed with argument"),
-                          ([], "one of the arguments --keep --latency-budget --drop is required")]:
+                          (["--quality-budget", "1"], "quality_budget must be a finite number > 1")]:
         with pytest.raises(SystemExit) as exit_:
             parser.parse_args(argv)
         assert exit_.value.code == 2
         assert message in capsys.readouterr().err
+    # quality_budget may join latency_budget, so "a target is required" is the options' check.
+    with pytest.raises(OptionError, match="miprun needs a target"):
+        MiprunOptions.from_dict(given_options(parser.parse_args([])))
+    both = given_options(parser.parse_args(["--quality-budget", "1.3", "--latency-budget", "0.8"]))
+    assert MiprunOptions.from_dict(both).quality_budget == 1.3
     # Flags not given stay out of the namespace: defaults come from the table alone.
     assert given_options(parser.parse_args(["--keep", "0.5"])) == {"keep": 0.5}
 

@@ -27,8 +27,11 @@ from vllm_miprun.errors import OptionError  # noqa: F401 - re-exported
 ESTIMATORS = ("gaussian", "renyi")
 DATASETS = ("wiki", "c4")
 DEVICES = ("auto", "cpu", "cuda")
-# Exactly one of these says how many (or which) blocks go.
-TARGETS = ("keep", "latency_budget", "drop")
+# Exactly one of these says how many (or which) blocks go; the one pair allowed together is
+# a latency budget with a quality budget (the plan reports which of the two bound).
+TARGETS = ("keep", "latency_budget", "drop", "quality_budget")
+QUALITY_TARGET = "quality_budget"
+COMBINABLE_TARGETS = frozenset({"latency_budget", QUALITY_TARGET})
 HEAL_MODES = ("none", "linear")
 
 # Which dataclass a row is a field of.
@@ -92,6 +95,18 @@ def parse_latency_budget(value: Any) -> str:
     except ValueError as err:
         raise OptionError(str(err)) from None
     return text
+
+
+def parse_quality_budget(value: Any) -> float:
+    """The largest validation perplexity ratio to the dense model: a finite number > 1."""
+    try:
+        ratio = float(value)
+    except (TypeError, ValueError):
+        ratio = math.nan
+    if isinstance(value, bool) or not math.isfinite(ratio) or ratio <= 1.0:
+        raise OptionError(f"quality_budget must be a finite number > 1, got {value!r}; it is the largest "
+                          "perplexity ratio to the dense model to allow, e.g. --miprun-quality-budget 1.3")
+    return ratio
 
 
 _DROP_ITEM = re.compile(r"^(\d+)(?:\s*-\s*(\d+))?$")
@@ -256,6 +271,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("drop", "tuple[int, ...] | None", parse_drop, None,
            "prune exactly these blocks, e.g. `12-18,25`; no selection, no scores needed",
            _PLAN_COMMANDS, metavar="BLOCKS"),
+    Option("quality_budget", "float | None", parse_quality_budget, None,
+           "prune the most blocks whose perplexity on held-out calibration text stays ≤ this × the dense "
+           "model's, e.g. `1.3`; may join `latency_budget`", _PLAN_COMMANDS, metavar="R"),
     Option("method", "str", _choice("method", METHODS), "mi-prun",
            "selection method: " + ", ".join(f"`{m}`" for m in METHODS), _PLAN_COMMANDS, choices=METHODS),
     Option("scores", "str | None", _text("scores", "a score cache file"), None,
@@ -345,6 +363,9 @@ def calibration_settings(raw: Mapping[str, Any]) -> "CalibrationSettings":
 def _options_post_init(self) -> None:
     _parse_fields(self, type(self).ROWS)
     _check_target(self)
+    if self.quality_budget is not None and self.heal != "none":
+        raise OptionError(f"quality_budget measures the model without the heal, so heal={self.heal!r} would serve "
+                          "another model than the one measured; give quality_budget or heal, not both")
     if self.drop is not None and self.method != BY_NAME["method"].default:
         raise OptionError(f"drop names the blocks itself, so method {self.method!r} would not be used; "
                           "give drop or method, not both")
@@ -355,9 +376,10 @@ def _check_target(self) -> None:
     if not given:
         raise OptionError(
             "miprun needs a target: set keep (e.g. --miprun-keep 0.75), latency_budget "
-            "(e.g. --miprun-latency-budget 0.8) or drop (e.g. --miprun-drop 12-18)"
+            "(e.g. --miprun-latency-budget 0.8), quality_budget (e.g. --miprun-quality-budget 1.3) "
+            "or drop (e.g. --miprun-drop 12-18)"
         )
-    if len(given) > 1:
+    if len(given) > 1 and set(given) != COMBINABLE_TARGETS:
         shown = ", ".join(f"{name}={_shown(getattr(self, name))}" for name in given)
         which = f"either {given[0]} or {given[1]}, not both" if len(given) == 2 else \
             f"only one of {', '.join(given)}"

@@ -35,8 +35,10 @@ def on_cuda(options: MiprunOptions) -> bool:
 
 def needs_child(options: MiprunOptions) -> bool:
     """Whether planning may initialise CUDA: a CUDA device and a plan that reads the model
-    (scores or a forward search; not a ``drop`` list nor a score-free method)."""
-    return on_cuda(options) and options.drop is None and options.method not in SCORE_FREE_METHODS
+    (scores, a forward search or the quality budget's validation passes; not a ``drop``
+    list nor a score-free method without a quality budget)."""
+    reads_model = options.method not in SCORE_FREE_METHODS or options.quality_budget is not None
+    return on_cuda(options) and options.drop is None and reads_model
 
 
 def run_in_child(function: Callable[..., Any], *args: Any) -> Any:

@@ -11,6 +11,10 @@ copies of exllamav2 0.3.2's ``wiki.utf8`` and ``c4.utf8``; see ``bundled``):
 Both corpora repeat a few documents, so evaluation also drops any document whose text
 occurs in the calibration part.
 
+Validation text (the quality budget's, :func:`validation_token_windows`) is calibration-part
+text that calibration never reads: the documents after the last one calibration reads, in
+calibration's seeded order.
+
 Evaluation-only domains (``HELD_OUT_FILES``: TinyStories, technical, code, multilingual) are
 exllamav2's other corpora, which ``scripts/setup.sh`` installs. Calibration never reads them.
 Each file is cut at the newline nearest its middle (:func:`held_out_halves`): the first half
@@ -123,20 +127,52 @@ def sample_token_windows(
     docs = split_documents(name_or_path, part)
     order = np.random.default_rng(seed).permutation(len(docs)) if part == "calibration" else range(len(docs))
     needed = samples * seq_len
-    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
-    stream: list[int] = []
-    for index in order:
-        ids = tokenizer(docs[int(index)]["text"], add_special_tokens=False)["input_ids"]
-        if ids:
-            stream.extend(ids + ([separator] if separator is not None else []))
-        if len(stream) >= needed:
-            break
+    stream, _ = _token_stream(tokenizer, docs, order, needed)
     if len(stream) < needed:
         raise CorpusError(
             f"the {part} text of {name_or_path!r} has {len(stream)} tokens, but samples x seq_len = "
             f"{samples} x {seq_len} = {needed}; lower --samples or --seq-len, or use a larger set"
         )
     return np.asarray(stream[:needed], dtype=np.int64).reshape(samples, seq_len)
+
+
+def validation_token_windows(tokenizer, name_or_path: str, calibration_samples: int, calibration_seq_len: int,
+                             seed: int, samples: int, seq_len: int) -> np.ndarray:
+    """``samples`` windows of ``seq_len`` tokens from calibration text that calibration never reads.
+
+    Calibration visits the calibration part's documents in a seeded order and stops at the
+    document that completes its windows; validation continues with the documents after that
+    one, in the same order. So the text is like calibration's, yet no document of it is ever
+    read by calibration, by the forward searches (a subset of calibration's windows) or by
+    the heal fit (calibration's windows), and never the evaluation split."""
+    docs = split_documents(name_or_path, "calibration")
+    order = np.random.default_rng(seed).permutation(len(docs))
+    _, read = _token_stream(tokenizer, docs, order, calibration_samples * calibration_seq_len)
+    needed = samples * seq_len
+    stream, _ = _token_stream(tokenizer, docs, order[read:], needed)
+    if len(stream) < needed:
+        raise CorpusError(
+            f"the calibration text of {name_or_path!r} has {len(stream)} tokens left after the calibration "
+            f"windows, but the quality budget's validation needs {samples} x {seq_len} = {needed}; lower "
+            "--samples or --seq-len, or use a larger set"
+        )
+    return np.asarray(stream[:needed], dtype=np.int64).reshape(samples, seq_len)
+
+
+def _token_stream(tokenizer, docs: datasets.Dataset, order, needed: int) -> tuple[list[int], int]:
+    """The documents of ``order`` tokenised one by one and joined by the tokenizer's EOS (or
+    BOS) token until ``needed`` tokens; also how many documents of ``order`` were read."""
+    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+    stream: list[int] = []
+    read = 0
+    for index in order:
+        if len(stream) >= needed:
+            break
+        ids = tokenizer(docs[int(index)]["text"], add_special_tokens=False)["input_ids"]
+        read += 1
+        if ids:
+            stream.extend(ids + ([separator] if separator is not None else []))
+    return stream, read
 
 
 def _documents_from_text_file(path: Path, one_per_line: bool) -> datasets.Dataset:

@@ -9,7 +9,7 @@ same model, settings and count costs nothing.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from vllm_miprun.core.selection.sleb import prefix_answers as sleb_prefix_answer
 from vllm_miprun.model.checkpoint import missing_shards, read_config
 from vllm_miprun.model.quantization import check_checkpoint_quantization
 from vllm_miprun.core.latency import LatencyModel
+from vllm_miprun.pipeline.quality import QualityProbe, select_for_quality
 from vllm_miprun.pipeline.speed_store import read_profile
 from vllm_miprun.options import MiprunOptions, OptionError, check_drop, resolve_device
 
@@ -53,6 +54,11 @@ class Plan:
     scores_source: str          # "cache-hit" | "computed" | "none-needed"
     cache_path: str | None
     fingerprint: str | None
+    # Perplexity on held-out calibration text, pruned over dense (pipeline.quality); None when
+    # not measured (only a quality budget, or ``measure_quality``, measures it).
+    quality_ppl_ratio: float | None = None
+    # The target that set the number of blocks: keep, latency_budget, quality_budget or drop.
+    binding_target: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -61,8 +67,11 @@ class Plan:
 
 
 def make_plan(model_dir: str | Path, options: MiprunOptions, hf_config: dict | None = None,
-              progress: bool = True) -> Plan:
-    """Choose the blocks to keep; raise ``OptionError``/``CacheError`` on bad input."""
+              progress: bool = True, measure_quality: bool = False) -> Plan:
+    """Choose the blocks to keep; raise ``OptionError``/``CacheError`` on bad input.
+
+    A quality budget always measures the plan's validation perplexity ratio;
+    ``measure_quality`` measures it for the other targets too (``vllm-miprun plan``)."""
     config = hf_config if hf_config is not None else read_config(model_dir)
     check_checkpoint_quantization(model_dir, config)  # an unreadable format is refused before any work
     num_blocks = _num_blocks(config)
@@ -71,7 +80,8 @@ def make_plan(model_dir: str | Path, options: MiprunOptions, hf_config: dict | N
     except ValueError as err:
         raise OptionError(str(err)) from None
     if options.drop is not None:
-        return explicit_plan(model_dir, config, options, num_blocks, protect)
+        plan = explicit_plan(model_dir, config, options, num_blocks, protect)
+        return _with_quality(plan, _probe(model_dir, options, None, None)) if measure_quality else plan
 
     cache, path, source = None, None, "none-needed"
     if options.method not in SCORE_FREE_METHODS:
@@ -82,8 +92,10 @@ def make_plan(model_dir: str | Path, options: MiprunOptions, hf_config: dict | N
                 "recalibrate this model"
             )
     latency = latency_model(model_dir, config, cache, options.cache_dir)
-    selection = _select(model_dir, options, num_blocks, protect, cache, path, latency, progress)
-    return Plan(
+    forward = _ForwardSearch(model_dir, options, _score_inputs(cache).get("cost"))
+    probe = _probe(model_dir, options, path, forward) if measure_quality or options.quality_budget else None
+    selection = _select(model_dir, options, num_blocks, protect, cache, path, latency, forward, probe)
+    plan = Plan(
         num_blocks=num_blocks,
         kept=selection.kept,
         pruned=selection.pruned,
@@ -95,7 +107,32 @@ def make_plan(model_dir: str | Path, options: MiprunOptions, hf_config: dict | N
         scores_source=source,
         cache_path=str(path) if path else None,
         fingerprint=cache.fingerprint if cache else None,
+        binding_target=selection.details.get("binding_target", _target_name(options)),
     )
+    return _with_quality(plan, probe) if probe is not None else plan
+
+
+def _target_name(options: MiprunOptions) -> str:
+    return "keep" if options.keep is not None else "latency_budget"
+
+
+def _probe(model_dir, options: MiprunOptions, path, forward: "_ForwardSearch | None") -> QualityProbe:
+    forward = forward or _ForwardSearch(model_dir, options, None)
+    return QualityProbe(model_dir, options, path, forward.model)
+
+
+def _with_quality(plan: Plan, probe: QualityProbe) -> Plan:
+    """``plan`` with its validation perplexity ratio (measured, or read from the score cache).
+    Without a quality budget it is information only: a snapshot without every shard skips it."""
+    try:
+        ratio = probe.ratio(plan.pruned)
+    except hub_alias.MissingWeightsError as err:
+        if probe.options.quality_budget is not None:
+            raise
+        logger.info("quality not measured: %s", err)
+        return plan
+    logger.info("quality: perplexity ratio %.4f on validation text (%s)", ratio, probe.source)
+    return replace(plan, quality_ppl_ratio=ratio)
 
 
 def explicit_plan(model_dir: str | Path, config: dict, options: MiprunOptions, num_blocks: int,
@@ -109,7 +146,7 @@ def explicit_plan(model_dir: str | Path, config: dict, options: MiprunOptions, n
         num_blocks=num_blocks, kept=kept, pruned=pruned, method=DROP_METHOD,
         keep_ratio=len(kept) / num_blocks, predicted_speedup=latency.speedup(kept),
         latency_source=latency.source, objective=None, scores_source="none-needed",
-        cache_path=None, fingerprint=None,
+        cache_path=None, fingerprint=None, binding_target="drop",
     )
 
 
@@ -177,9 +214,9 @@ def latency_model(model_dir, config: dict, cache: score_cache.ScoreCache | None,
 
 
 def _select(model_dir, options: MiprunOptions, num_blocks: int, protect: frozenset[int],
-            cache, path, latency: LatencyModel, progress: bool) -> selectors.Selection:
+            cache, path, latency: LatencyModel, forward: "_ForwardSearch",
+            probe: QualityProbe | None) -> selectors.Selection:
     inputs = _score_inputs(cache)
-    forward = _ForwardSearch(model_dir, options, inputs.get("cost"))
 
     def select_for(num_prune: int) -> selectors.Selection:
         if options.method not in FORWARD_METHODS:
@@ -190,6 +227,8 @@ def _select(model_dir, options: MiprunOptions, num_blocks: int, protect: frozens
     try:
         if options.keep is not None:
             return select_for(num_blocks - selectors.keep_count(options.keep, num_blocks))
+        if options.quality_budget is not None:
+            return select_for_quality(options, num_blocks, protect, latency, select_for, probe)
         return selectors.select_for_latency(options.method, options.latency_budget, latency, selector=select_for,
                                             protect=protect)
     except ValueError as err:
@@ -239,7 +278,8 @@ class _ForwardSearch:
         self._model = None
         self._ids = None
 
-    def _load(self):
+    def model(self):
+        """The block-by-block model, loaded on first use (shared with the quality probe)."""
         if self._model is None:
             if not hub_alias.has_every_shard(self.model_dir):  # planned from a hub alias's cached scores
                 raise hub_alias.MissingWeightsError(
@@ -249,13 +289,18 @@ class _ForwardSearch:
                     "forward search"
                 )
             from vllm_miprun.model.blockwise import BlockwiseModel
-            from vllm_miprun.pipeline.calibrate import calibration_ids
 
-            self._ids = calibration_ids(self.model_dir, self.options.calibration)[:FORWARD_MAX_SAMPLES]
             device = resolve_device(self.options.device)
             self._model = BlockwiseModel(self.model_dir, device=device, resident_blocks=True,
                                          max_memory=self.options.max_memory)
-        return self._model, self._ids
+        return self._model
+
+    def _load(self):
+        if self._ids is None:
+            from vllm_miprun.pipeline.calibrate import calibration_ids
+
+            self._ids = calibration_ids(self.model_dir, self.options.calibration)[:FORWARD_MAX_SAMPLES]
+        return self.model(), self._ids
 
     def run(self, method: str, num_blocks: int, num_prune: int, protect: frozenset[int]) -> selectors.Selection:
         logger.info("%s: searching %d blocks to prune with forward passes on calibration tokens",

@@ -50,6 +50,8 @@ class ScoreCache:
     selections: dict[str, dict[str, list[int]]] = field(default_factory=dict)
     profile: dict[str, Any] | None = None
     throughput: dict[str, Any] | None = None
+    # validation setup (pipeline.quality) -> pruned blocks "3,5" ("" = dense) -> mean NLL, nats
+    quality: dict[str, dict[str, float]] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     code_version: str = __version__
 
@@ -73,6 +75,7 @@ class ScoreCache:
             "selections": self.selections,
             "profile": self.profile,
             "throughput": self.throughput,
+            "quality": self.quality,
             "timings": self.timings,
         }
 
@@ -91,6 +94,7 @@ class ScoreCache:
             selections=data.get("selections") or {},
             profile=data.get("profile"),
             throughput=data.get("throughput"),
+            quality=data.get("quality") or {},
             format_version=data["format_version"],
             code_version=data.get("code_version", "unknown"),
         )
@@ -245,6 +249,11 @@ def _check_shape(data: Any, source: str) -> None:
             if (not isinstance(pruned, list) or len(set(pruned)) != len(pruned) or str(len(pruned)) != num_prune
                     or not all(isinstance(b, int) and 0 <= b < count for b in pruned)):
                 raise bad(f"selections.{method}.{num_prune} must list {num_prune} distinct blocks in 0..{count - 1}")
+    quality = data.get("quality") or {}
+    if not isinstance(quality, dict) or not all(isinstance(by_set, dict) for by_set in quality.values()):
+        raise bad("quality must map a validation setup to {pruned blocks: mean NLL}")
+    for setup, by_set in quality.items():
+        _check_finite(list(by_set.values()), f"quality.{setup}", bad)
 
 
 def _check_finite(values: list, where: str, bad) -> None:

@@ -121,7 +121,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from vllm_miprun.pipeline.plan import make_plan
 
     options = MiprunOptions.from_dict({**given_options(args), "require_cache": True})
-    plan = make_plan(args.model_dir, options)
+    plan = make_plan(args.model_dir, options, measure_quality=True)
     if args.json:
         _out(json.dumps(plan.to_json()))
         return 0
@@ -130,6 +130,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     _out(f"  kept:    {compact_ranges(plan.kept)}")
     _out(f"  pruned:  {compact_ranges(plan.pruned)}")
     _out(f"  predicted speed-up {plan.predicted_speedup:.2f}x ({plan.latency_source})")
+    if plan.quality_ppl_ratio is not None:
+        _out(f"  predicted quality: perplexity x{plan.quality_ppl_ratio:.3f} of the dense model's on held-out "
+             "calibration text"
+             + (f"; budget {options.quality_budget:g}, {plan.binding_target} bound" if options.quality_budget else ""))
     _out(f"  weights saved {memory['weight_bytes_saved'] / 2**20:.1f} MiB, "
          f"KV cache saved {memory['kv_bytes_per_token_saved']} bytes/token "
          f"(capacity x{plan.num_blocks / len(plan.kept):.3f})")

@@ -351,7 +351,8 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
         raise EvalError(f"--extra-config must be a JSON object, got {args.extra_config!r}")
     options.update(given_options(args, command_options("eval")))
     if options and not any(target in options for target in TARGETS):
-        raise EvalError("plan options need a target: add --keep R, --latency-budget B or --drop BLOCKS")
+        raise EvalError("plan options need a target: add --keep R, --latency-budget B, --quality-budget R "
+                        "or --drop BLOCKS")
     return options or None
 
 

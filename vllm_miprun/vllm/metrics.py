@@ -27,6 +27,7 @@ speed model :mod:`vllm_miprun.core.latency`.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from pathlib import Path
@@ -70,6 +71,11 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
         "Per-output-token decode speed-up of the kept blocks predicted by the latency "
         "model (label latency_source: profile = measured per-block profile, "
         "flop-byte-estimate = FLOP and byte estimate).", ("latency_source",)),
+    "miprun_quality_ppl_ratio": (
+        "Perplexity of the kept blocks over the full model's, on held-out calibration text "
+        "(documents calibration never reads), measured when the plan is made with a quality "
+        "budget; NaN when not measured. Label binding_target: the target that set the number "
+        "of blocks (keep, latency_budget, quality_budget or drop).", ("binding_target",)),
     "miprun_plan_seconds": (
         "Seconds spent choosing the blocks in the front process, including calibration "
         "when the scores were computed.", ()),
@@ -197,6 +203,9 @@ class Exporter:
                       latency_source=str(self.plan.get("latency_source", "unknown")))
             self._set("miprun_scores_source", 1, source=str(self.plan.get("scores_source", "unknown")),
                       method=str(self.plan.get("method", "unknown")))
+            ratio = self.plan.get("quality_ppl_ratio")
+            self._set("miprun_quality_ppl_ratio", math.nan if ratio is None else float(ratio),
+                      binding_target=str(self.plan.get("binding_target") or "unknown"))
             if self.plan.get("plan_seconds") is not None:
                 self._set("miprun_plan_seconds", float(self.plan["plan_seconds"]))
         else:

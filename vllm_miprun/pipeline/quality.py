@@ -1,0 +1,144 @@
+"""Quality on held-out calibration text: the perplexity ratio of a pruned set to the dense model.
+
+The quality budget (``quality_budget``) and the quality figure ``vllm-miprun plan`` prints
+both come from here. The text is :func:`vllm_miprun.pipeline.corpora.validation_token_windows`:
+documents of the calibration part that calibration never reads, ``VALIDATION_SAMPLES``
+windows of the calibration ``seq_len``. The pruned model runs block by block
+(:class:`~vllm_miprun.model.blockwise.BlockwiseModel`), and its loss is
+:class:`~vllm_miprun.pipeline.refine.CalibrationCE` on those windows (prefix reuse, so the sets
+a walk measures share the full model's early states).
+
+The ratio is ``exp(NLL(pruned) - NLL(dense))``: pruned over dense perplexity. Each mean NLL is
+stored in the score cache (``ScoreCache.quality``) under the validation setup and the pruned
+set, so a second plan with the same settings makes no forward pass at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Callable, Iterable
+
+from vllm_miprun.pipeline import hub_alias, store as score_cache
+
+logger = logging.getLogger(__name__)
+
+# 8 windows x the calibration seq_len (256 by default): a few seconds on SmolLM2-135M on a CPU.
+VALIDATION_SAMPLES = 8
+
+
+def validation_setup(calibration) -> str:
+    """The key of the stored NLLs: what text they were measured on, and how."""
+    return f"validation:{VALIDATION_SAMPLES}x{calibration.seq_len}:heal=none"
+
+
+def set_key(pruned: Iterable[int]) -> str:
+    return ",".join(str(b) for b in sorted(int(b) for b in pruned))
+
+
+def validation_ids(model_dir, calibration):
+    """The validation windows [VALIDATION_SAMPLES, seq_len] as a tensor."""
+    import torch
+
+    from vllm_miprun.pipeline.calibrate import load_tokenizer
+    from vllm_miprun.pipeline.corpora import validation_token_windows
+
+    windows = validation_token_windows(load_tokenizer(model_dir), calibration.dataset, calibration.samples,
+                                       calibration.seq_len, calibration.seed, VALIDATION_SAMPLES,
+                                       calibration.seq_len)
+    return torch.from_numpy(windows)
+
+
+class QualityProbe:
+    """Perplexity ratios of pruned sets on the validation windows, read from and written to
+    the score cache at ``cache_path`` (None: kept in memory only, e.g. score-free methods).
+
+    ``load_model`` returns the :class:`BlockwiseModel` to run; it is called only when a
+    ratio is not cached, so a fully cached plan loads nothing."""
+
+    def __init__(self, model_dir, options, cache_path: Path | None, load_model: Callable[[], object]):
+        self.model_dir, self.options, self.cache_path = model_dir, options, cache_path
+        self.load_model = load_model
+        self.setup = validation_setup(options.calibration)
+        self.nll: dict[str, float] = {}
+        if cache_path is not None and Path(cache_path).is_file():
+            self.nll = dict(score_cache.read_cache(cache_path).quality.get(self.setup, {}))
+        self.computed = False
+        self._evaluator = None
+
+    @property
+    def source(self) -> str:
+        return "computed" if self.computed else "cache-hit"
+
+    def ratio(self, pruned: Iterable[int]) -> float:
+        """Validation perplexity of the model without ``pruned``, over the dense model's."""
+        pruned = tuple(sorted(int(b) for b in pruned))
+        if not pruned:
+            return 1.0
+        return math.exp(self._mean_nll(pruned) - self._mean_nll(()))
+
+    def _mean_nll(self, pruned: tuple[int, ...]) -> float:
+        key = set_key(pruned)
+        if key not in self.nll:
+            value = float(self._evaluate()(frozenset(pruned)))
+            self.nll[key] = value
+            self.computed = True
+            if self.cache_path is not None:
+                score_cache.update_cache(self.cache_path, lambda cache: cache.quality.setdefault(
+                    self.setup, {}).update({key: value}))
+        return self.nll[key]
+
+    def _evaluate(self):
+        if self._evaluator is None:
+            if not hub_alias.has_every_shard(self.model_dir):
+                raise hub_alias.MissingWeightsError(
+                    f"{self.model_dir} lacks some weight shards, and the quality of this plan is not in the "
+                    "score cache; measuring it runs every block on validation text, so fetch every shard"
+                )
+            from vllm_miprun.pipeline.refine import CalibrationCE
+
+            ids = validation_ids(self.model_dir, self.options.calibration)
+            logger.info("quality: measuring perplexity ratios on %d validation windows of %d tokens",
+                        ids.shape[0], ids.shape[1])
+            self._evaluator = CalibrationCE(self.load_model(), ids)
+        return self._evaluator
+
+
+def select_for_quality(options, num_blocks: int, protect: frozenset[int], latency,
+                       select_for: Callable[[int], object], probe: QualityProbe):
+    """The selection for a quality budget, alone or with a latency budget.
+
+    Alone: the most blocks whose validation perplexity ratio stays within the budget
+    (:func:`~vllm_miprun.core.selection.quality.most_pruned_within` over the selector's set
+    for each count). With a latency budget: the latency budget's selection when its ratio
+    is within the quality budget (the latency budget bound), else the most blocks below that
+    count that keep the quality budget (the quality budget bound; the latency budget is then
+    not met, and a warning says so). ``details`` names the binding target and the ratio."""
+    from dataclasses import replace
+
+    from vllm_miprun.core import selection as selectors
+    from vllm_miprun.core.selection.quality import most_pruned_within
+
+    budget = options.quality_budget
+    max_prune = num_blocks - max(1, len(protect))
+    if options.latency_budget is not None:
+        fast = selectors.select_for_latency(options.method, options.latency_budget, latency, selector=select_for,
+                                            protect=protect)
+        ratio = probe.ratio(fast.pruned)
+        if ratio <= budget:
+            return replace(fast, details={**fast.details, "binding_target": "latency_budget",
+                                          "quality_ppl_ratio": ratio})
+        logger.warning("quality budget %.3g binds: latency budget %s needs %d blocks pruned, whose perplexity "
+                       "ratio %.3f is over it; pruning fewer, so the latency budget is not met",
+                       budget, options.latency_budget, len(fast.pruned), ratio)
+        max_prune = len(fast.pruned) - 1
+    walk = most_pruned_within(budget, max_prune, lambda count: probe.ratio(select_for(count).pruned))
+    if walk.num_prune == 0:
+        logger.warning("quality budget %.3g: pruning even one block raises perplexity by %.3fx; "
+                       "keeping every block", budget, walk.ratios.get(1, math.nan))
+        chosen = selectors.make_selection(options.method, num_blocks, ())
+    else:
+        chosen = select_for(walk.num_prune)
+    return replace(chosen, details={**chosen.details, "binding_target": "quality_budget",
+                                    "quality_ppl_ratio": walk.ratio, "quality_ratios": walk.ratios})

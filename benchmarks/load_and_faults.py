@@ -137,7 +137,8 @@ def server_env(cache_dir: Path, tp: int = 1) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k not in ("VLLM_CPU_KVCACHE_SPACE", "PROMETHEUS_MULTIPROC_DIR", "MIPRUN_RUN_DIR")}
     env["MIPRUN_CACHE_DIR"] = str(cache_dir)
-    if tp > 1:
+    if tp > 1:  # workers talk over loopback, one core each
+        env["VLLM_HOST_IP"] = "127.0.0.1"
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(core % (os.cpu_count() or 1)) for core in range(tp))
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
     return env

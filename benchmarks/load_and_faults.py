@@ -252,6 +252,21 @@ def tree_rss(sid: int) -> int:
     return total
 
 
+def rss_by_process(sid: int) -> dict[str, int]:
+    """Resident bytes per process of session ``sid``, keyed "pid title" (where memory grows)."""
+    import psutil
+
+    found = {}
+    for pid in harness.session_pids(sid):
+        try:
+            proc = psutil.Process(pid)
+            title = " ".join(proc.cmdline())[:60] or proc.name()
+            found[f"{pid} {title}"] = proc.memory_info().rss
+        except psutil.Error:
+            continue
+    return found
+
+
 # --- the load ------------------------------------------------------------------------------
 
 def request_specs(n: int, seed: int = 0, longest: bool = False, seeded_sampling: bool = False) -> list[dict]:
@@ -626,6 +641,7 @@ def hostile_run(server: Server, model: str, requests: int = 2000, concurrency: i
         drive(server.base_url, model, request_specs(warmup, seed=seed + 1, longest=True), concurrency, deadline_s)
     time.sleep(1.0)
     rss_before = tree_rss(server.proc.pid)
+    processes_before = rss_by_process(server.proc.pid)
     totals_before = scrape(server)
     miprun_before = {k: v for k, v in parse_series(harness.http_get(f"{server.base_url}/metrics", 10)[1]).items()
                      if k.startswith("miprun_")}
@@ -635,6 +651,7 @@ def hostile_run(server: Server, model: str, requests: int = 2000, concurrency: i
     run_s = time.monotonic() - tic
     totals_after = _settle_idle(server)
     rss_after = tree_rss(server.proc.pid)
+    processes_after = rss_by_process(server.proc.pid)
     try:
         health = harness.http_get(f"{server.base_url}/health", timeout=10)[0]
     except OSError as err:
@@ -642,7 +659,8 @@ def hostile_run(server: Server, model: str, requests: int = 2000, concurrency: i
     summary = hostile_summary(results, samples, totals_before, totals_after, miprun_before,
                               (rss_before, rss_after), server.proc.poll() is None, health)
     return {"requests": requests, "concurrency": concurrency, "seed": seed, "mix": HOSTILE_MIX,
-            "warmup_requests": warmup, "seconds": round(run_s, 1), **summary}
+            "warmup_requests": warmup, "seconds": round(run_s, 1),
+            "rss_by_process": {"before": processes_before, "after": processes_after}, **summary}
 
 
 def hostile_summary(results: list[dict], samples: list[dict], totals_before: dict[str, float],

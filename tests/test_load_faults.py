@@ -18,12 +18,11 @@ at load: about 10-12 minutes on a busy 2-core CPU.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_module import load_benchmark  # tests/ is on sys.path (conftest)
 
 from vllm_miprun.core.selection import keep_count
 
@@ -33,23 +32,14 @@ CI_REQUESTS = 64
 CI_CONCURRENCY = 16
 CI_HOSTILE = 120
 KEPT = keep_count(0.75, 30)  # 23 of SmolLM2's 30 blocks
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "load_and_faults.py"
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("load_and_faults", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, smollm2_dir):
     model_dir = smollm2_dir
     work = tmp_path_factory.mktemp("load-faults")
-    result = _bench().run_all(model_dir, work, requests=CI_REQUESTS, concurrency=CI_CONCURRENCY, seed=0,
-                              hostile_requests=CI_HOSTILE)
+    result = load_benchmark("load_and_faults").run_all(model_dir, work, requests=CI_REQUESTS,
+                                                       concurrency=CI_CONCURRENCY, seed=0, hostile_requests=CI_HOSTILE)
     (work / "load_and_faults.json").write_text(json.dumps(result, indent=1))  # for a failing test's reader
     return result
 

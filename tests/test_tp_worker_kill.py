@@ -8,29 +8,17 @@ the first calibrating 8 x 128 tokens at load, about 3 minutes on a 2-core CPU.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from benchmark_module import load_benchmark  # tests/ is on sys.path (conftest)
 
 pytestmark = [pytest.mark.engine]
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "load_and_faults.py"
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("load_and_faults", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.timeout(1800)
 def test_sigkilled_tp_worker_ends_the_server_cleanly_and_keeps_the_cache(tmp_path, tiny_llama_dir):
-    fault = _bench().fault_kill_tp_worker(tiny_llama_dir, tmp_path)
+    fault = load_benchmark("load_and_faults").fault_kill_tp_worker(tiny_llama_dir, tmp_path)
     (tmp_path / "fault.json").write_text(json.dumps(fault, indent=1))  # for a failing test's reader
     brief = json.dumps(fault, indent=1)[:4000]
     assert fault["answer"]["tokens"] >= 1 and fault["plan"] is not None, brief  # served at TP=2 first

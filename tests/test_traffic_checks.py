@@ -4,22 +4,14 @@ scraper data (pure logic, no server): each check must catch the failure it names
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "load_and_faults.py"
+from benchmark_module import load_benchmark  # tests/ is on sys.path (conftest)
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("load_and_faults", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("load_and_faults")
 
 
 MIPRUN = {'miprun_blocks_kept{model_name="m"}': 23.0, 'miprun_throughput_gain{baseline="estimated",model_name="m"}': 1.2,

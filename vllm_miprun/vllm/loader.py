@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm_miprun.model import checkpoint, remap, weights
 from vllm_miprun.pipeline import heal
 from vllm_miprun.options import MiprunOptions, OptionError
-from vllm_miprun.vllm import lora_and_draft, model_files
+from vllm_miprun.vllm import full_model_weights, lora_and_draft, model_files
 from vllm_miprun.vllm.model_files import ModelSource
 
 # Under "vllm." so vLLM's logging config (handler, level, format) applies to it.
@@ -144,8 +145,8 @@ class MiprunModelLoader(BaseModelLoader):
         _apply_overrides_in_place(model_config, remap.pruned_fields(planned.folder, planned.hf_config, kept))
         record_report(plan_report(planned.plan, planned.plan_seconds))
 
-    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
-        kept = list(model_config.hf_config.miprun_kept_layers)
+    def _kept_files(self, model_config: ModelConfig, kept: list[int]) -> tuple[Path, list[Path]]:
+        """(checkpoint folder, shards holding kept tensors); counts the bytes read and skipped."""
         source = self._source(model_config)
         model_dir = model_files.fetch_kept_shards(source, model_files.fetch_metadata(source), kept)
         _, never_fetched = model_files.shard_split(model_dir, kept)
@@ -155,9 +156,22 @@ class MiprunModelLoader(BaseModelLoader):
             total = model_files.index_total_bytes(model_dir)
             if total is not None:
                 self._skipped_bytes = max(total - self._read_bytes, self._skipped_bytes)
+        return model_dir, files
+
+    def get_all_weights(self, model_config: ModelConfig, model: nn.Module) -> Iterator[tuple[str, Any]]:
+        """The kept blocks' tensors and the non-block ones, under the checkpoint's (full-model)
+        names; vLLM's ``reload_weights`` feeds them to ``model.load_weights``."""
+        kept = list(model_config.hf_config.miprun_kept_layers)
+        _, files = self._kept_files(model_config, kept)
+        yield from weights.iter_kept_weights(files, kept, renumber=False)
+
+    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        kept = list(model_config.hf_config.miprun_kept_layers)
         full = int(model_config.hf_config.miprun_num_blocks_full)
+        model_dir, files = self._kept_files(model_config, kept)
         maps = heal.prepare_maps(model_dir, self.options, kept, full)  # {} unless heal=linear
-        loaded = model.load_weights(heal.fold_stream(weights.iter_kept_weights(files, kept), maps, kept))
+        full_model_weights.take_full_model_names(model, kept, full, maps)
+        loaded = model.load_weights(weights.iter_kept_weights(files, kept, renumber=False))
         if loaded is not None and model_config.quantization is None:
             # vLLM's own completeness check: every parameter came from the checkpoint.
             DefaultModelLoader.track_weights_loading(self, model, loaded)

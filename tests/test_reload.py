@@ -166,3 +166,23 @@ def test_reload_with_lora_on_gemma2_renumbers_once(tmp_path):
     result = _run_reload({"model": str(model_dir), "extra": extra, "lora": True})
     assert result["kept"] == [0, 2, 4, 6]
     _assert_restored(result)
+
+
+def test_expert_parallel_filter_skips_other_ranks_experts_of_kept_blocks(tmp_path):
+    """What the loader hands vLLM's EP weight filter (``should_skip_weight``): names are the
+    checkpoint's, and skipped tensors are never read."""
+    from safetensors.torch import save_file
+    from vllm.model_executor.model_loader.ep_weight_filter import should_skip_weight
+
+    from vllm_miprun.model import weights
+
+    tensors = {"model.embed_tokens.weight": torch.zeros(2, 2)}
+    for block in range(3):
+        tensors[f"model.layers.{block}.mlp.gate.weight"] = torch.zeros(4, 2)
+        tensors.update({f"model.layers.{block}.mlp.experts.{e}.down_proj.weight": torch.zeros(2, 2) for e in range(4)})
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    names = [name for name, _ in weights.iter_kept_weights([tmp_path / "model.safetensors"], [0, 2], renumber=False,
+                                                           skip=lambda name: should_skip_weight(name, {1, 3}))]
+    assert sorted(names) == sorted(["model.embed_tokens.weight", "model.layers.0.mlp.gate.weight",
+                                    "model.layers.2.mlp.gate.weight"] + [
+        f"model.layers.{b}.mlp.experts.{e}.down_proj.weight" for b in (0, 2) for e in (1, 3)])

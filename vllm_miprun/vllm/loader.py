@@ -24,6 +24,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+from vllm.model_executor.model_loader.ep_weight_filter import should_skip_weight
 
 from vllm_miprun.model import checkpoint, remap, weights
 from vllm_miprun.pipeline import heal
@@ -163,7 +164,16 @@ class MiprunModelLoader(BaseModelLoader):
         names; vLLM's ``reload_weights`` feeds them to ``model.load_weights``."""
         kept = list(model_config.hf_config.miprun_kept_layers)
         _, files = self._kept_files(model_config, kept)
-        yield from weights.iter_kept_weights(files, kept, renumber=False)
+        yield from self._kept_weights(model_config, files, kept)
+
+    def _kept_weights(self, model_config: ModelConfig, files: list[Path], kept: list[int]):
+        """The kept tensors under full-model names; with vLLM's expert-parallel weight filter
+        (``--enable-ep-weight-filter``) other ranks' experts are skipped before they are read."""
+        self.local_expert_ids = None
+        DefaultModelLoader._init_ep_weight_filter(self, model_config)  # sets it only when asked for
+        local = self.local_expert_ids
+        skip = None if local is None else (lambda name: should_skip_weight(name, local))
+        return weights.iter_kept_weights(files, kept, renumber=False, skip=skip)
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         kept = list(model_config.hf_config.miprun_kept_layers)
@@ -171,7 +181,7 @@ class MiprunModelLoader(BaseModelLoader):
         model_dir, files = self._kept_files(model_config, kept)
         maps = heal.prepare_maps(model_dir, self.options, kept, full)  # {} unless heal=linear
         full_model_weights.take_full_model_names(model, kept, full, maps)
-        loaded = model.load_weights(weights.iter_kept_weights(files, kept, renumber=False))
+        loaded = model.load_weights(self._kept_weights(model_config, files, kept))
         if loaded is not None and model_config.quantization is None:
             # vLLM's own completeness check: every parameter came from the checkpoint.
             DefaultModelLoader.track_weights_loading(self, model, loaded)

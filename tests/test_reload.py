@@ -186,3 +186,21 @@ def test_expert_parallel_filter_skips_other_ranks_experts_of_kept_blocks(tmp_pat
     assert sorted(names) == sorted(["model.embed_tokens.weight", "model.layers.0.mlp.gate.weight",
                                     "model.layers.2.mlp.gate.weight"] + [
         f"model.layers.{b}.mlp.experts.{e}.down_proj.weight" for b in (0, 2) for e in (1, 3)])
+
+
+def test_loader_gives_vllm_reload_the_kept_tensors_under_full_model_names(tiny_llama_dir):
+    """``reload_weights`` asks the loader for ``get_all_weights`` (else NotImplementedError)."""
+    from types import SimpleNamespace
+
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.config.load import LoadConfig
+
+    from vllm_miprun.vllm.loader import MiprunModelLoader
+
+    hf_config = SimpleNamespace(miprun_kept_layers=[0, 1, 2, 7], miprun_num_blocks_full=8)
+    model_config = SimpleNamespace(model=str(tiny_llama_dir), revision=None, hf_config=hf_config, is_moe=False)
+    loader = MiprunModelLoader(LoadConfig(load_format="miprun", model_loader_extra_config={"keep": 0.5}))
+    with set_current_vllm_config(VllmConfig()):
+        names = [name for name, _ in loader.get_all_weights(model_config, None)]
+    blocks = {int(name.split(".")[2]) for name in names if name.startswith("model.layers.")}
+    assert blocks == {0, 1, 2, 7} and "model.embed_tokens.weight" in names

@@ -525,6 +525,21 @@ def test_model_level_overrides_cover_text_config():
     assert remap_model_quantization({"num_hidden_layers": 4}, [0], _names()) == {}
 
 
+def test_fp8_exact_entry_naming_a_fused_moe_layer_renumbers():
+    """vLLM asks whether ``model.layers.N.mlp.experts`` (the FusedMoE layer's prefix) is
+    ignored; no checkpoint tensor is called that, the experts are ``experts.<id>.*``."""
+    names = ["model.embed_tokens.weight", "lm_head.weight"]
+    for block in range(4):
+        names += [f"model.layers.{block}.mlp.experts.{e}.{p}.weight" for e in range(2)
+                  for p in ("gate_proj", "up_proj", "down_proj")]
+        names += [f"model.layers.{block}.mlp.gate.weight", f"model.layers.{block}.self_attn.q_proj.weight"]
+    qcfg = dict(QCONFIGS["fp8"], ignored_layers=["model.layers.3.mlp.experts", "model.layers.1.mlp.experts",
+                                                 "lm_head"])
+    new = remap_quantization_config(qcfg, [0, 2, 3], names)
+    assert new["ignored_layers"] == ["model.layers.2.mlp.experts", "lm_head"]
+    assert "mlp.experts" in Universe(names).suffixes
+
+
 def test_universe_knows_fused_names():
     universe = Universe(_names(2))
     assert "self_attn.qkv_proj" in universe.suffixes and "mlp.gate_up_proj" in universe.suffixes

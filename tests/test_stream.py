@@ -68,6 +68,10 @@ def test_compute_dtype_keeps_the_checkpoint_dtype_off_the_cpu():
     assert stream.compute_dtype("cpu", torch.bfloat16) == torch.float32
     assert stream.compute_dtype("cuda", torch.bfloat16) == torch.bfloat16
     assert stream.compute_dtype("cuda", torch.bfloat16, torch.float32) == torch.float32
+    # float16 checkpoints overflow in Gemma-like families: calibrate in bfloat16, else float32
+    assert stream.compute_dtype("cuda", torch.float16, bf16_supported=True) == torch.bfloat16
+    assert stream.compute_dtype("cuda", torch.float16, bf16_supported=False) == torch.float32
+    assert stream.compute_dtype("cuda", torch.float16, torch.float16) == torch.float16  # asked for
     assert stream.default_max_memory("cpu") == 0
 
 

@@ -48,17 +48,58 @@ def pruned_runs(pruned: list[int] | tuple[int, ...]) -> list[tuple[int, int]]:
     return runs
 
 
+# Rows scaled per chunk: bounds the float64 temporary (64 Mi elements, 512 MiB) whatever the shape.
+_CHUNK_ELEMENTS = 1 << 26
+
+
+def diagonal_of(transform: torch.Tensor) -> torch.Tensor | None:
+    """The scales of a diagonal map (a 1-D map already is one), else None."""
+    if transform.dim() == 1:
+        return transform
+    scales = torch.diagonal(transform)
+    return scales if torch.count_nonzero(transform) == torch.count_nonzero(scales) else None
+
+
+def compact(transform: torch.Tensor) -> torch.Tensor:
+    """A diagonal map as its ``[dim]`` scales (what the folds need), any other map as it is."""
+    scales = diagonal_of(transform)
+    return transform if scales is None else scales.clone()
+
+
+def _scale_rows(matrix: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``diag(s) @ M`` rounded once to ``M``'s dtype, as the dense float64 product would be:
+    each entry is one product, exact in float64, so no ``[d, d]`` matrix is needed."""
+    out = torch.empty_like(matrix)
+    step = max(1, _CHUNK_ELEMENTS // max(1, matrix[0].numel()))
+    scales = scales.double()
+    for row in range(0, matrix.shape[0], step):
+        rows = matrix[row:row + step].double()
+        out[row:row + step] = (rows * scales[row:row + step].reshape(-1, *[1] * (rows.dim() - 1))).to(matrix.dtype)
+    return out
+
+
 def fold_down_proj(weight: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
-    """``T @ W_down`` in float64, returned in the weight's dtype (shape ``[hidden, inter]``)."""
+    """``T @ W_down`` in float64, returned in the weight's dtype (shape ``[hidden, inter]``).
+    A diagonal ``T`` (or its ``[hidden]`` scales) scales rows: O(hidden·inter), bit-identical."""
+    scales = diagonal_of(transform)
+    if scales is not None:
+        return _scale_rows(weight, scales)
     return (transform.double() @ weight.double()).to(weight.dtype)
 
 
 def fold_bias(bias: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
+    scales = diagonal_of(transform)
+    if scales is not None:
+        return _scale_rows(bias, scales)
     return (transform.double() @ bias.double()).to(bias.dtype)
 
 
 def fold_embedding(embedding: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
-    """Rows ``e`` become ``T e``: ``E @ T.T`` (shape ``[vocab, hidden]``)."""
+    """Rows ``e`` become ``T e``: ``E @ T.T`` (shape ``[vocab, hidden]``); a diagonal ``T``
+    scales the columns."""
+    scales = diagonal_of(transform)
+    if scales is not None:
+        return _scale_rows(embedding.T, scales).T.contiguous()
     return (embedding.double() @ transform.double().T).to(embedding.dtype)
 
 

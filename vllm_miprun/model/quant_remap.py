@@ -42,6 +42,7 @@ FIELDS = {
 }
 _NUMBER = re.compile(r"(?:(?<=layers\.)|(?<=layers\\\.))(\d+)(?=\\?\.|$)")
 _LAYER_TEXT = re.compile(r"layers(?:\\)?\.\d")
+_EXPERT = re.compile(r"^(.+\.experts)\.\d+\.")
 
 
 class Universe:
@@ -73,7 +74,10 @@ class Universe:
 
 
 def _fused_names(modules: set[str]) -> set[str]:
-    fused = set()
+    """vLLM's fused linears (``qkv_proj``, ``gate_up_proj``) and FusedMoE layers: one module
+    ``...mlp.experts`` for the checkpoint's ``...mlp.experts.<id>.*`` (its quantization
+    prefix, which an exact-match entry may name)."""
+    fused = {match.group(1) for match in map(_EXPERT.match, modules) if match}
     for module in modules:
         parent, _, leaf = module.rpartition(".")
         for name, shards in FUSED.items():

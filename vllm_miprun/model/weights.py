@@ -10,7 +10,7 @@ by the block prefixes of the supported families (``model.architectures``), throu
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from vllm_miprun.model.checkpoint import bytes_by_block, tensor_bytes
@@ -35,8 +35,11 @@ def plan_reads(files: list[Path], kept: list[int]) -> tuple[list[Path], int, int
     return to_open, read_bytes, skipped_bytes
 
 
-def iter_kept_weights(files: list[Path], kept: list[int]) -> Iterator[tuple[str, "object"]]:
-    """Yield (renumbered name, tensor) for non-block tensors and kept blocks only."""
+def iter_kept_weights(files: list[Path], kept: list[int], renumber: bool = True,
+                      skip: Callable[[str], bool] | None = None) -> Iterator[tuple[str, "object"]]:
+    """Yield (renumbered name, tensor) for non-block tensors and kept blocks only; with
+    ``renumber`` off, under the checkpoint's own names. Names ``skip`` accepts (checkpoint
+    names: another rank's experts) are not read either."""
     from safetensors import safe_open
 
     mapping = index_map(kept)
@@ -44,8 +47,8 @@ def iter_kept_weights(files: list[Path], kept: list[int]) -> Iterator[tuple[str,
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             for name in handle.keys():
                 new_name = renamed_weight(name, mapping)
-                if new_name is not None:  # skip pruned blocks before reading them
-                    yield new_name, handle.get_tensor(name)
+                if new_name is not None and not (skip and skip(name)):  # skipped before being read
+                    yield (new_name if renumber else name), handle.get_tensor(name)
 
 
 def pruned_weight_bytes(files: list[Path], pruned) -> int:

@@ -261,12 +261,15 @@ def prepare_maps(model_dir: str | Path, options, kept: list[int], num_blocks: in
 
 
 def fold_stream(stream: Iterable[tuple[str, torch.Tensor]], maps: dict[int, torch.Tensor],
-                kept: list[int]) -> Iterator[tuple[str, torch.Tensor]]:
+                kept: list[int], complete: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """Fold each run's map into the renumbered ``down_proj`` (weight and bias) of the block
-    before it, or into the embedding for a run at block 0. Other tensors pass unchanged."""
+    before it, or into the embedding for a run at block 0. Other tensors pass unchanged.
+    ``complete``: the stream is a whole checkpoint, so every target must come (a weight
+    push may carry only some tensors)."""
     if not maps:
         yield from stream
         return
+    maps = {start: heal_math.compact(t) for start, t in maps.items()}  # diagonal: [d] scales
     targets = {kept.index(start - 1): t for start, t in maps.items() if start > 0}
     seen = set()
     for name, tensor in stream:
@@ -280,7 +283,7 @@ def fold_stream(stream: Iterable[tuple[str, torch.Tensor]], maps: dict[int, torc
             seen.add("embed")
         yield name, tensor
     missing = (set(targets) - seen) | ({"embed"} - seen if 0 in maps else set())
-    if missing:
+    if missing and complete:
         raise HealError(f"heal maps target blocks {sorted(map(str, missing))} whose weights never came; "
                         "the checkpoint does not match the plan")
 

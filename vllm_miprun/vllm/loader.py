@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,12 @@ from vllm.logger import init_logger
 from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+from vllm.model_executor.model_loader.ep_weight_filter import should_skip_weight
 
 from vllm_miprun.model import checkpoint, remap, weights
 from vllm_miprun.pipeline import heal
 from vllm_miprun.options import MiprunOptions, OptionError
-from vllm_miprun.vllm import lora_and_draft, model_files
+from vllm_miprun.vllm import full_model_weights, lora_and_draft, model_files
 from vllm_miprun.vllm.compat import check_vllm_supported
 from vllm_miprun.vllm.model_files import ModelSource
 
@@ -146,8 +148,8 @@ class MiprunModelLoader(BaseModelLoader):
         _apply_overrides_in_place(model_config, remap.pruned_fields(planned.folder, planned.hf_config, kept))
         record_report(plan_report(planned.plan, planned.plan_seconds))
 
-    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
-        kept = list(model_config.hf_config.miprun_kept_layers)
+    def _kept_files(self, model_config: ModelConfig, kept: list[int]) -> tuple[Path, list[Path]]:
+        """(checkpoint folder, shards holding kept tensors); counts the bytes read and skipped."""
         source = self._source(model_config)
         model_dir = model_files.fetch_kept_shards(source, model_files.fetch_metadata(source), kept)
         _, never_fetched = model_files.shard_split(model_dir, kept)
@@ -157,9 +159,31 @@ class MiprunModelLoader(BaseModelLoader):
             total = model_files.index_total_bytes(model_dir)
             if total is not None:
                 self._skipped_bytes = max(total - self._read_bytes, self._skipped_bytes)
+        return model_dir, files
+
+    def get_all_weights(self, model_config: ModelConfig, model: nn.Module) -> Iterator[tuple[str, Any]]:
+        """The kept blocks' tensors and the non-block ones, under the checkpoint's (full-model)
+        names; vLLM's ``reload_weights`` feeds them to ``model.load_weights``."""
+        kept = list(model_config.hf_config.miprun_kept_layers)
+        _, files = self._kept_files(model_config, kept)
+        yield from self._kept_weights(model_config, files, kept)
+
+    def _kept_weights(self, model_config: ModelConfig, files: list[Path], kept: list[int]):
+        """The kept tensors under full-model names; with vLLM's expert-parallel weight filter
+        (``--enable-ep-weight-filter``) other ranks' experts are skipped before they are read."""
+        self.local_expert_ids = None
+        DefaultModelLoader._init_ep_weight_filter(self, model_config)  # sets it only when asked for
+        local = self.local_expert_ids
+        skip = None if local is None else (lambda name: should_skip_weight(name, local))
+        return weights.iter_kept_weights(files, kept, renumber=False, skip=skip)
+
+    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        kept = list(model_config.hf_config.miprun_kept_layers)
         full = int(model_config.hf_config.miprun_num_blocks_full)
+        model_dir, files = self._kept_files(model_config, kept)
         maps = heal.prepare_maps(model_dir, self.options, kept, full)  # {} unless heal=linear
-        loaded = model.load_weights(heal.fold_stream(weights.iter_kept_weights(files, kept), maps, kept))
+        full_model_weights.take_full_model_names(model, kept, full, maps)
+        loaded = model.load_weights(self._kept_weights(model_config, files, kept))
         if loaded is not None and model_config.quantization is None:
             # vLLM's own completeness check: every parameter came from the checkpoint.
             DefaultModelLoader.track_weights_loading(self, model, loaded)

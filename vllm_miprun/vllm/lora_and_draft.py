@@ -7,7 +7,10 @@ adapter (``WorkerLoRAManager._load_adapter``): ``hf_to_vllm_mapper``, whose rena
 applied to every adapter weight name, and ``lora_skip_prefixes``, whose names are skipped
 before anything is read. The loader sets both on the pruned model: kept block ``kept[j]``
 is renamed to ``j``, and the pruned blocks' weights are skipped, with a log line that
-names the blocks. Only when LoRA is enabled, and after the base weights are loaded.
+names the blocks. Only when LoRA is enabled, and after the base weights are loaded. The
+renumbering lives only in the mapper's ``get_rename_mapper`` (what LoRA reads): families
+whose ``load_weights`` apply ``hf_to_vllm_mapper`` themselves must not renumber base
+weights a second time on a reload.
 
 Speculative decoding. The draft model is loaded with the target's load config unless
 ``speculative_config.draft_load_config`` is set, so it reaches the miprun loader. The
@@ -79,13 +82,30 @@ def lora_skips(kept: list[int], num_blocks: int) -> list[str]:
     return [f"{BLOCK_PREFIX}{index}." for index in range(num_blocks) if index not in wanted]
 
 
-def route_lora_to_kept_blocks(model, kept: list[int], num_blocks: int) -> None:
-    """Make vLLM's LoRA loading renumber adapters to the kept blocks and drop pruned ones."""
+def lora_only_renumbering(existing, kept: list[int]):
+    """A ``hf_to_vllm_mapper`` that maps weights exactly like ``existing`` (the model's own,
+    or none), while the renames LoRA asks for (``get_rename_mapper``) also renumber.
+
+    Gemma 2/3, Cohere2 and many more pass ``self.hf_to_vllm_mapper`` to their own
+    ``load_weights``: a plain merged mapper would renumber the (already renumbered) kept
+    blocks a second time on every later load (reload, weight push)."""
     from vllm.model_executor.models.utils import WeightsMapper
 
     renumber = WeightsMapper(orig_to_new_regex=lora_renumbering(kept))
-    existing = getattr(model, "hf_to_vllm_mapper", None)
-    model.hf_to_vllm_mapper = renumber | existing if existing is not None else renumber
+    base = existing if existing is not None else WeightsMapper()
+    lora_renames = renumber | base.get_rename_mapper()
+
+    class LoraRenumberingMapper(WeightsMapper):
+        def get_rename_mapper(self) -> WeightsMapper:
+            return lora_renames
+
+    fields = {field.name: getattr(base, field.name) for field in dataclasses.fields(WeightsMapper)}
+    return LoraRenumberingMapper(**fields)
+
+
+def route_lora_to_kept_blocks(model, kept: list[int], num_blocks: int) -> None:
+    """Make vLLM's LoRA loading renumber adapters to the kept blocks and drop pruned ones."""
+    model.hf_to_vllm_mapper = lora_only_renumbering(getattr(model, "hf_to_vllm_mapper", None), kept)
     skips = lora_skips(kept, num_blocks)
     model.lora_skip_prefixes = list(getattr(model, "lora_skip_prefixes", None) or []) + skips
     pruned = [index for index in range(num_blocks) if index not in set(kept)]

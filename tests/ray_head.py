@@ -3,9 +3,10 @@
 Usage: python ray_head.py TEMP_DIR WORKERS ADDRESS_FILE
 
 The cluster has WORKERS CPUs and WORKERS (fake) GPUs: the test's CPU platform
-(``tests/ray_cpu``) places each vLLM worker on one "GPU". Ray binds to 127.0.0.1 only
-when ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is set (the caller's env): otherwise it
-replaces the loopback address given here with the machine's own address. Tests start this
+(``tests/ray_cpu``) places each vLLM worker on one "GPU". Ray takes 127.0.0.1 as the
+node address only when ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is set (the caller's env):
+otherwise it replaces the loopback address given here with the machine's own address; and
+``RAY_AUTH_MODE=disabled`` keeps Ray 2.60 from writing a token to ``~/.ray``. Tests start this
 in its own session (``harness.start_in_own_group``), so stopping it takes every Ray
 process with it.
 """

@@ -6,7 +6,7 @@ or a JSON list of such specs, run one after another in this process (saves the
 import time); one result line per spec, in order.
 
 Keys: model, load_format (default "auto"), extra (model_loader_extra_config),
-tp (tensor_parallel_size), prompts, max_tokens, kv_bytes (kv_cache_memory_bytes),
+tp (tensor_parallel_size), backend (distributed_executor_backend), prompts, max_tokens, kv_bytes (kv_cache_memory_bytes),
 logprobs (top-k logprobs to return), dtype (default float32), hf_overrides.
 Output keys: tokens (list per prompt), logprobs (top-1 logprob per step),
 num_gpu_blocks, block_size, kv_tokens, num_hidden_layers, kept.
@@ -32,6 +32,7 @@ def run(spec: dict) -> dict:
         load_format=spec.get("load_format", "auto"),
         model_loader_extra_config=spec.get("extra") or {},
         tensor_parallel_size=spec.get("tp", 1),
+        distributed_executor_backend=spec.get("backend"),
         enforce_eager=True,
         dtype=spec.get("dtype", "float32"),
         hf_overrides=spec.get("hf_overrides") or {},

@@ -310,6 +310,10 @@ OPTIONS: tuple[Option, ...] = (
            CALIBRATION_COMMANDS, owner=CALIBRATION, choices=ESTIMATORS),
 )
 BY_NAME: dict[str, Option] = {row.name: row for row in OPTIONS}
+# Keys the front process adds to ``model_loader_extra_config`` for vLLM's other processes
+# (``vllm/worker_paths.py``); not user options, so no flag, no field and no table row.
+RUN_DIR_KEY = "run_dir"
+CARRIED_KEYS = (RUN_DIR_KEY,)
 
 
 def option(name: str) -> Option:
@@ -393,7 +397,7 @@ def _shown(value: Any) -> str:
 def _options_from_dict(cls, raw: Mapping[str, Any] | None) -> "MiprunOptions":
     """Build from ``model_loader_extra_config`` (or CLI values); unknown keys are an error."""
     raw = dict(raw or {})
-    unknown = sorted(set(raw) - set(BY_NAME))
+    unknown = sorted(set(raw) - set(BY_NAME) - set(CARRIED_KEYS))
     if unknown:
         raise OptionError(f"unknown miprun option(s) {unknown}; valid options are {sorted(BY_NAME)}")
     calibration = calibration_settings(raw)

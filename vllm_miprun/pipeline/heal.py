@@ -231,20 +231,30 @@ def prepare_maps(model_dir: str | Path, options, kept: list[int], num_blocks: in
     """The maps for this model, settings and plan: read if stored, else fitted and stored.
 
     ``{}`` for ``heal=none``. With ``require_cache``, missing maps are an error, not a fit.
+    Reads no shard a worker did not fetch (a hub snapshot with only the kept blocks'
+    shards): tensor names come from the index, the fingerprint from the hub alias.
     """
     if getattr(options, "heal", "none") == "none":
         return {}
     from vllm_miprun.model import checkpoint
-    from vllm_miprun.model.fingerprint import model_fingerprint
+    from vllm_miprun.pipeline.hub_alias import MissingWeightsError, weights_fingerprint
 
     config = checkpoint.read_config(model_dir)
     check_family(config)
-    names = [n for f in checkpoint.safetensors_files(model_dir) for n in checkpoint.read_header(f)]
+    names = checkpoint.tensor_names(model_dir)
     tied = bool(config.get("tie_word_embeddings", False)) or "lm_head.weight" not in names
     starts = check_foldable(list(kept), num_blocks, names, tied)
     if not starts:
         return {}
-    record = heal_record(model_fingerprint(model_dir), options.calibration.to_json(), list(kept), num_blocks)
+    try:
+        fingerprint = weights_fingerprint(model_dir, options.cache_dir)
+    except MissingWeightsError:
+        raise HealError(
+            f"heal maps are found by the weights' fingerprint, but {model_dir} lacks the shards "
+            f"{checkpoint.missing_shards(model_dir)} and the cache folder has no hub alias for its commit; "
+            "give this process the cache folder the planning process used (cache_dir), or fetch every shard"
+        ) from None
+    record = heal_record(fingerprint, options.calibration.to_json(), list(kept), num_blocks)
     path = heal_path(model_dir, record, options.cache_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock", timeout=3600):  # tensor-parallel workers fit once, then read

@@ -83,8 +83,11 @@ def prepare_engine_args(engine_args) -> None:
     if remap.KEPT_FIELD in overrides:
         return  # already planned: create_engine_config after from_cli_args
     from vllm_miprun.vllm.loader import plan_report, record_report
-    from vllm_miprun.vllm import model_files
+    from vllm_miprun.vllm import model_files, worker_paths
 
+    MiprunOptions.from_dict(engine_args.model_loader_extra_config)  # a bad option fails first
+    # the folders workers use, resolved here: Ray actors do not inherit this environment
+    engine_args.model_loader_extra_config = worker_paths.carry_paths(engine_args.model_loader_extra_config)
     options = MiprunOptions.from_dict(engine_args.model_loader_extra_config)
     source = model_files.ModelSource.from_engine_args(engine_args)
     planned = model_files.plan_source(

@@ -29,7 +29,7 @@ from vllm.model_executor.model_loader.ep_weight_filter import should_skip_weight
 from vllm_miprun.model import checkpoint, remap, weights
 from vllm_miprun.pipeline import heal
 from vllm_miprun.options import MiprunOptions, OptionError
-from vllm_miprun.vllm import full_model_weights, lora_and_draft, model_files
+from vllm_miprun.vllm import full_model_weights, lora_and_draft, model_files, worker_paths
 from vllm_miprun.vllm.compat import check_vllm_supported
 from vllm_miprun.vllm.model_files import ModelSource
 
@@ -48,8 +48,9 @@ def last_load_report() -> dict[str, Any] | None:
         return dict(_last_report) if _last_report is not None else None
 
 
-def record_report(report: dict[str, Any]) -> None:
-    """Keep ``report`` for ``last_load_report`` and hand it to the metrics module."""
+def record_report(report: dict[str, Any], run_dir: Path | None = None) -> None:
+    """Keep ``report`` for ``last_load_report`` and hand it to the metrics module
+    (``run_dir``: the report folder named in a worker's config)."""
     global _last_report
     with _report_lock:
         _last_report = {**(_last_report or {}), **report}
@@ -58,7 +59,7 @@ def record_report(report: dict[str, Any]) -> None:
         from vllm_miprun.vllm import metrics
     except ImportError:
         return
-    metrics.publish(merged)
+    metrics.publish(merged, run_dir)
 
 
 def make_plan_for(model_dir: Path, options: MiprunOptions, hf_config: dict[str, Any]):
@@ -91,6 +92,7 @@ class MiprunModelLoader(BaseModelLoader):
         check_vllm_supported()  # also where no front process planned (Ray workers get VLLM_*)
         super().__init__(load_config)
         self.options = MiprunOptions.from_dict(load_config.model_loader_extra_config)
+        self.run_dir = worker_paths.carried_run_dir(load_config.model_loader_extra_config)
         self._read_bytes = 0
         self._skipped_bytes = 0
 
@@ -130,7 +132,7 @@ class MiprunModelLoader(BaseModelLoader):
             len(kept), full, kept, report["pruned"], self._read_bytes / 2**20,
             self._skipped_bytes / 2**20, report["load_seconds"],
         )
-        record_report(report)
+        record_report(report, self.run_dir)
         return model
 
     def _ensure_pruned_config(self, model_config: ModelConfig) -> None:
@@ -146,7 +148,7 @@ class MiprunModelLoader(BaseModelLoader):
             "EngineArgs; kept %s", list(kept),
         )
         _apply_overrides_in_place(model_config, remap.pruned_fields(planned.folder, planned.hf_config, kept))
-        record_report(plan_report(planned.plan, planned.plan_seconds))
+        record_report(plan_report(planned.plan, planned.plan_seconds), self.run_dir)
 
     def _kept_files(self, model_config: ModelConfig, kept: list[int]) -> tuple[Path, list[Path]]:
         """(checkpoint folder, shards holding kept tensors); counts the bytes read and skipped."""

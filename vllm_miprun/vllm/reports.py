@@ -2,9 +2,10 @@
 
 ``loader.record_report`` calls :func:`publish` (through ``vllm/metrics.py``) in the front
 process (the plan) and in each worker (the load time). It writes the report as a small
-JSON file into a per-run folder that the front process creates and names in the
-environment (``MIPRUN_RUN_DIR``), which every engine, worker and API-server process it
-starts inherits. The metrics exporter in the API server reads them back with
+JSON file into a per-run folder that the front process creates. The front names it in the
+environment (``MIPRUN_RUN_DIR``), which the API-server processes it starts inherit, and in
+the config every worker receives (``vllm/worker_paths.py``: a Ray actor does not inherit
+the front's environment). The metrics exporter in the API server reads them back with
 :func:`read_reports`. Plain Python: no vLLM import.
 """
 
@@ -59,12 +60,14 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(temp, path)
 
 
-def publish(report: dict[str, Any]) -> None:
+def publish(report: dict[str, Any], folder: Path | None = None) -> None:
     """Hand a plan report (front process) or load report (worker) to the API server.
 
     Called by ``loader.record_report``. A report with ``load_seconds`` is a load report
     and goes to ``load-<pid>.json``; any other report is a plan and goes to
-    ``plan.json``. Never raises: metrics must not stop a model from loading.
+    ``plan.json``. ``folder`` is the run's folder when the caller knows it (a worker, from
+    its config), else :func:`run_dir`'s. Never raises: metrics must not stop a model
+    from loading.
     """
     try:
         kind = "load" if "load_seconds" in report else "plan"
@@ -72,7 +75,7 @@ def publish(report: dict[str, Any]) -> None:
         data = {**report, stamp: time.time(), "pid": os.getpid()}
         with _lock:
             _published[kind] = data
-        folder = run_dir(create=kind == "plan")
+        folder = folder if folder is not None else run_dir(create=kind == "plan")
         if folder is None:
             logger.debug("miprun metrics: no %s set; load report kept in-process only", RUN_DIR_ENV)
             return

@@ -107,7 +107,7 @@ def plan_outside_cuda(model_dir, options: MiprunOptions, hf_config: dict):
     from vllm_miprun.pipeline.child import needs_child, plan_in_child
     from vllm_miprun.vllm.loader import make_plan_for
 
-    if not needs_child(options):
+    if not needs_child(options, model_dir):
         return make_plan_for(model_dir, options, hf_config)
     remap.check_architecture(hf_config)  # cheap, and its error needs no child
     return plan_in_child(model_dir, options, hf_config)
@@ -116,10 +116,10 @@ def plan_outside_cuda(model_dir, options: MiprunOptions, hf_config: dict):
 def heal_outside_cuda(model_dir, options: MiprunOptions, kept: list[int], num_blocks: int) -> None:
     """Fit and store the heal maps (``heal=linear``) once, in a spawned child when the fit
     would run on CUDA, for the same reason as :func:`plan_outside_cuda`."""
-    from vllm_miprun.pipeline.child import heal_in_child, on_cuda
+    from vllm_miprun.pipeline.child import heal_in_child, heal_needs_child
     from vllm_miprun.pipeline.heal import prepare_maps
 
-    if options.heal == "none" or not on_cuda(options):
+    if not heal_needs_child(options):
         prepare_maps(model_dir, options, kept, num_blocks)
     else:
         heal_in_child(model_dir, options, kept, num_blocks)

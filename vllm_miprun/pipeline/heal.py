@@ -43,6 +43,7 @@ HEAL_VERSION = 1
 RECIPE: dict[str, Any] = {"form": "diag", "ridge": 0.0, "weights": "uniform", "sequential": False,
                           "mix": ["wiki", "c4"]}
 DOWN_PROJ = ".mlp.down_proj."
+_SCALE_LEAVES = ("weight_scale", "weight_scale_inv")
 EMBED = "model.embed_tokens.weight"
 
 
@@ -125,6 +126,53 @@ def check_family(config: dict[str, Any]) -> None:
     if family.heal_refusal:
         raise HealError(f"heal=linear cannot fold into {family.family} blocks: {family.heal_refusal}; "
                         "use heal=none")
+
+
+_HEAL_INT_QUANT = ("gptq", "awq")
+_USE_NONE = "use heal=none, or heal an unquantized copy of the checkpoint"
+
+
+def check_heal_quantization(config: dict[str, Any]) -> None:
+    """Refuse, from the config alone (before any calibration or fit), a quantized checkpoint
+    whose ``down_proj`` a map cannot fold into exactly. Only FP8 with one scale per output
+    channel can take a diagonal map (into its scales); integer formats would need requantizing,
+    and a per-tensor or block scale covers several channels."""
+    from vllm_miprun.model.quantization import quant_method, quantization_config
+
+    method = quant_method(config)
+    if method is None:
+        return
+    if method in _HEAL_INT_QUANT:
+        raise HealError(f"heal=linear cannot fold maps into {method}-quantized weights (integer values with "
+                        f"group scales; folding would need requantizing them); {_USE_NONE}")
+    strategies = _fp8_strategies(method, quantization_config(config))
+    if strategies != {"channel"} or RECIPE["form"] != "diag":
+        raise HealError(f"heal=linear folds into FP8 weights only through per-channel scales, and this "
+                        f"{method} checkpoint's weight scales are {'/'.join(sorted(strategies))}; {_USE_NONE}")
+
+
+def _fp8_strategies(method: str, qcfg: dict[str, Any]) -> set[str]:
+    if method == "fp8":  # vLLM's own fp8 format: block scales, else one scale per tensor
+        return {"block" if qcfg.get("weight_block_size") else "tensor"}
+    return {str((group.get("weights") or {}).get("strategy")) for group in (qcfg.get("config_groups") or {}).values()}
+
+
+def check_quantized_targets(header: dict[str, dict], blocks: Iterable[int]) -> None:
+    """The tensor-level check before a fit: each ``down_proj`` that will take a map is float,
+    or FP8 with a per-output-channel scale (which :func:`fold_stream` folds exactly)."""
+    for block in blocks:
+        module = f"model.layers.{block}.mlp.down_proj"
+        if f"{module}.qweight" in header or f"{module}.weight_packed" in header:
+            raise HealError(f"heal=linear cannot fold a map into {module}: its weights are integer-quantized "
+                            f"(folding would need requantizing them); {_USE_NONE}")
+        scale = next((header[f"{module}.{leaf}"] for leaf in _SCALE_LEAVES if f"{module}.{leaf}" in header), None)
+        if scale is None:
+            continue
+        rows = header[f"{module}.weight"]["shape"][0]
+        shape = list(scale["shape"])
+        if shape not in ([rows], [rows, 1]) or RECIPE["form"] != "diag":
+            raise HealError(f"heal=linear cannot fold a map exactly into {module}: its FP8 scale of shape {shape} "
+                            f"is not one scale per output channel ([{rows}, 1]); {_USE_NONE}")
 
 
 def check_foldable(kept: list[int], num_blocks: int, weight_names: Iterable[str], tied: bool) -> list[int]:
@@ -239,11 +287,13 @@ def prepare_maps(model_dir: str | Path, options, kept: list[int], num_blocks: in
 
     config = checkpoint.read_config(model_dir)
     check_family(config)
-    names = [n for f in checkpoint.safetensors_files(model_dir) for n in checkpoint.read_header(f)]
-    tied = bool(config.get("tie_word_embeddings", False)) or "lm_head.weight" not in names
-    starts = check_foldable(list(kept), num_blocks, names, tied)
+    check_heal_quantization(config)
+    header = {n: info for f in checkpoint.safetensors_files(model_dir) for n, info in checkpoint.read_header(f).items()}
+    tied = bool(config.get("tie_word_embeddings", False)) or "lm_head.weight" not in header
+    starts = check_foldable(list(kept), num_blocks, header, tied)
     if not starts:
         return {}
+    check_quantized_targets(header, [start - 1 for start in starts if start > 0])
     record = heal_record(model_fingerprint(model_dir), options.calibration.to_json(), list(kept), num_blocks)
     path = heal_path(model_dir, record, options.cache_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -268,21 +318,41 @@ def fold_stream(stream: Iterable[tuple[str, torch.Tensor]], maps: dict[int, torc
         yield from stream
         return
     targets = {kept.index(start - 1): t for start, t in maps.items() if start > 0}
-    seen = set()
+    seen, quantized, scaled = set(), set(), set()
     for name, tensor in stream:
         index = layer_index(name)
-        if index in targets and DOWN_PROJ in name and name.endswith((".weight", ".bias")):
-            fold = heal_math.fold_down_proj if name.endswith(".weight") else heal_math.fold_bias
-            tensor = fold(tensor, targets[index])
+        if index in targets and DOWN_PROJ in name and name.endswith(_SCALE_LEAVES):
+            tensor = _fold_scale(name, tensor, targets[index])
+            scaled.add(index)
+        elif index in targets and DOWN_PROJ in name and name.endswith((".weight", ".bias")):
+            if tensor.dtype.is_floating_point and tensor.element_size() == 1:  # FP8: the scale takes |t|
+                tensor = heal_math.flip_rows(tensor, _diagonal(name, targets[index]))
+                quantized.add(index)
+            else:
+                fold = heal_math.fold_down_proj if name.endswith(".weight") else heal_math.fold_bias
+                tensor = fold(tensor, targets[index])
             seen.add(index)
         elif name == EMBED and 0 in maps:
             tensor = heal_math.fold_embedding(tensor, maps[0])
             seen.add("embed")
         yield name, tensor
-    missing = (set(targets) - seen) | ({"embed"} - seen if 0 in maps else set())
+    missing = (set(targets) - seen) | ({"embed"} - seen if 0 in maps else set()) | (quantized - scaled)
     if missing:
         raise HealError(f"heal maps target blocks {sorted(map(str, missing))} whose weights never came; "
                         "the checkpoint does not match the plan")
+
+
+def _diagonal(name: str, transform: torch.Tensor) -> torch.Tensor:
+    if not heal_math.is_diagonal(transform):
+        raise HealError(f"{name} is FP8, and only a diagonal heal map folds into it exactly; use heal=none")
+    return transform
+
+
+def _fold_scale(name: str, scale: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
+    if scale.numel() != transform.shape[0]:
+        raise HealError(f"{name} holds {scale.numel()} scale(s), not one per output channel "
+                        f"({transform.shape[0]}); a heal map cannot fold into it exactly; use heal=none")
+    return heal_math.fold_channel_scale(scale, _diagonal(name, transform))
 
 
 def fold_into_model(model, maps: dict[int, torch.Tensor], kept: list[int]) -> None:

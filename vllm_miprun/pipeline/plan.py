@@ -69,6 +69,10 @@ def make_plan(model_dir: str | Path, options: MiprunOptions, hf_config: dict | N
     """Choose the blocks to keep; raise ``OptionError``/``CacheError`` on bad input."""
     config = hf_config if hf_config is not None else read_config(model_dir)
     check_checkpoint_quantization(model_dir, config)  # an unreadable format is refused before any work
+    if options.heal != "none":  # a format no map folds into is refused before calibrating
+        from vllm_miprun.pipeline.heal import check_heal_quantization
+
+        check_heal_quantization(config)
     num_blocks = _num_blocks(config)
     try:
         protect = selectors.parse_protect(options.protect, num_blocks)

@@ -1,4 +1,4 @@
-"""Issue 14: planning that may initialise CUDA runs in a spawned child process, so the
+"""Issue 14: planning that may initialise CUDA runs in a child process, so the
 front (API-server) process leaves the GPU as it found it."""
 
 from __future__ import annotations

@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Mapping
+
+from vllm_miprun.errors import OptionError
+
+PLAN_CHILD_MODES = ("auto", "always", "never")
 
 ENV_VARS: dict[str, str] = {
     "MIPRUN_HOME": "root of converted models and score caches (default ~/.cache/vllm-miprun)",
     "MIPRUN_CACHE_DIR": "where score caches are written (default $MIPRUN_HOME/scores)",
+    "MIPRUN_PLAN_CHILD": "where planning and heal fits run: auto (a child process when they may use CUDA), "
+                         "always (a child process), never (the calling process)",
     "MIPRUN_RUN_DIR": "internal: the report folder the front process hands to vLLM's processes for metrics; do not set",
 }
 
@@ -23,3 +30,12 @@ def home() -> Path:
 def cache_dir() -> Path:
     value = os.environ.get("MIPRUN_CACHE_DIR")
     return Path(value).expanduser() if value else home() / "scores"
+
+
+def plan_child(env: Mapping[str, str] | None = None) -> str:
+    """``MIPRUN_PLAN_CHILD``: ``auto`` (default), ``always`` or ``never``."""
+    value = (os.environ if env is None else env).get("MIPRUN_PLAN_CHILD", "").strip().lower() or "auto"
+    if value not in PLAN_CHILD_MODES:
+        raise OptionError(f"MIPRUN_PLAN_CHILD must be one of {', '.join(PLAN_CHILD_MODES)}, got {value!r}; "
+                          "unset it or set auto")
+    return value

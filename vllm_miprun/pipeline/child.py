@@ -26,29 +26,18 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
+from vllm_miprun import envs
 from vllm_miprun.errors import MiprunError
-from vllm_miprun.options import MiprunOptions, OptionError, resolve_device
+from vllm_miprun.options import MiprunOptions, resolve_device
 from vllm_miprun.pipeline.plan import SCORE_FREE_METHODS, Plan
 
 logger = logging.getLogger(__name__)
 
-CHILD_ENV = "MIPRUN_PLAN_CHILD"
-CHILD_MODES = ("auto", "always", "never")
-
 
 class ChildPlanError(MiprunError):
     """The planning child process failed with an error that is not a MiprunError."""
-
-
-def child_mode(env: Mapping[str, str] | None = None) -> str:
-    """``MIPRUN_PLAN_CHILD``: ``auto`` (default), ``always`` or ``never``."""
-    value = (os.environ if env is None else env).get(CHILD_ENV, "auto").strip().lower() or "auto"
-    if value not in CHILD_MODES:
-        raise OptionError(f"{CHILD_ENV} must be one of {', '.join(CHILD_MODES)}, got {value!r}; unset it "
-                          "or set auto")
-    return value
 
 
 def on_cuda(options: MiprunOptions) -> bool:
@@ -61,7 +50,7 @@ def needs_child(options: MiprunOptions, model_dir: str | Path | None = None) -> 
     """Whether planning may initialise CUDA: a CUDA device and a plan that reads the model
     (scores or a forward search; not a ``drop`` list nor a score-free method). With
     ``model_dir``, a plan that its score cache answers without a forward pass needs none."""
-    mode = child_mode()
+    mode = envs.plan_child()
     if mode != "auto":
         return mode == "always"
     if not on_cuda(options) or options.drop is not None or options.method in SCORE_FREE_METHODS:
@@ -75,7 +64,7 @@ def needs_child(options: MiprunOptions, model_dir: str | Path | None = None) -> 
 
 def heal_needs_child(options: MiprunOptions) -> bool:
     """Whether a heal fit should run in a child (it runs on ``options.device``)."""
-    mode = child_mode()
+    mode = envs.plan_child()
     if mode != "auto":
         return mode == "always" and options.heal != "none"
     return options.heal != "none" and on_cuda(options)

@@ -102,7 +102,7 @@ def prepare_engine_args(engine_args) -> None:
 
 
 def plan_outside_cuda(model_dir, options: MiprunOptions, hf_config: dict):
-    """The plan; made in a spawned child when it may initialise CUDA, so that this (API
+    """The plan; made in a child process when it may initialise CUDA, so that this (API
     server) process leaves the GPU as it found it for vLLM's memory profiling."""
     from vllm_miprun.pipeline.child import needs_child, plan_in_child
     from vllm_miprun.vllm.loader import make_plan_for
@@ -114,7 +114,7 @@ def plan_outside_cuda(model_dir, options: MiprunOptions, hf_config: dict):
 
 
 def heal_outside_cuda(model_dir, options: MiprunOptions, kept: list[int], num_blocks: int) -> None:
-    """Fit and store the heal maps (``heal=linear``) once, in a spawned child when the fit
+    """Fit and store the heal maps (``heal=linear``) once, in a child process when the fit
     would run on CUDA, for the same reason as :func:`plan_outside_cuda`."""
     from vllm_miprun.pipeline.child import heal_in_child, heal_needs_child
     from vllm_miprun.pipeline.heal import prepare_maps

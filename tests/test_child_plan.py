@@ -118,3 +118,18 @@ def test_heal_maps_for_cuda_are_fitted_in_a_child(tiny_llama_dir, tmp_path):
             heal_outside_cuda(tiny_llama_dir, options, kept, 8)
         assert int(re.search(r"pid (\d+)", str(raised.value)).group(1)) != os.getpid()
     assert not torch.cuda.is_initialized()
+
+
+def test_stored_heal_maps_are_read_without_a_child(tiny_llama_dir, tmp_path):
+    from dataclasses import replace
+
+    from vllm_miprun.pipeline.child import heal_needs_child
+    from vllm_miprun.pipeline.heal import prepare_maps
+
+    options = MiprunOptions.from_dict({"keep": 0.75, "heal": "linear", "device": "cuda",
+                                       "cache_dir": str(tmp_path), **CALIBRATION})
+    kept = [0, 1, 2, 4, 5, 7]
+    assert heal_needs_child(options, tiny_llama_dir, kept, 8)  # nothing stored: the fit runs on CUDA
+    prepare_maps(tiny_llama_dir, replace(options, device="cpu"), kept, 8, progress=False)
+    assert not heal_needs_child(options, tiny_llama_dir, kept, 8)  # stored: read here, no CUDA
+    assert not heal_needs_child(options, tiny_llama_dir, list(range(8)), 8)  # nothing to heal

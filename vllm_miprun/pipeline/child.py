@@ -62,12 +62,19 @@ def needs_child(options: MiprunOptions, model_dir: str | Path | None = None) -> 
     return True
 
 
-def heal_needs_child(options: MiprunOptions) -> bool:
-    """Whether a heal fit should run in a child (it runs on ``options.device``)."""
+def heal_needs_child(options: MiprunOptions, model_dir: str | Path | None = None,
+                     kept: list[int] | None = None, num_blocks: int | None = None) -> bool:
+    """Whether a heal fit should run in a child (it runs on ``options.device``). With the
+    plan, maps already stored (read, not fitted) or nothing to heal need none; the checks
+    that refuse healing then run here, before any child."""
     mode = envs.plan_child()
-    if mode != "auto":
+    if mode != "auto" or options.heal == "none" or not on_cuda(options):
         return mode == "always" and options.heal != "none"
-    return options.heal != "none" and on_cuda(options)
+    if model_dir is not None and kept is not None and num_blocks is not None:
+        from vllm_miprun.pipeline.heal import needs_fit
+
+        return needs_fit(model_dir, options, kept, num_blocks)
+    return True
 
 
 def rank_device(resolved: str, local_rank: str | None, device_count: int) -> str:

@@ -274,14 +274,11 @@ def heal_ids(model_dir: str | Path, settings) -> torch.Tensor:
 # --------------------------------------------------------------------------- load or fit, and fold
 
 
-def prepare_maps(model_dir: str | Path, options, kept: list[int], num_blocks: int,
-                 progress: bool = True) -> dict[int, torch.Tensor]:
-    """The maps for this model, settings and plan: read if stored, else fitted and stored.
-
-    ``{}`` for ``heal=none``. With ``require_cache``, missing maps are an error, not a fit.
-    """
+def maps_request(model_dir: str | Path, options, kept: list[int], num_blocks: int):
+    """``(starts, record, path)`` of the maps this plan needs, after every check that
+    refuses healing; None when nothing is healed (``heal=none`` or no run to heal)."""
     if getattr(options, "heal", "none") == "none":
-        return {}
+        return None
     from vllm_miprun.model import checkpoint
     from vllm_miprun.model.fingerprint import model_fingerprint
 
@@ -292,10 +289,28 @@ def prepare_maps(model_dir: str | Path, options, kept: list[int], num_blocks: in
     tied = bool(config.get("tie_word_embeddings", False)) or "lm_head.weight" not in header
     starts = check_foldable(list(kept), num_blocks, header, tied)
     if not starts:
-        return {}
+        return None
     check_quantized_targets(header, [start - 1 for start in starts if start > 0])
     record = heal_record(model_fingerprint(model_dir), options.calibration.to_json(), list(kept), num_blocks)
-    path = heal_path(model_dir, record, options.cache_dir)
+    return starts, record, heal_path(model_dir, record, options.cache_dir)
+
+
+def needs_fit(model_dir: str | Path, options, kept: list[int], num_blocks: int) -> bool:
+    """Whether :func:`prepare_maps` would fit (run the model) rather than read or do nothing."""
+    request = maps_request(model_dir, options, kept, num_blocks)
+    return request is not None and not request[2].exists()
+
+
+def prepare_maps(model_dir: str | Path, options, kept: list[int], num_blocks: int,
+                 progress: bool = True) -> dict[int, torch.Tensor]:
+    """The maps for this model, settings and plan: read if stored, else fitted and stored.
+
+    ``{}`` for ``heal=none``. With ``require_cache``, missing maps are an error, not a fit.
+    """
+    request = maps_request(model_dir, options, kept, num_blocks)
+    if request is None:
+        return {}
+    starts, record, path = request
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock", timeout=3600):  # tensor-parallel workers fit once, then read
         if path.exists():

@@ -119,7 +119,7 @@ def heal_outside_cuda(model_dir, options: MiprunOptions, kept: list[int], num_bl
     from vllm_miprun.pipeline.child import heal_in_child, heal_needs_child
     from vllm_miprun.pipeline.heal import prepare_maps
 
-    if not heal_needs_child(options):
+    if not heal_needs_child(options, model_dir, kept, num_blocks):
         prepare_maps(model_dir, options, kept, num_blocks)
     else:
         heal_in_child(model_dir, options, kept, num_blocks)

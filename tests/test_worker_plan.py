@@ -73,3 +73,43 @@ def test_two_ranks_compare_their_plans(plans, word, tmp_path):
     assert all(out.startswith(word) for out, _ in outputs), outputs
     if word == "REFUSED":
         assert all("rank 1 kept [0, 2, 3]" in out for out, _ in outputs)
+
+
+WORKER_PLAN_ENGINE = textwrap.dedent('''
+    import json, sys
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    if __name__ == "__main__":
+        args = EngineArgs(model=sys.argv[1], load_format="miprun", model_loader_extra_config=json.loads(sys.argv[2]),
+                          tensor_parallel_size=2, enforce_eager=True, dtype="float32", max_model_len=256,
+                          kv_cache_memory_bytes=16 * 2**20, seed=0)
+        engine = LLMEngine.from_vllm_config(EngineArgs.create_engine_config.__wrapped__(args))  # no front plan
+        engine.add_request("0", "Once upon a time", SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+        tokens = []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                tokens = list(out.outputs[0].token_ids)
+        print("RESULT " + json.dumps({"tokens": tokens}))
+''')
+
+
+@pytest.mark.engine
+def test_tensor_parallel_workers_that_plan_alone_calibrate_once_and_serve(tiny_llama_dir, tmp_path):
+    from vllm_miprun.tools import harness
+
+    script = tmp_path / "engine.py"
+    script.write_text(WORKER_PLAN_ENGINE)
+    extra = {"keep": 0.75, "method": "shortgpt", "device": "cpu", "cache_dir": str(tmp_path / "scores"),
+             "samples": 4, "seq_len": 32}
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    code, out, err = harness.run_in_own_group([sys.executable, str(script), str(tiny_llama_dir), json.dumps(extra)],
+                                              600, env)
+    assert code == 0, err[-4000:]
+    logs = out + err  # vLLM's logger writes to stdout
+    assert logs.count("planning in the worker") == 2, logs[-4000:]  # each rank planned, and they agreed
+    assert len(list((tmp_path / "scores").glob("*.json"))) == 1
+    result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+    assert len(result["tokens"]) == 4

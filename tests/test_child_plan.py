@@ -1,4 +1,4 @@
-"""Issue 14: planning that may initialise CUDA runs in a spawned child process, so the
+"""Issue 14: planning that may initialise CUDA runs in a child process, so the
 front (API-server) process leaves the GPU as it found it."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from vllm_miprun.options import MiprunOptions
-from vllm_miprun.pipeline.child import ChildPlanError, needs_child, plan_in_child, run_in_child
+from vllm_miprun.errors import OptionError
+from vllm_miprun.pipeline.child import ChildPlanError, needs_child, plan_in_child, rank_device
 from vllm_miprun.pipeline.plan import make_plan
 
 CALIBRATION = {"samples": 4, "seq_len": 32}
@@ -27,8 +28,49 @@ def test_only_cuda_planning_that_reads_the_model_needs_a_child():
     assert needs_child(MiprunOptions(keep=0.5, device="auto")) == torch.cuda.is_available()
 
 
-def test_the_child_is_another_process():
-    assert run_in_child(os.getpid) != os.getpid()
+def test_the_switch_forces_the_child_on_or_off(monkeypatch):
+    monkeypatch.setenv("MIPRUN_PLAN_CHILD", "always")
+    assert needs_child(MiprunOptions(keep=0.5, device="cpu"))
+    monkeypatch.setenv("MIPRUN_PLAN_CHILD", "never")
+    assert not needs_child(MiprunOptions(keep=0.5, device="cuda"))
+    monkeypatch.setenv("MIPRUN_PLAN_CHILD", "sometimes")
+    with pytest.raises(OptionError, match="MIPRUN_PLAN_CHILD must be one of auto, always, never"):
+        needs_child(MiprunOptions(keep=0.5, device="cuda"))
+
+
+def test_a_score_cache_hit_for_a_score_only_method_plans_without_a_child(tiny_llama_dir, tmp_path):
+    options = MiprunOptions.from_dict({"keep": 0.75, "method": "shortgpt", "device": "cuda",
+                                       "cache_dir": str(tmp_path), **CALIBRATION})
+    assert needs_child(options, tiny_llama_dir)  # no cache yet: planning calibrates on CUDA
+    make_plan(tiny_llama_dir, MiprunOptions.from_dict({**options_raw(options), "device": "cpu"}), progress=False)
+    assert not needs_child(options, tiny_llama_dir)  # the scores are read, nothing runs on CUDA
+    # a forward search is answered by the cache only for a count it has stored
+    forward = MiprunOptions.from_dict({**options_raw(options), "method": "mi-prun"})
+    assert needs_child(forward, tiny_llama_dir)
+    make_plan(tiny_llama_dir, MiprunOptions.from_dict({**options_raw(forward), "device": "cpu"}), progress=False)
+    assert not needs_child(forward, tiny_llama_dir)
+
+
+def options_raw(options: MiprunOptions) -> dict:
+    from vllm_miprun.pipeline.child import options_to_raw
+
+    return options_to_raw(options)
+
+
+def test_each_torchrun_rank_plans_on_its_own_gpu():
+    assert rank_device("cuda", "1", 4) == "cuda:1"
+    assert rank_device("cuda", "1", 1) == "cuda"  # one visible GPU per rank: its own is the default
+    assert rank_device("cuda", None, 4) == "cuda"
+    assert rank_device("cuda:2", "1", 4) == "cuda:2"  # an explicit index wins
+    assert rank_device("cpu", "1", 4) == "cpu"
+
+
+def test_the_childs_errors_come_back_as_their_own_class(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MIPRUN_PLAN_CHILD", "always")
+    options = MiprunOptions.from_dict({"keep": 0.75, "protect": "0,99", "cache_dir": str(tmp_path), **CALIBRATION})
+    with pytest.raises(OptionError, match="99") as raised:
+        plan_in_child(tiny_llama_dir, options)
+    assert type(raised.value) is OptionError
 
 
 def test_a_plan_made_in_the_child_is_the_plan_made_here(tiny_llama_dir, tmp_path):
@@ -76,3 +118,18 @@ def test_heal_maps_for_cuda_are_fitted_in_a_child(tiny_llama_dir, tmp_path):
             heal_outside_cuda(tiny_llama_dir, options, kept, 8)
         assert int(re.search(r"pid (\d+)", str(raised.value)).group(1)) != os.getpid()
     assert not torch.cuda.is_initialized()
+
+
+def test_stored_heal_maps_are_read_without_a_child(tiny_llama_dir, tmp_path):
+    from dataclasses import replace
+
+    from vllm_miprun.pipeline.child import heal_needs_child
+    from vllm_miprun.pipeline.heal import prepare_maps
+
+    options = MiprunOptions.from_dict({"keep": 0.75, "heal": "linear", "device": "cuda",
+                                       "cache_dir": str(tmp_path), **CALIBRATION})
+    kept = [0, 1, 2, 4, 5, 7]
+    assert heal_needs_child(options, tiny_llama_dir, kept, 8)  # nothing stored: the fit runs on CUDA
+    prepare_maps(tiny_llama_dir, replace(options, device="cpu"), kept, 8, progress=False)
+    assert not heal_needs_child(options, tiny_llama_dir, kept, 8)  # stored: read here, no CUDA
+    assert not heal_needs_child(options, tiny_llama_dir, list(range(8)), 8)  # nothing to heal

@@ -94,6 +94,28 @@ def fold_bias(bias: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
     return (transform.double() @ bias.double()).to(bias.dtype)
 
 
+def is_diagonal(transform: torch.Tensor) -> bool:
+    return diagonal_of(transform) is not None
+
+
+def fold_channel_scale(scale: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
+    """A per-output-channel dequantization scale ``s`` (``W = q * s``) after ``diag(t) @ W``:
+    ``s * |t|``; the signs of ``t`` go into the quantized values (:func:`flip_rows`)."""
+    factor = diagonal_of(transform).double().abs().reshape(scale.shape)
+    return (scale.double() * factor).to(scale.dtype)
+
+
+def flip_rows(weight: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
+    """Quantized float values (FP8) with the rows where ``diag(t)`` is negative negated: the
+    sign bit flipped, which is exact in every float format."""
+    negative = diagonal_of(transform) < 0
+    if not bool(negative.any()):
+        return weight
+    bits = weight.view(torch.uint8).clone()
+    bits[negative] ^= 0x80
+    return bits.view(weight.dtype)
+
+
 def fold_embedding(embedding: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
     """Rows ``e`` become ``T e``: ``E @ T.T`` (shape ``[vocab, hidden]``); a diagonal ``T``
     scales the columns."""

@@ -99,9 +99,12 @@ def calibrate(model_dir: str | Path, settings: CalibrationSettings, device: str 
             f"{path}; calibration reads every block, so fetch every shard first"
         )
     score_cache.ensure_writable(path.parent)  # fail before the expensive pass
-    cache = compute_scores(model_dir, settings, fingerprint, device=resolve_device(device), progress=progress,
-                           dtype=dtype)
-    score_cache.write_cache(path, cache)
+    with score_cache.compute_lock(path):
+        if path.exists() and not force:  # another process calibrated while this one waited
+            return CalibrationResult(score_cache.read_cache(path, fingerprint, key), path, reused=True)
+        cache = compute_scores(model_dir, settings, fingerprint, device=resolve_device(device),
+                               progress=progress, dtype=dtype)
+        score_cache.write_cache(path, cache)
     logger.info("wrote score cache %s", path)
     return CalibrationResult(cache, path, reused=False)
 

@@ -43,6 +43,7 @@ HEAL_VERSION = 1
 RECIPE: dict[str, Any] = {"form": "diag", "ridge": 0.0, "weights": "uniform", "sequential": False,
                           "mix": ["wiki", "c4"]}
 DOWN_PROJ = ".mlp.down_proj."
+_SCALE_LEAVES = ("weight_scale", "weight_scale_inv")
 EMBED = "model.embed_tokens.weight"
 
 
@@ -125,6 +126,53 @@ def check_family(config: dict[str, Any]) -> None:
     if family.heal_refusal:
         raise HealError(f"heal=linear cannot fold into {family.family} blocks: {family.heal_refusal}; "
                         "use heal=none")
+
+
+_HEAL_INT_QUANT = ("gptq", "awq")
+_USE_NONE = "use heal=none, or heal an unquantized copy of the checkpoint"
+
+
+def check_heal_quantization(config: dict[str, Any]) -> None:
+    """Refuse, from the config alone (before any calibration or fit), a quantized checkpoint
+    whose ``down_proj`` a map cannot fold into exactly. Only FP8 with one scale per output
+    channel can take a diagonal map (into its scales); integer formats would need requantizing,
+    and a per-tensor or block scale covers several channels."""
+    from vllm_miprun.model.quantization import quant_method, quantization_config
+
+    method = quant_method(config)
+    if method is None:
+        return
+    if method in _HEAL_INT_QUANT:
+        raise HealError(f"heal=linear cannot fold maps into {method}-quantized weights (integer values with "
+                        f"group scales; folding would need requantizing them); {_USE_NONE}")
+    strategies = _fp8_strategies(method, quantization_config(config))
+    if strategies != {"channel"} or RECIPE["form"] != "diag":
+        raise HealError(f"heal=linear folds into FP8 weights only through per-channel scales, and this "
+                        f"{method} checkpoint's weight scales are {'/'.join(sorted(strategies))}; {_USE_NONE}")
+
+
+def _fp8_strategies(method: str, qcfg: dict[str, Any]) -> set[str]:
+    if method == "fp8":  # vLLM's own fp8 format: block scales, else one scale per tensor
+        return {"block" if qcfg.get("weight_block_size") else "tensor"}
+    return {str((group.get("weights") or {}).get("strategy")) for group in (qcfg.get("config_groups") or {}).values()}
+
+
+def check_quantized_targets(header: dict[str, dict], blocks: Iterable[int]) -> None:
+    """The tensor-level check before a fit: each ``down_proj`` that will take a map is float,
+    or FP8 with a per-output-channel scale (which :func:`fold_stream` folds exactly)."""
+    for block in blocks:
+        module = f"model.layers.{block}.mlp.down_proj"
+        if f"{module}.qweight" in header or f"{module}.weight_packed" in header:
+            raise HealError(f"heal=linear cannot fold a map into {module}: its weights are integer-quantized "
+                            f"(folding would need requantizing them); {_USE_NONE}")
+        scale = next((header[f"{module}.{leaf}"] for leaf in _SCALE_LEAVES if f"{module}.{leaf}" in header), None)
+        if scale is None:
+            continue
+        rows = header[f"{module}.weight"]["shape"][0]
+        shape = list(scale["shape"])
+        if shape not in ([rows], [rows, 1]) or RECIPE["form"] != "diag":
+            raise HealError(f"heal=linear cannot fold a map exactly into {module}: its FP8 scale of shape {shape} "
+                            f"is not one scale per output channel ([{rows}, 1]); {_USE_NONE}")
 
 
 def check_foldable(kept: list[int], num_blocks: int, weight_names: Iterable[str], tied: bool) -> list[int]:
@@ -226,26 +274,24 @@ def heal_ids(model_dir: str | Path, settings) -> torch.Tensor:
 # --------------------------------------------------------------------------- load or fit, and fold
 
 
-def prepare_maps(model_dir: str | Path, options, kept: list[int], num_blocks: int,
-                 progress: bool = True) -> dict[int, torch.Tensor]:
-    """The maps for this model, settings and plan: read if stored, else fitted and stored.
-
-    ``{}`` for ``heal=none``. With ``require_cache``, missing maps are an error, not a fit.
-    Reads no shard a worker did not fetch (a hub snapshot with only the kept blocks'
-    shards): tensor names come from the index, the fingerprint from the hub alias.
-    """
+def maps_request(model_dir: str | Path, options, kept: list[int], num_blocks: int):
+    """``(starts, record, path)`` of the maps this plan needs, after every check that
+    refuses healing; None when nothing is healed (``heal=none`` or no run to heal)."""
     if getattr(options, "heal", "none") == "none":
-        return {}
+        return None
     from vllm_miprun.model import checkpoint
     from vllm_miprun.pipeline.hub_alias import MissingWeightsError, weights_fingerprint
 
     config = checkpoint.read_config(model_dir)
     check_family(config)
-    names = checkpoint.tensor_names(model_dir)
+    check_heal_quantization(config)
+    names = checkpoint.tensor_names(model_dir)  # from the index: a node may hold only the kept shards
     tied = bool(config.get("tie_word_embeddings", False)) or "lm_head.weight" not in names
     starts = check_foldable(list(kept), num_blocks, names, tied)
     if not starts:
-        return {}
+        return None
+    targets = [start - 1 for start in starts if start > 0]  # kept blocks: their shards are here
+    check_quantized_targets(_headers_holding(model_dir, targets), targets)
     try:
         fingerprint = weights_fingerprint(model_dir, options.cache_dir)
     except MissingWeightsError:
@@ -255,7 +301,42 @@ def prepare_maps(model_dir: str | Path, options, kept: list[int], num_blocks: in
             "give this process the cache folder the planning process used (cache_dir), or fetch every shard"
         ) from None
     record = heal_record(fingerprint, options.calibration.to_json(), list(kept), num_blocks)
-    path = heal_path(model_dir, record, options.cache_dir)
+    return starts, record, heal_path(model_dir, record, options.cache_dir)
+
+
+def _headers_holding(model_dir: str | Path, blocks: list[int]) -> dict[str, dict]:
+    """Safetensors headers of the shards holding these blocks' ``down_proj`` (all shards
+    without an index): never a shard a worker did not fetch."""
+    from vllm_miprun.model import checkpoint
+
+    index = Path(model_dir) / checkpoint.INDEX_NAME
+    if not index.is_file():
+        files = checkpoint.safetensors_files(model_dir)
+    else:
+        prefixes = tuple(f"model.layers.{block}.mlp.down_proj." for block in blocks)
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({Path(model_dir) / shard for name, shard in weight_map.items() if name.startswith(prefixes)})
+    return {name: info for path in files for name, info in checkpoint.read_header(path).items()}
+
+
+def needs_fit(model_dir: str | Path, options, kept: list[int], num_blocks: int) -> bool:
+    """Whether :func:`prepare_maps` would fit (run the model) rather than read or do nothing."""
+    request = maps_request(model_dir, options, kept, num_blocks)
+    return request is not None and not request[2].exists()
+
+
+def prepare_maps(model_dir: str | Path, options, kept: list[int], num_blocks: int,
+                 progress: bool = True) -> dict[int, torch.Tensor]:
+    """The maps for this model, settings and plan: read if stored, else fitted and stored.
+
+    ``{}`` for ``heal=none``. With ``require_cache``, missing maps are an error, not a fit.
+    Reads no shard a worker did not fetch (a hub snapshot with only the kept blocks'
+    shards): tensor names come from the index, the fingerprint from the hub alias.
+    """
+    request = maps_request(model_dir, options, kept, num_blocks)
+    if request is None:
+        return {}
+    starts, record, path = request
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock", timeout=3600):  # tensor-parallel workers fit once, then read
         if path.exists():
@@ -281,21 +362,41 @@ def fold_stream(stream: Iterable[tuple[str, torch.Tensor]], maps: dict[int, torc
         return
     maps = {start: heal_math.compact(t) for start, t in maps.items()}  # diagonal: [d] scales
     targets = {kept.index(start - 1): t for start, t in maps.items() if start > 0}
-    seen = set()
+    seen, quantized, scaled = set(), set(), set()
     for name, tensor in stream:
         index = layer_index(name)
-        if index in targets and DOWN_PROJ in name and name.endswith((".weight", ".bias")):
-            fold = heal_math.fold_down_proj if name.endswith(".weight") else heal_math.fold_bias
-            tensor = fold(tensor, targets[index])
+        if index in targets and DOWN_PROJ in name and name.endswith(_SCALE_LEAVES):
+            tensor = _fold_scale(name, tensor, targets[index])
+            scaled.add(index)
+        elif index in targets and DOWN_PROJ in name and name.endswith((".weight", ".bias")):
+            if tensor.dtype.is_floating_point and tensor.element_size() == 1:  # FP8: the scale takes |t|
+                tensor = heal_math.flip_rows(tensor, _diagonal(name, targets[index]))
+                quantized.add(index)
+            else:
+                fold = heal_math.fold_down_proj if name.endswith(".weight") else heal_math.fold_bias
+                tensor = fold(tensor, targets[index])
             seen.add(index)
         elif name == EMBED and 0 in maps:
             tensor = heal_math.fold_embedding(tensor, maps[0])
             seen.add("embed")
         yield name, tensor
-    missing = (set(targets) - seen) | ({"embed"} - seen if 0 in maps else set())
+    missing = (set(targets) - seen) | ({"embed"} - seen if 0 in maps else set()) | (quantized - scaled)
     if missing and complete:
         raise HealError(f"heal maps target blocks {sorted(map(str, missing))} whose weights never came; "
                         "the checkpoint does not match the plan")
+
+
+def _diagonal(name: str, transform: torch.Tensor) -> torch.Tensor:
+    if not heal_math.is_diagonal(transform):
+        raise HealError(f"{name} is FP8, and only a diagonal heal map folds into it exactly; use heal=none")
+    return transform
+
+
+def _fold_scale(name: str, scale: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
+    if scale.numel() != transform.shape[0]:
+        raise HealError(f"{name} holds {scale.numel()} scale(s), not one per output channel "
+                        f"({transform.shape[0]}); a heal map cannot fold into it exactly; use heal=none")
+    return heal_math.fold_channel_scale(scale, _diagonal(name, transform))
 
 
 def fold_into_model(model, maps: dict[int, torch.Tensor], kept: list[int]) -> None:

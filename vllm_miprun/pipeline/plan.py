@@ -65,6 +65,10 @@ class Plan:
         data["kept"], data["pruned"] = list(self.kept), list(self.pruned)
         return data
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Plan":
+        return cls(**{**data, "kept": tuple(data["kept"]), "pruned": tuple(data["pruned"])})
+
 
 def make_plan(model_dir: str | Path, options: MiprunOptions, hf_config: dict | None = None,
               progress: bool = True, measure_quality: bool = False) -> Plan:
@@ -74,6 +78,10 @@ def make_plan(model_dir: str | Path, options: MiprunOptions, hf_config: dict | N
     ``measure_quality`` measures it for the other targets too (``vllm-miprun plan``)."""
     config = hf_config if hf_config is not None else read_config(model_dir)
     check_checkpoint_quantization(model_dir, config)  # an unreadable format is refused before any work
+    if options.heal != "none":  # a format no map folds into is refused before calibrating
+        from vllm_miprun.pipeline.heal import check_heal_quantization
+
+        check_heal_quantization(config)
     num_blocks = _num_blocks(config)
     try:
         protect = selectors.parse_protect(options.protect, num_blocks)
@@ -171,7 +179,31 @@ def load_scores(model_dir: str | Path, options: MiprunOptions, progress: bool = 
     logger.info("no score cache for %s; calibrating now (%s)", model_dir, settings.to_json())
     result = calibrate(model_dir, settings, device=resolve_device(options.device), cache_dir=options.cache_dir,
                        progress=progress)
-    return result.cache, result.path, "computed"
+    return result.cache, result.path, "cache-hit" if result.reused else "computed"
+
+
+def answered_by_cache(model_dir: str | Path, options: MiprunOptions) -> bool:
+    """Whether ``make_plan`` would read everything it needs from the score cache (no
+    calibration, no forward search): a cached score-only plan, or a forward method's stored
+    answer for a ``keep`` count. Conservative: a latency budget with a forward method is False."""
+    from vllm_miprun.pipeline.calibrate import calibration_key, locate
+
+    if options.scores:
+        path = Path(options.scores).expanduser()
+    else:
+        path, _ = locate(model_dir, options.calibration, options.cache_dir)
+    if not path.is_file():
+        return False
+    if options.method not in FORWARD_METHODS:
+        return True
+    if options.keep is None or options.protect:
+        return False
+    try:
+        cache = score_cache.read_cache(path, None, None if options.scores else calibration_key(options.calibration))
+    except score_cache.CacheError:
+        return False
+    num_prune = cache.num_blocks - selectors.keep_count(options.keep, cache.num_blocks)
+    return str(num_prune) in cache.selections.get(SELECTION_KEYS[options.method], {})
 
 
 def scores_cached_for_commit(model_dir: str | Path, options: MiprunOptions) -> bool:
@@ -256,13 +288,15 @@ def _cached_selection(method: str, num_blocks: int, num_prune: int, protect: fro
     cost = inputs.get("cost")
     cacheable = not protect and path is not None
     key = SELECTION_KEYS[method]
-    if cacheable:
+    if not cacheable:
+        selectors.check_prune_request(num_blocks, num_prune, protect)
+        return forward.run(method, num_blocks, num_prune, protect)
+    with score_cache.compute_lock(path):  # processes planning at once search once
         stored = score_cache.read_cache(path).selections.get(key, {}).get(str(num_prune))
         if stored is not None:
             return selectors.make_selection(method, num_blocks, stored, cost=cost)
-    selectors.check_prune_request(num_blocks, num_prune, protect)
-    result = forward.run(method, num_blocks, num_prune, protect)
-    if cacheable:
+        selectors.check_prune_request(num_blocks, num_prune, protect)
+        result = forward.run(method, num_blocks, num_prune, protect)
         found = {str(num_prune): list(result.pruned)}
         if method == "sleb":  # a greedy trace: every prefix is SLEB's answer for that count
             found.update({str(count): pruned for count, pruned in sleb_prefix_answers(result).items()})

@@ -154,6 +154,10 @@ def read_cache(path: str | Path, fingerprint: str | None = None,
     return cache
 
 
+# How long a process waits for another one's calibration or forward search.
+COMPUTE_LOCK_SECONDS = 6 * 3600
+
+
 def write_cache(path: str | Path, cache: ScoreCache) -> Path:
     """Atomically write ``cache`` to ``path`` (temp file + fsync + rename) under a lock."""
     path = Path(path)
@@ -162,6 +166,15 @@ def write_cache(path: str | Path, cache: ScoreCache) -> Path:
     with FileLock(str(path) + ".lock", timeout=600):
         atomic_write_text(path, payload)
     return path
+
+
+def compute_lock(path: str | Path) -> FileLock:
+    """Held while the scores (or a search's answer) for ``path`` are computed, so processes
+    that plan the same model at once (torchrun ranks, tensor-parallel workers) compute once
+    and the others then read the cache. Another file than ``write_cache``'s lock, which is
+    taken inside it."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".compute.lock", timeout=COMPUTE_LOCK_SECONDS)
 
 
 def update_cache(path: str | Path, update) -> ScoreCache:

@@ -107,24 +107,24 @@ def prepare_engine_args(engine_args) -> None:
 
 
 def plan_outside_cuda(model_dir, options: MiprunOptions, hf_config: dict):
-    """The plan; made in a spawned child when it may initialise CUDA, so that this (API
+    """The plan; made in a child process when it may initialise CUDA, so that this (API
     server) process leaves the GPU as it found it for vLLM's memory profiling."""
     from vllm_miprun.pipeline.child import needs_child, plan_in_child
     from vllm_miprun.vllm.loader import make_plan_for
 
-    if not needs_child(options):
+    if not needs_child(options, model_dir):
         return make_plan_for(model_dir, options, hf_config)
     remap.check_architecture(hf_config)  # cheap, and its error needs no child
     return plan_in_child(model_dir, options, hf_config)
 
 
 def heal_outside_cuda(model_dir, options: MiprunOptions, kept: list[int], num_blocks: int) -> None:
-    """Fit and store the heal maps (``heal=linear``) once, in a spawned child when the fit
+    """Fit and store the heal maps (``heal=linear``) once, in a child process when the fit
     would run on CUDA, for the same reason as :func:`plan_outside_cuda`."""
-    from vllm_miprun.pipeline.child import heal_in_child, on_cuda
+    from vllm_miprun.pipeline.child import heal_in_child, heal_needs_child
     from vllm_miprun.pipeline.heal import prepare_maps
 
-    if options.heal == "none" or not on_cuda(options):
+    if not heal_needs_child(options, model_dir, kept, num_blocks):
         prepare_maps(model_dir, options, kept, num_blocks)
     else:
         heal_in_child(model_dir, options, kept, num_blocks)

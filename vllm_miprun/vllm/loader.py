@@ -31,6 +31,7 @@ from vllm_miprun.pipeline import heal
 from vllm_miprun.options import MiprunOptions, OptionError
 from vllm_miprun.vllm import full_model_weights, lora_and_draft, model_files, worker_paths
 from vllm_miprun.vllm.compat import check_vllm_supported
+from vllm_miprun.vllm.ranks import check_ranks_agree
 from vllm_miprun.vllm.model_files import ModelSource
 
 # Under "vllm." so vLLM's logging config (handler, level, format) applies to it.
@@ -111,7 +112,7 @@ class MiprunModelLoader(BaseModelLoader):
         if lora_and_draft.is_draft(vllm_config, model_config):
             return lora_and_draft.load_draft_unpruned(self.load_config, vllm_config, model_config, prefix)
         start = time.perf_counter()
-        self._ensure_pruned_config(model_config)
+        self._ensure_pruned_config(model_config, vllm_config)
         model = super().load_model(vllm_config, model_config, prefix)
         kept = list(model_config.hf_config.miprun_kept_layers)
         full = int(model_config.hf_config.miprun_num_blocks_full)
@@ -135,8 +136,10 @@ class MiprunModelLoader(BaseModelLoader):
         record_report(report, self.run_dir)
         return model
 
-    def _ensure_pruned_config(self, model_config: ModelConfig) -> None:
-        """Normally a no-op; plans here only when the front process did not."""
+    def _ensure_pruned_config(self, model_config: ModelConfig, vllm_config: VllmConfig | None = None) -> None:
+        """Normally a no-op; plans here only when the front process did not. Then the
+        quantization config vLLM built from the full checkpoint is built again from the
+        renumbered one, and ranks that planned alone must agree."""
         if getattr(model_config.hf_config, remap.KEPT_FIELD, None) is not None:
             return
         planned = model_files.plan_source(
@@ -148,6 +151,11 @@ class MiprunModelLoader(BaseModelLoader):
             "EngineArgs; kept %s", list(kept),
         )
         _apply_overrides_in_place(model_config, remap.pruned_fields(planned.folder, planned.hf_config, kept))
+        if vllm_config is not None and model_config.quantization is not None:
+            # Built from the full model's quantization_config: its ignore lists and dynamic
+            # rules name full-model block numbers.
+            vllm_config.quant_config = VllmConfig.get_quantization_config(model_config, self.load_config)
+        check_ranks_agree(kept)
         record_report(plan_report(planned.plan, planned.plan_seconds), self.run_dir)
 
     def _kept_files(self, model_config: ModelConfig, kept: list[int]) -> tuple[Path, list[Path]]:

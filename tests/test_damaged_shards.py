@@ -161,5 +161,5 @@ def test_serve_front_refuses_before_any_engine(serve_parser, damaged, flags):
     with pytest.raises(SystemExit) as exit_:
         AsyncEngineArgs.from_cli_args(serve_parser.parse_args(["--model", str(folder), *flags]))
     message = str(exit_.value.code)
-    assert message.startswith("vllm-miprun: error: safetensors shard ") and str(shard) in message
+    assert message.startswith("vllm-miprun: error: safetensors file ") and str(shard) in message
     assert words in message and "\n" not in message

@@ -169,8 +169,8 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _damaged(path: Path, why: str) -> ModelFolderError:
-    return ModelFolderError(f"safetensors shard {path} is damaged: {why}; download or save the "
-                            "checkpoint again")
+    return ModelFolderError(f"safetensors file {path} is damaged: {why}; download or save the "
+                            "file again")
 
 
 def tensor_bytes(files: Iterable[str | Path], dtype_bytes: int | None = None) -> dict[str, int]:

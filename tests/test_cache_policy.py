@@ -122,3 +122,9 @@ def test_integer_beyond_float_range_is_refused(tmp_path):
 
 def test_deeply_nested_json_is_one_line(tmp_path):
     assert "not valid JSON" in _refused(tmp_path, "[" * 100_000)
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    text = json.dumps(_cache_json()).replace('"fingerprint": "sha256:abc"',
+                                             '"fingerprint": "sha256:abc", "fingerprint": "sha256:def"', 1)
+    assert "appears more than once" in _refused(tmp_path, text)

@@ -96,7 +96,7 @@ DAMAGES = {
     "offsets past the end": (_offsets_past_the_end, "(truncated)"),
     "shape disagrees with bytes": (_shape_disagrees_with_bytes, "needs"),
     "header not JSON": (_header_not_json, "header is not valid JSON"),
-    "duplicate tensor name": (_duplicate_tensor_name, "appear more than once"),
+    "duplicate tensor name": (_duplicate_tensor_name, "appears more than once"),
 }
 
 

@@ -146,10 +146,11 @@ SERVE_CASES = {
     "huge integer in extra config": (["--load-format", "miprun", "--model-loader-extra-config",
                                       '{"keep": 1' + "0" * 400 + "}"], 1, "keep must be a number"),
     "duplicate key in extra config": (["--load-format", "miprun", "--model-loader-extra-config",
-                                       '{"keep": 0.5, "keep": 0.7}'], 2, "is given twice"),
+                                       '{"keep": 0.5, "keep": 0.7}'], 2, "appears more than once"),
     "nested object where a list is expected": (["--miprun-keep", "0.5", "--model-loader-extra-config",
                                                 '{"protect": {"a": [1, {"b": NaN}]}}'], 1, "protect must be"),
     "1e400 in a flag": (["--miprun-keep", "1e400"], 2, "keep must be a number"),
+    "truncated shard": (["--miprun-drop", "3-4"], 1, "is damaged"),
 }
 
 
@@ -158,6 +159,11 @@ SERVE_CASES = {
 @pytest.mark.parametrize("name", sorted(SERVE_CASES))
 def test_vllm_serve_exits_in_the_front_process_with_one_line(tiny_llama_dir, tmp_path, name):
     flags, code, words = SERVE_CASES[name]
+    if name == "truncated shard":
+        tiny_llama_dir = Path(shutil.copytree(tiny_llama_dir, tmp_path / "model"))
+        (shard,) = tiny_llama_dir.glob("*.safetensors")
+        shard.write_bytes(shard.read_bytes()[:-10])
+        words = f"safetensors file {shard} is damaged"
     env = {**os.environ, "MIPRUN_CACHE_DIR": str(tmp_path / "scores"), "VLLM_CPU_KVCACHE_SPACE": "1"}
     lock = ["flock", "/tmp/miprun-engine.lock"] if shutil.which("flock") else []
     done = subprocess.run([*lock, str(VLLM), "serve", str(tiny_llama_dir), "--enforce-eager", *flags],

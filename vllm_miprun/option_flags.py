@@ -17,9 +17,9 @@ come from the table alone and :func:`given_options` sees only what the user said
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any, Iterable
 
+from vllm_miprun import strict_json
 from vllm_miprun.options import CALIBRATION_COMMANDS, OPTIONS, TARGETS, Option, OptionError, shown
 
 EXTRA_CONFIG_FLAG = "--model-loader-extra-config"
@@ -80,7 +80,7 @@ def extra_config_json(text: str) -> dict[str, Any]:
     """``--model-loader-extra-config``'s value: a JSON object in which no key appears twice
     (at any depth). NaN and huge numbers parse here and are refused by the option's parser."""
     try:
-        value = json.loads(text, object_pairs_hook=_object_without_repeats)
+        value = strict_json.loads(text)
     except (ValueError, RecursionError) as err:
         raise argparse.ArgumentTypeError(
             f"{EXTRA_CONFIG_FLAG} must be a JSON object such as '{{\"keep\": 0.75}}', got {shown(text)} "
@@ -89,15 +89,6 @@ def extra_config_json(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(
             f"{EXTRA_CONFIG_FLAG} must be a JSON object such as '{{\"keep\": 0.75}}', got {shown(value)}")
     return value
-
-
-def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise ValueError(f"the key {shown(key)} is given twice; give each key once")
-        seen.add(key)
-    return dict(pairs)
 
 
 def serve_flag_values(args: argparse.Namespace) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from vllm_miprun import strict_json
 from vllm_miprun.errors import ModelFolderError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -114,7 +115,7 @@ def read_shard_header(path: str | Path) -> tuple[bytes, dict[str, dict]]:
                                  f"{size - 8} bytes after it")
         header_bytes = handle.read(length)
     try:
-        header = json.loads(header_bytes, object_pairs_hook=_unique_keys)
+        header = strict_json.loads(header_bytes)
     except (ValueError, RecursionError) as err:
         raise _damaged(path, f"its header is not valid JSON ({' '.join(str(err).split())[:200]})") from None
     if not isinstance(header, dict) or not isinstance(header.pop("__metadata__", {}), dict):
@@ -158,14 +159,6 @@ def _tensor_span(path: Path, name: str, info: Any) -> tuple[int, int]:
         raise _damaged(path, f"tensor {name!r} ({info['dtype']} {shape}) needs {stored_bits / 8:g} bytes "
                              f"but its data_offsets {offsets} span {end - begin}")
     return begin, end
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in pairs]
-    twice = sorted({key for key in keys if keys.count(key) > 1}) if len(set(keys)) != len(keys) else []
-    if twice:
-        raise ValueError(f"key(s) {twice} appear more than once")
-    return dict(pairs)
 
 
 def _damaged(path: Path, why: str) -> ModelFolderError:

@@ -44,7 +44,7 @@ from typing import Any
 
 from filelock import FileLock
 
-from vllm_miprun import __version__, envs
+from vllm_miprun import __version__, envs, strict_json
 from vllm_miprun.errors import CacheError  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def read_cache(path: str | Path, fingerprint: str | None = None,
     except (OSError, UnicodeDecodeError) as err:
         raise CacheError(f"score cache {path} cannot be read ({err}); delete it and recalibrate") from None
     try:  # NaN and Infinity parse, so the shape check refuses them with the field's name
-        data = json.loads(text, parse_constant=float)
+        data = strict_json.loads(text, parse_constant=float)
     except (ValueError, RecursionError) as err:
         raise CacheError(
             f"score cache {path} is corrupt: not valid JSON ({err}); delete it and run "

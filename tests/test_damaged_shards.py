@@ -74,6 +74,14 @@ def _shape_disagrees_with_bytes(shard: Path) -> None:
     _rewrite_header(shard, edit)
 
 
+def _garbled_entry(shard: Path) -> None:
+    def edit(header):
+        name = _first_tensor(header)
+        header[name]["dtype"] = ["F32"]
+        header[name]["shape"] = [10**400]
+    _rewrite_header(shard, edit)
+
+
 def _header_not_json(shard: Path) -> None:
     header_bytes, _, data = _split(shard)
     text = b"{" + b"x" * (len(header_bytes) - 1)
@@ -94,7 +102,8 @@ DAMAGES = {
     "truncated data section": (_truncated_data, "(truncated)"),
     "trailing bytes": (_padded_data, "truncated or padded"),
     "offsets past the end": (_offsets_past_the_end, "(truncated)"),
-    "shape disagrees with bytes": (_shape_disagrees_with_bytes, "needs"),
+    "shape disagrees with bytes": (_shape_disagrees_with_bytes, "bits but its data_offsets span"),
+    "garbled tensor entry": (_garbled_entry, "has no valid dtype, shape and data_offsets"),
     "header not JSON": (_header_not_json, "header is not valid JSON"),
     "duplicate tensor name": (_duplicate_tensor_name, "appears more than once"),
 }

@@ -76,6 +76,7 @@ def tensor_names(model_dir: str | Path) -> list[str]:
 
 # safetensors' own limit on the header; anything longer is a garbage length.
 MAX_HEADER_BYTES = 100_000_000
+MAX_DIMS = 32  # more dimensions than any tensor has: a garbled shape
 # Bits per element of each safetensors dtype (sub-byte ones pack; a tensor is whole bytes).
 DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E4M3FNUZ": 8,
               "F8_E5M2FNUZ": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
@@ -130,12 +131,12 @@ def _check_layout(path: Path, header: dict, data_bytes: int) -> None:
         spans.append((*_tensor_span(path, name, info), name))
     for begin, end, name in spans:
         if end > data_bytes:
-            raise _damaged(path, f"tensor {name!r} ends at byte {end} of the data, but the file holds only "
+            raise _damaged(path, f"tensor {name[:100]!r} ends at byte {end} of the data, but the file holds only "
                                  f"{data_bytes} (truncated)")
     position = 0
     for begin, end, name in sorted(spans):
         if begin != position:
-            raise _damaged(path, f"tensor {name!r} starts at byte {begin} of the data, expected {position}")
+            raise _damaged(path, f"tensor {name[:100]!r} starts at byte {begin} of the data, expected {position}")
         position = end
     if position != data_bytes:
         raise _damaged(path, f"its header describes {position} bytes of tensor data but the file holds "
@@ -147,17 +148,17 @@ def _tensor_span(path: Path, name: str, info: Any) -> tuple[int, int]:
     def whole(value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
-    shape = info.get("shape") if isinstance(info, dict) else None
-    offsets = info.get("data_offsets") if isinstance(info, dict) else None
-    bits = DTYPE_BITS.get(info.get("dtype")) if isinstance(info, dict) else None
-    if (bits is None or not isinstance(shape, list) or not all(map(whole, shape))
+    info = info if isinstance(info, dict) else {}
+    shape, offsets, dtype = info.get("shape"), info.get("data_offsets"), info.get("dtype")
+    bits = DTYPE_BITS.get(dtype) if isinstance(dtype, str) else None
+    if (bits is None or not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(map(whole, shape))
             or not isinstance(offsets, list) or len(offsets) != 2 or not all(map(whole, offsets))):
-        raise _damaged(path, f"tensor {name!r} has no valid dtype, shape and data_offsets ({info!r:.200})")
+        raise _damaged(path, f"tensor {name[:100]!r} has no valid dtype, shape and data_offsets ({info!r:.200})")
     begin, end = offsets
     stored_bits = math.prod(shape) * bits
     if end < begin or stored_bits % 8 or stored_bits // 8 != end - begin:
-        raise _damaged(path, f"tensor {name!r} ({info['dtype']} {shape}) needs {stored_bits / 8:g} bytes "
-                             f"but its data_offsets {offsets} span {end - begin}")
+        raise _damaged(path, f"tensor {name[:100]!r} ({dtype} {shape!r:.100}) needs {stored_bits} bits but "
+                             f"its data_offsets span {end - begin} bytes")
     return begin, end
 
 

@@ -17,7 +17,8 @@ def _cache(num_blocks: int = 3, fingerprint: str = "sha256:abc") -> sc.ScoreCach
         fingerprint=fingerprint, model={"name": "m", "num_blocks": num_blocks},
         calibration={"dataset": "wiki", "seed": 0}, estimator={"name": "gaussian"},
         block_scores=[1.0] * num_blocks, span_scores=span,
-        baselines={"block_influence": [0.1] * num_blocks, "angular": span}, timings={"total_s": 1.0},
+        baselines={"block_influence": [0.1] * num_blocks, "angular": span, "skip_mi_iso": span},
+        timings={"total_s": 1.0},
     )
 
 

@@ -137,7 +137,7 @@ def _write_measured_baseline(model_dir: Path, cache_dir: Path, num_blocks: int) 
         fingerprint=fingerprint, model={"name": model_dir.name, "num_blocks": num_blocks},
         calibration={"dataset": "test"}, estimator={"name": "gaussian"},
         block_scores=[1.0] * num_blocks, span_scores=span,
-        baselines={"block_influence": [0.1] * num_blocks, "angular": span}, timings={},
+        baselines={"block_influence": [0.1] * num_blocks, "angular": span, "skip_mi_iso": span}, timings={},
         throughput={"tokens_per_s": MEASURED_TOKENS_PER_S, "batch_size": 1, "device": "cpu",
                     "measured_by": "tests/test_metrics.py"},
     )

@@ -21,6 +21,8 @@ ENV_VARS: dict[str, str] = {
     "MIPRUN_RUN_DIR": "internal: the report folder the front process hands to vLLM's processes for metrics; do not set",
     "VLLM_MIPRUN_ALLOW_UNTESTED_VLLM": "1 lets --load-format miprun run on a vLLM release the plugin was not "
                                        "checked against (default: refused; a VLLM_* name so Ray forwards it)",
+    "MIPRUN_TEST_WRITE_PAUSE": "tests only: a file path; every cache-folder write names its fsynced temp file there "
+                               "and waits 10 min before its rename, so a test can kill it inside the write window",
 }
 
 ALLOW_UNTESTED_VLLM = "VLLM_MIPRUN_ALLOW_UNTESTED_VLLM"
@@ -48,3 +50,8 @@ def plan_child(env: Mapping[str, str] | None = None) -> str:
         raise OptionError(f"MIPRUN_PLAN_CHILD must be one of {', '.join(PLAN_CHILD_MODES)}, got {value!r}; "
                           "unset it or set auto")
     return value
+
+
+def write_pause_hook() -> Path | None:
+    value = os.environ.get("MIPRUN_TEST_WRITE_PAUSE")
+    return Path(value) if value else None

@@ -10,6 +10,10 @@
 
 Each parser takes what any source gives (CLI text, JSON values, Python values), returns
 the checked value and raises ``OptionError``; parsing an already parsed value gives it back.
+Any value of any JSON type (NaN, 1e400, 10**400, nested objects, lists where a scalar is
+expected, empty or oversized text) is either accepted or refused in one line that shows
+at most ``SHOWN_CHARS`` of it; numbers and texts are bounded, so no value makes the
+checks themselves slow.
 """
 
 from __future__ import annotations
@@ -33,6 +37,12 @@ TARGETS = ("keep", "latency_budget", "drop", "quality_budget")
 QUALITY_TARGET = "quality_budget"
 COMBINABLE_TARGETS = frozenset({"latency_budget", QUALITY_TARGET})
 HEAL_MODES = ("none", "linear")
+
+# Bounds that keep every value small enough to check, show and use.
+MAX_BLOCK_INDEX = 99_999        # no model has this many decoder blocks
+MAX_TEXT_CHARS = 4096           # a path or a block list; PATH_MAX on Linux
+MAX_BYTES = 2**63 - 1
+SHOWN_CHARS = 80
 
 # Which dataclass a row is a field of.
 PLAN, CALIBRATION, BOTH = "plan", "calibration", "both"
@@ -76,24 +86,37 @@ class Option:
 # --------------------------------------------------------------------------- value parsers
 
 
+def shown(value: Any) -> str:
+    """``repr(value)`` for an error message: one line, at most ``SHOWN_CHARS`` characters,
+    and never an error itself (Python refuses to print integers of over 4300 digits)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        text = f"<an integer of {value.bit_length()} bits>"
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
+
+
 def parse_keep(value: Any) -> float:
     """A keep ratio in (0, 1]; strings such as "0.75" are accepted."""
     try:
         ratio = float(value)
-    except (TypeError, ValueError):
-        raise OptionError(f"keep must be a number in (0, 1], got {value!r}; e.g. --miprun-keep 0.75") from None
+    except (TypeError, ValueError, OverflowError):
+        raise OptionError(f"keep must be a number in (0, 1], got {shown(value)}; e.g. --miprun-keep 0.75") from None
     if isinstance(value, bool) or not math.isfinite(ratio) or not 0.0 < ratio <= 1.0:
-        raise OptionError(f"keep must be a number in (0, 1], got {value!r}; e.g. --miprun-keep 0.75")
+        raise OptionError(f"keep must be a number in (0, 1], got {shown(value)}; e.g. --miprun-keep 0.75")
     return ratio
 
 
 def parse_latency_budget(value: Any) -> str:
     """A budget ``core.latency`` reads (``0.8``, ``12ms``, ``12ms@bs8``), kept as text."""
-    text = str(value).strip() if isinstance(value, (str, int, float)) and not isinstance(value, bool) else value
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or len(str(value)) > SHOWN_CHARS:
+        raise OptionError(f"latency_budget must be a fraction such as 0.8 or a time such as 12ms@bs8, "
+                          f"got {shown(value)}")
+    text = str(value).strip()
     try:
         parse_budget(text)
-    except ValueError as err:
-        raise OptionError(str(err)) from None
+    except (ValueError, OverflowError) as err:
+        raise OptionError(" ".join(str(err).split())) from None
     return text
 
 
@@ -115,36 +138,40 @@ _DROP_ITEM = re.compile(r"^(\d+)(?:\s*-\s*(\d+))?$")
 def parse_drop(value: Any) -> tuple[int, ...]:
     """Blocks to prune: ``"12-18,25"``, an index, or a list of indices and ``"a-b"`` ranges.
     Returns the sorted indices; a block named twice is an error (likely a typo)."""
-    if isinstance(value, str):
+    if isinstance(value, str) and len(value) <= MAX_TEXT_CHARS:
         items: list = [part.strip() for part in value.split(",") if part.strip()]
     elif isinstance(value, int) and not isinstance(value, bool):
         items = [value]
-    elif isinstance(value, (list, tuple)):
+    elif isinstance(value, (list, tuple)) and len(value) <= MAX_BLOCK_INDEX:
         items = list(value)
     else:
-        raise OptionError(f"drop must be block indices and ranges such as '12-18,25', got {value!r}")
+        raise OptionError(f"drop must be block indices and ranges such as '12-18,25', got {shown(value)}")
     blocks: list[int] = [block for item in items for block in _drop_item(item)]
     if not blocks:
-        raise OptionError(f"drop names no block, got {value!r}; give indices and ranges such as 12-18,25")
-    twice = sorted({b for b in blocks if blocks.count(b) > 1})
+        raise OptionError(f"drop names no block, got {shown(value)}; give indices and ranges such as 12-18,25")
+    seen: set[int] = set()
+    twice = sorted({b for b in blocks if b in seen or seen.add(b)})
     if twice:
-        raise OptionError(f"drop names block(s) {twice} more than once in {value!r}; name each block once")
+        raise OptionError(f"drop names block(s) {twice} more than once in {shown(value)}; name each block once")
     return tuple(sorted(blocks))
 
 
 def _drop_item(item: Any) -> list[int]:
-    hint = "use indices >= 0 and ranges a-b with a <= b, e.g. --miprun-drop 12-18,25"
+    hint = f"use indices 0..{MAX_BLOCK_INDEX} and ranges a-b with a <= b, e.g. --miprun-drop 12-18,25"
     if isinstance(item, int) and not isinstance(item, bool):
-        if item < 0:
-            raise OptionError(f"drop block {item} is negative; {hint}")
+        if not 0 <= item <= MAX_BLOCK_INDEX:
+            why = "is negative" if item < 0 else "is out of range"
+            raise OptionError(f"drop block {shown(item)} {why}; {hint}")
         return [item]
-    match = _DROP_ITEM.match(item.strip()) if isinstance(item, str) else None
+    match = _DROP_ITEM.match(item.strip()) if isinstance(item, str) and len(item) <= 32 else None
     if match is None:
-        raise OptionError(f"cannot read drop item {item!r}; {hint}")
+        raise OptionError(f"cannot read drop item {shown(item)}; {hint}")
     first = int(match.group(1))
     last = int(match.group(2)) if match.group(2) is not None else first
+    if max(first, last) > MAX_BLOCK_INDEX:
+        raise OptionError(f"drop item {shown(item)} is out of range; {hint}")
     if last < first:
-        raise OptionError(f"drop range {item!r} runs backwards; write {last}-{first}")
+        raise OptionError(f"drop range {shown(item)} runs backwards; write {last}-{first}")
     return list(range(first, last + 1))
 
 
@@ -166,7 +193,7 @@ def parse_device(value: Any) -> str:
     text = value.strip().lower() if isinstance(value, str) else value
     if text in DEVICES or (isinstance(text, str) and re.fullmatch(r"cuda:\d+", text)):
         return text
-    raise OptionError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {value!r}")
+    raise OptionError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {shown(value)}")
 
 
 def resolve_device(device: str) -> str:
@@ -185,8 +212,10 @@ _BYTE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 <
 
 def parse_bytes(value: Any) -> int:
     """``8GiB``, ``500MB``, ``1.5g`` or a byte count -> bytes (``ValueError`` otherwise)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_BYTES:
         return value
+    if not isinstance(value, (str, float)) or len(str(value)) > SHOWN_CHARS:
+        raise ValueError(f"expected a size such as 8GiB, 500MB or a byte count up to 2**63-1, got {shown(value)}")
     raw = str(value).strip().lower().replace(" ", "")
     number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
     unit = raw[len(number):]
@@ -194,8 +223,9 @@ def parse_bytes(value: Any) -> int:
         amount = float(number)
     except ValueError:
         amount = -1.0
-    if isinstance(value, bool) or unit not in _BYTE_UNITS or not math.isfinite(amount) or amount < 0:
-        raise ValueError(f"expected a size such as 8GiB, 500MB or a byte count, got {value!r}")
+    if (isinstance(value, bool) or unit not in _BYTE_UNITS or not math.isfinite(amount) or amount < 0
+            or amount * _BYTE_UNITS[unit] > MAX_BYTES):
+        raise ValueError(f"expected a size such as 8GiB, 500MB or a byte count up to 2**63-1, got {shown(value)}")
     return int(amount * _BYTE_UNITS[unit])
 
 
@@ -209,27 +239,29 @@ def parse_max_memory(value: Any) -> int:
 def _choice(name: str, choices: tuple[str, ...]) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         if value not in choices:
-            raise OptionError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+            raise OptionError(f"{name} must be one of {', '.join(choices)}, got {shown(value)}")
         return value
     return parse
 
 
-def _integer(name: str, minimum: int) -> Callable[[Any], int]:
+def _integer(name: str, minimum: int, maximum: int) -> Callable[[Any], int]:
     def parse(value: Any) -> int:
-        try:
-            number = int(str(value), 10) if not isinstance(value, (bool, float)) else None
-        except ValueError:
-            number = None
-        if number is None or number < minimum:
-            raise OptionError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        number = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]{1,19}\s*", value):
+            number = int(value)
+        if number is None or not minimum <= number <= maximum:
+            raise OptionError(f"{name} must be an integer >= {minimum} (at most {maximum}), got {shown(value)}")
         return number
     return parse
 
 
 def _text(name: str, what: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
-        if not isinstance(value, str) or not value.strip():
-            raise OptionError(f"{name} must be {what}, got {value!r}")
+        if (not isinstance(value, str) or not value.strip() or "\0" in value
+                or len(value) > MAX_TEXT_CHARS):
+            raise OptionError(f"{name} must be {what}, got {shown(value)}")
         return value
     return parse
 
@@ -237,23 +269,30 @@ def _text(name: str, what: str) -> Callable[[Any], str]:
 def parse_protect(value: Any) -> str:
     """Text such as ``first,last`` or ``0,29``; a list is joined. Read against the model's
     block count when planning (``core.selection.parse_protect``)."""
-    if isinstance(value, (list, tuple)):
-        return ",".join(str(item) for item in value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    return _text("protect", "'first', 'last' or block indices such as 0,29")(value)
+    what = "'first', 'last' or block indices such as 0,29"
+    if isinstance(value, (list, tuple)) and all(
+            isinstance(item, str) or (isinstance(item, int) and not isinstance(item, bool)) for item in value):
+        value = ",".join(str(item) for item in value[:MAX_BLOCK_INDEX + 2])
+    elif isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    text = _text("protect", what)(value)
+    for item in text.split(","):
+        word = item.strip().lower()
+        if word not in ("first", "last") and not (word.isdigit() and len(word) <= 5):
+            raise OptionError(f"protect must be {what}, got {shown(text)}")
+    return text
 
 
 def parse_bool(name: str) -> Callable[[Any], bool]:
     def parse(value: Any) -> bool:
         if isinstance(value, bool):
             return value
-        text = str(value).strip().lower()
+        text = value.strip().lower() if isinstance(value, str) else str(value) if value in (0, 1) else ""
         if text in ("1", "true", "yes", "on"):
             return True
         if text in ("0", "false", "no", "off"):
             return False
-        raise OptionError(f"{name} must be true or false, got {value!r}")
+        raise OptionError(f"{name} must be true or false, got {shown(value)}")
     return parse
 
 
@@ -299,11 +338,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("dataset", "str", _text("dataset", "wiki, c4 or a local path"), "wiki",
            "calibration set: `wiki`, `c4`, a text file, or a `datasets.save_to_disk` folder",
            CALIBRATION_COMMANDS, owner=CALIBRATION),
-    Option("samples", "int", _integer("samples", 1), 32, "calibration sequences",
+    Option("samples", "int", _integer("samples", 1, 1_000_000), 32, "calibration sequences",
            CALIBRATION_COMMANDS, owner=CALIBRATION),
-    Option("seq_len", "int", _integer("seq_len", 2), 256, "tokens per calibration sequence",
+    Option("seq_len", "int", _integer("seq_len", 2, 1_048_576), 256, "tokens per calibration sequence",
            CALIBRATION_COMMANDS, owner=CALIBRATION),
-    Option("seed", "int", _integer("seed", 0), 0,
+    Option("seed", "int", _integer("seed", 0, 2**32 - 1), 0,
            "calibration sampling seed, and the seed of `random`", CALIBRATION_COMMANDS, owner=BOTH),
     Option("estimator", "str", _choice("estimator", ESTIMATORS), "gaussian",
            "MI estimator: " + " or ".join(f"`{e}`" for e in ESTIMATORS),
@@ -384,10 +423,10 @@ def _check_target(self) -> None:
             "or drop (e.g. --miprun-drop 12-18)"
         )
     if len(given) > 1 and set(given) != COMBINABLE_TARGETS:
-        shown = ", ".join(f"{name}={_shown(getattr(self, name))}" for name in given)
+        listed = ", ".join(f"{name}={_shown(getattr(self, name))}" for name in given)
         which = f"either {given[0]} or {given[1]}, not both" if len(given) == 2 else \
             f"only one of {', '.join(given)}"
-        raise OptionError(f"give {which} (got {shown}); remove all but one of them")
+        raise OptionError(f"give {which} (got {listed}); remove all but one of them")
 
 
 def _shown(value: Any) -> str:
@@ -396,10 +435,13 @@ def _shown(value: Any) -> str:
 
 def _options_from_dict(cls, raw: Mapping[str, Any] | None) -> "MiprunOptions":
     """Build from ``model_loader_extra_config`` (or CLI values); unknown keys are an error."""
+    if raw is not None and not isinstance(raw, Mapping):
+        raise OptionError(f"the miprun options (--model-loader-extra-config) must be a JSON object such as "
+                          f'{{"keep": 0.75}}, got {shown(raw)}')
     raw = dict(raw or {})
-    unknown = sorted(set(raw) - set(BY_NAME) - set(CARRIED_KEYS))
+    unknown = sorted(map(str, set(raw) - set(BY_NAME) - set(CARRIED_KEYS)))
     if unknown:
-        raise OptionError(f"unknown miprun option(s) {unknown}; valid options are {sorted(BY_NAME)}")
+        raise OptionError(f"unknown miprun option(s) {shown(unknown)}; valid options are {sorted(BY_NAME)}")
     calibration = calibration_settings(raw)
     own = {row.name: raw[row.name] for row in cls.ROWS if raw.get(row.name) is not None}
     return cls(calibration=calibration, **own)

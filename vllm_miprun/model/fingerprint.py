@@ -3,17 +3,17 @@
 It hashes config.json, every safetensors header (names, dtypes, shapes, offsets) and a
 sample of every tensor's bytes: the first and last 4 KiB of its data. Rewriting weights
 in place changes the samples even when shapes stay the same; reading 8 KiB a tensor keeps
-it fast for multi-GB checkpoints.
+it fast for multi-GB checkpoints. Each shard is checked against its size first
+(``checkpoint.read_shard_header``), so a damaged shard is refused, never fingerprinted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from pathlib import Path
 
-from vllm_miprun.model.checkpoint import read_config, safetensors_files
+from vllm_miprun.model.checkpoint import read_config, read_shard_header, safetensors_files
 
 SAMPLE_BYTES = 4096
 
@@ -29,16 +29,11 @@ def model_fingerprint(model_dir: str | Path) -> str:
 
 
 def _hash_safetensors_file(file: Path, digest) -> None:
+    header_bytes, header = read_shard_header(file)
+    digest.update(header_bytes)
+    data_start = 8 + len(header_bytes)
     with open(file, "rb") as handle:
-        header_len_bytes = handle.read(8)
-        if len(header_len_bytes) != 8:
-            raise ValueError(f"{file} is not a safetensors file (shorter than 8 bytes)")
-        (header_len,) = struct.unpack("<Q", header_len_bytes)
-        header_bytes = handle.read(header_len)
-        digest.update(header_bytes)
-        header = json.loads(header_bytes)
-        data_start = 8 + header_len
-        for name in sorted(k for k in header if k != "__metadata__"):
+        for name in sorted(header):
             begin, end = header[name]["data_offsets"]
             for offset in sorted({begin, max(begin, end - SAMPLE_BYTES)}):
                 handle.seek(data_start + offset)

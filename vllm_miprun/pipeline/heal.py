@@ -9,7 +9,12 @@ shapes as the unhealed one: no serving cost.
 
 Maps are stored beside the score cache as safetensors (never pickle). The file's metadata
 records the weights' fingerprint, the calibration settings, the recipe and the plan; a
-file whose record differs is refused. The recipe comes from ``benchmarks/heal_research.py``.
+file whose record differs is refused. A damaged file (cut, garbled) is fitted again with a
+warning, or refused in one line under ``require_cache``: the maps are derived data that
+the file name already keys by that record, so damage there is a killed or failed write,
+never a user's choice, and refitting costs no more than the first load. Files are written
+by the cache folder's one atomic, fsynced writer (``store.atomic_write_bytes``).
+The recipe comes from ``benchmarks/heal_research.py``.
 """
 
 from __future__ import annotations
@@ -17,8 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,10 @@ class HealError(CacheError):
     """Stored heal maps are missing, corrupt, or belong to other weights, settings or plans."""
 
 
+class DamagedMapsError(HealError):
+    """A stored heal-map file cannot be read: cut, garbled, not safetensors."""
+
+
 # --------------------------------------------------------------------------- store
 
 
@@ -70,17 +77,13 @@ def heal_path(model_dir: str | Path, record: dict[str, Any], cache_dir: str | Pa
 
 def write_maps(path: Path, record: dict[str, Any], maps: dict[int, torch.Tensor]) -> Path:
     """Atomically write ``{run start: T}`` with ``record`` as safetensors metadata."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from vllm_miprun.pipeline.store import atomic_write_bytes
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        tensors = {f"map.{start}": t.float().contiguous() for start, t in maps.items()}
-        save_file(tensors, temp, metadata={"miprun": json.dumps(record, sort_keys=True)})
-        os.replace(temp, path)
-    finally:
-        Path(temp).unlink(missing_ok=True)
+    tensors = {f"map.{start}": t.float().contiguous() for start, t in maps.items()}
+    atomic_write_bytes(path, save(tensors, metadata={"miprun": json.dumps(record, sort_keys=True)}))
     return path
 
 
@@ -88,12 +91,15 @@ def read_maps(path: Path, record: dict[str, Any]) -> dict[int, torch.Tensor]:
     """The maps in ``path``, refused unless they were made for exactly ``record``."""
     from safetensors import SafetensorError, safe_open
 
+    from vllm_miprun.model.checkpoint import read_shard_header
+
     try:
+        read_shard_header(path)  # cut or garbled: refused before safetensors maps it
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             stored = json.loads((handle.metadata() or {}).get("miprun", "null"))
             maps = {int(name.split(".", 1)[1]): handle.get_tensor(name) for name in handle.keys()}
     except (OSError, SafetensorError, ValueError) as err:
-        raise HealError(f"heal maps {path} cannot be read ({err}); delete the file and load again") from None
+        raise DamagedMapsError(f"heal maps {path} cannot be read ({' '.join(str(err).split())})") from None
     if not isinstance(stored, dict) or stored.get("format") != HEAL_FORMAT:
         raise HealError(f"{path} is not a miprun heal-map file; delete it and load again")
     if stored.get("fingerprint") != record["fingerprint"]:
@@ -340,8 +346,14 @@ def prepare_maps(model_dir: str | Path, options, kept: list[int], num_blocks: in
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock", timeout=3600):  # tensor-parallel workers fit once, then read
         if path.exists():
-            return read_maps(path, record)
-        if options.require_cache:
+            try:
+                return read_maps(path, record)
+            except DamagedMapsError as err:
+                if options.require_cache:
+                    raise HealError(f"{err}; require_cache is set, so they are not fitted again: delete "
+                                    "the file and load once without require_cache") from None
+                logger.warning("heal: %s; fitting them again", err)
+        elif options.require_cache:
             raise HealError(f"no heal maps at {path} and require_cache is set; load once without "
                             "require_cache (or run `vllm-miprun export --heal linear`) to fit them")
         logger.info("heal: fitting %d map(s) for runs starting at %s", len(starts), starts)

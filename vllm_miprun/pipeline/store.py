@@ -10,29 +10,53 @@ The same folder holds the speed sidecars (``speed_store.py``) and the hub aliase
 (``hub_alias.py``: a hub commit -> its weights' fingerprint, so a snapshot fetched in
 part finds its cache).
 
-Writes are atomic (temporary file, fsync, rename) under a file lock, so an interrupted
-or concurrent calibration never leaves a partial file behind.
+Writes are atomic (temporary file, fsync, rename, fsync of the folder) under a file lock,
+so an interrupted or concurrent calibration never leaves a partial file behind. Every file
+of the folder (caches, sidecars, heal maps) is written by :func:`atomic_write_bytes`. A
+writer killed inside its write window leaves its temporary file; the next process that
+uses the folder removes it (:func:`sweep_stale_temps`), never one a live writer holds.
+
+Version policy. ``format_version`` says what a plan reads from the file and how; it is
+bumped whenever that changes, so a cache of this format gives the same plan whatever
+``code_version`` (the writer's vllm-miprun, kept for provenance) wrote it. A file is
+refused in one line, never read differently, when its ``format_version`` is not the
+integer this code reads (older, newer, or not an integer), when ``code_version`` is not a
+version string, when any field a plan reads is missing (``baselines.skip_mi_iso`` included:
+without it mi-prun would rank with another cost), or when any number is not finite.
+Refusal, not recomputation: the file may be the user's explicit ``scores``, and a load
+with ``require_cache`` must not calibrate; the message says how to recalibrate.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 
-from vllm_miprun import __version__, envs
+from vllm_miprun import __version__, envs, strict_json
 from vllm_miprun.errors import CacheError  # noqa: F401 - re-exported
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "vllm-miprun-scores"
 FORMAT_VERSION = 1
+# Temporary names of this module's writes (mkstemp: ".NAME.<8 chars>.tmp") and probes.
+TEMP_NAME = re.compile(r"^\.(.+\.[A-Za-z0-9_]{8}\.tmp|probe-[A-Za-z0-9_]{8})$")
+# A temp file younger than this is left alone even when unlocked: its writer may sit
+# between mkstemp and taking the lock (microseconds), or be a probe still in use.
+STALE_TEMP_SECONDS = 1.0
+_swept: set[Path] = set()
 
 
 @dataclass
@@ -112,8 +136,42 @@ def safe_name(text: str) -> str:
 
 
 def cache_folder(cache_dir: str | Path | None = None) -> Path:
-    """Where score caches and their sidecars go: ``cache_dir``, else ``MIPRUN_CACHE_DIR``."""
-    return Path(cache_dir).expanduser() if cache_dir else envs.cache_dir()
+    """Where score caches and their sidecars go: ``cache_dir``, else ``MIPRUN_CACHE_DIR``.
+    The first call of a process for a folder removes the debris of killed writers there."""
+    folder = Path(cache_dir).expanduser() if cache_dir else envs.cache_dir()
+    if folder not in _swept:
+        _swept.add(folder)
+        sweep_stale_temps(folder)
+    return folder
+
+
+def sweep_stale_temps(folder: Path) -> list[Path]:
+    """Remove this module's temporary files in ``folder`` whose writer is gone: the name is
+    ours, no process holds its lock (a live writer does until its rename), and it is older
+    than ``STALE_TEMP_SECONDS``. Returns what was removed; other files are never touched."""
+    removed = []
+    try:
+        entries = [p for p in folder.iterdir() if TEMP_NAME.match(p.name)]
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            handle = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue  # renamed or removed meanwhile, or not ours to open
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if time.time() - os.fstat(handle).st_mtime >= STALE_TEMP_SECONDS:
+                entry.unlink()
+                removed.append(entry)
+        except OSError:
+            pass  # locked: a live writer's
+        finally:
+            os.close(handle)
+    if removed:
+        logger.info("removed %d temporary file(s) left by interrupted writers in %s: %s",
+                    len(removed), folder, [p.name for p in removed])
+    return removed
 
 
 def cache_path(model_dir: str | Path, fingerprint: str, calibration: dict[str, Any],
@@ -133,9 +191,9 @@ def read_cache(path: str | Path, fingerprint: str | None = None,
         raise CacheError(f"score cache {path} does not exist; create it with `vllm-miprun calibrate MODEL_DIR`") from None
     except (OSError, UnicodeDecodeError) as err:
         raise CacheError(f"score cache {path} cannot be read ({err}); delete it and recalibrate") from None
-    try:
-        data = json.loads(text, parse_constant=_reject_constant)
-    except ValueError as err:
+    try:  # NaN and Infinity parse, so the shape check refuses them with the field's name
+        data = strict_json.loads(text, parse_constant=float)
+    except (ValueError, RecursionError) as err:
         raise CacheError(
             f"score cache {path} is corrupt: not valid JSON ({err}); delete it and run "
             "`vllm-miprun calibrate` again"
@@ -201,20 +259,32 @@ def ensure_writable(folder: Path) -> None:
 
 
 def atomic_write_text(path: Path, payload: str) -> None:
+    """:func:`atomic_write_bytes` of ``payload`` as UTF-8."""
+    atomic_write_bytes(path, payload.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Write ``payload`` to ``path`` through a temporary file in the same folder, so a
-    reader sees the old file or the new one, never half of it; ``CacheError`` on failure."""
+    reader sees the old file or the new one, never half of it; ``CacheError`` on failure.
+
+    The temp file is locked until the rename: a killed writer's lock goes with it, which
+    tells :func:`sweep_stale_temps` the file is debris. The folder is fsynced after the
+    rename, so the new name survives a power cut too."""
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        with os.fdopen(handle, "wb") as out:
             out.write(payload)
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
+            os.fchmod(out.fileno(), 0o644)
+            _pause_inside_write_window(temp)
+            os.replace(temp, path)  # before the close: the lock covers the whole window
+        _fsync_folder(path.parent)
     except OSError as err:
         Path(temp).unlink(missing_ok=True)
         raise CacheError(
-            f"could not write score cache {path} ({err.strerror or err}); free disk space or set "
+            f"could not write {path} ({err.strerror or err}); free disk space or set "
             "--cache-dir / MIPRUN_CACHE_DIR to another folder"
         ) from None
     except BaseException:
@@ -222,8 +292,22 @@ def atomic_write_text(path: Path, payload: str) -> None:
         raise
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not allowed in a score cache")
+def _fsync_folder(folder: Path) -> None:
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _pause_inside_write_window(temp: str) -> None:
+    """Test hook (``MIPRUN_TEST_WRITE_PAUSE``, see ``envs``): name the written, fsynced temp
+    file in the hook's file, then wait before the rename, so a test can kill the writer
+    inside its write window."""
+    marker = envs.write_pause_hook()
+    if marker is not None:
+        marker.write_text(temp)
+        time.sleep(600)
 
 
 def _check_shape(data: Any, source: str) -> None:
@@ -232,18 +316,21 @@ def _check_shape(data: Any, source: str) -> None:
 
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise bad(f"expected a JSON object with format={FORMAT!r}")
-    version = data.get("format_version")
-    if not isinstance(version, int):
-        raise bad("format_version is missing")
-    if version > FORMAT_VERSION:
-        raise CacheError(
-            f"score cache {source} has format version {version}, newer than this vllm-miprun "
-            f"({__version__}) reads ({FORMAT_VERSION}); upgrade vllm-miprun or recalibrate"
-        )
+    _check_versions(data, source, bad)
+    _check_all_finite(data, "", bad)
     for key, kind in (("fingerprint", str), ("model", dict), ("calibration", dict), ("estimator", dict),
                       ("block_scores", list), ("span_scores", list), ("baselines", dict)):
         if not isinstance(data.get(key), kind):
             raise bad(f"{key!r} must be a {kind.__name__}")
+    for key in ("timings", "selections", "profile", "throughput"):  # optional: absent or null is none
+        if not isinstance(data.get(key, {}), (dict, type(None))):
+            raise bad(f"{key!r} must be an object or null")
+    if "skip_mi_iso" not in data["baselines"]:
+        raise CacheError(
+            f"score cache {source} was written by vllm-miprun {data['code_version']} without "
+            "baselines.skip_mi_iso, which this version ranks spans with; recalibrate with "
+            "`vllm-miprun calibrate MODEL_DIR --force` (same settings)"
+        )
     blocks = data["block_scores"]
     count = len(blocks)
     if count < 1 or data.get("num_blocks", count) != count:
@@ -255,9 +342,10 @@ def _check_shape(data: Any, source: str) -> None:
         raise bad(f"baselines.block_influence must list {count} numbers")
     _check_finite(influence, "baselines.block_influence", bad)
     _check_square(data["baselines"].get("angular"), count + 1, "baselines.angular", bad, upper_only=True)
-    if "skip_mi_iso" in data["baselines"]:
-        _check_square(data["baselines"]["skip_mi_iso"], count + 1, "baselines.skip_mi_iso", bad, upper_only=True)
+    _check_square(data["baselines"]["skip_mi_iso"], count + 1, "baselines.skip_mi_iso", bad, upper_only=True)
     for method, by_count in (data.get("selections") or {}).items():
+        if not isinstance(by_count, dict):
+            raise bad(f"selections.{method} must be an object of block lists")
         for num_prune, pruned in by_count.items():
             if (not isinstance(pruned, list) or len(set(pruned)) != len(pruned) or str(len(pruned)) != num_prune
                     or not all(isinstance(b, int) and 0 <= b < count for b in pruned)):
@@ -269,10 +357,44 @@ def _check_shape(data: Any, source: str) -> None:
         _check_finite(list(by_set.values()), f"quality.{setup}", bad)
 
 
+def _check_versions(data: dict, source: str, bad) -> None:
+    """The version policy of the module docstring."""
+    version = data.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+        raise CacheError(
+            f"score cache {source} has format version {version}, newer than this vllm-miprun "
+            f"({__version__}) reads ({FORMAT_VERSION}); upgrade vllm-miprun or recalibrate"
+        )
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise bad(f"format_version must be the integer {FORMAT_VERSION}, got {version!r}")
+    code = data.get("code_version")
+    if not isinstance(code, str) or not re.fullmatch(r"[0-9][0-9A-Za-z.+_-]{0,63}", code):
+        raise bad(f"code_version must be the version string of the vllm-miprun that wrote it, got {code!r:.80}")
+
+
+def _check_all_finite(value: Any, where: str, bad) -> None:
+    """No NaN, Infinity or overflowing number anywhere in the file (timings included)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_all_finite(item, f"{where}.{key}" if where else key, bad)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_all_finite(item, f"{where}[{index}]", bad)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and not _finite(value):
+        raise bad(f"{where} holds {value!r:.40}; every number must be finite")
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond float range
+        return False
+
+
 def _check_finite(values: list, where: str, bad) -> None:
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise bad(f"{where} holds {value!r}; every score must be a finite number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+            raise bad(f"{where} holds {value!r:.40}; every score must be a finite number")
 
 
 def _check_square(matrix: Any, size: int, where: str, bad, upper_only: bool) -> None:

@@ -39,7 +39,7 @@ from typing import Any, Callable
 from vllm.logger import init_logger
 
 from vllm_miprun.errors import ModelFolderError
-from vllm_miprun.model.checkpoint import INDEX_NAME, missing_shards, read_config
+from vllm_miprun.model.checkpoint import INDEX_NAME, check_shards, missing_shards, read_config
 from vllm_miprun.model.remap import layer_index
 from vllm_miprun.pipeline.hub_alias import MissingWeightsError, has_every_shard, snapshot_id
 
@@ -158,6 +158,7 @@ def plan_source(source: ModelSource, options, plan_for: Callable[[Path, dict[str
     the module doc): the one sequence of the front process and of a worker that plans.
     ``overrides``' flat fields (the engine's ``hf_overrides``) are applied to the config."""
     folder = fetch_for_plan(source, options)
+    check_shards(folder)  # a damaged shard is refused here, before any plan, fingerprint or engine
     hf_config = read_config(folder)
     hf_config.update({key: value for key, value in (overrides or {}).items() if not isinstance(value, dict)})
     seconds = 0.0
@@ -172,6 +173,8 @@ def plan_source(source: ModelSource, options, plan_for: Callable[[Path, dict[str
 
     folder, plan = plan_or_fetch_all(source, folder, timed_plan)
     folder = fetch_kept_shards(source, folder, plan.kept)
+    if source.local_dir is None:
+        check_shards(folder)  # the shards fetched just now
     return SourcePlan(folder, plan, hf_config, seconds)
 
 

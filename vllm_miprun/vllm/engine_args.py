@@ -101,6 +101,24 @@ def prepare_engine_args(engine_args) -> None:
     record_report(report)
 
 
+# The EngineArgs fields the plan decides, written back into the parsed arguments.
+PLANNED_FIELDS = ("load_format", "model_loader_extra_config", "hf_overrides", "dtype")
+
+
+def write_plan_back(engine_args, args: argparse.Namespace) -> None:
+    """Put the planned fields into ``args``, the namespace vLLM pickles to every extra
+    API server (``--api-server-count``, ``--data-parallel-size``).
+
+    Those processes run vLLM's own ``from_cli_args`` before any plugin is loaded, so they
+    never see the ``--miprun-*`` flags; from these fields they build the same pruned
+    config without planning again (``hf_overrides`` already holds the kept blocks).
+    """
+    if str(engine_args.load_format).lower() != LOAD_FORMAT:
+        return
+    for name in PLANNED_FIELDS:
+        setattr(args, name, getattr(engine_args, name))
+
+
 def plan_outside_cuda(model_dir, options: MiprunOptions, hf_config: dict):
     """The plan; made in a spawned child when it may initialise CUDA, so that this (API
     server) process leaves the GPU as it found it for vLLM's memory profiling."""
@@ -140,6 +158,7 @@ def _wrap_from_cli_args(original):
         try:
             apply_flags(engine_args, args)
             prepare_engine_args(engine_args)
+            write_plan_back(engine_args, args)
         except USER_ERRORS as error:  # MiprunError and missing files: one line, no traceback,
             # exit status 1 (vLLM's front process), nothing started yet
             raise SystemExit(f"vllm-miprun: error: {error}") from None

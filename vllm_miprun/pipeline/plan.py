@@ -115,16 +115,18 @@ def explicit_plan(model_dir: str | Path, config: dict, options: MiprunOptions, n
 
 def load_scores(model_dir: str | Path, options: MiprunOptions, progress: bool = True):
     """(cache, path, source): the explicit ``scores`` file, the matching cache, or a new one."""
-    from vllm_miprun.pipeline.calibrate import calibrate, calibration_key, locate
+    from vllm_miprun.pipeline.calibrate import calibrate, calibration_key, check_compute, compute_identity, locate
 
     settings = options.calibration
     if options.scores:
         path = Path(options.scores).expanduser()
         _, fingerprint = locate(model_dir, settings, options.cache_dir)
         return score_cache.read_cache(path, fingerprint=fingerprint), path, "cache-hit"
-    path, fingerprint = locate(model_dir, settings, options.cache_dir)
+    compute = compute_identity(model_dir, options.device)
+    path, fingerprint = locate(model_dir, settings, options.cache_dir, compute)
     if path.exists():
-        cache = score_cache.read_cache(path, fingerprint, calibration_key(settings))
+        cache = score_cache.read_cache(path, fingerprint, calibration_key(settings, compute))
+        check_compute(cache, compute, path)
         return cache, path, "cache-hit"
     if options.require_cache:
         raise score_cache.CacheError(
@@ -141,12 +143,12 @@ def scores_cached_for_commit(model_dir: str | Path, options: MiprunOptions) -> b
     """Whether the scores this plan reads are known for ``model_dir``'s hub commit without
     its weights: a valid hub alias, and a score cache (or the ``scores`` file) made for the
     alias's fingerprint and, for the cache, these calibration settings (``hub_alias``)."""
-    from vllm_miprun.pipeline.calibrate import calibration_key
+    from vllm_miprun.pipeline.calibrate import calibration_key, compute_identity
 
     fingerprint = hub_alias.read_alias(model_dir, options.cache_dir)
     if fingerprint is None:
         return False
-    key = calibration_key(options.calibration)
+    key = calibration_key(options.calibration, compute_identity(model_dir, options.device))
     path = (Path(options.scores).expanduser() if options.scores
             else score_cache.cache_path(model_dir, fingerprint, key, options.cache_dir))
     if not path.is_file():

@@ -102,7 +102,9 @@ def test_two_api_servers_plan_once_and_both_export_the_gauges(tiny_llama_dir, tm
     finally:
         harness.stop_group(proc, grace=60)
     text = log.read_text()
-    assert len(re.findall(r"miprun plan: keep 6 of 8 blocks", text)) == 1, _root_cause(text)
+    plans = re.findall(r"miprun plan: keep 6 of 8 blocks.*plan digest ([0-9a-f]{12})", text)
+    assert len(plans) == 1, _root_cause(text)
     for scraped in scrapes:
         kept = re.search(r"^miprun_blocks_kept\{[^}]*\} (\S+)$", scraped, re.MULTILINE)
         assert kept and float(kept.group(1)) == KEPT, scraped[-2000:]
+        assert f'digest="{plans[0]}"' in scraped, scraped[-2000:]  # miprun_plan_info

@@ -8,6 +8,8 @@ same model, settings and count costs nothing.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,11 +55,49 @@ class Plan:
     scores_source: str          # "cache-hit" | "computed" | "none-needed"
     cache_path: str | None
     fingerprint: str | None
+    scores_key: str | None = None  # the score cache's key: weights, calibration, compute
+
+    @property
+    def digest(self) -> str:
+        return plan_digest(self.kept, self.num_blocks, self.method, self.scores_key)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["kept"], data["pruned"] = list(self.kept), list(self.pruned)
+        data["digest"] = self.digest
         return data
+
+
+# Config fields (through hf_overrides) that carry the digest and what it hashes to every process.
+DIGEST_FIELD = "miprun_plan_digest"
+DIGEST_SOURCE_FIELD = "miprun_plan_source"
+
+
+def digest_fields(plan: Plan) -> dict[str, Any]:
+    return {DIGEST_FIELD: plan.digest, DIGEST_SOURCE_FIELD: {"method": plan.method, "scores": plan.scores_key}}
+
+
+def check_digest(kept, num_blocks: int, digest: str | None, source: dict | None) -> None:
+    """Refuse a config whose kept blocks are not the plan its digest names (overrides
+    mixed from two plans, or edited by hand); a config without a digest passes."""
+    if digest is None:
+        return
+    source = source or {}
+    expected = plan_digest(kept, num_blocks, str(source.get("method")), source.get("scores"))
+    if expected != digest:
+        raise OptionError(
+            f"this config carries plan digest {digest}, but its kept blocks {list(kept)} of {num_blocks} "
+            f"(method {source.get('method')}) hash to {expected}; every process must serve one plan: "
+            f"drop the {DIGEST_FIELD} and miprun_* keys from --hf-overrides and plan again"
+        )
+
+
+def plan_digest(kept, num_blocks: int, method: str, scores_key: str | None) -> str:
+    """A short hash of what a plan decided and from what: two processes or instances
+    serve the same pruned model exactly when their digests agree."""
+    payload = json.dumps({"kept": [int(b) for b in kept], "num_blocks": int(num_blocks),
+                          "method": method, "scores": scores_key}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
 def make_plan(model_dir: str | Path, options: MiprunOptions, hf_config: dict | None = None,
@@ -95,6 +135,7 @@ def make_plan(model_dir: str | Path, options: MiprunOptions, hf_config: dict | N
         scores_source=source,
         cache_path=str(path) if path else None,
         fingerprint=cache.fingerprint if cache else None,
+        scores_key=score_cache.cache_key(cache.fingerprint, cache.calibration) if cache else None,
     )
 
 

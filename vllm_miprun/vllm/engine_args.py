@@ -80,6 +80,7 @@ def prepare_engine_args(engine_args) -> None:
     overrides = dict(overrides or {})
     if remap.KEPT_FIELD in overrides:
         return  # already planned: create_engine_config after from_cli_args
+    from vllm_miprun.pipeline.plan import digest_fields
     from vllm_miprun.vllm.loader import plan_report, record_report
     from vllm_miprun.vllm import model_files
 
@@ -91,12 +92,12 @@ def prepare_engine_args(engine_args) -> None:
     pruned_fields = remap.pruned_fields(planned.folder, planned.hf_config, plan.kept)
     start = time.perf_counter()
     heal_outside_cuda(planned.folder, options, list(plan.kept), plan.num_blocks)  # fit once here, workers read
-    engine_args.hf_overrides = {**overrides, **pruned_fields}
+    engine_args.hf_overrides = {**overrides, **pruned_fields, **digest_fields(plan)}
     report = plan_report(plan, planned.plan_seconds + time.perf_counter() - start)
     logger.info(
         "miprun plan: keep %d of %d blocks, kept %s, pruned %s, method %s, scores %s, "
-        "predicted speedup %.2fx", len(plan.kept), plan.num_blocks, list(plan.kept),
-        list(plan.pruned), plan.method, plan.scores_source, plan.predicted_speedup,
+        "predicted speedup %.2fx, plan digest %s", len(plan.kept), plan.num_blocks, list(plan.kept),
+        list(plan.pruned), plan.method, plan.scores_source, plan.predicted_speedup, plan.digest,
     )
     record_report(report)
 

@@ -26,6 +26,7 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
 from vllm_miprun.model import checkpoint, remap, weights
 from vllm_miprun.pipeline import heal
+from vllm_miprun.pipeline.plan import DIGEST_FIELD, DIGEST_SOURCE_FIELD, check_digest, digest_fields
 from vllm_miprun.options import MiprunOptions, OptionError
 from vllm_miprun.vllm import lora_and_draft, model_files
 from vllm_miprun.vllm.model_files import ModelSource
@@ -80,6 +81,41 @@ def _apply_overrides_in_place(model_config: ModelConfig, overrides: dict[str, An
     model_config.model_arch_config = model_config.get_model_arch_config()
 
 
+def check_config_digest(hf_config) -> str | None:
+    """The plan digest this config carries, checked against its kept blocks."""
+    digest = getattr(hf_config, DIGEST_FIELD, None)
+    check_digest(hf_config.miprun_kept_layers, int(hf_config.miprun_num_blocks_full), digest,
+                 getattr(hf_config, DIGEST_SOURCE_FIELD, None))
+    return digest
+
+
+def check_ranks_agree(digest: str | None, group=None) -> None:
+    """Refuse to load when the ranks of one engine hold different plans (ranks that each
+    planned, as under torchrun): one all-gather of the digest over the world's CPU group."""
+    import torch
+    import torch.distributed as dist
+
+    if digest is None or not dist.is_available() or not dist.is_initialized():
+        return
+    if group is None:
+        from vllm.distributed.parallel_state import get_world_group
+
+        group = get_world_group().cpu_group
+    size = dist.get_world_size(group)
+    if size == 1:
+        return
+    mine = torch.tensor([int(digest, 16)], dtype=torch.int64)  # 12 hex digits fit in int64
+    gathered = [torch.zeros_like(mine) for _ in range(size)]
+    dist.all_gather(gathered, mine, group=group)
+    digests = [f"{int(t.item()):012x}" for t in gathered]
+    if len(set(digests)) > 1:
+        raise OptionError(
+            f"the {size} ranks of this engine hold different miprun plans (plan digests by rank: "
+            f"{digests}); plan once and give every rank the same plan (one shared cache folder, "
+            "the same options), or pass the kept blocks with --miprun-drop"
+        )
+
+
 @register_model_loader(LOAD_FORMAT)
 class MiprunModelLoader(BaseModelLoader):
     """Loads a model with only the blocks the MI-PRUN plan keeps."""
@@ -106,6 +142,8 @@ class MiprunModelLoader(BaseModelLoader):
             return lora_and_draft.load_draft_unpruned(self.load_config, vllm_config, model_config, prefix)
         start = time.perf_counter()
         self._ensure_pruned_config(model_config)
+        digest = check_config_digest(model_config.hf_config)
+        check_ranks_agree(digest)
         model = super().load_model(vllm_config, model_config, prefix)
         kept = list(model_config.hf_config.miprun_kept_layers)
         full = int(model_config.hf_config.miprun_num_blocks_full)
@@ -141,7 +179,8 @@ class MiprunModelLoader(BaseModelLoader):
             "miprun: planning in the worker because the engine config was not made by "
             "EngineArgs; kept %s", list(kept),
         )
-        _apply_overrides_in_place(model_config, remap.pruned_fields(planned.folder, planned.hf_config, kept))
+        _apply_overrides_in_place(model_config, {**remap.pruned_fields(planned.folder, planned.hf_config, kept),
+                                                 **digest_fields(planned.plan)})
         record_report(plan_report(planned.plan, planned.plan_seconds))
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:

@@ -43,6 +43,7 @@ from vllm_miprun.core.gains import (
 from vllm_miprun.model.checkpoint import read_config, safetensors_files
 from vllm_miprun.model.remap import FULL_FIELD, KEPT_FIELD
 from vllm_miprun.model.weights import pruned_weight_bytes
+from vllm_miprun.pipeline.plan import DIGEST_FIELD
 from vllm_miprun.vllm.reports import publish, read_reports  # noqa: F401 - publish: loader.record_report
 
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -80,6 +81,10 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
         "Always 1; label source says where the block scores came from: cache-hit, "
         "computed (calibrated at start) or none-needed (score-free method).",
         ("source", "method")),
+    "miprun_plan_info": (
+        "Always 1; label digest is the plan digest, a short hash of the kept blocks, the "
+        "method and the score cache (also in the plan's log line). Servers, ranks and "
+        "instances with one digest serve the same pruned model.", ("digest",)),
     "miprun_generation_tokens_per_second": (
         "Output tokens per second while requests were running, over the last 60 s: "
         "tokens of decode steps / seconds between consecutive steps with running "
@@ -155,7 +160,7 @@ class Exporter:
 
     def __init__(self, model_name: str, model_dir: Path, config: Mapping[str, Any], kept: list[int],
                  num_blocks: int, kv_dtype_bytes: int, cache_dir: str | None = None,
-                 window_s: float = WINDOW_S):
+                 window_s: float = WINDOW_S, digest: str | None = None):
         self.model_name = model_name
         self.model_dir = Path(model_dir)
         self.config = config
@@ -163,6 +168,7 @@ class Exporter:
         self.num_blocks = num_blocks
         self.kv_dtype_bytes = kv_dtype_bytes
         self.cache_dir = cache_dir
+        self.digest = digest
         self.windows: dict[int, ThroughputWindow] = {}
         self.running: dict[int, bool] = {}
         self.window_s = window_s
@@ -200,6 +206,8 @@ class Exporter:
         else:
             logger.warning("miprun metrics: no plan report for kept blocks %s; plan metrics "
                            "(predicted speed-up, scores source) are not exported", self.kept)
+        if self.digest is not None:
+            self._set("miprun_plan_info", 1, digest=self.digest)
         if self.load_seconds is not None:
             self._set("miprun_load_seconds", self.load_seconds)
         self.baseline = find_cached_baseline(self.model_dir, self.plan, self.cache_dir)
@@ -261,6 +269,7 @@ def exporter_for(vllm_config) -> Exporter | None:
         num_blocks=int(getattr(hf_config, FULL_FIELD)),
         kv_dtype_bytes=_dtype_bytes(str(vllm_config.cache_config.cache_dtype), model_config.dtype),
         cache_dir=extra.get("cache_dir") if isinstance(extra, dict) else None,
+        digest=getattr(hf_config, DIGEST_FIELD, None),
     )
 
 

@@ -67,6 +67,24 @@ def test_extra_api_servers_get_the_planned_config(serve_parser, tiny_llama_dir, 
     assert child.model_loader_extra_config["method"] == "last"
 
 
+def test_data_parallel_supervisor_children_serve_the_pruned_model(serve_parser, tiny_llama_dir):
+    """The multi-port supervisor plans nowhere: it copies the parsed namespace into one
+    server per rank, and each runs vLLM's own from_cli_args before any plugin loads."""
+    import pickle
+
+    from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+    from vllm.entrypoints.launchers.dp_supervisor import _build_vllm_dp_server_args
+
+    args = serve_parser.parse_args([
+        "--model", str(tiny_llama_dir), "--miprun-keep", "0.75", "--miprun-method", "last",
+        "--data-parallel-size", "2", "--data-parallel-size-local", "2",
+        "--data-parallel-multi-port-external-lb"])
+    child_args = pickle.loads(pickle.dumps(_build_vllm_dp_server_args(args, 1)))
+    child = EngineArgs.from_cli_args.__wrapped__(AsyncEngineArgs, child_args)
+    assert child.load_format == "miprun"
+    assert child.model_loader_extra_config == {"keep": 0.75, "method": "last"}
+
+
 # --- engine: `vllm serve --api-server-count 2` ---------------------------------------------
 
 def _root_cause(log: str) -> str:

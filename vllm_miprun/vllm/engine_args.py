@@ -147,9 +147,33 @@ def heal_outside_cuda(model_dir, options: MiprunOptions, kept: list[int], num_bl
 def _wrap_add_cli_args(original):
     @functools.wraps(original)
     def add_cli_args(parser, *args, **kwargs):
-        return add_serve_flags(original(parser, *args, **kwargs))
+        parser = add_serve_flags(original(parser, *args, **kwargs))
+        _settle_flags_when_parsed(parser)
+        return parser
 
     return add_cli_args
+
+
+def _settle_flags_when_parsed(parser: argparse.ArgumentParser) -> None:
+    """Move the ``--miprun-*`` flags into ``load_format`` and ``model_loader_extra_config``
+    of the parsed namespace itself, so that a process which gets the namespace and never
+    runs the plugin's ``from_cli_args`` (the servers the multi-port data-parallel
+    supervisor starts; it plans nowhere itself) still serves the pruned model."""
+    original = parser.parse_known_args
+    if getattr(original, _WRAPPED, False):
+        return
+
+    @functools.wraps(original)
+    def parse_known_args(*args, **kwargs):
+        namespace, rest = original(*args, **kwargs)
+        try:
+            apply_flags(namespace, namespace)
+        except OptionError:
+            pass  # from_cli_args reports it in one line, like every option error
+        return namespace, rest
+
+    setattr(parse_known_args, _WRAPPED, True)
+    parser.parse_known_args = parse_known_args
 
 
 def _wrap_from_cli_args(original):

@@ -29,6 +29,7 @@ from vllm_miprun.pipeline import heal
 from vllm_miprun.pipeline.plan import DIGEST_FIELD, DIGEST_SOURCE_FIELD, check_digest, digest_fields
 from vllm_miprun.options import MiprunOptions, OptionError
 from vllm_miprun.vllm import lora_and_draft, model_files
+from vllm_miprun.vllm.kv_layout import kv_layouts
 from vllm_miprun.vllm.model_files import ModelSource
 
 # Under "vllm." so vLLM's logging config (handler, level, format) applies to it.
@@ -157,6 +158,8 @@ class MiprunModelLoader(BaseModelLoader):
             "load_seconds": round(time.perf_counter() - start, 3),
             "read_bytes": self._read_bytes,
             "skipped_bytes": self._skipped_bytes,
+            "kv_layouts": kv_layouts(vllm_config, lambda: checkpoint.read_config(
+                model_files.resolve_model_dir(self._source(model_config))), kept, full),
         }
         logger.info(
             "miprun: built %d of %d blocks, kept %s, pruned %s, read %.1f MiB, "

@@ -9,7 +9,8 @@ Keys: model, load_format (default "auto"), extra (model_loader_extra_config),
 tp (tensor_parallel_size), backend (distributed_executor_backend), prompts, max_tokens, kv_bytes (kv_cache_memory_bytes),
 logprobs (top-k logprobs to return), dtype (default float32), hf_overrides.
 Output keys: tokens (list per prompt), logprobs (top-1 logprob per step),
-num_gpu_blocks, block_size, kv_tokens, num_hidden_layers, kept.
+num_gpu_blocks, block_size, kv_tokens, num_hidden_layers, kept, kv_cache_size_tokens,
+kv_capacity_ratio (what the miprun_kv_capacity_ratio gauge shows; None unless pruned).
 """
 
 from __future__ import annotations
@@ -59,9 +60,19 @@ def run(spec: dict) -> dict:
         "kv_tokens": cache.num_gpu_blocks * cache.block_size,
         "num_hidden_layers": hf_config.num_hidden_layers,
         "kept": getattr(hf_config, "miprun_kept_layers", None),
+        "kv_cache_size_tokens": cache.kv_cache_size_tokens,  # the engine's group-aware capacity
+        "kv_capacity_ratio": _kv_capacity_ratio(vllm_config),
     }
     _shutdown(llm)
     return result
+
+
+def _kv_capacity_ratio(vllm_config) -> float | None:
+    """What miprun_kv_capacity_ratio would show for this engine (None: not pruned)."""
+    from vllm_miprun.vllm.metrics import exporter_for
+
+    exporter = exporter_for(vllm_config)
+    return exporter.kv_capacity_ratio() if exporter is not None else None
 
 
 def _shutdown(llm) -> None:

@@ -164,3 +164,44 @@ def test_compute_dtype_follows_the_device_and_the_dtype_option(tiny_llama_dir, t
     half = calibrate(model, SMALL, cache_dir=tmp_path / "c16", progress=False, dtype=torch.bfloat16).cache
     assert half.model["compute_dtype"] == "bfloat16"
     assert half.block_scores != cache.block_scores  # the blocks really ran in bfloat16
+
+
+# --- the compute (device type, dtype) is part of the cache key -------------------------------
+
+def test_compute_identity_names_device_and_dtype(tiny_llama_dir, tmp_path):
+    from vllm_miprun.pipeline.calibrate import LEGACY_COMPUTE, compute_identity
+
+    assert compute_identity(tiny_llama_dir, "cpu") == LEGACY_COMPUTE == "cpu-float32"
+    assert compute_identity(tiny_llama_dir, "cuda") == "cuda-float32"  # the stored dtype on a GPU
+    assert compute_identity(tiny_llama_dir, "cuda", torch.bfloat16) == "cuda-bfloat16"
+    bf16 = tmp_path / "bf16"  # a hub snapshot fetched in part: its config says the dtype
+    bf16.mkdir()
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    (bf16 / "config.json").write_text(json.dumps({**config, "torch_dtype": "bfloat16"}))
+    (bf16 / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}))
+    assert compute_identity(bf16, "cuda") == "cuda-bfloat16"
+
+
+def test_gpu_and_cpu_scores_never_share_a_cache_entry(tiny_llama_dir, tmp_path):
+    from vllm_miprun.pipeline.calibrate import calibration_key, locate
+
+    cpu_path, _ = locate(tiny_llama_dir, SMALL, tmp_path, "cpu-float32")
+    gpu_path, _ = locate(tiny_llama_dir, SMALL, tmp_path, "cuda-bfloat16")
+    assert cpu_path != gpu_path
+    assert "compute" not in calibration_key(SMALL)  # the CPU key keeps its old form: old caches read
+    assert calibration_key(SMALL, "cuda-bfloat16")["compute"] == "cuda-bfloat16"
+
+
+def test_a_cache_of_another_dtype_under_the_cpu_key_is_refused(tiny_llama_dir, tmp_path):
+    """An older release filed GPU (bfloat16) scores under the same key as CPU ones: the
+    CPU run refuses them in one line instead of planning from them."""
+    from vllm_miprun.pipeline import store
+
+    first = calibrate(tiny_llama_dir, SMALL, cache_dir=tmp_path, progress=False)
+    assert first.cache.model["compute_dtype"] == "float32" and first.cache.model["compute_device"] == "cpu"
+    data = json.loads(first.path.read_text())
+    data["model"]["compute_dtype"] = "bfloat16"
+    first.path.write_text(json.dumps(data))
+    with pytest.raises(store.CacheError, match="calibrated in bfloat16, this run calibrates in float32 on cpu"):
+        calibrate(tiny_llama_dir, SMALL, cache_dir=tmp_path, progress=False)

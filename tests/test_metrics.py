@@ -237,7 +237,13 @@ def test_plan_metrics_match_the_plan(scraped):
     assert _value(scraped, "miprun_blocks_total") == total
     assert _value(scraped, "miprun_blocks_kept") == kept
     assert _value(scraped, "miprun_keep_ratio") == pytest.approx(kept / total)
-    assert _value(scraped, "miprun_kv_capacity_ratio") == pytest.approx(total / kept)
+    # one layer type and a fixed KV size: the engine's pruned blocks over the blocks the same
+    # memory holds for all L layers (whole blocks, so not exactly L/K)
+    info = scraped["families"]["vllm:cache_config_info"].samples[0].labels
+    per_layer_block = int(info["block_size"]) * 2 * scraped["config"]["num_key_value_heads"] * \
+        scraped["config"]["hidden_size"] // scraped["config"]["num_attention_heads"] * 4
+    full_blocks = KV_BYTES // (total * per_layer_block)
+    assert _value(scraped, "miprun_kv_capacity_ratio") == pytest.approx(int(info["num_gpu_blocks"]) / full_blocks)
     assert _value(scraped, "miprun_predicted_speedup", latency_source=plan.latency_source) == \
         pytest.approx(plan.predicted_speedup)
     # no profile was measured: the gauge is the one speed model's estimate, the benchmarks' "estimate"

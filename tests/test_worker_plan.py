@@ -40,9 +40,12 @@ def test_worker_plan_renumbers_the_quantization_config_vllm_built(tiny_llama_dir
 
 
 def test_disagreeing_plans_are_named():
-    assert disagreement([[0, 1, 3], [0, 1, 3]]) is None
-    problem = disagreement([[0, 1, 3], [0, 1, 3], [0, 2, 3]])
+    assert disagreement([([0, 1, 3], None), ([0, 1, 3], None)]) is None
+    problem = disagreement([([0, 1, 3], None), ([0, 1, 3], None), ([0, 2, 3], None)])
     assert "rank 0 kept [0, 1, 3]; rank 2 kept [0, 2, 3]" in problem and "rank 1" not in problem
+    problem = disagreement([([0, 1, 3], "0123456789ab"), ([0, 1, 3], "fedcba987654")])
+    assert "rank 0 kept [0, 1, 3], plan digest 0123456789ab; rank 1 kept [0, 1, 3], plan digest fedcba987654" \
+        in problem
 
 
 RANK_SCRIPT = textwrap.dedent('''

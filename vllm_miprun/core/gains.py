@@ -34,6 +34,33 @@ def exact_kv_memory(config: Mapping[str, Any], dtype_bytes: int, kept: int, at_l
     return unit * max(1, math.ceil(at_least / unit))
 
 
+def kv_capacity_ratio(pruned: Mapping[str, int], full: Mapping[str, int], engine_blocks: int | None,
+                      fixed_memory: int | None, freed_bytes: int = 0) -> float | None:
+    """KV tokens that fit with the pruned model over those of the full model (pure).
+
+    ``pruned``/``full`` are vLLM's KV layouts (``bytes_per_block`` of the shared pool,
+    ``blocks_per_request`` for a ``max_model_len`` request); capacity is blocks /
+    blocks per request. ``engine_blocks`` is the pruned engine's block count. With a
+    fixed KV size (``fixed_memory``: ``--kv-cache-memory-bytes``, or the CPU's
+    ``VLLM_CPU_KVCACHE_SPACE``) both models get that memory; otherwise the pool is what
+    the memory budget left after the weights, so the full model's is ``freed_bytes``
+    (the pruned weights on one rank) smaller. None when it cannot be known.
+    """
+    if fixed_memory is not None:
+        blocks_pruned = engine_blocks or fixed_memory // pruned["bytes_per_block"]
+        memory_full = fixed_memory
+    elif engine_blocks:
+        blocks_pruned = engine_blocks
+        # the engine's pool, known to one block: take the middle of that block
+        memory_full = (engine_blocks + 0.5) * pruned["bytes_per_block"] - freed_bytes
+    else:
+        return None
+    blocks_full = memory_full // full["bytes_per_block"]
+    if blocks_full <= 0 or blocks_pruned <= 0:
+        return None
+    return (blocks_pruned / pruned["blocks_per_request"]) / (blocks_full / full["blocks_per_request"])
+
+
 def validate_throughput(record: Any) -> dict[str, Any]:
     """Check a ``ScoreCache.throughput`` record; return it, or raise ``ValueError``.
 

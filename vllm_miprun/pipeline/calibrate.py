@@ -21,9 +21,10 @@ from vllm_miprun.pipeline import store as score_cache
 from vllm_miprun.core import scoring
 from vllm_miprun.core.matrices import to_nested_list
 from vllm_miprun.model import architectures
-from vllm_miprun.model.blockwise import BlockwiseModel
+from vllm_miprun.model.blockwise import BlockwiseModel, TensorIndex
 from vllm_miprun.model.checkpoint import ModelFolderError, missing_shards, read_config
 from vllm_miprun.model.quantization import check_checkpoint_quantization
+from vllm_miprun.model.stream import checkpoint_dtype, compute_dtype
 from vllm_miprun.pipeline import hub_alias
 from vllm_miprun.options import CalibrationSettings, resolve_device
 
@@ -44,19 +45,60 @@ class CalibrationResult:
     reused: bool
 
 
-def calibration_key(settings: CalibrationSettings) -> dict:
-    """Everything that defines a cache entry: the settings plus the estimator's parameters."""
-    return {**settings.to_json(), "estimator_params": scoring.estimator_params(settings.estimator)}
+# The compute that caches made before the key named it were keyed as: the CPU's float32.
+# Its key keeps the old form, so those caches stay readable; a GPU cache that older code
+# filed under it is refused by :func:`check_compute` (its recorded dtype differs).
+LEGACY_COMPUTE = "cpu-float32"
+
+
+def calibration_key(settings: CalibrationSettings, compute: str = LEGACY_COMPUTE) -> dict:
+    """Everything that defines a cache entry: the settings, the estimator's parameters and
+    the compute (device type and dtype: a bfloat16 GPU pass and a float32 CPU pass differ
+    in the last bits, enough to flip near-tied plans)."""
+    key = {**settings.to_json(), "estimator_params": scoring.estimator_params(settings.estimator)}
+    return key if compute == LEGACY_COMPUTE else {**key, "compute": compute}
+
+
+def compute_identity(model_dir: str | Path, device: str, dtype: torch.dtype | None = None) -> str:
+    """``<device type>-<dtype>`` the blocks run in for ``device`` (``auto`` resolved):
+    ``cpu-float32``, or e.g. ``cuda-bfloat16`` (the checkpoint's dtype on an accelerator)."""
+    kind = torch.device(resolve_device(device)).type
+    if dtype is None and kind == "cpu":
+        return LEGACY_COMPUTE  # compute_dtype's CPU rule, without reading a header
+    resolved = compute_dtype(kind, _stored_dtype(model_dir), dtype)
+    return f"{kind}-{str(resolved).removeprefix('torch.')}"
+
+
+def _stored_dtype(model_dir: str | Path) -> torch.dtype:
+    """The checkpoint's dtype from its headers; from ``config.json`` when shards are missing
+    (a hub snapshot fetched in part, planned through its hub alias)."""
+    if hub_alias.has_every_shard(model_dir):
+        return checkpoint_dtype(TensorIndex(model_dir).stored_dtype.values())
+    config = read_config(model_dir)
+    named = getattr(torch, str(config.get("torch_dtype") or config.get("dtype") or "float32"), None)
+    return named if isinstance(named, torch.dtype) else torch.float32
+
+
+def check_compute(cache: score_cache.ScoreCache, compute: str, path: Path) -> None:
+    """Refuse a cache whose recorded compute dtype is not this run's (an old GPU cache
+    filed under the CPU key): its scores could give another plan than this run's."""
+    recorded = cache.model.get("compute_dtype")
+    kind, _, dtype = compute.partition("-")
+    if recorded is not None and recorded != dtype:
+        raise score_cache.CacheError(
+            f"score cache {path} was calibrated in {recorded}, this run calibrates in {dtype} on {kind}; "
+            "recalibrate (`vllm-miprun calibrate --force`) or delete the file"
+        )
 
 
 def locate(model_dir: str | Path, settings: CalibrationSettings,
-           cache_dir: str | Path | None = None) -> tuple[Path, str]:
+           cache_dir: str | Path | None = None, compute: str = LEGACY_COMPUTE) -> tuple[Path, str]:
     """Where the cache for these weights and settings lives, and the weights' fingerprint.
 
     A hub snapshot with every shard records its alias here (commit -> fingerprint); one
     fetched in part finds its fingerprint through that alias (see ``hub_alias``)."""
     fingerprint = hub_alias.weights_fingerprint(model_dir, cache_dir)
-    return score_cache.cache_path(model_dir, fingerprint, calibration_key(settings), cache_dir), fingerprint
+    return score_cache.cache_path(model_dir, fingerprint, calibration_key(settings, compute), cache_dir), fingerprint
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -89,10 +131,13 @@ def calibrate(model_dir: str | Path, settings: CalibrationSettings, device: str 
     """
     architectures.for_config(read_config(model_dir))  # not a model, or unsupported: refused before any work
     check_checkpoint_quantization(model_dir, read_config(model_dir))  # not a model / unreadable format
-    path, fingerprint = locate(model_dir, settings, cache_dir)
-    key = calibration_key(settings)
+    compute = compute_identity(model_dir, device, dtype)
+    path, fingerprint = locate(model_dir, settings, cache_dir, compute)
+    key = calibration_key(settings, compute)
     if path.exists() and not force:
-        return CalibrationResult(score_cache.read_cache(path, fingerprint, key), path, reused=True)
+        cache = score_cache.read_cache(path, fingerprint, key)
+        check_compute(cache, compute, path)
+        return CalibrationResult(cache, path, reused=True)
     if not hub_alias.has_every_shard(model_dir):  # known through its hub alias, but not on disk
         raise hub_alias.MissingWeightsError(
             f"{model_dir} lacks the shards {missing_shards(model_dir)} and has no score cache at "
@@ -120,6 +165,7 @@ def compute_scores(model_dir: str | Path, settings: CalibrationSettings, fingerp
     params = scoring.estimator_params(settings.estimator)
     tic = time.perf_counter()
     model = BlockwiseModel(model_dir, device=device, dtype=dtype)
+    compute = f"{torch.device(device).type}-{str(model.dtype).removeprefix('torch.')}"
     stats = collect_boundary_stats(model, input_ids, params["mi_tokens"], settings.seed, progress)
     timings["forward_s"] = time.perf_counter() - tic
 
@@ -140,8 +186,9 @@ def compute_scores(model_dir: str | Path, settings: CalibrationSettings, fingerp
             "num_blocks": num_blocks,
             "hidden_size": config.get("hidden_size"),
             "compute_dtype": str(model.dtype).removeprefix("torch."),
+            "compute_device": compute.partition("-")[0],
         },
-        calibration=calibration_key(settings),
+        calibration=calibration_key(settings, compute),
         estimator={"name": settings.estimator, **params, "units": "nats"},
         block_scores=[float(span[b, b + 1]) for b in range(num_blocks)],
         span_scores=to_nested_list(span),

@@ -8,6 +8,8 @@ same model, settings and count costs nothing.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -59,15 +61,53 @@ class Plan:
     quality_ppl_ratio: float | None = None
     # The target that set the number of blocks: keep, latency_budget, quality_budget or drop.
     binding_target: str | None = None
+    scores_key: str | None = None  # the score cache's key: weights, calibration, compute
+
+    @property
+    def digest(self) -> str:
+        return plan_digest(self.kept, self.num_blocks, self.method, self.scores_key)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["kept"], data["pruned"] = list(self.kept), list(self.pruned)
+        data["digest"] = self.digest
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Plan":
         return cls(**{**data, "kept": tuple(data["kept"]), "pruned": tuple(data["pruned"])})
+
+
+# Config fields (through hf_overrides) that carry the digest and what it hashes to every process.
+DIGEST_FIELD = "miprun_plan_digest"
+DIGEST_SOURCE_FIELD = "miprun_plan_source"
+
+
+def digest_fields(plan: Plan) -> dict[str, Any]:
+    return {DIGEST_FIELD: plan.digest, DIGEST_SOURCE_FIELD: {"method": plan.method, "scores": plan.scores_key}}
+
+
+def check_digest(kept, num_blocks: int, digest: str | None, source: dict | None) -> None:
+    """Refuse a config whose kept blocks are not the plan its digest names (overrides
+    mixed from two plans, or edited by hand); a config without a digest passes."""
+    if digest is None:
+        return
+    source = source or {}
+    expected = plan_digest(kept, num_blocks, str(source.get("method")), source.get("scores"))
+    if expected != digest:
+        raise OptionError(
+            f"this config carries plan digest {digest}, but its kept blocks {list(kept)} of {num_blocks} "
+            f"(method {source.get('method')}) hash to {expected}; every process must serve one plan: "
+            f"drop the {DIGEST_FIELD} and miprun_* keys from --hf-overrides and plan again"
+        )
+
+
+def plan_digest(kept, num_blocks: int, method: str, scores_key: str | None) -> str:
+    """A short hash of what a plan decided and from what: two processes or instances
+    serve the same pruned model exactly when their digests agree."""
+    payload = json.dumps({"kept": [int(b) for b in kept], "num_blocks": int(num_blocks),
+                          "method": method, "scores": scores_key}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
 def make_plan(model_dir: str | Path, options: MiprunOptions, hf_config: dict | None = None,
@@ -116,6 +156,7 @@ def make_plan(model_dir: str | Path, options: MiprunOptions, hf_config: dict | N
         cache_path=str(path) if path else None,
         fingerprint=cache.fingerprint if cache else None,
         binding_target=selection.details.get("binding_target", _target_name(options)),
+        scores_key=score_cache.cache_key(cache.fingerprint, cache.calibration) if cache else None,
     )
     return _with_quality(plan, probe) if probe is not None else plan
 
@@ -160,16 +201,18 @@ def explicit_plan(model_dir: str | Path, config: dict, options: MiprunOptions, n
 
 def load_scores(model_dir: str | Path, options: MiprunOptions, progress: bool = True):
     """(cache, path, source): the explicit ``scores`` file, the matching cache, or a new one."""
-    from vllm_miprun.pipeline.calibrate import calibrate, calibration_key, locate
+    from vllm_miprun.pipeline.calibrate import calibrate, calibration_key, check_compute, compute_identity, locate
 
     settings = options.calibration
     if options.scores:
         path = Path(options.scores).expanduser()
         _, fingerprint = locate(model_dir, settings, options.cache_dir)
         return score_cache.read_cache(path, fingerprint=fingerprint), path, "cache-hit"
-    path, fingerprint = locate(model_dir, settings, options.cache_dir)
+    compute = compute_identity(model_dir, options.device)
+    path, fingerprint = locate(model_dir, settings, options.cache_dir, compute)
     if path.exists():
-        cache = score_cache.read_cache(path, fingerprint, calibration_key(settings))
+        cache = score_cache.read_cache(path, fingerprint, calibration_key(settings, compute))
+        check_compute(cache, compute, path)
         return cache, path, "cache-hit"
     if options.require_cache:
         raise score_cache.CacheError(
@@ -210,12 +253,12 @@ def scores_cached_for_commit(model_dir: str | Path, options: MiprunOptions) -> b
     """Whether the scores this plan reads are known for ``model_dir``'s hub commit without
     its weights: a valid hub alias, and a score cache (or the ``scores`` file) made for the
     alias's fingerprint and, for the cache, these calibration settings (``hub_alias``)."""
-    from vllm_miprun.pipeline.calibrate import calibration_key
+    from vllm_miprun.pipeline.calibrate import calibration_key, compute_identity
 
     fingerprint = hub_alias.read_alias(model_dir, options.cache_dir)
     if fingerprint is None:
         return False
-    key = calibration_key(options.calibration)
+    key = calibration_key(options.calibration, compute_identity(model_dir, options.device))
     path = (Path(options.scores).expanduser() if options.scores
             else score_cache.cache_path(model_dir, fingerprint, key, options.cache_dir))
     if not path.is_file():

@@ -97,16 +97,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_scores(args: argparse.Namespace) -> int:
     from vllm_miprun.pipeline.store import CacheError, read_cache
-    from vllm_miprun.pipeline.calibrate import calibration_key, locate
+    from vllm_miprun.pipeline.calibrate import calibration_key, compute_identity, locate
 
-    settings, _, cache_dir = calibration_args(args)
-    path, fingerprint = locate(args.model_dir, settings, cache_dir)
+    settings, device, cache_dir = calibration_args(args)
+    compute = compute_identity(args.model_dir, device)
+    path, fingerprint = locate(args.model_dir, settings, cache_dir, compute)
     if not path.exists():
         raise CacheError(
             f"no score cache for {args.model_dir} with {settings.to_json()} (looked for {path}); "
             f"create it with `vllm-miprun calibrate {args.model_dir}` and the same options"
         )
-    cache = read_cache(path, fingerprint, calibration_key(settings))
+    cache = read_cache(path, fingerprint, calibration_key(settings, compute))
     if args.json:
         data = cache.to_json()
         data["cache_path"] = str(path)

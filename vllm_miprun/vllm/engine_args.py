@@ -82,6 +82,7 @@ def prepare_engine_args(engine_args) -> None:
     overrides = dict(overrides or {})
     if remap.KEPT_FIELD in overrides:
         return  # already planned: create_engine_config after from_cli_args
+    from vllm_miprun.pipeline.plan import digest_fields
     from vllm_miprun.vllm.loader import plan_report, record_report
     from vllm_miprun.vllm import model_files, worker_paths
 
@@ -96,14 +97,32 @@ def prepare_engine_args(engine_args) -> None:
     pruned_fields = remap.pruned_fields(planned.folder, planned.hf_config, plan.kept)
     start = time.perf_counter()
     heal_outside_cuda(planned.folder, options, list(plan.kept), plan.num_blocks)  # fit once here, workers read
-    engine_args.hf_overrides = {**overrides, **pruned_fields}
+    engine_args.hf_overrides = {**overrides, **pruned_fields, **digest_fields(plan)}
     report = plan_report(plan, planned.plan_seconds + time.perf_counter() - start)
     logger.info(
         "miprun plan: keep %d of %d blocks, kept %s, pruned %s, method %s, scores %s, "
-        "predicted speedup %.2fx", len(plan.kept), plan.num_blocks, list(plan.kept),
-        list(plan.pruned), plan.method, plan.scores_source, plan.predicted_speedup,
+        "predicted speedup %.2fx, plan digest %s", len(plan.kept), plan.num_blocks, list(plan.kept),
+        list(plan.pruned), plan.method, plan.scores_source, plan.predicted_speedup, plan.digest,
     )
     record_report(report)
+
+
+# The EngineArgs fields the plan decides, written back into the parsed arguments.
+PLANNED_FIELDS = ("load_format", "model_loader_extra_config", "hf_overrides", "dtype")
+
+
+def write_plan_back(engine_args, args: argparse.Namespace) -> None:
+    """Put the planned fields into ``args``, the namespace vLLM pickles to every extra
+    API server (``--api-server-count``, ``--data-parallel-size``).
+
+    Those processes run vLLM's own ``from_cli_args`` before any plugin is loaded, so they
+    never see the ``--miprun-*`` flags; from these fields they build the same pruned
+    config without planning again (``hf_overrides`` already holds the kept blocks).
+    """
+    if str(engine_args.load_format).lower() != LOAD_FORMAT:
+        return
+    for name in PLANNED_FIELDS:
+        setattr(args, name, getattr(engine_args, name))
 
 
 def plan_outside_cuda(model_dir, options: MiprunOptions, hf_config: dict):
@@ -133,9 +152,33 @@ def heal_outside_cuda(model_dir, options: MiprunOptions, kept: list[int], num_bl
 def _wrap_add_cli_args(original):
     @functools.wraps(original)
     def add_cli_args(parser, *args, **kwargs):
-        return add_serve_flags(original(parser, *args, **kwargs))
+        parser = add_serve_flags(original(parser, *args, **kwargs))
+        _settle_flags_when_parsed(parser)
+        return parser
 
     return add_cli_args
+
+
+def _settle_flags_when_parsed(parser: argparse.ArgumentParser) -> None:
+    """Move the ``--miprun-*`` flags into ``load_format`` and ``model_loader_extra_config``
+    of the parsed namespace itself, so that a process which gets the namespace and never
+    runs the plugin's ``from_cli_args`` (the servers the multi-port data-parallel
+    supervisor starts; it plans nowhere itself) still serves the pruned model."""
+    original = parser.parse_known_args
+    if getattr(original, _WRAPPED, False):
+        return
+
+    @functools.wraps(original)
+    def parse_known_args(*args, **kwargs):
+        namespace, rest = original(*args, **kwargs)
+        try:
+            apply_flags(namespace, namespace)
+        except OptionError:
+            pass  # from_cli_args reports it in one line, like every option error
+        return namespace, rest
+
+    setattr(parse_known_args, _WRAPPED, True)
+    parser.parse_known_args = parse_known_args
 
 
 def _wrap_from_cli_args(original):
@@ -145,6 +188,7 @@ def _wrap_from_cli_args(original):
         try:
             apply_flags(engine_args, args)
             prepare_engine_args(engine_args)
+            write_plan_back(engine_args, args)
         except USER_ERRORS as error:  # MiprunError and missing files: one line, no traceback,
             # exit status 1 (vLLM's front process), nothing started yet
             raise SystemExit(f"vllm-miprun: error: {error}") from None

@@ -28,9 +28,11 @@ from vllm.model_executor.model_loader.ep_weight_filter import should_skip_weight
 
 from vllm_miprun.model import checkpoint, remap, weights
 from vllm_miprun.pipeline import heal
+from vllm_miprun.pipeline.plan import DIGEST_FIELD, DIGEST_SOURCE_FIELD, check_digest, digest_fields
 from vllm_miprun.options import MiprunOptions, OptionError
 from vllm_miprun.vllm import full_model_weights, lora_and_draft, model_files, worker_paths
 from vllm_miprun.vllm.compat import check_vllm_supported
+from vllm_miprun.vllm.kv_layout import kv_layouts
 from vllm_miprun.vllm.ranks import check_ranks_agree
 from vllm_miprun.vllm.model_files import ModelSource
 
@@ -85,6 +87,14 @@ def _apply_overrides_in_place(model_config: ModelConfig, overrides: dict[str, An
     model_config.model_arch_config = model_config.get_model_arch_config()
 
 
+def check_config_digest(hf_config) -> str | None:
+    """The plan digest this config carries, checked against its kept blocks."""
+    digest = getattr(hf_config, DIGEST_FIELD, None)
+    check_digest(hf_config.miprun_kept_layers, int(hf_config.miprun_num_blocks_full), digest,
+                 getattr(hf_config, DIGEST_SOURCE_FIELD, None))
+    return digest
+
+
 @register_model_loader(LOAD_FORMAT)
 class MiprunModelLoader(BaseModelLoader):
     """Loads a model with only the blocks the MI-PRUN plan keeps."""
@@ -113,6 +123,8 @@ class MiprunModelLoader(BaseModelLoader):
             return lora_and_draft.load_draft_unpruned(self.load_config, vllm_config, model_config, prefix)
         start = time.perf_counter()
         self._ensure_pruned_config(model_config, vllm_config)
+        digest = check_config_digest(model_config.hf_config)
+        check_ranks_agree(model_config.hf_config.miprun_kept_layers, digest)
         model = super().load_model(vllm_config, model_config, prefix)
         kept = list(model_config.hf_config.miprun_kept_layers)
         full = int(model_config.hf_config.miprun_num_blocks_full)
@@ -126,6 +138,8 @@ class MiprunModelLoader(BaseModelLoader):
             "load_seconds": round(time.perf_counter() - start, 3),
             "read_bytes": self._read_bytes,
             "skipped_bytes": self._skipped_bytes,
+            "kv_layouts": kv_layouts(vllm_config, lambda: checkpoint.read_config(
+                model_files.resolve_model_dir(self._source(model_config))), kept, full),
         }
         logger.info(
             "miprun: built %d of %d blocks, kept %s, pruned %s, read %.1f MiB, "
@@ -150,12 +164,12 @@ class MiprunModelLoader(BaseModelLoader):
             "miprun: planning in the worker because the engine config was not made by "
             "EngineArgs; kept %s", list(kept),
         )
-        _apply_overrides_in_place(model_config, remap.pruned_fields(planned.folder, planned.hf_config, kept))
+        _apply_overrides_in_place(model_config, {**remap.pruned_fields(planned.folder, planned.hf_config, kept),
+                                                 **digest_fields(planned.plan)})
         if vllm_config is not None and model_config.quantization is not None:
             # Built from the full model's quantization_config: its ignore lists and dynamic
             # rules name full-model block numbers.
             vllm_config.quant_config = VllmConfig.get_quantization_config(model_config, self.load_config)
-        check_ranks_agree(kept)
         record_report(plan_report(planned.plan, planned.plan_seconds), self.run_dir)
 
     def _kept_files(self, model_config: ModelConfig, kept: list[int]) -> tuple[Path, list[Path]]:

@@ -39,13 +39,15 @@ from vllm_miprun.core.gains import (
     ThroughputWindow,
     choose_baseline,
     kv_bytes_per_token_saved,
+    kv_capacity_ratio,
     throughput_gain,
 )
 from vllm_miprun.model.checkpoint import read_config, safetensors_files
 from vllm_miprun.model.remap import FULL_FIELD, KEPT_FIELD
 from vllm_miprun.model.weights import pruned_weight_bytes
+from vllm_miprun.pipeline.plan import DIGEST_FIELD
 from vllm_miprun.vllm.compat import kv_element_bytes
-from vllm_miprun.vllm.reports import publish, read_reports  # noqa: F401 - publish: loader.record_report
+from vllm_miprun.vllm.reports import publish, read_kv_layouts, read_reports  # noqa: F401 - publish: loader.record_report
 
 logger = logging.getLogger(f"vllm.{__name__}")
 
@@ -66,7 +68,11 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
         "KV-cache bytes per token not allocated because the pruned blocks have no "
         "attention layer: (L-K) x 2 x kv_heads x head_dim x KV dtype bytes.", ()),
     "miprun_kv_capacity_ratio": (
-        "KV-cache tokens that fit in the same KV memory, pruned over full: L/K.", ()),
+        "KV-cache tokens the engine holds for the pruned model over those it would hold "
+        "for the full one, from vLLM's KV layouts (KV-cache groups by attention type, "
+        "blocks per max-length request) and the engine's block count; where the KV size "
+        "is not fixed, the full model's pool is smaller by the pruned weights. L/K when "
+        "the layouts are unknown.", ()),
     "miprun_predicted_speedup": (
         "Per-output-token decode speed-up of the kept blocks predicted by the latency "
         "model (label latency_source: profile = measured per-block profile, "
@@ -87,6 +93,10 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
         "Always 1; label source says where the block scores came from: cache-hit, "
         "computed (calibrated at start) or none-needed (score-free method).",
         ("source", "method")),
+    "miprun_plan_info": (
+        "Always 1; label digest is the plan digest, a short hash of the kept blocks, the "
+        "method and the score cache (also in the plan's log line). Servers, ranks and "
+        "instances with one digest serve the same pruned model.", ("digest",)),
     "miprun_generation_tokens_per_second": (
         "Output tokens per second while requests were running, over the last 60 s: "
         "tokens of decode steps / seconds between consecutive steps with running "
@@ -162,7 +172,8 @@ class Exporter:
 
     def __init__(self, model_name: str, model_dir: Path, config: Mapping[str, Any], kept: list[int],
                  num_blocks: int, kv_dtype_bytes: int | None, cache_dir: str | None = None,
-                 window_s: float = WINDOW_S):
+                 window_s: float = WINDOW_S, digest: str | None = None,
+                 kv_engine: Mapping[str, int | None] | None = None):
         self.model_name = model_name
         self.model_dir = Path(model_dir)
         self.config = config
@@ -170,6 +181,8 @@ class Exporter:
         self.num_blocks = num_blocks
         self.kv_dtype_bytes = kv_dtype_bytes
         self.cache_dir = cache_dir
+        self.digest = digest
+        self.kv_engine = dict(kv_engine or {})  # blocks per engine, fixed KV memory, TP size
         self.windows: dict[int, ThroughputWindow] = {}
         self.running: dict[int, bool] = {}
         self.window_s = window_s
@@ -193,11 +206,12 @@ class Exporter:
         self._set("miprun_blocks_total", total)
         self._set("miprun_blocks_kept", k)
         self._set("miprun_keep_ratio", k / total)
-        self._set("miprun_kv_capacity_ratio", total / k)
+        weight_bytes_saved = pruned_weight_bytes(safetensors_files(self.model_dir), pruned)
+        self._set("miprun_kv_capacity_ratio", self.kv_capacity_ratio(weight_bytes_saved))
         if self.kv_dtype_bytes is not None:  # None: a packed KV format whose size vLLM's backend owns
             self._set("miprun_kv_cache_bytes_per_token_saved",
                       kv_bytes_per_token_saved(self.config, len(pruned), self.kv_dtype_bytes))
-        self._set("miprun_weight_bytes_saved", pruned_weight_bytes(safetensors_files(self.model_dir), pruned))
+        self._set("miprun_weight_bytes_saved", weight_bytes_saved)
         if self.plan:
             self._set("miprun_predicted_speedup", float(self.plan["predicted_speedup"]),
                       latency_source=str(self.plan.get("latency_source", "unknown")))
@@ -211,10 +225,25 @@ class Exporter:
         else:
             logger.warning("miprun metrics: no plan report for kept blocks %s; plan metrics "
                            "(predicted speed-up, scores source) are not exported", self.kept)
+        if self.digest is not None:
+            self._set("miprun_plan_info", 1, digest=self.digest)
         if self.load_seconds is not None:
             self._set("miprun_load_seconds", self.load_seconds)
         self.baseline = find_cached_baseline(self.model_dir, self.plan, self.cache_dir)
         self.refresh(time.time(), force=True)
+
+    def kv_capacity_ratio(self, weight_bytes_saved: int | None = None) -> float:
+        """The engine's figure (:func:`kv_capacity_ratio`); L/K when the worker reported no layouts."""
+        if weight_bytes_saved is None:
+            pruned = [b for b in range(self.num_blocks) if b not in set(self.kept)]
+            weight_bytes_saved = pruned_weight_bytes(safetensors_files(self.model_dir), pruned)
+        layouts = read_kv_layouts(self.kept)
+        ratio = None
+        if layouts:
+            ratio = kv_capacity_ratio(layouts["pruned"], layouts["full"], self.kv_engine.get("blocks"),
+                                      self.kv_engine.get("fixed_memory"),
+                                      weight_bytes_saved // max(1, self.kv_engine.get("tp", 1)))
+        return ratio if ratio is not None else self.num_blocks / len(self.kept)
 
     def step(self, engine: int, t: float, tokens: int, running_after: int | None) -> None:
         window = self.windows.setdefault(engine, ThroughputWindow(self.window_s))
@@ -261,7 +290,24 @@ def exporter_for(vllm_config) -> Exporter | None:
         num_blocks=int(getattr(hf_config, FULL_FIELD)),
         kv_dtype_bytes=kv_element_bytes(str(vllm_config.cache_config.cache_dtype), model_config.dtype),
         cache_dir=extra.get("cache_dir") if isinstance(extra, dict) else None,
+        digest=getattr(hf_config, DIGEST_FIELD, None),
+        kv_engine=_kv_engine(vllm_config),
     )
+
+
+def _kv_engine(vllm_config) -> dict[str, int | None]:
+    """The engine's KV figures as this API server knows them: blocks of one engine (vLLM
+    sums the engines a client talks to), the fixed KV size if any, the TP size."""
+    parallel, cache = vllm_config.parallel_config, vllm_config.cache_config
+    if parallel.data_parallel_external_lb:
+        engines = 1
+    elif parallel.data_parallel_hybrid_lb:
+        engines = parallel.data_parallel_size_local
+    else:
+        engines = parallel.data_parallel_size
+    blocks = cache.num_gpu_blocks
+    return {"blocks": blocks // max(1, engines) if blocks else None,
+            "fixed_memory": cache.kv_cache_memory_bytes, "tp": parallel.tensor_parallel_size}
 
 
 # --- the vLLM stat logger (entry point ``vllm.stat_logger_plugins``) -----------------------

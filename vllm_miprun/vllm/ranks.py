@@ -18,35 +18,41 @@ class RankPlanError(MiprunError):
     """Ranks of one model planned different blocks."""
 
 
-def disagreement(plans: Sequence[Any]) -> str | None:
-    """A one-line description of the ranks whose plan differs from rank 0's, or None."""
+def disagreement(plans: Sequence[tuple[Sequence[int], str | None]]) -> str | None:
+    """A one-line description of the ranks whose (kept, digest) differs from rank 0's, or None."""
     differ = [rank for rank, plan in enumerate(plans) if plan != plans[0]]
     if not differ:
         return None
-    shown = "; ".join(f"rank {rank} kept {plans[rank]}" for rank in [0, *differ])
-    return (f"ranks planned different blocks ({shown}); give every rank the same score cache "
+    shown = "; ".join(f"rank {rank} {_described(plans[rank])}" for rank in [0, *differ])
+    return (f"ranks hold different miprun plans ({shown}); give every rank the same score cache "
             "(cache_dir on a shared disk, or --miprun-scores FILE), or plan once with --miprun-drop")
 
 
-def check_ranks_agree(kept: Sequence[int]) -> None:
-    """All-gather ``kept`` over each model-parallel group (tensor, pipeline) of vLLM, or the
-    default process group when vLLM's groups are not set up; raise when any rank differs.
-    Nothing to do in a single process."""
+def _described(plan: tuple[Sequence[int], str | None]) -> str:
+    kept, digest = plan
+    return f"kept {list(kept)}" + (f", plan digest {digest}" if digest else "")
+
+
+def check_ranks_agree(kept: Sequence[int], digest: str | None = None, group: Any = None) -> None:
+    """All-gather (kept, digest) over the engine's ranks (vLLM's world group, or ``group``, or
+    torch's default group when vLLM's are not set up); raise when any rank differs. Ranks
+    that each planned (torchrun, a config that reached the workers unplanned) are caught
+    here, before any weight is read. Nothing to do in a single process."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_initialized():
         return
-    for group in _groups():
-        plans: list[Any] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(plans, list(kept), group=group)
-        problem = disagreement(plans)
-        if problem:
-            raise RankPlanError(problem)
+    group = group if group is not None else _world_group()
+    plans: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(plans, (list(kept), digest), group=group)
+    problem = disagreement([(list(k), d) for k, d in plans])
+    if problem:
+        raise RankPlanError(problem)
 
 
-def _groups() -> list[Any]:
+def _world_group() -> Any:
     from vllm.distributed import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
-        return [parallel_state.get_tp_group().cpu_group, parallel_state.get_pp_group().cpu_group]
-    return [None]  # torch's default group
+        return parallel_state.get_world_group().cpu_group
+    return None  # torch's default group

@@ -106,6 +106,19 @@ def read_reports(kept: list[int]) -> tuple[dict[str, Any] | None, float | None]:
     return plan, (max(seconds) if seconds else None)
 
 
+def read_kv_layouts(kept: list[int]) -> dict[str, Any] | None:
+    """The KV layouts (pruned, full) a worker serving ``kept`` blocks reported, if any."""
+    plan, _ = read_reports(kept)
+    since = plan.get("planned_at", 0.0) if plan else 0.0
+    folder = run_dir()
+    loads = [_read_json(p) for p in folder.glob(f"{LOAD_PREFIX}*.json")] if folder is not None else []
+    with _lock:
+        loads.append(_published.get("load"))
+    loads = [r for r in loads if r and list(r.get("kept", [])) == list(kept) and r.get("kv_layouts")
+             and r.get("loaded_at", 0.0) >= since]
+    return max(loads, key=lambda r: r["loaded_at"])["kv_layouts"] if loads else None
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))

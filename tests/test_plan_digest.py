@@ -1,0 +1,70 @@
+"""The plan digest: a short hash of kept blocks, method and score cache, carried in the
+config to every process; a config or a set of ranks holding two plans refuses to load."""
+
+from __future__ import annotations
+
+import pytest
+import torch.multiprocessing as mp
+
+from vllm_miprun.options import MiprunOptions, OptionError
+from vllm_miprun.pipeline.plan import (DIGEST_FIELD, DIGEST_SOURCE_FIELD, check_digest, digest_fields,
+                                       make_plan, plan_digest)
+
+
+def test_digest_names_kept_blocks_method_and_scores():
+    base = plan_digest([0, 1, 3], 4, "mi-prun", "abc")
+    assert len(base) == 12 and int(base, 16) >= 0
+    assert base == plan_digest((0, 1, 3), 4, "mi-prun", "abc")
+    others = {plan_digest([0, 1, 2], 4, "mi-prun", "abc"), plan_digest([0, 1, 3], 5, "mi-prun", "abc"),
+              plan_digest([0, 1, 3], 4, "sleb", "abc"), plan_digest([0, 1, 3], 4, "mi-prun", "abd")}
+    assert base not in others and len(others) == 4
+
+
+def test_plan_carries_its_digest_into_the_config(tiny_llama_dir):
+    plan = make_plan(tiny_llama_dir, MiprunOptions.from_dict({"keep": 0.75, "method": "last"}))
+    fields = digest_fields(plan)
+    assert fields[DIGEST_FIELD] == plan.digest == plan.to_json()["digest"]
+    check_digest(plan.kept, plan.num_blocks, fields[DIGEST_FIELD], fields[DIGEST_SOURCE_FIELD])
+    other = [b for b in range(plan.num_blocks) if b not in plan.kept][:1] + list(plan.kept[1:])
+    with pytest.raises(OptionError, match=f"carries plan digest {plan.digest}"):
+        check_digest(other, plan.num_blocks, fields[DIGEST_FIELD], fields[DIGEST_SOURCE_FIELD])
+
+
+def _rank(rank: int, port: int, digests: list[str], results) -> None:
+    import torch.distributed as dist
+
+    from vllm_miprun.vllm.ranks import RankPlanError, check_ranks_agree
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        check_ranks_agree([0, 1, 3], digests[rank], dist.group.WORLD)
+        results.put((rank, "ok"))
+    except RankPlanError as err:
+        results.put((rank, str(err)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("digests, refused", [
+    (["0123456789ab", "0123456789ab"], False),
+    (["0123456789ab", "fedcba987654"], True),
+])
+def test_ranks_with_different_plans_refuse_to_load(digests, refused):
+    """Two real ranks (gloo), as two torchrun ranks that each planned."""
+    from vllm_miprun.tools.harness import free_port
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    procs = [context.Process(target=_rank, args=(rank, port, digests, results)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    answers = dict(results.get(timeout=120) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+    for rank in range(2):
+        if refused:
+            assert "hold different miprun plans" in answers[rank]
+            assert all(f"plan digest {digest}" in answers[rank] for digest in digests)
+        else:
+            assert answers[rank] == "ok"

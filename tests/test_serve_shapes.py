@@ -1,0 +1,128 @@
+"""vLLM launch shapes with more than one API-server process.
+
+``vllm serve --api-server-count N`` (and ``--data-parallel-size N``, whose API servers
+default to N) plans in the front process, then spawns N API servers that receive the
+parsed ``argparse.Namespace`` and run vLLM's own ``from_cli_args`` before any plugin
+is loaded. Fast: the front process writes the planned fields back into that namespace,
+and a process without the plugin's flags builds the pruned config from it without
+planning. Engine: a two-API-server ``vllm serve`` plans once and every scrape of
+``/metrics`` shows the miprun gauges.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_miprun.model.remap import FULL_FIELD, KEPT_FIELD
+from vllm_miprun.tools import harness
+
+VLLM = Path(sys.executable).parent / "vllm"
+KV_BYTES = 16 * 2**20
+KEPT = 6  # keep 0.75 of the tiny model's 8 blocks
+
+
+@pytest.fixture(scope="module")
+def serve_parser():
+    import vllm_miprun
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    vllm_miprun.register()
+    return make_arg_parser(FlexibleArgumentParser())
+
+
+@pytest.mark.parametrize("argv", [
+    ["--miprun-keep", "0.75", "--miprun-method", "last"],
+    ["--load-format", "miprun", "--miprun-keep", "0.75",
+     "--model-loader-extra-config", '{"method": "last"}'],
+])
+def test_extra_api_servers_get_the_planned_config(serve_parser, tiny_llama_dir, argv, monkeypatch):
+    """What an extra API server does with the namespace it is handed: vLLM's own
+    ``from_cli_args`` (the plugin is not loaded yet there), then ``create_engine_config``."""
+    import pickle
+
+    from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+
+    from vllm_miprun.vllm import engine_args as hooks, model_files
+
+    args = serve_parser.parse_args(["--model", str(tiny_llama_dir), "--enforce-eager", *argv])
+    front = AsyncEngineArgs.from_cli_args(args)  # the front process: plans
+    child_args = pickle.loads(pickle.dumps(args))  # as multiprocessing's spawn hands it over
+    plain = EngineArgs.from_cli_args.__wrapped__  # vLLM's own, as before the plugin loads
+    child = plain(AsyncEngineArgs, child_args)
+    plans: list[object] = []
+    monkeypatch.setattr(model_files, "plan_source", lambda *a, **k: plans.append(a))
+    hooks.prepare_engine_args(child)  # what the wrapped create_engine_config runs first
+    assert plans == [], "the extra API server planned again"
+    assert child.load_format == "miprun"
+    assert len(child.hf_overrides[KEPT_FIELD]) == KEPT and child.hf_overrides[FULL_FIELD] == 8
+    assert child.hf_overrides == front.hf_overrides and child.dtype == front.dtype
+    assert child.model_loader_extra_config["method"] == "last"
+
+
+def test_data_parallel_supervisor_children_serve_the_pruned_model(serve_parser, tiny_llama_dir):
+    """The multi-port supervisor plans nowhere: it copies the parsed namespace into one
+    server per rank, and each runs vLLM's own from_cli_args before any plugin loads."""
+    import pickle
+
+    from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+    from vllm.entrypoints.launchers.dp_supervisor import _build_vllm_dp_server_args
+
+    args = serve_parser.parse_args([
+        "--model", str(tiny_llama_dir), "--miprun-keep", "0.75", "--miprun-method", "last",
+        "--data-parallel-size", "2", "--data-parallel-size-local", "2",
+        "--data-parallel-multi-port-external-lb"])
+    child_args = pickle.loads(pickle.dumps(_build_vllm_dp_server_args(args, 1)))
+    child = EngineArgs.from_cli_args.__wrapped__(AsyncEngineArgs, child_args)
+    assert child.load_format == "miprun"
+    assert child.model_loader_extra_config == {"keep": 0.75, "method": "last"}
+
+
+# --- engine: `vllm serve --api-server-count 2` ---------------------------------------------
+
+def _root_cause(log: str) -> str:
+    errors = [line for line in log.splitlines() if "Error" in line][-20:]
+    return "\n".join(errors) + "\n...\n" + log[-3000:]
+
+
+@pytest.mark.engine
+def test_two_api_servers_plan_once_and_both_export_the_gauges(tiny_llama_dir, tmp_path):
+    """``--load-format miprun`` with the target as a flag: before the write-back every
+    extra API server died with "miprun needs a target"; with the flag alone they served
+    an unpruned config and no miprun gauge."""
+    import requests
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VLLM_CPU_KVCACHE_SPACE", "PROMETHEUS_MULTIPROC_DIR", "MIPRUN_RUN_DIR")}
+    env["MIPRUN_CACHE_DIR"] = str(tmp_path / "scores")
+    port, model, log = harness.free_port(), str(tiny_llama_dir), tmp_path / "server.log"
+    with open(log, "w") as log_file:
+        proc = harness.start_in_own_group(
+            [str(VLLM), "serve", model, "--api-server-count", "2", "--load-format", "miprun",
+             "--model-loader-extra-config", json.dumps({"method": "last"}), "--miprun-keep", "0.75",
+             "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--dtype", "float32",
+             "--max-model-len", "512", "--kv-cache-memory-bytes", str(KV_BYTES)],
+            stdout=log_file, stderr=subprocess.STDOUT, env=env,
+        )
+    try:
+        harness.wait_healthy(proc, port, 300, lambda: _root_cause(log.read_text()))
+        scrapes = []
+        for _ in range(8):  # new connections: the kernel spreads them over both servers
+            with requests.Session() as session:
+                scrapes.append(session.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+    finally:
+        harness.stop_group(proc, grace=60)
+    text = log.read_text()
+    plans = re.findall(r"miprun plan: keep 6 of 8 blocks.*plan digest ([0-9a-f]{12})", text)
+    assert len(plans) == 1, _root_cause(text)
+    for scraped in scrapes:
+        kept = re.search(r"^miprun_blocks_kept\{[^}]*\} (\S+)$", scraped, re.MULTILINE)
+        assert kept and float(kept.group(1)) == KEPT, scraped[-2000:]
+        assert f'digest="{plans[0]}"' in scraped, scraped[-2000:]  # miprun_plan_info

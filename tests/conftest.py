@@ -51,3 +51,15 @@ def smollm2_dir() -> Path:
         return harness.default_model_dir()
     except ModelFolderError as err:
         pytest.fail(str(err))
+
+
+@pytest.fixture(scope="session")
+def serve_parser():
+    """``vllm serve``'s argument parser with the plugin registered (twice: registration is
+    re-entrant, so the flags are added once), wherever this vLLM release keeps it."""
+    import vllm_miprun
+    from vllm_miprun.vllm import compat
+
+    vllm_miprun.register()
+    vllm_miprun.register()
+    return compat.serve_parser()

@@ -11,14 +11,6 @@ from vllm_miprun.model import remap
 from vllm_miprun.options import RUN_DIR_KEY, OptionError
 
 
-@pytest.fixture(scope="module")
-def serve_parser():
-    import vllm_miprun
-    from vllm_miprun.vllm import compat
-
-    vllm_miprun.register()
-    vllm_miprun.register()  # re-entrant: the flags are added once
-    return compat.serve_parser()
 
 
 def _given(extra: dict) -> dict:

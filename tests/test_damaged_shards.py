@@ -151,14 +151,6 @@ def test_offline_cli_exits_2_with_one_line(damaged, tmp_path, capsys):
     assert not (tmp_path / "out").exists() and not list((tmp_path / "scores").glob("*.json"))
 
 
-@pytest.fixture(scope="module")
-def serve_parser():
-    import vllm_miprun
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    vllm_miprun.register()
-    return make_arg_parser(FlexibleArgumentParser())
 
 
 @pytest.mark.parametrize("flags", [["--miprun-drop", "3-4"], ["--miprun-keep", "0.5", "--miprun-method", "last"]])

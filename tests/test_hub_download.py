@@ -187,8 +187,10 @@ def test_metrics_read_the_snapshot_in_the_engines_download_folder(hub, monkeypat
                                    dtype="float32")
     load_config = LoadConfig(load_format="miprun", download_dir=hub.download_dir, ignore_patterns=list(IGNORE),
                              model_loader_extra_config={})
+    from vllm.config import CacheConfig, ParallelConfig
+
     vllm_config = SimpleNamespace(model_config=model_config, load_config=load_config,
-                                  cache_config=SimpleNamespace(cache_dtype="auto"))
+                                  cache_config=CacheConfig(cache_dtype="auto"), parallel_config=ParallelConfig())
     exporter = exporter_for(vllm_config)
     assert exporter.model_dir == hub.snapshot_folder(hub.download_dir, "v1")
     assert exporter.kept == list(kept) and exporter.num_blocks == 8

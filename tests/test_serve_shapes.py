@@ -28,14 +28,6 @@ KV_BYTES = 16 * 2**20
 KEPT = 6  # keep 0.75 of the tiny model's 8 blocks
 
 
-@pytest.fixture(scope="module")
-def serve_parser():
-    import vllm_miprun
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    vllm_miprun.register()
-    return make_arg_parser(FlexibleArgumentParser())
 
 
 @pytest.mark.parametrize("argv", [

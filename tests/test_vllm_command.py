@@ -145,13 +145,6 @@ def test_choose_dtype(requested, on_cpu, flags, served):
         assert "float32" in reason and "no native bfloat16" in reason and "--dtype" in reason
 
 
-@pytest.fixture(scope="module")
-def serve_parser():
-    import vllm_miprun
-    from vllm_miprun.vllm import compat
-
-    vllm_miprun.register()
-    return compat.serve_parser()
 
 
 @pytest.fixture

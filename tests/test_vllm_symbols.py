@@ -75,13 +75,19 @@ def test_the_installed_vllm_defines_every_name_the_project_imports():
     assert "vllm.model_executor.model_loader.register_model_loader" in result["symbols"]
 
 
+# Names a release lacks where the code has a stated fallback: vLLM 0.33 reorganised the KV
+# sizing functions, so there miprun_kv_capacity_ratio is L/K (logged; docs/deployment.md).
+KNOWN_GAPS = {"0.33.0": ("every branch of vllm_miprun/vllm/kv_layout.py",)}
+
+
 def test_the_recorded_release_check_covers_every_vllm_name_the_project_imports_now():
     record = json.loads(RECORD.read_text())["releases"]
     assert sorted(record) == sorted(CHECKED_VLLM_RELEASES)
     installed = next(Path(p) for p in site.getsitepackages() if (Path(p) / "vllm" / "envs.py").is_file())
     now = set(check(SourceTree(installed), project_requirements(REPO))["symbols"])
     for version, result in record.items():
-        assert result["missing"] == {}, version
+        gaps = [name for name in result["missing"] if not name.startswith(KNOWN_GAPS.get(version, ()))]
+        assert gaps == [], version
         unchecked = now - set(result["symbols"])
         assert not unchecked, (f"vLLM {version} was not checked for {sorted(unchecked)}; run "
                                f"`python scripts/check_vllm_release.py {' '.join(CHECKED_VLLM_RELEASES)}`")

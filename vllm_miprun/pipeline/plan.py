@@ -75,7 +75,8 @@ class Plan:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Plan":
-        return cls(**{**data, "kept": tuple(data["kept"]), "pruned": tuple(data["pruned"])})
+        fields = {key: value for key, value in data.items() if key != "digest"}  # derived, not stored
+        return cls(**{**fields, "kept": tuple(data["kept"]), "pruned": tuple(data["pruned"])})
 
 
 # Config fields (through hf_overrides) that carry the digest and what it hashes to every process.

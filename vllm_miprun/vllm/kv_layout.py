@@ -88,12 +88,17 @@ def full_specs(pruned: dict[str, Any], kept: list[int], num_blocks: int,
 def layout(vllm_config, specs: dict[str, Any]) -> dict[str, int]:
     """Bytes per block of the shared pool and blocks a ``max_model_len`` request takes,
     from vLLM's own grouping and capacity functions."""
-    from vllm.v1.core import kv_cache_utils as kv
-
-    groups = kv.get_kv_cache_groups(vllm_config, dict(specs))
-    bytes_per_block = kv._pool_bytes_per_block(vllm_config, groups)
-    config = kv.get_kv_cache_config_from_groups(vllm_config, groups, bytes_per_block * PROBE_BLOCKS)
-    concurrency = kv.get_max_concurrency_for_kv_cache_config(vllm_config, config)
+    try:  # vLLM 0.32's sizing functions; 0.33 reorganised them (there the ratio is L/K, logged)
+        from vllm.v1.core.kv_cache_utils import (
+            _pool_bytes_per_block, get_kv_cache_config_from_groups, get_kv_cache_groups,
+            get_max_concurrency_for_kv_cache_config,
+        )
+    except ImportError as err:
+        raise RuntimeError(f"this vLLM lacks the KV sizing functions miprun reads ({err})") from None
+    groups = get_kv_cache_groups(vllm_config, dict(specs))
+    bytes_per_block = _pool_bytes_per_block(vllm_config, groups)
+    config = get_kv_cache_config_from_groups(vllm_config, groups, bytes_per_block * PROBE_BLOCKS)
+    concurrency = get_max_concurrency_for_kv_cache_config(vllm_config, config)
     return {"bytes_per_block": int(bytes_per_block), "groups": len(groups),
             "blocks_per_request": round(config.num_blocks / concurrency)}
 

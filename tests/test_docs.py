@@ -15,7 +15,6 @@ README = ROOT / "README.md"
 README_COMMANDS = ("bash scripts/demo.sh", "bash scripts/test.sh")
 # Pages another branch adds; a link to one may dangle until that branch is merged, and is
 # checked like any other once the file exists.
-PENDING_PAGES = {"docs/guarantees.md"}
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)
@@ -47,7 +46,7 @@ def heading_anchors(text: str) -> set[str]:
     return anchors
 
 
-def broken_links(page: Path, root: Path = ROOT, pending: set[str] = PENDING_PAGES) -> list[str]:
+def broken_links(page: Path, root: Path = ROOT) -> list[str]:
     """Every relative link of ``page`` whose file, or whose anchor in that file, does not exist."""
     broken = []
     for target in LINK.findall(_prose(page.read_text(encoding="utf-8"))):
@@ -56,8 +55,7 @@ def broken_links(page: Path, root: Path = ROOT, pending: set[str] = PENDING_PAGE
         path_part, _, anchor = target.partition("#")
         linked = (page.parent / path_part).resolve() if path_part else page
         if not linked.exists():
-            if linked.relative_to(root).as_posix() not in pending:
-                broken.append(f"{target} (no such file)")
+            broken.append(f"{target} (no such file)")
             continue
         if anchor and linked.suffix == ".md" and anchor not in heading_anchors(linked.read_text(encoding="utf-8")):
             broken.append(f"{target} (no heading #{anchor} in {linked.name})")
@@ -88,8 +86,8 @@ def test_link_check_catches_a_missing_file_and_a_missing_anchor(tmp_path):
     page = tmp_path / "README.md"
     page.write_text("[ok](docs/a.md#the-vllm-command) [self](#top) [gone](docs/b.md) "
                     "[bad anchor](docs/a.md#nowhere) `[code](ignored.md)` [web](https://x.org/y)\n"
-                    "[pending](docs/later.md)\n\n# Top\n", encoding="utf-8")
-    assert broken_links(page, root=tmp_path, pending={"docs/later.md"}) == [
+                    "\n\n# Top\n", encoding="utf-8")
+    assert broken_links(page, root=tmp_path) == [
         "docs/b.md (no such file)", "docs/a.md#nowhere (no heading #nowhere in a.md)"]
 
 

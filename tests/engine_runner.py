@@ -7,7 +7,8 @@ import time); one result line per spec, in order.
 
 Keys: model, load_format (default "auto"), extra (model_loader_extra_config),
 tp (tensor_parallel_size), backend (distributed_executor_backend), prompts, max_tokens, kv_bytes (kv_cache_memory_bytes),
-logprobs (top-k logprobs to return), dtype (default float32), hf_overrides.
+logprobs (top-k logprobs to return), dtype (default float32), hf_overrides,
+generate (default true; false: build and load the engine only, tokens and logprobs None).
 Output keys: tokens (list per prompt), logprobs (top-1 logprob per step),
 num_gpu_blocks, block_size, kv_tokens, num_hidden_layers, kept, kv_cache_size_tokens,
 kv_capacity_ratio (what the miprun_kv_capacity_ratio gauge shows; None unless pruned).
@@ -41,14 +42,7 @@ def run(spec: dict) -> dict:
         kv_cache_memory_bytes=spec.get("kv_bytes", 64 * 2**20),
         seed=0,
     )
-    params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 16),
-                            logprobs=spec.get("logprobs", 1), ignore_eos=True)
-    outputs = llm.generate(spec.get("prompts", DEFAULT_PROMPTS), params, use_tqdm=False)
-    tokens = [list(out.outputs[0].token_ids) for out in outputs]
-    logprobs = [
-        [step[token].logprob for step, token in zip(out.outputs[0].logprobs, out.outputs[0].token_ids)]
-        for out in outputs
-    ]
+    tokens, logprobs = _generate(llm, spec, SamplingParams) if spec.get("generate", True) else (None, None)
     vllm_config = llm.llm_engine.vllm_config
     hf_config = vllm_config.model_config.hf_config
     cache = vllm_config.cache_config
@@ -65,6 +59,18 @@ def run(spec: dict) -> dict:
     }
     _shutdown(llm)
     return result
+
+
+def _generate(llm, spec: dict, sampling_params) -> tuple[list, list]:
+    params = sampling_params(temperature=0.0, max_tokens=spec.get("max_tokens", 16),
+                             logprobs=spec.get("logprobs", 1), ignore_eos=True)
+    outputs = llm.generate(spec.get("prompts", DEFAULT_PROMPTS), params, use_tqdm=False)
+    tokens = [list(out.outputs[0].token_ids) for out in outputs]
+    logprobs = [
+        [step[token].logprob for step, token in zip(out.outputs[0].logprobs, out.outputs[0].token_ids)]
+        for out in outputs
+    ]
+    return tokens, logprobs
 
 
 def _kv_capacity_ratio(vllm_config) -> float | None:

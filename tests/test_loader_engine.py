@@ -43,7 +43,8 @@ def run_engines(specs: list[dict], timeout: int = 900, **env: str) -> list[dict]
     returncode, out, err = harness.run_in_own_group([sys.executable, str(RUNNER), json.dumps(specs)], timeout,
                                                     _engine_env(**env))
     results = [json.loads(line[len(RESULT_MARK):]) for line in out.splitlines() if line.startswith(RESULT_MARK)]
-    assert returncode == 0 and len(results) == len(specs), err[-4000:]
+    # vLLM's engine core prints its traceback to stdout, the runner's own errors go to stderr
+    assert returncode == 0 and len(results) == len(specs), f"stdout:\n{out[-4000:]}\nstderr:\n{err[-4000:]}"
     return results
 
 

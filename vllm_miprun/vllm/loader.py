@@ -176,13 +176,7 @@ class MiprunModelLoader(BaseModelLoader):
         """(checkpoint folder, shards holding kept tensors); counts the bytes read and skipped."""
         source = self._source(model_config)
         model_dir = model_files.fetch_kept_shards(source, model_files.fetch_metadata(source), kept)
-        _, never_fetched = model_files.shard_split(model_dir, kept)
-        shards = [path for path in checkpoint.safetensors_files(model_dir) if path.name not in never_fetched]
-        files, self._read_bytes, self._skipped_bytes = weights.plan_reads(shards, kept)
-        if never_fetched:  # their bytes, from the index's total, were skipped too
-            total = model_files.index_total_bytes(model_dir)
-            if total is not None:
-                self._skipped_bytes = max(total - self._read_bytes, self._skipped_bytes)
+        files, self._read_bytes, self._skipped_bytes = model_files.plan_kept_reads(model_dir, kept)
         return model_dir, files
 
     def get_all_weights(self, model_config: ModelConfig, model: nn.Module) -> Iterator[tuple[str, Any]]:

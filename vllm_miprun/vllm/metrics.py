@@ -42,11 +42,11 @@ from vllm_miprun.core.gains import (
     kv_capacity_ratio,
     throughput_gain,
 )
-from vllm_miprun.model.checkpoint import read_config, safetensors_files
+from vllm_miprun.model.checkpoint import read_config
 from vllm_miprun.model.remap import FULL_FIELD, KEPT_FIELD
-from vllm_miprun.model.weights import pruned_weight_bytes
 from vllm_miprun.pipeline.plan import DIGEST_FIELD
 from vllm_miprun.vllm.compat import kv_element_bytes
+from vllm_miprun.vllm.model_files import plan_kept_reads
 from vllm_miprun.vllm.reports import publish, read_kv_layouts, read_reports  # noqa: F401 - publish: loader.record_report
 
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -206,7 +206,7 @@ class Exporter:
         self._set("miprun_blocks_total", total)
         self._set("miprun_blocks_kept", k)
         self._set("miprun_keep_ratio", k / total)
-        weight_bytes_saved = pruned_weight_bytes(safetensors_files(self.model_dir), pruned)
+        weight_bytes_saved = plan_kept_reads(self.model_dir, self.kept)[2]  # pruned-only shards may be absent
         self._set("miprun_kv_capacity_ratio", self.kv_capacity_ratio(weight_bytes_saved))
         if self.kv_dtype_bytes is not None:  # None: a packed KV format whose size vLLM's backend owns
             self._set("miprun_kv_cache_bytes_per_token_saved",
@@ -235,8 +235,7 @@ class Exporter:
     def kv_capacity_ratio(self, weight_bytes_saved: int | None = None) -> float:
         """The engine's figure (:func:`kv_capacity_ratio`); L/K when the worker reported no layouts."""
         if weight_bytes_saved is None:
-            pruned = [b for b in range(self.num_blocks) if b not in set(self.kept)]
-            weight_bytes_saved = pruned_weight_bytes(safetensors_files(self.model_dir), pruned)
+            weight_bytes_saved = plan_kept_reads(self.model_dir, self.kept)[2]
         layouts = read_kv_layouts(self.kept)
         ratio = None
         if layouts:

@@ -39,6 +39,7 @@ from typing import Any, Callable
 from vllm.logger import init_logger
 
 from vllm_miprun.errors import ModelFolderError
+from vllm_miprun.model import checkpoint, weights
 from vllm_miprun.model.checkpoint import INDEX_NAME, check_shards, missing_shards, read_config
 from vllm_miprun.model.remap import layer_index
 from vllm_miprun.pipeline.hub_alias import MissingWeightsError, has_every_shard, snapshot_id
@@ -286,3 +287,18 @@ def _fetch_error(source: ModelSource, patterns, err: Exception) -> ModelFolderEr
         f"from {where}: {type(err).__name__}: {first_line}; expected a local folder or a hub id "
         "that is cached or reachable"
     )
+
+
+def plan_kept_reads(model_dir: str | Path, kept) -> tuple[list[Path], int, int]:
+    """(shards to open, bytes to read, bytes skipped) for serving ``kept`` from ``model_dir``.
+
+    Shards holding only pruned blocks may never have been fetched (a hub snapshot planned from
+    cached scores): their bytes come from the index's total, never from their headers."""
+    _, never_fetched = shard_split(model_dir, kept)
+    shards = [path for path in checkpoint.safetensors_files(model_dir) if path.name not in never_fetched]
+    files, read_bytes, skipped_bytes = weights.plan_reads(shards, kept)
+    if never_fetched:
+        total = index_total_bytes(model_dir)
+        if total is not None:
+            skipped_bytes = max(total - read_bytes, skipped_bytes)
+    return files, read_bytes, skipped_bytes

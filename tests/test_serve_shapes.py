@@ -116,6 +116,28 @@ def test_data_parallel_supervisor_plans_once_for_every_rank(tiny_llama_dir, monk
     assert len(plans) == 1, "a rank's server planned again"
 
 
+@pytest.mark.parametrize("strategy", ["eager", "prefetch", "torchao"])
+def test_a_load_strategy_miprun_would_ignore_is_refused_before_planning(serve_parser, tiny_llama_dir,
+                                                                         strategy, monkeypatch):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    from vllm_miprun.vllm import model_files
+
+    monkeypatch.setattr(model_files, "plan_source", lambda *a, **k: pytest.fail("planned before refusing"))
+    args = serve_parser.parse_args(["--model", str(tiny_llama_dir), "--miprun-keep", "0.75",
+                                    "--safetensors-load-strategy", strategy])
+    with pytest.raises(SystemExit, match=f"--safetensors-load-strategy {strategy} does not apply"):
+        AsyncEngineArgs.from_cli_args(args)
+
+
+def test_the_lazy_load_strategy_is_what_miprun_does(serve_parser, tiny_llama_dir):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    args = serve_parser.parse_args(["--model", str(tiny_llama_dir), "--miprun-keep", "0.75",
+                                    "--miprun-method", "last", "--safetensors-load-strategy", "lazy"])
+    assert len(AsyncEngineArgs.from_cli_args(args).hf_overrides[KEPT_FIELD]) == KEPT
+
+
 # --- engine: `vllm serve --api-server-count 2` ---------------------------------------------
 
 def _root_cause(log: str) -> str:

@@ -76,6 +76,7 @@ def prepare_engine_args(engine_args) -> None:
     if str(engine_args.load_format).lower() != LOAD_FORMAT:
         return
     check_vllm_supported()  # an unchecked vLLM release: one line, unless the user opted in
+    check_load_strategy(engine_args)
     apply_cpu_dtype_default(engine_args)  # float32, not emulated bfloat16, on such CPUs (once)
     overrides = engine_args.hf_overrides
     if callable(overrides):
@@ -106,6 +107,19 @@ def prepare_engine_args(engine_args) -> None:
         list(plan.pruned), plan.method, plan.scores_source, plan.predicted_speedup, plan.digest,
     )
     record_report(report)
+
+
+def check_load_strategy(engine_args) -> None:
+    """Refuse a ``--safetensors-load-strategy`` other than lazy: the miprun loader reads
+    only the kept tensors through memory maps, so eager reads, whole-file prefetch and
+    torchao tensor subclasses would be silently ignored."""
+    strategy = getattr(engine_args, "safetensors_load_strategy", None)
+    if strategy not in (None, "lazy"):
+        raise OptionError(
+            f"--safetensors-load-strategy {strategy} does not apply to --load-format {LOAD_FORMAT}, "
+            "which reads only the kept blocks' tensors, lazily; drop the flag, or export the pruned "
+            "checkpoint (vllm-miprun export) and serve it with the default loader"
+        )
 
 
 # The EngineArgs fields the plan decides, written back into the parsed arguments.

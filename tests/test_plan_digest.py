@@ -68,3 +68,29 @@ def test_ranks_with_different_plans_refuse_to_load(digests, refused):
             assert all(f"plan digest {digest}" in answers[rank] for digest in digests)
         else:
             assert answers[rank] == "ok"
+
+
+def test_nixl_refuses_a_prefill_decode_pair_that_kept_other_blocks(tiny_llama_dir):
+    """Two instances that kept different 6-block sets of one model: NIXL's compatibility hash
+    (what its handshake compares, looked up where NIXL's worker calls it) differs once the
+    loader's fold is in; the same plan hashes alike; an unpruned model keeps vLLM's hash."""
+    import vllm.distributed.kv_transfer.kv_connector.v1.nixl.base_worker as nixl_worker
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import compute_nixl_compatibility_hash
+    from vllm.engine.arg_utils import EngineArgs
+
+    def nixl_hash(extra: dict | None) -> str:
+        load = {"load_format": "miprun", "model_loader_extra_config": extra} if extra else {}
+        config = EngineArgs(model=str(tiny_llama_dir), enforce_eager=True, **load).create_engine_config()
+        return nixl_worker.compute_nixl_compatibility_hash(config, "CPU_ATTN")
+
+    from vllm.config.load import LoadConfig
+
+    from vllm_miprun.vllm.loader import MiprunModelLoader
+
+    for _ in range(2):  # the worker builds the loader after its KV connector; the fold goes in once
+        MiprunModelLoader(LoadConfig(load_format="miprun", model_loader_extra_config={"keep": 0.75}))
+    last, first = nixl_hash({"drop": [4, 5]}), nixl_hash({"drop": [0, 1]})
+    assert last != first, "NIXL would exchange KV between two different 6-block models"
+    assert nixl_hash({"drop": [4, 5]}) == last
+    dense_config = EngineArgs(model=str(tiny_llama_dir), enforce_eager=True).create_engine_config()
+    assert nixl_hash(None) == compute_nixl_compatibility_hash(dense_config, "CPU_ATTN")

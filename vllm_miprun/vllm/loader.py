@@ -33,6 +33,7 @@ from vllm_miprun.options import MiprunOptions, OptionError
 from vllm_miprun.vllm import full_model_weights, lora_and_draft, model_files, worker_paths
 from vllm_miprun.vllm.compat import check_vllm_supported
 from vllm_miprun.vllm.kv_layout import kv_layouts
+from vllm_miprun.vllm.kv_transfer import cover_plan_in_nixl_hash
 from vllm_miprun.vllm.ranks import check_ranks_agree
 from vllm_miprun.vllm.model_files import ModelSource
 
@@ -106,6 +107,9 @@ class MiprunModelLoader(BaseModelLoader):
         self.run_dir = worker_paths.carried_run_dir(load_config.model_loader_extra_config)
         self._read_bytes = 0
         self._skipped_bytes = 0
+        # built in the worker after its KV connector: a prefill/decode peer serving another
+        # plan is then refused by NIXL's handshake
+        cover_plan_in_nixl_hash()
 
     def _source(self, model_config: ModelConfig) -> ModelSource:
         return ModelSource.from_configs(model_config, self.load_config)

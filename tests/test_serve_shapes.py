@@ -147,9 +147,11 @@ def _root_cause(log: str) -> str:
 
 @pytest.mark.engine
 def test_two_api_servers_plan_once_and_both_export_the_gauges(tiny_llama_dir, tmp_path):
-    """``--load-format miprun`` with the target as a flag: before the write-back every
-    extra API server died with "miprun needs a target"; with the flag alone they served
-    an unpruned config and no miprun gauge."""
+    """``--data-parallel-size 2`` (two engine cores, and two API servers by default) with
+    ``--load-format miprun`` and the target as a flag: before the write-back every extra API
+    server died with "miprun needs a target"; with the flag alone they served an unpruned
+    config and no miprun gauge. Now one plan, both engines build the pruned model, every
+    scrape shows the gauges, and a request is served."""
     import requests
 
     env = {k: v for k, v in os.environ.items()
@@ -158,23 +160,29 @@ def test_two_api_servers_plan_once_and_both_export_the_gauges(tiny_llama_dir, tm
     port, model, log = harness.free_port(), str(tiny_llama_dir), tmp_path / "server.log"
     with open(log, "w") as log_file:
         proc = harness.start_in_own_group(
-            [str(VLLM), "serve", model, "--api-server-count", "2", "--load-format", "miprun",
+            [str(VLLM), "serve", model, "--data-parallel-size", "2", "--api-server-count", "2",
+             "--load-format", "miprun",
              "--model-loader-extra-config", json.dumps({"method": "last"}), "--miprun-keep", "0.75",
              "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", "--dtype", "float32",
              "--max-model-len", "512", "--kv-cache-memory-bytes", str(KV_BYTES)],
             stdout=log_file, stderr=subprocess.STDOUT, env=env,
         )
     try:
-        harness.wait_healthy(proc, port, 300, lambda: _root_cause(log.read_text()))
+        harness.wait_healthy(proc, port, 600, lambda: _root_cause(log.read_text()))  # 7 processes start
         scrapes = []
         for _ in range(8):  # new connections: the kernel spreads them over both servers
             with requests.Session() as session:
                 scrapes.append(session.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+        completion = requests.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60, json={
+            "model": model, "prompt": "Once upon a time", "max_tokens": 4, "ignore_eos": True}).json()
     finally:
         harness.stop_group(proc, grace=60)
     text = log.read_text()
     plans = re.findall(r"miprun plan: keep 6 of 8 blocks.*plan digest ([0-9a-f]{12})", text)
     assert len(plans) == 1, _root_cause(text)
+    built = re.findall(r"miprun: built 6 of 8 blocks, kept (\[[0-9, ]+\])", text)
+    assert len(built) == 2 and len(set(built)) == 1, _root_cause(text)  # one per data-parallel engine
+    assert completion["usage"]["completion_tokens"] == 4, completion
     for scraped in scrapes:
         kept = re.search(r"^miprun_blocks_kept\{[^}]*\} (\S+)$", scraped, re.MULTILINE)
         assert kept and float(kept.group(1)) == KEPT, scraped[-2000:]

@@ -60,6 +60,7 @@ RANK_SCRIPT = textwrap.dedent('''
         print("AGREE")
     except RankPlanError as error:
         print("REFUSED " + str(error))
+    dist.barrier()  # both ranks done before either tears gloo down (else: "terminate called ...")
     dist.destroy_process_group()
 ''')
 

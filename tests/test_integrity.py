@@ -73,14 +73,14 @@ def test_concurrent_calibrations_both_finish_with_a_valid_cache(tiny_llama_dir, 
 
 
 # --- each lock, shown by what goes wrong without it ----------------------------------
-# Real processes (spawn) released together by a barrier, so that without the lock their
+# Real processes released together by a barrier, so that without the lock their
 # read-check-write windows overlap.
 
-def _spawn_together(target, args: tuple, count: int) -> list:
+def _spawn_together(target, args: tuple, count: int, method: str = "spawn") -> list:
     """Run ``target(*args, index, barrier, results)`` in ``count`` processes; their results."""
     import multiprocessing
 
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context(method)
     barrier, results = context.Barrier(count), context.Queue()
     procs = [context.Process(target=target, args=(*args, index, barrier, results)) for index in range(count)]
     for proc in procs:
@@ -124,11 +124,15 @@ def _heal_options(cache_dir: str):
     from vllm_miprun.options import CalibrationSettings, MiprunOptions
 
     return MiprunOptions(keep=0.5, heal="linear", cache_dir=cache_dir,
-                         calibration=CalibrationSettings(samples=4, seq_len=32))
+                         calibration=CalibrationSettings(samples=2, seq_len=16))
 
 
 def _prepare_maps(model_dir: str, cache_dir: str, _index: int, barrier, results) -> None:
+    import torch
+
     from vllm_miprun.pipeline import heal
+
+    torch.set_num_threads(1)  # forked from a process that used torch's thread pool; 2 cores
 
     fits = []
     fit_maps = heal.fit_maps
@@ -151,7 +155,8 @@ def test_concurrent_heal_loads_fit_the_maps_once(tiny_llama_dir, tmp_path):
     from vllm_miprun.pipeline import heal
 
     cache_dir = str(tmp_path / "cache")
-    got = _spawn_together(_prepare_maps, (str(tiny_llama_dir), cache_dir), 2)
+    # forked: a spawned child would spend seconds importing transformers before fitting
+    got = _spawn_together(_prepare_maps, (str(tiny_llama_dir), cache_dir), 2, method="fork")
     assert sorted(result["fits"] for result in got) == [0, 1]
     assert got[0]["maps"] == got[1]["maps"] and sorted(got[0]["maps"]) == [0, 3, 7]
     _starts, record, path = heal.maps_request(tiny_llama_dir, _heal_options(cache_dir), HEAL_KEPT, HEAL_BLOCKS)

@@ -3,8 +3,9 @@
 Usage: python lora_spec_runner.py '[{"model": DIR, ...}, ...]' (engines run one after another).
 Keys: model, load_format, extra, lora (adapter folder; enables LoRA), speculative (vLLM's
 speculative_config), prompts, max_tokens. Output: tokens (per prompt, with the adapter when
-one is given), base_tokens (without it), and per worker the decoder layer count and a
-parameter checksum of the served model and of the draft model.
+one is given), base_tokens (without it), per worker the decoder layer count and a
+parameter checksum of the served model and of the draft model, and with a draft the
+engine's own speculative-decoding counters (drafted and accepted tokens).
 """
 
 from __future__ import annotations
@@ -41,6 +42,16 @@ def _inspect(worker) -> dict:
             "eagle3": eagle3(runner.model)}
 
 
+def _spec_decode_counts(llm) -> dict:
+    """vLLM's own counters: tokens the draft proposed, and how many of them the target accepted."""
+    names = {"vllm:spec_decode_num_draft_tokens": "drafted", "vllm:spec_decode_num_accepted_tokens": "accepted"}
+    counts = dict.fromkeys(names.values(), 0)
+    for metric in llm.get_metrics():
+        if metric.name in names:
+            counts[names[metric.name]] += metric.value
+    return counts
+
+
 def run(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
@@ -49,7 +60,7 @@ def run(spec: dict) -> dict:
     if spec.get("lora"):
         kwargs.update(enable_lora=True, max_lora_rank=8, max_loras=1)
     if spec.get("speculative"):
-        kwargs["speculative_config"] = spec["speculative"]
+        kwargs.update(speculative_config=spec["speculative"], disable_log_stats=False)  # stats: the counters
     llm = LLM(model=spec["model"], load_format=spec.get("load_format", "auto"),
               model_loader_extra_config=spec.get("extra") or {}, enforce_eager=True, dtype="float32",
               max_model_len=256, kv_cache_memory_bytes=32 * 2**20, seed=0, **kwargs)
@@ -62,6 +73,7 @@ def run(spec: dict) -> dict:
 
     result = {"base_tokens": tokens()}
     result["tokens"] = tokens(LoRARequest("adapter", 1, spec["lora"])) if spec.get("lora") else result["base_tokens"]
+    result["spec_decode"] = _spec_decode_counts(llm) if spec.get("speculative") else None
     result["workers"] = llm.collective_rpc(_inspect)
     hf_config = llm.llm_engine.vllm_config.model_config.hf_config
     result["kept"] = getattr(hf_config, "miprun_kept_layers", None)

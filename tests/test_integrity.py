@@ -62,8 +62,105 @@ def test_concurrent_calibrations_both_finish_with_a_valid_cache(tiny_llama_dir, 
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], results
+    # the compute lock: one computes and writes, the other waits and reads its cache
+    assert sorted(out.split(" score cache")[0].strip() for out, _ in results) == ["reused", "wrote"], results
     caches = [p for p in cache_dir.iterdir() if p.suffix == ".json"]
     assert len(caches) == 1
     cache = read_cache(caches[0])
     assert cache.num_blocks == 8
     assert not [p for p in cache_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+
+# --- each lock, shown by what goes wrong without it ----------------------------------
+# Real processes released together by a barrier, so that without the lock their
+# read-check-write windows overlap.
+
+def _spawn_together(target, args: tuple, count: int, method: str = "spawn") -> list:
+    """Run ``target(*args, index, barrier, results)`` in ``count`` processes; their results."""
+    import multiprocessing
+
+    context = multiprocessing.get_context(method)
+    barrier, results = context.Barrier(count), context.Queue()
+    procs = [context.Process(target=target, args=(*args, index, barrier, results)) for index in range(count)]
+    for proc in procs:
+        proc.start()
+    got = [results.get(timeout=300) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+    assert [proc.exitcode for proc in procs] == [0] * count
+    return got
+
+
+UPDATERS, UPDATES_EACH = 3, 12
+
+
+def _update_many(path: str, worker: int, barrier, results) -> None:
+    from vllm_miprun.pipeline.store import update_cache
+
+    barrier.wait()
+    for i in range(UPDATES_EACH):
+        update_cache(path, lambda cache, key=f"{worker}-{i}": cache.quality.setdefault("setup", {}).update({key: 1.0}))
+    results.put(worker)
+
+
+def test_concurrent_cache_updates_lose_no_entry(tmp_path):
+    """update_cache is read-modify-write: its lock keeps processes from writing over each
+    other's entries (without it, most of these updates are lost)."""
+    from test_cache import _cache
+    from vllm_miprun.pipeline.store import write_cache
+
+    path = write_cache(tmp_path / "c.json", _cache())
+    _spawn_together(_update_many, (str(path),), UPDATERS)
+    stored = read_cache(path).quality["setup"]
+    assert sorted(stored) == sorted(f"{w}-{i}" for w in range(UPDATERS) for i in range(UPDATES_EACH))
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+HEAL_KEPT, HEAL_BLOCKS = [1, 2, 5, 6], 8
+
+
+def _heal_options(cache_dir: str):
+    from vllm_miprun.options import CalibrationSettings, MiprunOptions
+
+    return MiprunOptions(keep=0.5, heal="linear", cache_dir=cache_dir,
+                         calibration=CalibrationSettings(samples=2, seq_len=16))
+
+
+def _prepare_maps(model_dir: str, cache_dir: str, _index: int, barrier, results) -> None:
+    import torch
+
+    from vllm_miprun.pipeline import heal
+
+    torch.set_num_threads(1)  # forked from a process that used torch's thread pool; 2 cores
+
+    fits = []
+    fit_maps = heal.fit_maps
+
+    def counted_fit(*args, **kwargs):  # the real fit, counted
+        fits.append(1)
+        return fit_maps(*args, **kwargs)
+
+    heal.fit_maps = counted_fit
+    barrier.wait()
+    maps = heal.prepare_maps(model_dir, _heal_options(cache_dir), HEAL_KEPT, HEAL_BLOCKS, progress=False)
+    results.put({"fits": len(fits), "maps": {start: t.tolist() for start, t in maps.items()}})
+
+
+def test_concurrent_heal_loads_fit_the_maps_once(tiny_llama_dir, tmp_path):
+    """Two processes (tensor-parallel workers) needing the same heal maps at once: one fits
+    and writes them, the other waits and reads that file (without the lock both fit)."""
+    import torch
+
+    from vllm_miprun.pipeline import heal
+
+    cache_dir = str(tmp_path / "cache")
+    # forked: a spawned child would spend seconds importing transformers before fitting
+    got = _spawn_together(_prepare_maps, (str(tiny_llama_dir), cache_dir), 2, method="fork")
+    assert sorted(result["fits"] for result in got) == [0, 1]
+    assert got[0]["maps"] == got[1]["maps"] and sorted(got[0]["maps"]) == [0, 3, 7]
+    _starts, record, path = heal.maps_request(tiny_llama_dir, _heal_options(cache_dir), HEAL_KEPT, HEAL_BLOCKS)
+    assert [p.name for p in path.parent.glob("*.safetensors")] == [path.name]
+    stored = heal.read_maps(path, record)
+    assert all(torch.equal(stored[start], torch.tensor(t)) for start, t in got[0]["maps"].items())
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]

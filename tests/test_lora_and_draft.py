@@ -193,37 +193,42 @@ def _reference_tokens(exported: Path, adapter: dict, kept: list[int], prompts: l
 
 @pytest.fixture(scope="module")
 def engine_runs(tiny_llama_dir, tmp_path_factory):
-    from tiny_models import make_tiny_model
-
-    work = tmp_path_factory.mktemp("lora-spec")
-    draft = make_tiny_model(work / "draft", num_layers=6, seed=1)
-    adapter = write_adapter(work / "adapter")
-    miprun = {"model": str(tiny_llama_dir), "load_format": "miprun", "extra": KEEP_HALF}
-    speculative = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 2}
-    lora, spec, plain, draft_alone = _run([{**miprun, "lora": str(work / "adapter")},
-                                           {**miprun, "speculative": speculative}, miprun,
-                                           {"model": str(draft)}])
-    return SimpleNamespace(lora=lora, spec=spec, plain=plain, draft_alone=draft_alone, adapter=adapter,
-                           work=work)
-
-
-@pytest.mark.engine
-def test_engine_applies_adapter_to_the_kept_blocks(engine_runs, tiny_llama_dir):
-    from lora_spec_runner import PROMPTS
+    """One process, four engines: the pruned target with an adapter, with a draft that is
+    its own exported copy, with the full (unpruned) model as draft; and that exported copy
+    served alone."""
     from vllm_miprun.options import MiprunOptions
     from vllm_miprun.pipeline.plan import make_plan
     from vllm_miprun.tools.export import export_pruned
+
+    work = tmp_path_factory.mktemp("lora-spec")
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    plan = make_plan(tiny_llama_dir, MiprunOptions.from_dict(KEEP_HALF), hf_config=config)
+    exported = export_pruned(tiny_llama_dir, work / "exported", plan)  # the pruned target, as a checkpoint
+    adapter = write_adapter(work / "adapter")
+    miprun = {"model": str(tiny_llama_dir), "load_format": "miprun", "extra": KEEP_HALF}
+
+    def draft(model):
+        return {"method": "draft_model", "model": str(model), "num_speculative_tokens": 2}
+
+    lora, spec, wrong, draft_alone = _run([{**miprun, "lora": str(work / "adapter")},
+                                           {**miprun, "speculative": draft(exported)},
+                                           {**miprun, "speculative": draft(tiny_llama_dir)},
+                                           {"model": str(exported)}])
+    return SimpleNamespace(lora=lora, spec=spec, wrong=wrong, draft_alone=draft_alone, adapter=adapter,
+                           plan=plan, exported=exported)
+
+
+@pytest.mark.engine
+def test_engine_applies_adapter_to_the_kept_blocks(engine_runs):
+    from lora_spec_runner import PROMPTS
 
     run = engine_runs.lora
     kept = run["kept"]
     assert kept is not None and len(kept) == 4
     assert run["tokens"] != run["base_tokens"], "the adapter must change the output"
-    config = json.loads((tiny_llama_dir / "config.json").read_text())
-    plan = make_plan(tiny_llama_dir, MiprunOptions.from_dict(KEEP_HALF), hf_config=config)
-    assert list(plan.kept) == kept
-    exported = export_pruned(tiny_llama_dir, engine_runs.work / "exported", plan)
+    assert list(engine_runs.plan.kept) == kept
     steps = len(run["tokens"][0])
-    assert run["tokens"] == _reference_tokens(Path(exported), engine_runs.adapter, kept, PROMPTS, steps)
+    assert run["tokens"] == _reference_tokens(Path(engine_runs.exported), engine_runs.adapter, kept, PROMPTS, steps)
 
 
 @pytest.mark.engine
@@ -232,10 +237,24 @@ def test_engine_loads_the_draft_unpruned(engine_runs):
     assert worker["target"]["layers"] == 4  # the target is pruned
     # the draft keeps all its blocks and has the weights stock vLLM gives it when serving it alone
     (alone,) = engine_runs.draft_alone["workers"]
-    assert worker["draft"]["layers"] == alone["target"]["layers"] == 6
+    assert worker["draft"]["layers"] == alone["target"]["layers"] == 4
     assert worker["draft"]["param_sum"] == pytest.approx(alone["target"]["param_sum"], rel=1e-9)
-    # greedy speculative decoding is lossless: the same tokens as without a draft
-    assert engine_runs.spec["tokens"] == engine_runs.plain["tokens"]
+
+
+@pytest.mark.engine
+def test_engine_accepts_every_token_of_a_draft_that_is_the_pruned_target(engine_runs):
+    """vLLM's own counters. The draft that is the pruned target exported as a checkpoint,
+    loaded unpruned, computes what the served target computes: every drafted token is
+    accepted (pruned a second time, or a target served from other blocks than the export's,
+    it would not be). The full model as draft must stay unpruned: it proposes tokens the
+    pruned target rejects (pruned like the target, it would be accepted every time)."""
+    exact, full = engine_runs.spec["spec_decode"], engine_runs.wrong["spec_decode"]
+    assert exact["drafted"] > 0 and exact["accepted"] == exact["drafted"], exact
+    (worker,) = engine_runs.wrong["workers"]
+    assert (worker["target"]["layers"], worker["draft"]["layers"]) == (4, 8)
+    assert full["drafted"] > 0 and full["accepted"] < full["drafted"] / 2, full
+    # greedy speculative decoding is lossless, whatever the draft proposes
+    assert engine_runs.spec["tokens"] == engine_runs.wrong["tokens"]
 
 
 @pytest.mark.engine
@@ -247,4 +266,4 @@ def test_engine_renumbers_eagle3_depths_on_the_pruned_target(engine_runs):
     # the default is the full model's (2, L // 2, L - 3), not the pruned model's (2, 2, 1)
     assert worker["eagle3"] == {"default": [2, 4, 5], "set_1_2_8": [1, 2, 4]}
     (alone,) = engine_runs.draft_alone["workers"]
-    assert alone["eagle3"] == {"default": [2, 3, 3], "set_1_2_8": [1, 2, 8]}  # stock vLLM, 6 blocks
+    assert alone["eagle3"] == {"default": [2, 2, 1], "set_1_2_8": [1, 2, 8]}  # stock vLLM, 4 blocks

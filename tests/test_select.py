@@ -352,3 +352,26 @@ def test_parse_protect():
     for bad in ("middle", "30", "-1", [1.5], {"a": 1}):
         with pytest.raises(ValueError, match="protect"):
             parse_protect(bad, 30)
+
+
+def test_one_block_model_is_served_whole_without_calibrating(tiny_llama_dir, tmp_path, caplog):
+    """Nothing can be pruned from one block (at least one is kept): any target serves it
+    whole, with one warning, and nothing is calibrated or searched; drop is still refused."""
+    import logging
+
+    from tiny_models import make_tiny_model
+    from vllm_miprun.options import MiprunOptions, OptionError
+    from vllm_miprun.pipeline.plan import make_plan
+
+    # after tiny_llama_dir, the test tokenizer is trained: this model takes milliseconds
+    model_dir = make_tiny_model(tmp_path / "one", num_layers=1, hidden_size=64, num_heads=2, num_kv_heads=1)
+    cache_dir = tmp_path / "cache"
+    for target in ({"keep": 0.5}, {"keep": 0.1, "method": "sleb"}, {"latency_budget": 0.5}):
+        with caplog.at_level(logging.WARNING, logger="vllm_miprun.pipeline.plan"):
+            plan = make_plan(model_dir, MiprunOptions.from_dict({**target, "cache_dir": str(cache_dir)}))
+        assert (plan.kept, plan.pruned, plan.scores_source) == ((0,), (), "none-needed")
+    warnings = [r.getMessage() for r in caplog.records if "one decoder block" in r.getMessage()]
+    assert len(warnings) == 3 and warnings[0].endswith("nothing can be pruned, so it is served whole")
+    assert not list(cache_dir.glob("*.json")) if cache_dir.exists() else True  # no score cache
+    with pytest.raises(OptionError, match="drop names all 1 blocks"):
+        make_plan(model_dir, MiprunOptions.from_dict({"drop": "0"}))

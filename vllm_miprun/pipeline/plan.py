@@ -128,6 +128,8 @@ def make_plan(model_dir: str | Path, options: MiprunOptions, hf_config: dict | N
         protect = selectors.parse_protect(options.protect, num_blocks)
     except ValueError as err:
         raise OptionError(str(err)) from None
+    if num_blocks == 1 and options.drop is None:  # drop is checked (and refused) as usual
+        return single_block_plan(model_dir, config, options)
     if options.drop is not None:
         plan = explicit_plan(model_dir, config, options, num_blocks, protect)
         return _with_quality(plan, _probe(model_dir, options, None, None)) if measure_quality else plan
@@ -183,6 +185,20 @@ def _with_quality(plan: Plan, probe: QualityProbe) -> Plan:
         return plan
     logger.info("quality: perplexity ratio %.4f on validation text (%s)", ratio, probe.source)
     return replace(plan, quality_ppl_ratio=ratio)
+
+
+def single_block_plan(model_dir: str | Path, config: dict, options: MiprunOptions) -> Plan:
+    """A model with one decoder block keeps it whatever the target (at least one block is
+    always kept): it is served whole, without calibrating or searching."""
+    logger.warning("%s has one decoder block: nothing can be pruned, so it is served whole", model_dir)
+    latency = latency_model(model_dir, config, None, options.cache_dir)
+    targets = ("keep", "latency_budget", "quality_budget")
+    target = next((name for name in targets if getattr(options, name, None) is not None), "keep")
+    return Plan(
+        num_blocks=1, kept=(0,), pruned=(), method=options.method, keep_ratio=1.0,
+        predicted_speedup=latency.speedup((0,)), latency_source=latency.source, objective=None,
+        scores_source="none-needed", cache_path=None, fingerprint=None, binding_target=target,
+    )
 
 
 def explicit_plan(model_dir: str | Path, config: dict, options: MiprunOptions, num_blocks: int,

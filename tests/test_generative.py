@@ -64,7 +64,8 @@ def test_batched_greedy_matches_a_plain_argmax_loop(tiny_llama_dir):
             assert tokens == seq[len(prompt):]
 
 
-def test_dense_agrees_fully_with_itself_and_a_removed_block_agrees_less(tiny_llama_dir):
+def test_dense_agrees_fully_with_itself_and_a_removed_block_agrees_less(tiny_llama_dir, monkeypatch):
+    monkeypatch.setattr(gen, "AGREEMENT_PROMPTS", 8)
     reference: dict = {}
     everything = ev.evaluate(tiny_llama_dir, "greedy-agreement", backend="transformers", prune=list(range(8)),
                              progress=False, reference=reference)["tasks"]["greedy-agreement"]

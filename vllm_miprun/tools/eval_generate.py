@@ -78,17 +78,23 @@ def exact_match(generated: str, answer: str) -> bool:
 # --------------------------------------------------------------------------- prompts
 
 
-def agreement_prompts(tokenizer, count: int = AGREEMENT_PROMPTS, length: int = AGREEMENT_PROMPT_LEN,
-                      stride: int = AGREEMENT_STRIDE) -> list[list[int]]:
-    """``count`` held-out prompts of ``length`` tokens, every ``stride``-th window of the
-    wiki evaluation split (its order is fixed: no seed)."""
+_PROMPTS: dict[tuple, list[list[int]]] = {}  # reading the split costs seconds: once per tokenizer
+
+
+def agreement_prompts(tokenizer) -> list[list[int]]:
+    """``AGREEMENT_PROMPTS`` held-out prompts of ``AGREEMENT_PROMPT_LEN`` tokens, every
+    ``AGREEMENT_STRIDE``-th window of the wiki evaluation split (its order is fixed: no seed)."""
     from vllm_miprun.pipeline.corpora import sample_token_windows
 
-    windows = sample_token_windows(tokenizer, AGREEMENT_SOURCE, count * stride, length, 0, part="evaluation")
-    return [[int(t) for t in w] for w in windows[::stride][:count]]
+    count, length, stride = AGREEMENT_PROMPTS, AGREEMENT_PROMPT_LEN, AGREEMENT_STRIDE
+    key = (getattr(tokenizer, "name_or_path", None), len(tokenizer), count, length, stride)
+    if key not in _PROMPTS:
+        windows = sample_token_windows(tokenizer, AGREEMENT_SOURCE, count * stride, length, 0, part="evaluation")
+        _PROMPTS[key] = [[int(t) for t in w] for w in windows[::stride][:count]]
+    return [list(p) for p in _PROMPTS[key]]
 
 
-def lambada_examples(limit: int | None = LAMBADA_EXAMPLES, seed: int = 0) -> list[tuple[str, str]]:
+def lambada_examples(limit: int | None, seed: int = 0) -> list[tuple[str, str]]:
     """(passage without its last word, last word) pairs, a seeded subset of ``limit``."""
     from vllm_miprun.pipeline import bundled
     from vllm_miprun.tools.eval_tasks import select_indices
@@ -147,7 +153,7 @@ def hf_greedy(model, prompts: Sequence[Sequence[int]], max_tokens: int, pad_id: 
 
 def reference_key(model_dir, backend: str, dtype: str) -> tuple:
     """What the dense continuations depend on: one cache entry per model, backend and dtype."""
-    return (str(model_dir), backend, dtype, AGREEMENT_PROMPTS, AGREEMENT_PROMPT_LEN, AGREEMENT_TOKENS)
+    return (str(model_dir), backend, dtype, AGREEMENT_PROMPTS, AGREEMENT_PROMPT_LEN, AGREEMENT_STRIDE, AGREEMENT_TOKENS)
 
 
 def dense_continuations(model_dir, backend: str, dtype: str, reference: dict, make_backend) -> list[list[int]]:
@@ -168,7 +174,7 @@ def greedy_agreement(engine, dense: Sequence[Sequence[int]]) -> dict[str, Any]:
     return agreement_metrics(dense, generated, AGREEMENT_TOKENS)
 
 
-def lambada_exact_match(engine, limit: int | None = LAMBADA_EXAMPLES, seed: int = 0) -> dict[str, Any]:
+def lambada_exact_match(engine, limit: int | None, seed: int = 0) -> dict[str, Any]:
     examples = lambada_examples(limit, seed)
     prompts = [engine.tokenizer(context, add_special_tokens=False)["input_ids"] for context, _ in examples]
     outputs = engine.greedy(prompts, LAMBADA_TOKENS)

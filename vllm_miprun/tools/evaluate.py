@@ -303,7 +303,9 @@ def evaluate(model_dir: str | Path, tasks: str | Sequence[str], *, backend: str 
                         raise EvalError("greedy-agreement of a ready pruned backend needs the dense continuations: "
                                         "pass reference= from an evaluate() call on the dense model")
                     reference[dense_key] = engine.greedy(gen.agreement_prompts(engine.tokenizer), gen.AGREEMENT_TOKENS)
-                metrics = gen.greedy_agreement(engine, reference[dense_key])
+                    metrics = gen.agreement_metrics(reference[dense_key], reference[dense_key], gen.AGREEMENT_TOKENS)
+                else:
+                    metrics = gen.greedy_agreement(engine, reference[dense_key])
             elif name == "lambada-em":
                 metrics = gen.lambada_exact_match(engine, gen.LAMBADA_EXAMPLES, seed)
             else:

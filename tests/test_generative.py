@@ -80,7 +80,7 @@ def test_dense_agrees_fully_with_itself_and_a_removed_block_agrees_less(tiny_lla
 
 
 def test_add_gen_fills_the_measures_into_existing_records(tiny_llama_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(gen, "AGREEMENT_PROMPTS", 4)
+    monkeypatch.setattr(gen, "AGREEMENT_PROMPTS", 8)  # as the test above: prompts read once
     monkeypatch.setattr(gen, "LAMBADA_EXAMPLES", 4)
     ppl = {"wiki-ppl": {"ppl": 9.0}, "c4-ppl": {"ppl": 11.0}}
     records = [{"row": "dense", "keep": 1.0, "seed": 0, "heal": "none", "eval": {"tasks": dict(ppl)}},

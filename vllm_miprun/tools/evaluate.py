@@ -1,4 +1,4 @@
-"""Quality of a (pruned) model: held-out perplexity and zero-shot multiple choice.
+"""Quality of a (pruned) model: held-out perplexity, zero-shot multiple choice, generation.
 
 Every task reduces to log-likelihood requests ``(context tokens, continuation tokens)``
 answered by a backend with one method, ``loglikelihood(requests) -> list[float]`` (the
@@ -16,9 +16,10 @@ Tasks (``TASKS``, their examples and the lm-eval tokenisation live in ``tools/ev
 perplexity (``wiki-ppl``, ``c4-ppl``) over the *evaluation* split of the bundled corpora,
 the first ``limit`` (default 16) non-overlapping windows of ``seq_len`` (default 512)
 tokens, each scored on its tokens 1..seq_len-1, ppl = exp(total NLL / scored tokens);
-and zero-shot multiple choice, each choice scored by the sum of its log-probabilities:
+zero-shot multiple choice, each choice scored by the sum of its log-probabilities:
 ``acc`` takes the argmax, ``acc_norm`` the argmax of sum / characters of the choice
-(lm-eval's length normalisation).
+(lm-eval's length normalisation); and generative measures that read greedy decoding
+(``greedy(prompts, max_tokens)``, the backends' second method; ``tools/eval_generate.py``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from vllm_miprun.errors import EvalError  # noqa: F401 - re-exported
-from vllm_miprun.tools.eval_tasks import (  # noqa: F401 - MC_TASKS: the zero-shot set benchmarks use
+from vllm_miprun.tools import eval_generate as gen
+from vllm_miprun.tools.eval_tasks import (  # noqa: F401 - MC_TASKS, GEN_TASKS: the sets benchmarks use
+    GEN_TASKS,
     MC_TASKS,
     TASKS,
     MCExample,
@@ -67,6 +70,9 @@ class LoglikelihoodBackend(Protocol):
 
     def loglikelihood(self, requests: list[Request], progress: bool = False) -> list[float]:
         """Sum of the continuation tokens' log-probabilities (nats), per request."""
+
+    def greedy(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        """``max_tokens`` greedily decoded tokens per prompt (end-of-text does not stop)."""
 
     def close(self) -> None: ...
 
@@ -148,6 +154,10 @@ class TransformersBackend:
             start += size
         bar.close()
         return results
+
+    def greedy(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return gen.hf_greedy(self.model, prompts, max_tokens, pad)
 
     def close(self) -> None:
         del self.model
@@ -242,7 +252,8 @@ def make_backend(model_dir: str | Path, backend: str = "vllm", prune=None, dtype
 def evaluate(model_dir: str | Path, tasks: str | Sequence[str], *, backend: str | LoglikelihoodBackend = "vllm",
              prune: Sequence[int] | Mapping[str, Any] | None = None, limit: int | None = None, seed: int = 0,
              ppl_limit: int | None = None, seq_len: int = DEFAULT_SEQ_LEN, dtype: str = "float32",
-             max_model_len: int | None = None, progress: bool = True, **backend_kwargs: Any) -> dict[str, Any]:
+             max_model_len: int | None = None, progress: bool = True, reference: dict | None = None,
+             **backend_kwargs: Any) -> dict[str, Any]:
     """Per-task metrics and metadata for one model (vLLM: call under a ``__main__`` guard).
 
     ``prune``: None for the dense model, plan options (``{"keep": 0.75, "method": "last"}``,
@@ -250,6 +261,9 @@ def evaluate(model_dir: str | Path, tasks: str | Sequence[str], *, backend: str 
     ``limit``: windows per perplexity task (default 16) and examples per zero-shot task
     (default all); ``ppl_limit``, when given, overrides it for the perplexity tasks.
     A ready backend object may be passed instead of a name (it is not closed).
+    ``reference``: a dict that keeps the dense model's greedy continuations for
+    ``greedy-agreement`` across calls (one per run); a pruned model with none there loads
+    the dense model of the same backend first (a ready backend object needs them there).
     """
     names = parse_tasks(tasks)
     for label, value in (("limit", limit), ("ppl_limit", ppl_limit)):
@@ -260,6 +274,11 @@ def evaluate(model_dir: str | Path, tasks: str | Sequence[str], *, backend: str 
     given_kept, options = _resolve_prune(Path(model_dir), prune)  # validated before any load
     start = time.perf_counter()
     own = isinstance(backend, str)
+    reference = {} if reference is None else reference
+    dense_key = gen.reference_key(model_dir, backend if own else type(backend).__name__, dtype)
+    if "greedy-agreement" in names and own and prune is not None and dense_key not in reference:
+        gen.dense_continuations(model_dir, backend, dtype, reference,  # before the pruned model is loaded
+                                lambda *a, **k: make_backend(*a, max_model_len=max_model_len, **k, **backend_kwargs))
     engine = make_backend(model_dir, backend, prune, dtype=dtype, max_model_len=max_model_len,
                           **backend_kwargs) if own else backend
     load_seconds = time.perf_counter() - start
@@ -278,6 +297,17 @@ def evaluate(model_dir: str | Path, tasks: str | Sequence[str], *, backend: str 
                 windows = sample_token_windows(engine.tokenizer, spec.source, count, seq_len, seed,
                                                part="evaluation")
                 metrics = perplexity(engine, windows, progress=progress)
+            elif name == "greedy-agreement":
+                if dense_key not in reference:  # only the dense model may be its own reference
+                    if engine.kept is not None and len(engine.kept) < engine.num_blocks:
+                        raise EvalError("greedy-agreement of a ready pruned backend needs the dense continuations: "
+                                        "pass reference= from an evaluate() call on the dense model")
+                    reference[dense_key] = engine.greedy(gen.agreement_prompts(engine.tokenizer), gen.AGREEMENT_TOKENS)
+                    metrics = gen.agreement_metrics(reference[dense_key], reference[dense_key], gen.AGREEMENT_TOKENS)
+                else:
+                    metrics = gen.greedy_agreement(engine, reference[dense_key])
+            elif name == "lambada-em":
+                metrics = gen.lambada_exact_match(engine, gen.LAMBADA_EXAMPLES, seed)
             else:
                 metrics = score_examples(engine, load_examples(name, limit, seed), progress=progress)
             metrics["seconds"] = round(time.perf_counter() - t0, 3)
@@ -312,7 +342,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
     parser.add_argument("model_dir", help="Hugging Face model folder (config.json + *.safetensors)")
     parser.add_argument("--tasks", default="wiki-ppl,c4-ppl",
-                        help=f"comma-separated: {', '.join(TASKS)}; or all, mc, ppl")
+                        help=f"comma-separated: {', '.join(TASKS)}; or all, mc, ppl, gen")
     # Plan options from the option table (omit every target for the dense model).
     add_command_flags(parser, command_options("eval"))
     parser.add_argument("--extra-config", default=None,
@@ -364,6 +394,11 @@ def format_table(report: dict[str, Any]) -> str:
     for name, m in report["tasks"].items():
         if "ppl" in m:
             lines.append(f"{name:<15}{'ppl':<10}{m['ppl']:>10.3f}{m['windows']:>8}{m['seconds']:>10.1f}")
+        elif "mean_prefix" in m:
+            lines.append(f"{name:<17}{'prefix':<8}{m['mean_prefix']:>10.2f}{m['prompts']:>8}{m['seconds']:>10.1f}")
+            lines.append(f"{'':<17}{'full':<8}{m['full_match']:>10.4f}")
+        elif "exact_match" in m:
+            lines.append(f"{name:<15}{'em':<10}{m['exact_match']:>10.4f}{m['examples']:>8}{m['seconds']:>10.1f}")
         else:
             lines.append(f"{name:<15}{'acc':<10}{m['acc']:>10.4f}{m['examples']:>8}{m['seconds']:>10.1f}")
             lines.append(f"{'':<15}{'acc_norm':<10}{m['acc_norm']:>10.4f}")

@@ -59,6 +59,15 @@ class VllmBackend:
             results.append(sum(out.prompt_logprobs[t][seq[t]].logprob for t in range(len(ctx), len(seq))))
         return results
 
+    def greedy(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        """``max_tokens`` greedily decoded tokens per prompt; end-of-text does not stop them."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, detokenize=False)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        return [list(out.outputs[0].token_ids) for out in outputs]
+
     def close(self) -> None:
         core = getattr(self.llm.llm_engine, "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):

@@ -27,7 +27,7 @@ evaluator for all counts and once with a new evaluator per count (the code witho
 
     flock /tmp/miprun-engine.lock python benchmarks/cold_start.py --check-plans
 
-Writes ``benchmarks/results/cold_start_smollm2.json`` and ``.png`` (about 15 min on an idle
+Writes ``benchmarks/results/cold_start_smollm2.json`` and ``.png`` (25 min on a shared, about 15 on an idle
 2-core CPU; ``--targets keep`` runs only the keep start).
 """
 

@@ -155,3 +155,49 @@ def test_skip_mi_matches_its_definition():
             noise = (g[j] - g[i]).pow(2).mean(dim=0).sum()
             assert matrix[i, j] == pytest.approx(16 * float(torch.log(signal / noise)), rel=1e-10)
     assert matrix[0, 1] > matrix[0, 3]  # more added noise, less information survives the skip
+
+
+def test_one_shared_evaluator_gives_every_count_a_fresh_evaluators_selection(tiny_llama_dir, calibrated):
+    """A plan that searches several counts (quality bisection, latency walk) shares one
+    evaluator: the same sets and losses as a fresh evaluator per count, for less work."""
+    result, _ = calibrated
+    cost = span_cost_matrix(result.cache)
+    model = BlockwiseModel(tiny_llama_dir, resident_blocks=True)
+    ids = calibration_ids(tiny_llama_dir, SMALL)[:2]
+    shared = CalibrationKL(model, ids)
+    fresh_passes = 0
+    for count in (6, 3, 4):  # a bisection's order: the largest count first
+        alone = refine(tiny_llama_dir, ids, cost, count, model=model)
+        reused = refine(tiny_llama_dir, ids, cost, count, model=model, evaluator=shared)
+        assert reused.pruned == alone.pruned, count
+        assert reused.details["scores"] == alone.details["scores"], count  # the same numbers, bit for bit
+        fresh_passes += alone.details["block_passes"]
+    assert shared.block_passes < fresh_passes / 2  # one full pass, and the greedy prefixes measured once
+    with pytest.raises(ValueError, match="must be a CalibrationKL on these calibration tokens"):
+        refine(tiny_llama_dir, ids[:1], cost, 3, model=model, evaluator=shared)
+
+
+def test_a_quality_budget_plan_is_the_same_with_and_without_the_shared_evaluator(tiny_llama_dir, tmp_path,
+                                                                                 monkeypatch):
+    from dataclasses import replace
+
+    from vllm_miprun.pipeline import plan as plan_module, refine as refine_module
+
+    built = []
+
+    class Counted(CalibrationKL):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(refine_module, "CalibrationKL", Counted)
+    monkeypatch.setitem(refine_module.OBJECTIVES, "kl", Counted)
+    options = MiprunOptions(quality_budget=1.5, cache_dir=str(tmp_path / "shared"), calibration=SMALL)
+    shared = make_plan(tiny_llama_dir, options, progress=False)
+    assert len(built) == 1  # one full pass for every count the bisection searched
+    # Without the speed-up: the search forgets its evaluator, so each count builds its own.
+    monkeypatch.setattr(plan_module._ForwardSearch, "_mi_prun_loss", property(lambda self: None, lambda self, v: None),
+                        raising=False)
+    alone = make_plan(tiny_llama_dir, replace(options, cache_dir=str(tmp_path / "alone")), progress=False)
+    assert len(built) - 1 >= 2, "the bisection searched one count only: the comparison shows nothing"
+    assert (alone.kept, alone.quality_ppl_ratio) == (shared.kept, shared.quality_ppl_ratio)

@@ -19,16 +19,18 @@ def register() -> None:
 
         compat.warn_if_unchecked()
         engine_args.install()
-        _route_library_logs_to_vllm()
+        route_library_logs_to_vllm()
     except Exception as error:  # noqa: BLE001 - vLLM itself must keep working
         logging.getLogger("vllm.vllm_miprun").warning(
             "vllm-miprun is disabled in this process: registering it failed with %s: %s "
             "(--load-format miprun will be unknown)", type(error).__name__, error)
 
 
-def _route_library_logs_to_vllm() -> None:
+def route_library_logs_to_vllm() -> None:
     """Inside vLLM, the library's standard loggers (planning, calibration) print through
-    vLLM's handler and format; outside vLLM they stay plain ``logging`` loggers."""
+    vLLM's handler and format; outside vLLM they stay plain ``logging`` loggers. vLLM may
+    configure its logger after the plugin registers (``vllm serve`` does), so planning
+    calls this again; once routed, it does nothing."""
     import logging
 
     library, vllm_logger = logging.getLogger("vllm_miprun"), logging.getLogger("vllm")

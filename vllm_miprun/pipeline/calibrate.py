@@ -147,10 +147,11 @@ def calibrate(model_dir: str | Path, settings: CalibrationSettings, device: str 
     with score_cache.compute_lock(path):
         if path.exists() and not force:  # another process calibrated while this one waited
             return CalibrationResult(score_cache.read_cache(path, fingerprint, key), path, reused=True)
+        start = time.perf_counter()
         cache = compute_scores(model_dir, settings, fingerprint, device=resolve_device(device),
                                progress=progress, dtype=dtype)
         score_cache.write_cache(path, cache)
-    logger.info("wrote score cache %s", path)
+    logger.info("wrote score cache %s (calibrated in %.1f s)", path, time.perf_counter() - start)
     return CalibrationResult(cache, path, reused=False)
 
 

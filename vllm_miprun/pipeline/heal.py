@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -357,9 +358,11 @@ def prepare_maps(model_dir: str | Path, options, kept: list[int], num_blocks: in
             raise HealError(f"no heal maps at {path} and require_cache is set; load once without "
                             "require_cache (or run `vllm-miprun export --heal linear`) to fit them")
         logger.info("heal: fitting %d map(s) for runs starting at %s", len(starts), starts)
+        start = time.perf_counter()
         maps = fit_maps(model_dir, heal_ids(model_dir, options.calibration), list(kept), starts,
                         device=resolve_device(options.device), progress=progress)
         write_maps(path, record, maps)
+        logger.info("heal: fitted %d map(s) in %.1f s", len(maps), time.perf_counter() - start)
     return maps
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -371,6 +372,7 @@ class _ForwardSearch:
         self.model_dir, self.options, self.cost = model_dir, options, cost
         self._model = None
         self._ids = None
+        self._mi_prun_loss = None  # one evaluator for every count this plan searches (refine's memo)
 
     def model(self):
         """The block-by-block model, loaded on first use (shared with the quality probe)."""
@@ -399,14 +401,21 @@ class _ForwardSearch:
     def run(self, method: str, num_blocks: int, num_prune: int, protect: frozenset[int]) -> selectors.Selection:
         logger.info("%s: searching %d blocks to prune with forward passes on calibration tokens",
                     method, num_prune)
+        start = time.perf_counter()
         model, ids = self._load()
         if method == "mi-prun":
-            from vllm_miprun.pipeline.refine import refine
+            from vllm_miprun.pipeline.refine import CalibrationKL, refine
 
-            return refine(self.model_dir, ids[:MI_PRUN_BOUND_SAMPLES], self.cost, num_prune, protect, model=model)
-        from vllm_miprun.pipeline.refine import sleb
+            if self._mi_prun_loss is None:
+                self._mi_prun_loss = CalibrationKL(model, ids[:MI_PRUN_BOUND_SAMPLES])
+            result = refine(self.model_dir, ids[:MI_PRUN_BOUND_SAMPLES], self.cost, num_prune, protect, model=model,
+                            evaluator=self._mi_prun_loss)
+        else:
+            from vllm_miprun.pipeline.refine import sleb
 
-        return sleb(model, ids, num_prune, protect, cost=self.cost)
+            result = sleb(model, ids, num_prune, protect, cost=self.cost)
+        logger.info("%s: searched %d blocks to prune in %.1f s", method, num_prune, time.perf_counter() - start)
+        return result
 
 
 def _num_blocks(config: dict) -> int:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -81,7 +82,9 @@ class QualityProbe:
     def _mean_nll(self, pruned: tuple[int, ...]) -> float:
         key = set_key(pruned)
         if key not in self.nll:
+            start = time.perf_counter()
             value = float(self._evaluate()(frozenset(pruned)))
+            logger.info("quality: measured %d pruned block(s) in %.1f s", len(pruned), time.perf_counter() - start)
             self.nll[key] = value
             self.computed = True
             if self.cache_path is not None:

@@ -147,6 +147,7 @@ def refine(
     device: str = "cpu",
     model=None,
     objective: str = "kl",
+    evaluator: CalibrationCE | None = None,
 ) -> Selection:
     """MI-PRUN's default selection (the best configuration found on SmolLM2-135M):
     :func:`~vllm_miprun.core.selection.mi_search.mi_prun_search` -- a greedy guided by the
@@ -164,6 +165,13 @@ def refine(
     reports the total. ``max_evaluations`` (optional) lowers ``candidates`` so that
     ``candidates * num_prune <= max_evaluations`` (at least 1 per round). Protected
     blocks are never proposed.
+
+    ``evaluator`` (optional) is an ``OBJECTIVES[objective]`` on ``input_ids`` from an earlier
+    call: a planner that searches several counts for one model (a latency or quality budget)
+    passes the same one, so the full pass is made once and every set already measured (the
+    greedy for a smaller count is a prefix of a larger one's) comes from its memo. The losses
+    are the same numbers, so the selections are the same; ``block_passes`` and
+    ``run_evaluations`` then count only this call's new work.
     """
     import torch
 
@@ -177,14 +185,21 @@ def refine(
     if model is None:
         model = BlockwiseModel(model_dir, device=device, resident_blocks=True)
     ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.as_tensor(np.asarray(input_ids))
-    evaluator = OBJECTIVES[objective](model, ids)
+    passes_before, measured_before = 0, 0  # a new evaluator's full pass is this call's work
+    if evaluator is None:
+        evaluator = OBJECTIVES[objective](model, ids)
+    elif type(evaluator) is not OBJECTIVES[objective] or not torch.equal(evaluator.ids, ids):
+        raise ValueError(f"the evaluator passed to refine must be a {OBJECTIVES[objective].__name__} on these "
+                         f"calibration tokens, got a {type(evaluator).__name__} on {tuple(evaluator.ids.shape)} tokens")
+    else:
+        passes_before, measured_before = evaluator.block_passes, len(evaluator.memo)
     result = mi_prun_search(evaluator, cost, num_prune, protect, candidates=candidates, powers=powers,
                             cost_power=cost_power)
     if num_prune == 0:
         return result
     details = {**result.details, "objective": objective,
-               "block_passes": evaluator.block_passes, "calibration_tokens": int(ids.numel())}
-    return replace(result, run_evaluations=len(evaluator.memo), details=details)
+               "block_passes": evaluator.block_passes - passes_before, "calibration_tokens": int(ids.numel())}
+    return replace(result, run_evaluations=len(evaluator.memo) - measured_before, details=details)
 
 
 def sleb(model, input_ids, num_prune: int, protect: Iterable[int] = frozenset(), *, cost=None) -> Selection:

@@ -27,6 +27,7 @@ from typing import Any
 
 from vllm.logger import init_logger
 
+from vllm_miprun import route_library_logs_to_vllm
 from vllm_miprun.errors import USER_ERRORS
 from vllm_miprun.model import remap
 from vllm_miprun.option_flags import add_serve_flags, serve_flag_values
@@ -89,6 +90,7 @@ def prepare_engine_args(engine_args) -> None:
     from vllm_miprun.vllm import model_files, worker_paths
 
     MiprunOptions.from_dict(engine_args.model_loader_extra_config)  # a bad option fails first
+    route_library_logs_to_vllm()  # the planner's progress lines (calibration, search) reach the server log
     # the folders workers use, resolved here: Ray actors do not inherit this environment
     engine_args.model_loader_extra_config = worker_paths.carry_paths(engine_args.model_loader_extra_config)
     options = MiprunOptions.from_dict(engine_args.model_loader_extra_config)

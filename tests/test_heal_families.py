@@ -11,7 +11,7 @@ from tiny_models import make_tiny_model
 from vllm_miprun.model import architectures, checkpoint
 from vllm_miprun.options import CalibrationSettings, MiprunOptions
 from vllm_miprun.pipeline import heal
-from vllm_miprun.tools.evaluate import delete_blocks
+from vllm_miprun.tools.evaluate import TransformersBackend, delete_blocks
 from vllm_miprun.tools.export import export_pruned
 
 # What each family's block adds to the residual stream last, read from the transformers (and
@@ -55,7 +55,7 @@ def _explicit_model(model_dir, arch, maps):
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_folded_export_equals_the_map_applied_to_the_block_contribution(arch, family_dirs, tmp_path):
     """The export's fold (the loader's ``fold_stream``) and the eval backend's in-place fold
-    give the pruned model with ``T`` applied to the block's residual contribution."""
+    give the pruned model with ``T`` applied to what the block adds to the residual stream."""
     model_dir = family_dirs[arch]
     site = _site(model_dir)
     maps = {start: family_map(128, site, seed=start) for start in STARTS}
@@ -63,8 +63,7 @@ def test_folded_export_equals_the_map_applied_to_the_block_contribution(arch, fa
     explicit = _logits(_explicit_model(model_dir, arch, maps), ids)
     folded = _logits(_hf(export_pruned(model_dir, tmp_path / "healed", _Plan(), maps)), ids)
     torch.testing.assert_close(folded, explicit, atol=1e-4, rtol=1e-4)
-    in_place = delete_blocks(_hf(model_dir), KEPT)
-    heal.fold_into_model(in_place, maps, KEPT, site)
+    in_place = TransformersBackend(model_dir, kept=KEPT, heal_maps=maps).model  # the eval backend's fold
     torch.testing.assert_close(_logits(in_place, ids), explicit, atol=1e-4, rtol=1e-4)
 
 

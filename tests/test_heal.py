@@ -214,9 +214,27 @@ def test_vllm_serving_healed_equals_transformers_on_healed_export(tiny_llama_dir
     assert healed["logprobs"] != plain["logprobs"]  # the served model is the healed one
 
 
+def fold_into_layer(layer, transform: torch.Tensor, site) -> None:
+    """Fold one map into a transformers decoder layer in place, through ``fold_stream`` (the
+    loader's and the export's fold): the layer's tensors named as block 0 of a model whose run
+    ``[1, ·)`` is healed."""
+    params = {f"model.layers.0.{n}": p.detach() for n, p in layer.named_parameters()}
+    for name, tensor in heal.fold_stream(params.items(), {1: transform}, [0], site=site):
+        if tensor is not params[name]:
+            params[name].copy_(tensor)
+
+
+def family_map(dim: int, site, seed: int = 0) -> torch.Tensor:
+    """A random map of the form the family's site takes: diagonal for a norm's gain, full otherwise."""
+    if site.folds_into_norm:
+        return torch.diag(1.0 + 0.5 * torch.randn(dim, generator=torch.Generator().manual_seed(seed)))
+    return _random_maps(dim, [1], seed)[1]
+
+
 def _fold_is_exact(model_dir, block: int) -> bool:
-    """Whether ``T`` folded into block ``block``'s ``mlp.down_proj`` turns its output into
-    ``(output − MLP output) + T · MLP output``: the identity the heal fit assumes."""
+    """Whether ``T`` folded into block ``block`` where its family's ``heal_site`` says turns the
+    block's output into ``r + T d``, with ``(r, d)`` as the fit catches them: the identity the
+    heal fit assumes."""
     from vllm_miprun.model.blockwise import BlockwiseModel
 
     runner = BlockwiseModel(model_dir)
@@ -225,32 +243,25 @@ def _fold_is_exact(model_dir, block: int) -> bool:
         hidden = runner.embed_tokens(ids)
         with runner.block(block) as layer:
             r, d = heal.block_parts(runner, layer, hidden)
-            t = _random_maps(d.shape[-1], [1])[1]
-            layer.mlp.down_proj.weight.copy_(t @ layer.mlp.down_proj.weight)
-            if layer.mlp.down_proj.bias is not None:
-                layer.mlp.down_proj.bias.copy_(t @ layer.mlp.down_proj.bias)
+            t = family_map(d.shape[-1], runner.family.heal_site)
+            fold_into_layer(layer, t, runner.family.heal_site)
             folded = runner.run_block(layer, hidden)
     return torch.allclose(folded, r + d @ t.T, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("arch", sorted(FAMILY_ARCHS))
-def test_heal_refuses_exactly_the_families_where_the_fold_is_not_the_fit(arch, tmp_path):
-    """For every family: in its first block with an ``mlp.down_proj``, the fold is exact if
-    and only if the family does not refuse healing; a refused family fails before any fit,
-    and a block without one (MoE) is refused by name."""
+def test_every_family_folds_its_map_where_the_fit_caught_it(arch, tmp_path):
+    """For every family: in its first block with a dense MLP, the map folded into the family's
+    fold target is the map the fit sees (``r + T d``); a block without one (MoE) is refused by name."""
     from vllm_miprun.model import architectures
 
     model_dir = make_tiny_model(tmp_path / arch, arch=arch, num_layers=4)
     config = checkpoint.read_config(model_dir)
-    family = architectures.for_config(config)
+    site = architectures.for_config(config).heal_site
     names = [n for f in checkpoint.safetensors_files(model_dir) for n in checkpoint.read_header(f)]
-    dense = [b for b in range(4) if any(n.startswith(f"{family.layers_prefix}{b}{heal.DOWN_PROJ}") for n in names)]
+    dense = [b for b in range(4) if any(n.startswith(f"model.layers.{b}.{site.fold_into}.") for n in names)]
     if dense:  # the MoE families' dense blocks too
-        assert _fold_is_exact(model_dir, dense[0]) == (family.heal_refusal is None), family.family
+        assert _fold_is_exact(model_dir, dense[0]), arch
     if 1 not in dense:  # an MoE block or another MLP layout before the run: refused by name
         with pytest.raises(heal.HealError, match="mlp.down_proj"):
-            heal.check_foldable([0, 1, 3], 4, names, tied=True)
-    if family.heal_refusal is not None:
-        options = MiprunOptions.from_dict({"drop": "2", "heal": "linear", "cache_dir": str(tmp_path / "cache")})
-        with pytest.raises(heal.HealError, match=re.escape(f"cannot fold into {family.family} blocks")):
-            heal.prepare_maps(model_dir, options, [0, 1, 3], 4)
+            heal.check_foldable([0, 1, 3], 4, names, tied=True, site=site)

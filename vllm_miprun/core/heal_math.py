@@ -18,6 +18,17 @@ bias), same shape, no serving cost. ``T = I`` is the unhealed model. This is Rep
 form (arXiv 2505.02819). Row-parallel sharding splits ``W_down`` by input columns, and
 ``T`` mixes output rows, so folding before sharding equals folding each shard.
 
+Other families add the MLP output in another form; ``d`` is then what the block adds
+last (``Architecture.heal_site`` says where each family's comes from and folds):
+
+* Gemma 2/3 and OLMo 2 add ``d = norm(mlp(·))`` (``post_feedforward_layernorm``, an RMSNorm
+  with per-channel gain ``g``). A diagonal ``T = diag(t)`` folds into the gain: ``t ⊙ g``.
+  Gemma stores ``w`` and applies ``g = 1 + w``, so ``w' = t ⊙ (1 + w) − 1``; OLMo 2 applies
+  ``g = w``, so ``w' = t ⊙ w``. A non-diagonal map has no place there.
+* Granite adds ``d = m · W_down · act`` (``residual_multiplier``, a scalar); ``T`` commutes
+  with ``m``, so ``T @ W_down`` is exact when the fit's ``x`` is ``m · W_down · act``. Its
+  attention multiplier only shapes ``r``, which the fit takes as it is.
+
 A run starting at block 0 has no block before it: ``h_0`` is the token embedding, so
 ``h_j ≈ T h_0`` folds into the embedding rows (``E @ T.T``) when the embedding is not
 tied to the LM head; a tied embedding would change the head too, so such a run is left
@@ -96,6 +107,16 @@ def fold_bias(bias: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:
 
 def is_diagonal(transform: torch.Tensor) -> bool:
     return diagonal_of(transform) is not None
+
+
+def fold_norm_gain(weight: torch.Tensor, transform: torch.Tensor, offset: float) -> torch.Tensor:
+    """An RMSNorm's stored weight ``w`` (gain ``offset + w``) after a diagonal map
+    ``diag(t)`` on its output: ``w' = t·(offset + w) − offset`` in float64, rounded once."""
+    scales = diagonal_of(transform)
+    if scales is None:
+        raise ValueError("only a diagonal map folds into a norm's gain; got a full matrix")
+    gain = scales.double().reshape(weight.shape) * (offset + weight.double())
+    return (gain - offset).to(weight.dtype)
 
 
 def fold_channel_scale(scale: torch.Tensor, transform: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,10 @@
 Each maximal pruned run ``[i, j)`` gets a map ``T`` on the MLP output of block ``i−1``
 (``vllm_miprun.core.heal_math`` has the algebra), fitted on calibration tokens against the
 full model's ``h_j``. Runs are fitted in order in one block-by-block pass, each on the
-already-healed pruned prefix. The maps are folded into ``down_proj`` as the kept tensors
-stream to the model (``fold_stream``), so the served model has the same K blocks and
-shapes as the unhealed one: no serving cost.
+already-healed pruned prefix. The maps are folded into ``down_proj`` (or, where the family's
+``heal_site`` says so, the post-feed-forward norm's gain) as the kept tensors stream to the
+model (``fold_stream``), so the served model has the same K blocks and shapes as the
+unhealed one: no serving cost.
 
 Maps are stored beside the score cache as safetensors (never pickle). The file's metadata
 records the weights' fingerprint, the calibration settings, the recipe and the plan; a
@@ -32,6 +33,7 @@ from filelock import FileLock
 
 from vllm_miprun.core import heal_math
 from vllm_miprun.errors import CacheError
+from vllm_miprun.model.architectures.base import HealSite
 from vllm_miprun.model.remap import layer_index
 from vllm_miprun.options import resolve_device
 
@@ -46,7 +48,6 @@ HEAL_VERSION = 1
 # on the healed prefix (sequential) hurt held-out text badly at keep 0.6.
 RECIPE: dict[str, Any] = {"form": "diag", "ridge": 0.0, "weights": "uniform", "sequential": False,
                           "mix": ["wiki", "c4"]}
-DOWN_PROJ = ".mlp.down_proj."
 _SCALE_LEAVES = ("weight_scale", "weight_scale_inv")
 EMBED = "model.embed_tokens.weight"
 
@@ -124,15 +125,17 @@ def pruned_of(kept: list[int], num_blocks: int) -> list[int]:
     return [b for b in range(num_blocks) if b not in set(kept)]
 
 
-def check_family(config: dict[str, Any]) -> None:
-    """Refuse a family whose MLP output is normalised or scaled before the residual add:
-    a map folded into ``down_proj`` would then not be the map that was fitted."""
+def heal_site(config: dict[str, Any]) -> HealSite:
+    """Where the family catches a block's MLP contribution and folds its map; refuses, before
+    any work, a recipe form that cannot fold there (a norm's gain takes a diagonal map only)."""
     from vllm_miprun.model import architectures
 
     family = architectures.for_config(config)
-    if family.heal_refusal:
-        raise HealError(f"heal=linear cannot fold into {family.family} blocks: {family.heal_refusal}; "
-                        "use heal=none")
+    if family.heal_site.folds_into_norm and RECIPE["form"] != "diag":
+        raise HealError(f"heal=linear folds {family.family} maps into {family.heal_site.fold_into}'s gain, "
+                        f"which takes only a diagonal map, and the recipe's form is {RECIPE['form']!r}; "
+                        "use the diag form or heal=none")
+    return family.heal_site
 
 
 _HEAL_INT_QUANT = ("gptq", "awq")
@@ -182,8 +185,9 @@ def check_quantized_targets(header: dict[str, dict], blocks: Iterable[int]) -> N
                             f"is not one scale per output channel ([{rows}, 1]); {_USE_NONE}")
 
 
-def check_foldable(kept: list[int], num_blocks: int, weight_names: Iterable[str], tied: bool) -> list[int]:
-    """Run starts that will be healed; raise if a Llama-style ``mlp.down_proj`` is missing."""
+def check_foldable(kept: list[int], num_blocks: int, weight_names: Iterable[str], tied: bool,
+                   site: HealSite = HealSite()) -> list[int]:
+    """Run starts that will be healed; raise if the block before a run lacks the fold target."""
     names = set(weight_names)
     starts = []
     for start, _ in heal_math.pruned_runs(pruned_of(kept, num_blocks)):
@@ -194,26 +198,29 @@ def check_foldable(kept: list[int], num_blocks: int, weight_names: Iterable[str]
                 continue
             starts.append(start)
             continue
-        if not any(n.startswith(f"model.layers.{start - 1}{DOWN_PROJ}") for n in names):
+        if not any(n.startswith(f"model.layers.{start - 1}.{site.fold_into}.") for n in names):
             raise HealError(
-                f"heal=linear folds into model.layers.{start - 1}.mlp.down_proj, which this checkpoint lacks; "
-                "healing supports Llama-style blocks (mlp.down_proj); use heal=none"
+                f"heal=linear folds into model.layers.{start - 1}.{site.fold_into}, which this checkpoint lacks; "
+                f"healing supports blocks with a dense {site.fold_into}; use heal=none"
             )
         starts.append(start)
     return starts
 
 
 def block_parts(model, layer, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(r, d)`` of a Llama-style pre-norm block, whose output is ``r + d``: the stream after
-    attention, and the MLP output (caught on its way out, so the block runs through the
-    runner with the masks and rotary tables transformers gives it)."""
+    """``(r, d)`` of a block whose output is ``r + d``: ``d`` the MLP contribution as the
+    family's ``heal_site`` says it is added, ``r`` the rest (caught on its way out, so
+    the block runs through the runner with the masks and rotary tables transformers gives it)."""
+    site = model.family.heal_site
     caught: list[torch.Tensor] = []
-    handle = layer.mlp.register_forward_hook(lambda module, args, out: caught.append(out))
+    handle = layer.get_submodule(site.output).register_forward_hook(lambda module, args, out: caught.append(out))
     try:
         out = model.run_block(layer, hidden)
     finally:
         handle.remove()
     d = torch.cat(caught)
+    if site.multiplier is not None:
+        d = d * getattr(model.config, site.multiplier)
     return out - d, d
 
 
@@ -290,15 +297,16 @@ def maps_request(model_dir: str | Path, options, kept: list[int], num_blocks: in
     from vllm_miprun.pipeline.hub_alias import MissingWeightsError, weights_fingerprint
 
     config = checkpoint.read_config(model_dir)
-    check_family(config)
+    site = heal_site(config)
     check_heal_quantization(config)
     names = checkpoint.tensor_names(model_dir)  # from the index: a node may hold only the kept shards
     tied = bool(config.get("tie_word_embeddings", False)) or "lm_head.weight" not in names
-    starts = check_foldable(list(kept), num_blocks, names, tied)
+    starts = check_foldable(list(kept), num_blocks, names, tied, site)
     if not starts:
         return None
     targets = [start - 1 for start in starts if start > 0]  # kept blocks: their shards are here
-    check_quantized_targets(_headers_holding(model_dir, targets), targets)
+    if not site.folds_into_norm:  # a norm's gain is never quantized
+        check_quantized_targets(_headers_holding(model_dir, targets), targets)
     try:
         fingerprint = weights_fingerprint(model_dir, options.cache_dir)
     except MissingWeightsError:
@@ -367,23 +375,28 @@ def prepare_maps(model_dir: str | Path, options, kept: list[int], num_blocks: in
 
 
 def fold_stream(stream: Iterable[tuple[str, torch.Tensor]], maps: dict[int, torch.Tensor],
-                kept: list[int], complete: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """Fold each run's map into the renumbered ``down_proj`` (weight and bias) of the block
-    before it, or into the embedding for a run at block 0. Other tensors pass unchanged.
-    ``complete``: the stream is a whole checkpoint, so every target must come (a weight
-    push may carry only some tensors)."""
+                kept: list[int], complete: bool = True,
+                site: HealSite = HealSite()) -> Iterator[tuple[str, torch.Tensor]]:
+    """Fold each run's map into the renumbered fold target (``site.fold_into``: ``down_proj``'s
+    weight and bias, or a norm's gain) of the block before it, or into the embedding for a run
+    at block 0. Other tensors pass unchanged. ``complete``: the stream is a whole checkpoint,
+    so every target must come (a weight push may carry only some tensors)."""
     if not maps:
         yield from stream
         return
     maps = {start: heal_math.compact(t) for start, t in maps.items()}  # diagonal: [d] scales
     targets = {kept.index(start - 1): t for start, t in maps.items() if start > 0}
+    module = f".{site.fold_into}."
     seen, quantized, scaled = set(), set(), set()
     for name, tensor in stream:
         index = layer_index(name)
-        if index in targets and DOWN_PROJ in name and name.endswith(_SCALE_LEAVES):
+        if index in targets and module in name and site.folds_into_norm and name.endswith(".weight"):
+            tensor = heal_math.fold_norm_gain(tensor, _diagonal(name, targets[index]), site.gain_offset)
+            seen.add(index)
+        elif index in targets and module in name and name.endswith(_SCALE_LEAVES):
             tensor = _fold_scale(name, tensor, targets[index])
             scaled.add(index)
-        elif index in targets and DOWN_PROJ in name and name.endswith((".weight", ".bias")):
+        elif index in targets and module in name and name.endswith((".weight", ".bias")):
             if tensor.dtype.is_floating_point and tensor.element_size() == 1:  # FP8: the scale takes |t|
                 tensor = heal_math.flip_rows(tensor, _diagonal(name, targets[index]))
                 quantized.add(index)
@@ -403,7 +416,8 @@ def fold_stream(stream: Iterable[tuple[str, torch.Tensor]], maps: dict[int, torc
 
 def _diagonal(name: str, transform: torch.Tensor) -> torch.Tensor:
     if not heal_math.is_diagonal(transform):
-        raise HealError(f"{name} is FP8, and only a diagonal heal map folds into it exactly; use heal=none")
+        raise HealError(f"only a diagonal heal map folds into {name} exactly (an FP8 weight or a norm's gain), "
+                        "and this map is not diagonal; use heal=none")
     return transform
 
 
@@ -414,16 +428,11 @@ def _fold_scale(name: str, scale: torch.Tensor, transform: torch.Tensor) -> torc
     return heal_math.fold_channel_scale(scale, _diagonal(name, transform))
 
 
-def fold_into_model(model, maps: dict[int, torch.Tensor], kept: list[int]) -> None:
-    """Fold ``maps`` into a pruned Hugging Face model in place (the eval backend's path);
-    the same arithmetic as ``fold_stream``."""
+def fold_into_model(model, maps: dict[int, torch.Tensor], kept: list[int], site: HealSite = HealSite()) -> None:
+    """Fold ``maps`` into a pruned Hugging Face model in place (the eval backend's path):
+    its parameters go through :func:`fold_stream`, and those it changed are written back."""
+    params = {name: param.detach() for name, param in model.named_parameters()}  # shares their storage
     with torch.no_grad():
-        for start, transform in maps.items():
-            if start == 0:
-                embed = model.model.embed_tokens.weight
-                embed.copy_(heal_math.fold_embedding(embed, transform))
-                continue
-            down = model.model.layers[kept.index(start - 1)].mlp.down_proj
-            down.weight.copy_(heal_math.fold_down_proj(down.weight, transform))
-            if down.bias is not None:
-                down.bias.copy_(heal_math.fold_bias(down.bias, transform))
+        for name, tensor in fold_stream(params.items(), maps, kept, site=site):
+            if tensor is not params[name]:
+                params[name].copy_(tensor)

@@ -110,9 +110,10 @@ class TransformersBackend:
         if kept is not None:
             delete_blocks(self.model, kept)
             if heal_maps:
-                from vllm_miprun.pipeline.heal import fold_into_model
+                from vllm_miprun.model.checkpoint import read_config
+                from vllm_miprun.pipeline.heal import fold_into_model, heal_site
 
-                fold_into_model(self.model, heal_maps, sorted(kept))
+                fold_into_model(self.model, heal_maps, sorted(kept), heal_site(read_config(model_dir)))
         self.device, self.max_batch_tokens = device, max_batch_tokens
         limit = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.max_length = min(max_length or limit, limit)

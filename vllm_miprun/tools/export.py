@@ -59,14 +59,15 @@ def _write_weights(model_dir: Path, staging: Path, kept: list[int], heal_maps: d
     """One output shard per input shard that holds a kept tensor, plus a fresh index."""
     from safetensors.torch import save_file
 
-    from vllm_miprun.pipeline.heal import fold_stream
+    from vllm_miprun.pipeline.heal import fold_stream, heal_site
 
+    site = heal_site(checkpoint.read_config(model_dir))
     files, _, _ = weights.plan_reads(checkpoint.safetensors_files(model_dir), kept)
     weight_map: dict[str, str] = {}
     total_size = 0
     for path in files:
-        tensors = dict(fold_stream(weights.iter_kept_weights([path], kept),
-                                   {s: t for s, t in heal_maps.items() if _lands_in(s, kept, path)}, kept))
+        maps = {s: t for s, t in heal_maps.items() if _lands_in(s, kept, path, site.fold_into)}
+        tensors = dict(fold_stream(weights.iter_kept_weights([path], kept), maps, kept, site=site))
         save_file(tensors, staging / path.name, metadata={"format": "pt"})
         weight_map.update({name: path.name for name in tensors})
         total_size += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -75,12 +76,12 @@ def _write_weights(model_dir: Path, staging: Path, kept: list[int], heal_maps: d
         (staging / checkpoint.INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _lands_in(start: int, kept: list[int], path: Path) -> bool:
+def _lands_in(start: int, kept: list[int], path: Path, fold_into: str) -> bool:
     """Whether shard ``path`` holds the tensor the map of the run at ``start`` folds into."""
     header = checkpoint.read_header(path)
     if start == 0:
         return "model.embed_tokens.weight" in header
-    return any(remap.layer_index(n) == start - 1 and ".mlp.down_proj." in n for n in header)
+    return any(remap.layer_index(n) == start - 1 and f".{fold_into}." in n for n in header)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ import torch
 from vllm.logger import init_logger
 
 from vllm_miprun.core import heal_math
+from vllm_miprun.model.architectures.base import HealSite
 from vllm_miprun.model.remap import index_map, layer_index, renamed_weight
 from vllm_miprun.pipeline import heal
 
@@ -33,16 +34,19 @@ logger = init_logger(f"vllm.{__name__}")
 class FullModelNames:
     """A model's ``load_weights`` that takes the full checkpoint's names (see the module doc)."""
 
-    def __init__(self, load_weights, kept: list[int], num_blocks: int, maps: dict[int, torch.Tensor]):
+    def __init__(self, load_weights, kept: list[int], num_blocks: int, maps: dict[int, torch.Tensor],
+                 site: HealSite = HealSite()):
         self.pruned_load_weights = load_weights  # the model's own method, pruned numbering
         self.kept = list(kept)
         self.num_blocks = num_blocks
         self.maps = {start: heal_math.compact(t) for start, t in maps.items()}  # diagonal: [d]
+        self.site = site  # where the family's maps fold
 
     def __call__(self, weights: Iterable[tuple[str, torch.Tensor]]):
         dropped: set[int] = set()
         loaded = self.pruned_load_weights(
-            heal.fold_stream(renumbered(weights, self.kept, dropped), self.maps, self.kept, complete=False))
+            heal.fold_stream(renumbered(weights, self.kept, dropped), self.maps, self.kept, complete=False,
+                              site=self.site))
         if dropped:
             logger.info("miprun: dropped the weights of pruned blocks %s (full-model numbering; kept %s)",
                         sorted(dropped), self.kept)
@@ -61,9 +65,10 @@ def renumbered(weights: Iterable[tuple[str, torch.Tensor]], kept: list[int],
         yield new_name, tensor
 
 
-def take_full_model_names(model, kept: list[int], num_blocks: int, maps: dict[int, torch.Tensor]) -> None:
+def take_full_model_names(model, kept: list[int], num_blocks: int, maps: dict[int, torch.Tensor],
+                          site: HealSite = HealSite()) -> None:
     """Make ``model.load_weights`` take full-model names; idempotent (a second load keeps the
     model's own method underneath, so names are never renumbered twice)."""
     current = model.load_weights
     own = current.pruned_load_weights if isinstance(current, FullModelNames) else current
-    model.load_weights = FullModelNames(own, kept, num_blocks, maps)
+    model.load_weights = FullModelNames(own, kept, num_blocks, maps, site)

@@ -26,7 +26,7 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.model_loader.ep_weight_filter import should_skip_weight
 
-from vllm_miprun.model import checkpoint, remap, weights
+from vllm_miprun.model import architectures, checkpoint, remap, weights
 from vllm_miprun.pipeline import heal
 from vllm_miprun.pipeline.plan import DIGEST_FIELD, DIGEST_SOURCE_FIELD, check_digest, digest_fields
 from vllm_miprun.options import MiprunOptions, OptionError
@@ -204,7 +204,8 @@ class MiprunModelLoader(BaseModelLoader):
         full = int(model_config.hf_config.miprun_num_blocks_full)
         model_dir, files = self._kept_files(model_config, kept)
         maps = heal.prepare_maps(model_dir, self.options, kept, full)  # {} unless heal=linear
-        full_model_weights.take_full_model_names(model, kept, full, maps)
+        site = architectures.for_config(checkpoint.read_config(model_dir)).heal_site  # where maps fold
+        full_model_weights.take_full_model_names(model, kept, full, maps, site)
         loaded = model.load_weights(self._kept_weights(model_config, files, kept))
         if loaded is not None and model_config.quantization is None:
             # vLLM's own completeness check: every parameter came from the checkpoint.

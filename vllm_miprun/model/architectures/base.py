@@ -39,6 +39,26 @@ Renumber = Callable[[dict[str, Any], dict[str, Any], list[int]], None]
 
 
 @dataclass(frozen=True)
+class HealSite:
+    """Where a block's last addition to the residual stream comes from, and where a heal map
+    acting on it folds (``vllm_miprun.pipeline.heal``; the algebra is in ``core.heal_math``)."""
+
+    # Submodule of the decoder layer whose output, times the config field ``multiplier`` when
+    # one is named, is what the block adds to the residual stream last: the map acts on it.
+    output: str = "mlp"
+    multiplier: str | None = None
+    # Module the map folds into. A linear layer takes any map (``T @ W``, and ``T @ b``), exact
+    # when only scalars (``multiplier``) lie between it and ``output``. A norm whose gain is
+    # ``gain_offset + w`` takes a diagonal map only: ``w' = t·(gain_offset + w) − gain_offset``.
+    fold_into: str = "mlp.down_proj"
+    gain_offset: float | None = None  # None: ``fold_into`` is a linear layer
+
+    @property
+    def folds_into_norm(self) -> bool:
+        return self.gain_offset is not None
+
+
+@dataclass(frozen=True)
 class Architecture:
     """One family's quirks, as the pruner needs them."""
 
@@ -58,9 +78,9 @@ class Architecture:
     attn_implementation: str = "sdpa"
     # Static refusal before any work: (config) -> None, raising OptionError.
     check: Callable[[dict[str, Any]], None] | None = None
-    # Why a heal map cannot fold into ``mlp.down_proj`` (None: the block's output is the
-    # stream after attention plus the MLP output as it leaves the MLP, so it can).
-    heal_refusal: str | None = None
+    # Where heal=linear catches the block's MLP contribution and folds its map (default:
+    # Llama-style, the MLP output added as it leaves ``mlp.down_proj``).
+    heal_site: HealSite = HealSite()
 
 
 def is_neutral(value: Any) -> bool:

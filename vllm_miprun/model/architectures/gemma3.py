@@ -6,7 +6,8 @@ config always carries the sliced ``layer_types``, so the pattern is left as it i
 """
 
 from vllm_miprun.model.architectures.base import Architecture
+from vllm_miprun.model.architectures.gemma2 import GEMMA_HEAL
 
 GEMMA3 = Architecture(family="Gemma 3 (text)", architectures=("Gemma3ForCausalLM",), derived=("layer_types",),
                       renumbered=("sliding_window_pattern",),
-                      heal_refusal="its MLP output passes post_feedforward_layernorm before the residual add")
+                      heal_site=GEMMA_HEAL)

@@ -75,9 +75,8 @@ def test_the_installed_vllm_defines_every_name_the_project_imports():
     assert "vllm.model_executor.model_loader.register_model_loader" in result["symbols"]
 
 
-# Names a release lacks where the code has a stated fallback: vLLM 0.33 reorganised the KV
-# sizing functions, so there miprun_kv_capacity_ratio is L/K (logged; docs/deployment.md).
-KNOWN_GAPS = {"0.33.0": ("every branch of vllm_miprun/vllm/kv_layout.py",)}
+# Names a release may lack where the code has a stated fallback (none today).
+KNOWN_GAPS: dict[str, tuple[str, ...]] = {}
 
 
 def test_the_recorded_release_check_covers_every_vllm_name_the_project_imports_now():

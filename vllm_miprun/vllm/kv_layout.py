@@ -88,19 +88,32 @@ def full_specs(pruned: dict[str, Any], kept: list[int], num_blocks: int,
 def layout(vllm_config, specs: dict[str, Any]) -> dict[str, int]:
     """Bytes per block of the shared pool and blocks a ``max_model_len`` request takes,
     from vLLM's own grouping and capacity functions."""
-    try:  # vLLM 0.32's sizing functions; 0.33 reorganised them (there the ratio is L/K, logged)
-        from vllm.v1.core.kv_cache_utils import (
-            _pool_bytes_per_block, get_kv_cache_config_from_groups, get_kv_cache_groups,
-            get_max_concurrency_for_kv_cache_config,
-        )
-    except ImportError as err:
-        raise RuntimeError(f"this vLLM lacks the KV sizing functions miprun reads ({err})") from None
-    groups = get_kv_cache_groups(vllm_config, dict(specs))
-    bytes_per_block = _pool_bytes_per_block(vllm_config, groups)
-    config = get_kv_cache_config_from_groups(vllm_config, groups, bytes_per_block * PROBE_BLOCKS)
+    from vllm.v1.core.kv_cache_utils import get_max_concurrency_for_kv_cache_config
+
+    groups, bytes_per_block, config = sized_groups(vllm_config, dict(specs))
     concurrency = get_max_concurrency_for_kv_cache_config(vllm_config, config)
     return {"bytes_per_block": int(bytes_per_block), "groups": len(groups),
             "blocks_per_request": round(config.num_blocks / concurrency)}
+
+
+def sized_groups(vllm_config, specs: dict[str, Any]) -> tuple[list, int, Any]:
+    """(KV cache groups, pool bytes per block, the config of a ``PROBE_BLOCKS`` pool), as
+    the engine core plans them."""
+    try:  # vLLM 0.33 plans through the platform's KV cache config builder
+        from vllm.v1.core.kv_cache_config_builder import get_kv_cache_config_builder
+        from vllm.v1.core.kv_cache_planning import _pool_bytes_per_block_from_builder
+    except ImportError:  # vLLM 0.32: the same steps as module functions
+        from vllm.v1.core.kv_cache_utils import (
+            _pool_bytes_per_block, get_kv_cache_config_from_groups, get_kv_cache_groups,
+        )
+        groups = get_kv_cache_groups(vllm_config, specs)
+        bytes_per_block = _pool_bytes_per_block(vllm_config, groups)
+        return groups, bytes_per_block, get_kv_cache_config_from_groups(vllm_config, groups,
+                                                                        bytes_per_block * PROBE_BLOCKS)
+    builder = get_kv_cache_config_builder(vllm_config)
+    groups = builder.get_kv_cache_groups(vllm_config, specs)
+    bytes_per_block = _pool_bytes_per_block_from_builder(builder, vllm_config, groups)
+    return groups, bytes_per_block, builder.get_kv_cache_config_from_groups(vllm_config, groups, PROBE_BLOCKS)
 
 
 def kv_layouts(vllm_config, read_full_config: Callable[[], dict[str, Any]], kept: list[int],

@@ -55,9 +55,10 @@ def heal_steps(model_dir: Path, options: MiprunOptions, repeats: int) -> dict:
     maps_s, maps = timed(lambda: heal.prepare_maps(model_dir, options, kept, plan.num_blocks, progress=False),
                          repeats)
     files, read_bytes, _ = weights.plan_reads(checkpoint.safetensors_files(model_dir), kept)
+    site = heal.heal_site(checkpoint.read_config(model_dir))
 
     def stream_and_fold() -> int:
-        return sum(1 for _ in heal.fold_stream(weights.iter_kept_weights(files, kept), maps, kept))
+        return sum(1 for _ in heal.fold_stream(weights.iter_kept_weights(files, kept), maps, kept, site))
 
     stream_s, tensors = timed(stream_and_fold, repeats)
     return {"kept": kept, "maps": len(maps), "prepare_maps_s": maps_s, "stream_and_fold_s": stream_s,

@@ -12,6 +12,7 @@ import torch
 from tiny_models import FAMILY_ARCHS, make_tiny_model
 from vllm_miprun.core import heal_math
 from vllm_miprun.model import checkpoint, remap, weights
+from vllm_miprun.model.architectures.base import HealSite
 from vllm_miprun.options import CalibrationSettings, MiprunOptions, OptionError
 from vllm_miprun.pipeline import heal
 from vllm_miprun.tools.evaluate import delete_blocks
@@ -46,7 +47,8 @@ def _folded_model(model_dir, maps):
     config = AutoConfig.for_model(**remap.remap_config(checkpoint.read_config(model_dir), KEPT))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     files = checkpoint.safetensors_files(model_dir)
-    state = dict(heal.fold_stream(weights.iter_kept_weights(files, KEPT), maps, KEPT))
+    site = heal.heal_site(checkpoint.read_config(model_dir))
+    state = dict(heal.fold_stream(weights.iter_kept_weights(files, KEPT), maps, KEPT, site))
     model.load_state_dict(state, strict=True)
     return model
 
@@ -66,7 +68,7 @@ def test_fold_equals_explicit_map_after_block(tiny_llama_dir):
     plain = _logits(_folded_model(tiny_llama_dir, {}), ids)
     assert torch.allclose(folded, explicit, atol=1e-4, rtol=1e-4)
     in_place = delete_blocks(_hf(tiny_llama_dir), KEPT)  # the eval backend's path
-    heal.fold_into_model(in_place, maps, KEPT)
+    heal.fold_into_model(in_place, maps, KEPT, heal.heal_site(checkpoint.read_config(tiny_llama_dir)))
     assert torch.allclose(_logits(in_place, ids), explicit, atol=1e-4, rtol=1e-4)
     assert (folded - plain).abs().max() > 0.1  # the maps do change the model
 
@@ -165,10 +167,11 @@ def test_stored_maps_for_other_weights_or_settings_are_refused(tiny_llama_dir, t
 
 def test_run_at_block_zero_with_tied_embedding_stays_unhealed(caplog):
     names = [f"model.layers.{b}.mlp.down_proj.weight" for b in range(NUM_BLOCKS)]
-    assert heal.check_foldable(KEPT, NUM_BLOCKS, names, tied=True) == [3, 7]
-    assert heal.check_foldable(KEPT, NUM_BLOCKS, names, tied=False) == [0, 3, 7]
+    llama = HealSite()  # Llama-style: maps fold into mlp.down_proj
+    assert heal.check_foldable(KEPT, NUM_BLOCKS, names, tied=True, site=llama) == [3, 7]
+    assert heal.check_foldable(KEPT, NUM_BLOCKS, names, tied=False, site=llama) == [0, 3, 7]
     with pytest.raises(heal.HealError, match="down_proj"):
-        heal.check_foldable(KEPT, NUM_BLOCKS, ["model.layers.2.mlp.fc2.weight"], tied=False)
+        heal.check_foldable(KEPT, NUM_BLOCKS, ["model.layers.2.mlp.fc2.weight"], tied=False, site=llama)
 
 
 def test_bad_heal_value_is_one_line(capsys):

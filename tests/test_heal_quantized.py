@@ -82,7 +82,8 @@ def test_a_diagonal_map_folds_exactly_into_fp8_channel_scales(tiny_llama_dir, tm
             for start in (3, 7)}
     files = checkpoint.safetensors_files(folder)
     plain = dict(weights.iter_kept_weights(files, KEPT))
-    folded = dict(heal.fold_stream(weights.iter_kept_weights(files, KEPT), maps, KEPT))
+    site = heal.heal_site(checkpoint.read_config(folder))
+    folded = dict(heal.fold_stream(weights.iter_kept_weights(files, KEPT), maps, KEPT, site))
     for start, transform in maps.items():
         module = f"model.layers.{KEPT.index(start - 1)}.mlp.down_proj"
         parts = [f"{module}.weight", f"{module}.weight_scale"]

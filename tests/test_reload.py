@@ -19,8 +19,11 @@ import torch
 from torch import nn
 
 from vllm_miprun.core import heal_math
+from vllm_miprun.model.architectures.base import HealSite
 from vllm_miprun.pipeline import heal
 from vllm_miprun.vllm import full_model_weights, lora_and_draft
+
+LLAMA = HealSite()  # these models' maps (if any) fold into mlp.down_proj
 
 
 class _Recorder:  # a model whose own load_weights records what it was given
@@ -38,8 +41,8 @@ def _block_tensor(block: int) -> torch.Tensor:
 
 def test_full_model_names_land_on_kept_blocks_and_pruned_blocks_are_dropped(caplog):
     model = _Recorder()
-    full_model_weights.take_full_model_names(model, [0, 2, 5], 6, {})
-    full_model_weights.take_full_model_names(model, [0, 2, 5], 6, {})  # a second load: no double wrap
+    full_model_weights.take_full_model_names(model, [0, 2, 5], 6, {}, LLAMA)
+    full_model_weights.take_full_model_names(model, [0, 2, 5], 6, {}, LLAMA)  # a second load: no double wrap
     pushed = [("model.embed_tokens.weight", torch.zeros(2))]
     pushed += [(f"model.layers.{b}.mlp.down_proj.weight", _block_tensor(b)) for b in range(6)]
     logging.getLogger(full_model_weights.logger.name).propagate = True
@@ -54,7 +57,7 @@ def test_full_model_names_land_on_kept_blocks_and_pruned_blocks_are_dropped(capl
 def test_a_push_folds_the_heal_map_into_its_block():
     model = _Recorder()
     scales = torch.tensor([2.0, 3.0, 0.5, 1.0])
-    full_model_weights.take_full_model_names(model, [0, 2, 5], 6, {3: torch.diag(scales)})  # run [3, 5)
+    full_model_weights.take_full_model_names(model, [0, 2, 5], 6, {3: torch.diag(scales)}, LLAMA)  # run [3, 5)
     model.load_weights([("model.layers.2.mlp.down_proj.weight", _block_tensor(2)),
                         ("model.layers.5.mlp.down_proj.weight", _block_tensor(5))])
     got = dict(model.seen)
@@ -83,7 +86,7 @@ class _GemmaLike(nn.Module):
 def test_with_lora_a_later_load_does_not_renumber_kept_blocks_twice():
     kept, num_blocks = [0, 2, 4, 6], 8
     model = _GemmaLike(len(kept))
-    full_model_weights.take_full_model_names(model, kept, num_blocks, {})
+    full_model_weights.take_full_model_names(model, kept, num_blocks, {}, LLAMA)
     lora_and_draft.route_lora_to_kept_blocks(model, kept, num_blocks)  # LoRA on: after the first load
     loaded = model.load_weights((f"model.layers.{b}.dense.weight", _block_tensor(b)) for b in range(num_blocks))
     assert loaded == {f"model.layers.{j}.proj.weight" for j in range(len(kept))}
@@ -121,7 +124,7 @@ def test_diagonal_fold_scales_rows_exactly_like_the_dense_product(dtype):
 def test_fold_stream_takes_a_diagonal_map_as_its_scales():
     maps = {1: torch.tensor([2.0, 4.0])}  # what a weight push keeps in memory: [d], not [d, d]
     stream = [("model.layers.0.mlp.down_proj.weight", torch.ones(2, 3))]
-    (name, folded), = heal.fold_stream(stream, maps, [0, 2])
+    (name, folded), = heal.fold_stream(stream, maps, [0, 2], LLAMA)
     torch.testing.assert_close(folded, torch.tensor([[2.0] * 3, [4.0] * 3]))
 
 

@@ -186,7 +186,7 @@ def check_quantized_targets(header: dict[str, dict], blocks: Iterable[int]) -> N
 
 
 def check_foldable(kept: list[int], num_blocks: int, weight_names: Iterable[str], tied: bool,
-                   site: HealSite = HealSite()) -> list[int]:
+                   site: HealSite) -> list[int]:
     """Run starts that will be healed; raise if the block before a run lacks the fold target."""
     names = set(weight_names)
     starts = []
@@ -375,8 +375,7 @@ def prepare_maps(model_dir: str | Path, options, kept: list[int], num_blocks: in
 
 
 def fold_stream(stream: Iterable[tuple[str, torch.Tensor]], maps: dict[int, torch.Tensor],
-                kept: list[int], complete: bool = True,
-                site: HealSite = HealSite()) -> Iterator[tuple[str, torch.Tensor]]:
+                kept: list[int], site: HealSite, complete: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """Fold each run's map into the renumbered fold target (``site.fold_into``: ``down_proj``'s
     weight and bias, or a norm's gain) of the block before it, or into the embedding for a run
     at block 0. Other tensors pass unchanged. ``complete``: the stream is a whole checkpoint,
@@ -428,7 +427,7 @@ def _fold_scale(name: str, scale: torch.Tensor, transform: torch.Tensor) -> torc
     return heal_math.fold_channel_scale(scale, _diagonal(name, transform))
 
 
-def fold_into_model(model, maps: dict[int, torch.Tensor], kept: list[int], site: HealSite = HealSite()) -> None:
+def fold_into_model(model, maps: dict[int, torch.Tensor], kept: list[int], site: HealSite) -> None:
     """Fold ``maps`` into a pruned Hugging Face model in place (the eval backend's path):
     its parameters go through :func:`fold_stream`, and those it changed are written back."""
     params = {name: param.detach() for name, param in model.named_parameters()}  # shares their storage

@@ -35,7 +35,7 @@ class FullModelNames:
     """A model's ``load_weights`` that takes the full checkpoint's names (see the module doc)."""
 
     def __init__(self, load_weights, kept: list[int], num_blocks: int, maps: dict[int, torch.Tensor],
-                 site: HealSite = HealSite()):
+                 site: HealSite):
         self.pruned_load_weights = load_weights  # the model's own method, pruned numbering
         self.kept = list(kept)
         self.num_blocks = num_blocks
@@ -66,7 +66,7 @@ def renumbered(weights: Iterable[tuple[str, torch.Tensor]], kept: list[int],
 
 
 def take_full_model_names(model, kept: list[int], num_blocks: int, maps: dict[int, torch.Tensor],
-                          site: HealSite = HealSite()) -> None:
+                          site: HealSite) -> None:
     """Make ``model.load_weights`` take full-model names; idempotent (a second load keeps the
     model's own method underneath, so names are never renumbered twice)."""
     current = model.load_weights

@@ -24,7 +24,7 @@ from vllm_miprun.core.selection.sleb import prefix_answers as sleb_prefix_answer
 from vllm_miprun.model.checkpoint import missing_shards, read_config
 from vllm_miprun.model.quantization import check_checkpoint_quantization
 from vllm_miprun.core.latency import LatencyModel
-from vllm_miprun.pipeline.quality import QualityProbe, select_for_quality
+from vllm_miprun.pipeline.quality import QualityProbe, select_for_quality, stored_ratio, validation_setup
 from vllm_miprun.pipeline.speed_store import read_profile
 from vllm_miprun.options import MiprunOptions, OptionError, check_drop, resolve_device
 
@@ -164,13 +164,13 @@ def make_plan(model_dir: str | Path, options: MiprunOptions, hf_config: dict | N
     )
     if probe is not None:
         return _with_quality(plan, probe)
-    return _with_cached_quality(plan, QualityProbe(model_dir, options, path, forward.model)) if path else plan
+    return _with_stored_quality(plan, cache, options) if cache is not None else plan
 
 
-def _with_cached_quality(plan: Plan, probe: QualityProbe) -> Plan:
+def _with_stored_quality(plan: Plan, cache, options: MiprunOptions) -> Plan:
     """A plan whose quality nobody asked to measure still reports it when an earlier
-    ``vllm-miprun plan`` or quality budget stored it in the score cache: free to read."""
-    ratio = probe.cached_ratio(plan.pruned)
+    ``vllm-miprun plan`` or quality budget stored it in the score cache (already read)."""
+    ratio = stored_ratio(cache.quality.get(validation_setup(options.calibration), {}), plan.pruned)
     return plan if ratio is None else replace(plan, quality_ppl_ratio=ratio)
 
 

@@ -38,6 +38,15 @@ def set_key(pruned: Iterable[int]) -> str:
     return ",".join(str(b) for b in sorted(int(b) for b in pruned))
 
 
+def stored_ratio(nll: dict[str, float], pruned: Iterable[int]) -> float | None:
+    """Validation perplexity of the model without ``pruned`` over the dense model's, from the
+    mean NLLs in ``nll`` (by :func:`set_key`); None while either is missing."""
+    keys = set_key(pruned), set_key(())
+    if not all(key in nll for key in keys):
+        return None
+    return math.exp(nll[keys[0]] - nll[keys[1]])
+
+
 def validation_ids(model_dir, calibration):
     """The validation windows [VALIDATION_SAMPLES, seq_len] as a tensor."""
     import torch
@@ -77,14 +86,9 @@ class QualityProbe:
         pruned = tuple(sorted(int(b) for b in pruned))
         if not pruned:
             return 1.0
-        return math.exp(self._mean_nll(pruned) - self._mean_nll(()))
-
-    def cached_ratio(self, pruned: Iterable[int]) -> float | None:
-        """The ratio if the score cache already holds both perplexities, else None (no work)."""
-        keys = set_key(sorted(int(b) for b in pruned)), set_key(())
-        if not all(key in self.nll for key in keys):
-            return None
-        return math.exp(self.nll[keys[0]] - self.nll[keys[1]])
+        self._mean_nll(pruned)  # measured (and stored) where the score cache lacks them
+        self._mean_nll(())
+        return stored_ratio(self.nll, pruned)
 
     def _mean_nll(self, pruned: tuple[int, ...]) -> float:
         key = set_key(pruned)

@@ -12,11 +12,10 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
+from references import load_hf
 from tiny_models import FAMILY_ARCHS, make_tiny_model
 from vllm_miprun.model import remap
-from vllm_miprun.model.architectures import for_config
 from vllm_miprun.model.architectures.hf_model import decoder_layers, delete_blocks
 from vllm_miprun.model.blockwise import BlockwiseModel
 from vllm_miprun.options import OptionError
@@ -45,12 +44,6 @@ def family_dir(tmp_path_factory):
     return build
 
 
-def _reference(model_dir):
-    family = for_config(json.loads((model_dir / "config.json").read_text()))
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                                attn_implementation=family.attn_implementation).eval()
-
-
 def _ids(batch: int = 2):
     return torch.randint(3, 500, (batch, SEQ_LEN), generator=torch.Generator().manual_seed(1))
 
@@ -67,7 +60,7 @@ def test_runner_reproduces_transformers_hidden_states(arch, family_dir):
     model_dir = family_dir(arch)
     ids = _ids()
     with torch.inference_mode():
-        reference = _reference(model_dir)(ids, output_hidden_states=True, use_cache=False)
+        reference = load_hf(model_dir)(ids, output_hidden_states=True, use_cache=False)
     runner = BlockwiseModel(model_dir)
     hidden = runner.embed_tokens(ids)
     torch.testing.assert_close(hidden, reference.hidden_states[0], **TOL)
@@ -99,9 +92,9 @@ def _block_kinds(model, indices) -> list[tuple]:
 def test_exported_checkpoint_equals_transformers_with_blocks_deleted(arch, family_dir, tmp_path):
     model_dir, kept = family_dir(arch), KEPT[arch]
     out = export_pruned(model_dir, tmp_path / "pruned", _plan(kept))
-    full = _reference(model_dir)
+    full = load_hf(model_dir)
     expected_kinds = _block_kinds(full, kept)
-    pruned = _reference(out)
+    pruned = load_hf(out)
     assert pruned.config.num_hidden_layers == len(kept)
     assert _block_kinds(pruned, range(len(kept))) == expected_kinds  # each kept block keeps its kind
     types = getattr(full.config, "layer_types", None)

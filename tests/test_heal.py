@@ -191,7 +191,7 @@ def test_bad_heal_value_is_one_line(capsys):
 def test_vllm_serving_healed_equals_transformers_on_healed_export(tiny_llama_dir, tmp_path):
     """The loader's fold (vLLM) and the export's fold (read back by transformers) agree in greedy tokens."""
     from engine_runner import DEFAULT_PROMPTS
-    from test_loader_engine import run_engines
+    from engine_kit import run_engines
     from transformers import AutoTokenizer
 
     from vllm_miprun.pipeline.plan import make_plan

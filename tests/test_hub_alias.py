@@ -254,7 +254,7 @@ def test_engine_serves_mi_prun_from_cached_scores_without_the_pruned_only_shards
     fetches only the kept blocks' shards. Served offline (vLLM swaps the id for B's snapshot
     folder, which lacks the pruned-only shards), its tokens equal A's complete snapshot's.
     It replaces the score-free partial-snapshot engine test: the loader path is the same."""
-    from test_loader_engine import run_engines
+    from engine_kit import run_engines
 
     _plan(hub, "replica-a", revision=None)
     args, _ = _plan(hub, "replica-b", revision=None)

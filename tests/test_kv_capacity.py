@@ -54,7 +54,7 @@ def test_freed_weights_enlarge_the_pool_where_the_kv_size_is_not_fixed():
     ("gemma2", {"drop": [2, 4, 6]}),  # keeps 1 sliding (0) and 4 full layers: an uneven mix
 ])
 def test_ratio_matches_the_engines_own_kv_capacity(arch, extra, tiny_llama_dir, tmp_path):
-    from test_loader_engine import run_engines
+    from engine_kit import run_engines
 
     model = tiny_llama_dir if arch == "llama" else make_tiny_model(tmp_path / arch, arch=arch)
     base = {"model": str(model), "kv_bytes": KV_BYTES, "max_tokens": 2, "prompts": ["Once upon a time"]}

@@ -1,6 +1,6 @@
 """The miprun loader inside real vLLM engines on CPU (slow: each engine start ~20-60 s).
 
-Engines run in subprocesses (``engine_runner.py``), several per process where a test
+Engines run in subprocesses (``engine_runner.py`` through ``engine_kit``), several per process where a test
 only compares outputs, to keep the number of Python + vLLM imports small. Method
 "last" is used throughout: the scores are not the point here, the loader is.
 """
@@ -8,7 +8,6 @@ only compares outputs, to keep the number of Python + vLLM imports small. Method
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -19,33 +18,16 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from engine_runner import RESULT_MARK
+from engine_kit import engine_env, run_engines
+from references import greedy, pruned_hf, token_ids
 from vllm_miprun.options import MiprunOptions
 from vllm_miprun.tools import harness
 
 pytestmark = pytest.mark.engine
 
-RUNNER = Path(__file__).with_name("engine_runner.py")
 KV_BYTES = 16 * 2**20  # fixed KV memory, so capacity depends only on the built layers
 KEEP_HALF = {"keep": 0.5, "method": "last"}
 KEPT_HALF = [0, 1, 2, 7]  # "last" at keep 0.5 of 8 blocks: drop the 4 before the final one
-
-
-def _engine_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
-    env.update(extra)
-    return env
-
-
-def run_engines(specs: list[dict], timeout: int = 900, **env: str) -> list[dict]:
-    """Run ``specs`` in one fresh process; return one result dict per spec."""
-    returncode, out, err = harness.run_in_own_group([sys.executable, str(RUNNER), json.dumps(specs)], timeout,
-                                                    _engine_env(**env))
-    results = [json.loads(line[len(RESULT_MARK):]) for line in out.splitlines() if line.startswith(RESULT_MARK)]
-    # vLLM's engine core prints its traceback to stdout, the runner's own errors go to stderr
-    assert returncode == 0 and len(results) == len(specs), f"stdout:\n{out[-4000:]}\nstderr:\n{err[-4000:]}"
-    return results
 
 
 def _plan_kept(model_dir: Path, extra: dict) -> list[int]:
@@ -150,7 +132,7 @@ def _start_server(model_dir: Path, *flags: str, port: int) -> subprocess.Popen:
         [sys.executable, "-c", SERVE, str(model_dir), "--port", str(port), "--host", "127.0.0.1",
          "--enforce-eager", "--dtype", "float32", "--max-model-len", "512",
          "--kv-cache-memory-bytes", str(KV_BYTES), *flags],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_engine_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=engine_env(),
     )
 
 
@@ -177,7 +159,7 @@ def _run_cli_expecting_failure(model_dir: Path, *flags: str) -> tuple[int, str, 
     start = time.monotonic()
     proc = harness.start_in_own_group(
         [sys.executable, "-c", SERVE, str(model_dir), "--enforce-eager", *flags],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_engine_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=engine_env(),
     )
     try:
         out, err = proc.communicate(timeout=180)
@@ -222,35 +204,6 @@ SMOLLM2_PROMPTS = [
 ]
 
 
-def _transformers_greedy(model_dir: Path, kept: list[int], prompts: list[str], steps: int):
-    """Greedy tokens and their logprobs from transformers with the pruned blocks deleted."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    model.model.layers = torch.nn.ModuleList(model.model.layers[i] for i in kept)
-    model.config.num_hidden_layers = len(kept)
-    for new_index, layer in enumerate(model.model.layers):
-        layer.self_attn.layer_idx = new_index  # the KV cache is indexed by block position
-    tokens, logprobs = [], []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        out, lps, past = [], [], None
-        with torch.no_grad():
-            for _ in range(steps):
-                result = model(input_ids=ids, past_key_values=past, use_cache=True)
-                past = result.past_key_values
-                logp = torch.log_softmax(result.logits[0, -1], -1)
-                token = int(logp.argmax())
-                out.append(token)
-                lps.append(float(logp[token]))
-                ids = torch.tensor([[token]])
-        tokens.append(out)
-        logprobs.append(lps)
-    return tokens, logprobs
-
-
 @pytest.mark.smollm2
 def test_smollm2_keep_075_agrees_with_transformers(smollm2_dir):
     model_dir = smollm2_dir
@@ -260,7 +213,8 @@ def test_smollm2_keep_075_agrees_with_transformers(smollm2_dir):
             "prompts": SMOLLM2_PROMPTS, "kv_bytes": 64 * 2**20}
     (vllm_run,) = run_engines([spec], VLLM_ENABLE_V1_MULTIPROCESSING="0")
     assert vllm_run["kept"] == kept
-    hf_tokens, hf_logprobs = _transformers_greedy(model_dir, kept, SMOLLM2_PROMPTS, steps=16)
+    hf_tokens, hf_logprobs = greedy(pruned_hf(model_dir, kept), token_ids(model_dir, SMOLLM2_PROMPTS), 16,
+                                    use_cache=True)
     agree = sum(a == b for a, b in zip(vllm_run["tokens"], hf_tokens))
     assert agree >= 9, (vllm_run["tokens"], hf_tokens)
     first_steps = [(v[0], h[0]) for v, h in zip(vllm_run["logprobs"], hf_logprobs)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -153,42 +152,24 @@ def test_draft_is_recognised_and_gets_the_default_loader():
 # --- engines --------------------------------------------------------------------------
 
 def _run(specs: list[dict]) -> list[dict]:
-    from test_loader_engine import _engine_env
-    from lora_spec_runner import RESULT_MARK
-    from vllm_miprun.tools.harness import run_in_own_group
+    from engine_kit import run_engines
 
-    runner = Path(__file__).with_name("lora_spec_runner.py")
-    code, out, err = run_in_own_group([sys.executable, str(runner), json.dumps(specs)], 900,
-                                      _engine_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"))
-    results = [json.loads(line[len(RESULT_MARK):]) for line in out.splitlines() if line.startswith(RESULT_MARK)]
-    assert code == 0 and len(results) == len(specs), err[-4000:]
-    return results
+    return run_engines([{**spec, "scenario": "lora_spec"} for spec in specs], VLLM_ENABLE_V1_MULTIPROCESSING="0")
 
 
 def _reference_tokens(exported: Path, adapter: dict, kept: list[int], prompts: list[str], steps: int):
     """transformers on the exported pruned model, with the adapter merged by hand into the
     renumbered blocks (W += alpha/r * B @ A), greedy."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from references import greedy, load_hf, token_ids
 
-    tokenizer = AutoTokenizer.from_pretrained(exported)
-    model = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    model = load_hf(exported)
     with torch.no_grad():
         for new, old in enumerate(kept):
             for module in TARGETS:
                 name = f"base_model.model.model.layers.{old}.self_attn.{module}"
                 delta = adapter[f"{name}.lora_B.weight"] @ adapter[f"{name}.lora_A.weight"]
                 getattr(model.model.layers[new].self_attn, module).weight += ALPHA / RANK * delta
-    out = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        generated = []
-        for _ in range(steps):
-            with torch.no_grad():
-                token = int(model(ids, use_cache=False).logits[0, -1].argmax())
-            generated.append(token)
-            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-        out.append(generated)
-    return out
+    return greedy(model, token_ids(exported, prompts), steps)[0]
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +201,7 @@ def engine_runs(tiny_llama_dir, tmp_path_factory):
 
 @pytest.mark.engine
 def test_engine_applies_adapter_to_the_kept_blocks(engine_runs):
-    from lora_spec_runner import PROMPTS
+    from engine_runner import DEFAULT_PROMPTS
 
     run = engine_runs.lora
     kept = run["kept"]
@@ -228,7 +209,8 @@ def test_engine_applies_adapter_to_the_kept_blocks(engine_runs):
     assert run["tokens"] != run["base_tokens"], "the adapter must change the output"
     assert list(engine_runs.plan.kept) == kept
     steps = len(run["tokens"][0])
-    assert run["tokens"] == _reference_tokens(Path(engine_runs.exported), engine_runs.adapter, kept, PROMPTS, steps)
+    reference = _reference_tokens(Path(engine_runs.exported), engine_runs.adapter, kept, DEFAULT_PROMPTS, steps)
+    assert run["tokens"] == reference
 
 
 @pytest.mark.engine

@@ -619,7 +619,7 @@ def test_vllm_cpu_serves_a_pruned_quantized_checkpoint_like_its_export(method, t
     same greedy tokens and log-probs; the kept float block 7 is block 3 in both, which only holds
     if the quantization_config was renumbered (else vLLM builds block 3 quantized and cannot
     load its float weights)."""
-    from test_loader_engine import run_engines
+    from engine_kit import run_engines
 
     from vllm_miprun.options import MiprunOptions
     from vllm_miprun.pipeline.plan import make_plan

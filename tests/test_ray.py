@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine_kit import engine_env, run_engines
 from vllm_miprun.model import checkpoint
 from vllm_miprun.options import CalibrationSettings, MiprunOptions
 from vllm_miprun.pipeline import heal, store
@@ -123,10 +124,8 @@ LOOPBACK_RAY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disa
 
 def _env(**values: str) -> dict[str, str]:
     """This environment without miprun's variables, with ``values``; the test platform importable."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MIPRUN_") and k != "VLLM_CPU_KVCACHE_SPACE"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(RAY_CPU), os.environ.get("PYTHONPATH")]))
-    env.update(LOOPBACK_RAY, VLLM_CPU_OMP_THREADS_BIND="0|1", **values)
-    return env
+    return engine_env(scrub_miprun=True, path_first=[RAY_CPU],
+                      **{**LOOPBACK_RAY, "VLLM_CPU_OMP_THREADS_BIND": "0|1", **values})
 
 
 def _start_ray(work: Path, node_env: dict[str, str]) -> tuple[subprocess.Popen, str, str]:
@@ -189,8 +188,6 @@ def test_ray_tensor_parallel_serves_the_healed_model_like_mp(tiny_llama_dir, tmp
     ``MIPRUN_CACHE_DIR`` and ``require_cache``: the Ray workers find the maps (no fit), answer
     as the ``mp`` workers do, and their load reports reach ``/metrics``. The Ray node was
     started with its own ``MIPRUN_*`` values, which the workers keep."""
-    from test_loader_engine import run_engines
-
     from vllm_miprun.pipeline.plan import make_plan
 
     scores, decoy = tmp_path / "scores", tmp_path / "node"

@@ -9,10 +9,7 @@ full checkpoint restore a zeroed pruned model to the same tokens and log-probs.
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -131,16 +128,10 @@ def test_fold_stream_takes_a_diagonal_map_as_its_scales():
 # --- engines --------------------------------------------------------------------------
 
 def _run_reload(spec: dict) -> dict:
-    from reload_runner import RESULT_MARK
-    from test_loader_engine import _engine_env
-    from vllm_miprun.tools.harness import run_in_own_group
+    from engine_kit import run_engines
 
-    runner = Path(__file__).with_name("reload_runner.py")
-    code, out, err = run_in_own_group([sys.executable, str(runner), json.dumps(spec)], 900,
-                                      _engine_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"))
-    results = [json.loads(line[len(RESULT_MARK):]) for line in out.splitlines() if line.startswith(RESULT_MARK)]
-    assert code == 0 and len(results) == 1, err[-4000:]
-    return results[0]
+    (result,) = run_engines([{**spec, "scenario": "reload"}], VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    return result
 
 
 def _assert_restored(result: dict) -> None:

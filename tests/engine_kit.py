@@ -17,12 +17,14 @@ RESULT_MARK = "MIPRUN_RESULT "
 RUNNER = Path(__file__).with_name("engine_runner.py")
 
 
-def engine_env(*, scrub_miprun: bool = False, path_first: Iterable[str | Path] = (), **extra: str) -> dict[str, str]:
+def engine_env(*, without: Iterable[str] = (), scrub_miprun: bool = False, path_first: Iterable[str | Path] = (),
+               **extra: str) -> dict[str, str]:
     """This process's environment for a spawned engine, without ``VLLM_CPU_KVCACHE_SPACE`` (it would
-    override kv_cache_memory_bytes); without every ``MIPRUN_*`` variable when ``scrub_miprun``;
-    ``path_first`` ahead of ``PYTHONPATH``; then ``extra``."""
+    override kv_cache_memory_bytes) and the variables named in ``without``; without every
+    ``MIPRUN_*`` variable when ``scrub_miprun``; ``path_first`` ahead of ``PYTHONPATH``; then ``extra``."""
+    dropped = {"VLLM_CPU_KVCACHE_SPACE", *without}
     env = {key: value for key, value in os.environ.items()
-           if key != "VLLM_CPU_KVCACHE_SPACE" and not (scrub_miprun and key.startswith("MIPRUN_"))}
+           if key not in dropped and not (scrub_miprun and key.startswith("MIPRUN_"))}
     if path_first:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [*map(str, path_first), os.environ.get("PYTHONPATH")]))
     env.update(extra)

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import textwrap
@@ -241,9 +240,9 @@ def test_vllm_and_transformers_agree_per_request(tiny_llama_dir, tiny_tokenizer,
                                 "prompts": prompts}))
     script = tmp_path / "runner.py"
     script.write_text(RUNNER)
-    env = dict(os.environ)
-    env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
-    returncode, out, err = harness.run_in_own_group([sys.executable, str(script), str(spec)], 600, env)
+    from engine_kit import engine_env
+
+    returncode, out, err = harness.run_in_own_group([sys.executable, str(script), str(spec)], 600, engine_env())
     lines = [l for l in out.splitlines() if l.startswith("MIPRUN_EVAL ")]
     # vLLM logs to stdout: both tails, so a crash says how far the engine got
     assert returncode == 0 and lines, f"exit {returncode}\nstdout:\n{out[-2500:]}\nstderr:\n{err[-2500:]}"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from engine_kit import engine_env
 from vllm_miprun.core import gains
 from vllm_miprun.core.gains import Baseline, ThroughputWindow
 from vllm_miprun.core.latency import ideal_speedup, kv_bytes_per_token_per_block
@@ -172,9 +173,7 @@ def scraped(request, tiny_llama_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp(f"metrics-{mode}")
     config = json.loads((tiny_llama_dir / "config.json").read_text())
     plan = make_plan(tiny_llama_dir, MiprunOptions.from_dict({"keep": KEEP, "method": "last"}), hf_config=config)
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("VLLM_CPU_KVCACHE_SPACE", "PROMETHEUS_MULTIPROC_DIR", reports.RUN_DIR_ENV)}
-    env["MIPRUN_CACHE_DIR"] = str(work / "scores")
+    env = engine_env(without=["PROMETHEUS_MULTIPROC_DIR", reports.RUN_DIR_ENV], MIPRUN_CACHE_DIR=str(work / "scores"))
     if mode == "multiprocess":
         (work / "prom").mkdir()
         env["PROMETHEUS_MULTIPROC_DIR"] = str(work / "prom")

@@ -12,7 +12,6 @@ planning. Engine: a two-API-server ``vllm serve`` plans once and every scrape of
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from engine_kit import engine_env
 from vllm_miprun.model.remap import FULL_FIELD, KEPT_FIELD
 from vllm_miprun.tools import harness
 
@@ -154,9 +154,7 @@ def test_two_api_servers_plan_once_and_both_export_the_gauges(tiny_llama_dir, tm
     scrape shows the gauges, and a request is served."""
     import requests
 
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("VLLM_CPU_KVCACHE_SPACE", "PROMETHEUS_MULTIPROC_DIR", "MIPRUN_RUN_DIR")}
-    env["MIPRUN_CACHE_DIR"] = str(tmp_path / "scores")
+    env = engine_env(without=["PROMETHEUS_MULTIPROC_DIR", "MIPRUN_RUN_DIR"], MIPRUN_CACHE_DIR=str(tmp_path / "scores"))
     port, model, log = harness.free_port(), str(tiny_llama_dir), tmp_path / "server.log"
     with open(log, "w") as log_file:
         proc = harness.start_in_own_group(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from engine_kit import engine_env
 from vllm_miprun.tools import harness
 from vllm_miprun.vllm import launcher
 from vllm_miprun.vllm.launcher import Current
@@ -216,9 +217,7 @@ def served(tiny_llama_dir, tmp_path_factory):
     from openai import OpenAI
 
     work = tmp_path_factory.mktemp("vllm-command")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("VLLM_CPU_KVCACHE_SPACE", "PROMETHEUS_MULTIPROC_DIR")}
-    env["MIPRUN_CACHE_DIR"] = str(work / "scores")
+    env = engine_env(without=["PROMETHEUS_MULTIPROC_DIR"], MIPRUN_CACHE_DIR=str(work / "scores"))
     port, model, log = harness.free_port(), str(tiny_llama_dir), work / "server.log"
     with open(log, "w") as log_file:
         proc = harness.start_in_own_group(

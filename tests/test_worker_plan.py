@@ -101,14 +101,14 @@ WORKER_PLAN_ENGINE = textwrap.dedent('''
 
 @pytest.mark.engine
 def test_tensor_parallel_workers_that_plan_alone_calibrate_once_and_serve(tiny_llama_dir, tmp_path):
+    from engine_kit import engine_env
     from vllm_miprun.tools import harness
 
     script = tmp_path / "engine.py"
     script.write_text(WORKER_PLAN_ENGINE)
     extra = {"keep": 0.75, "method": "shortgpt", "device": "cpu", "cache_dir": str(tmp_path / "scores"),
              "samples": 4, "seq_len": 32}
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
-    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    env = engine_env(VLLM_CPU_OMP_THREADS_BIND="0|1")
     code, out, err = harness.run_in_own_group([sys.executable, str(script), str(tiny_llama_dir), json.dumps(extra)],
                                               600, env)
     assert code == 0, err[-4000:]

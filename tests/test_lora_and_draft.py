@@ -72,7 +72,8 @@ def test_adapter_layers_are_renumbered_to_kept_blocks_and_pruned_ones_dropped(tm
     handler.emit = lambda record: records.append(record.getMessage())
     logger = logging.getLogger(lora_and_draft.logger.name)
     logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
+    level = logger.level
+    logger.setLevel(logging.INFO)  # setLevel, not .level: it clears the logger's cached answers
     try:
         lora_and_draft.route_lora_to_kept_blocks(model, kept, NUM_BLOCKS)
     finally:

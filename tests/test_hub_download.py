@@ -169,6 +169,55 @@ def test_layers_past_the_stack_are_always_fetched(tmp_path):
     assert never == ["model-00003-of-00005.safetensors", "model-00004-of-00005.safetensors"]
 
 
+def _with_a_layer_past_the_stack(hub) -> tuple[str, list[str]]:
+    """Make the hub's last block a layer past the stack (an MTP layer: DeepSeek-V3 keeps it at
+    index num_hidden_layers). Returns its weight-name prefix and the shards holding any tensor
+    outside the stack, by the test's own count."""
+    config = json.loads((hub.repo / "config.json").read_text())
+    config["num_hidden_layers"] -= 1
+    (hub.repo / "config.json").write_text(json.dumps(config))
+    past = f"model.layers.{config['num_hidden_layers']}."
+    outside = sorted({shard for name, shard in hub.weight_map.items()
+                      if not name.startswith("model.layers.") or name.startswith(past)})
+    return past, outside
+
+
+def test_mtp_draft_of_the_same_repo_downloads_only_the_shards_outside_the_stack(hub):
+    """A DeepSeek MTP draft reads the layers past the stack and the embedding. Through vLLM's
+    own ``get_all_weights``, it gets every tensor of the shards holding them, and the shards
+    of blocks only are never downloaded (vLLM's default loader fetches every shard)."""
+    from types import SimpleNamespace
+
+    import torch
+    from vllm.config.load import LoadConfig
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    from vllm_miprun.vllm import lora_and_draft
+
+    past, outside = _with_a_layer_past_the_stack(hub)
+    assert len(outside) < len(set(hub.weight_map.values())), "some shard must hold blocks only"
+    load_config = LoadConfig(load_format="miprun", download_dir=hub.download_dir, ignore_patterns=list(IGNORE),
+                             model_loader_extra_config={"keep": 0.5})
+    model_config = SimpleNamespace(model=REPO_ID, revision="v1", hf_config=SimpleNamespace(model_type="deepseek_mtp"))
+
+    loader = lora_and_draft.draft_loader(load_config, model_config)
+    read = dict(loader.get_all_weights(model_config, torch.nn.Module()))
+    assert set(read) == {name for name, shard in hub.weight_map.items() if shard in outside}
+    assert any(name.startswith(past) for name in read) and "model.embed_tokens.weight" in read
+    assert hub.downloads() == [model_files.METADATA_PATTERNS, outside]
+    folder = hub.snapshot_folder(hub.download_dir, "v1")
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == outside
+
+    llama_draft = SimpleNamespace(model=REPO_ID, revision="v1", hf_config=SimpleNamespace(model_type="llama"))
+    assert type(lora_and_draft.draft_loader(load_config, llama_draft)) is DefaultModelLoader  # reads every block
+
+    # what vLLM's default loader does with the same draft: it fetches every shard ("auto" would
+    # first list the repo's files through an API call the fake hub does not answer)
+    stock = LoadConfig(load_format="safetensors", download_dir=hub.download_dir, ignore_patterns=list(IGNORE))
+    dict(DefaultModelLoader(stock).get_all_weights(model_config, torch.nn.Module()))
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == sorted(set(hub.weight_map.values()))
+
+
 def test_metrics_read_the_snapshot_in_the_engines_download_folder(hub, monkeypatch):
     """The API server's metrics exporter finds the same snapshot as the loader: in
     ``--download-dir``, not in the hub's default cache."""

@@ -71,7 +71,8 @@ def test_adapter_layers_are_renumbered_to_kept_blocks_and_pruned_ones_dropped(tm
     handler.emit = lambda record: records.append(record.getMessage())
     logger = logging.getLogger(lora_and_draft.logger.name)
     logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
+    level = logger.level
+    logger.setLevel(logging.INFO)  # setLevel, not .level: it clears the logger's cached answers
     try:
         lora_and_draft.route_lora_to_kept_blocks(model, kept, NUM_BLOCKS)
     finally:
@@ -249,3 +250,35 @@ def test_engine_renumbers_eagle3_depths_on_the_pruned_target(engine_runs):
     assert worker["eagle3"] == {"default": [2, 4, 5], "set_1_2_8": [1, 2, 4]}
     (alone,) = engine_runs.draft_alone["workers"]
     assert alone["eagle3"] == {"default": [2, 2, 1], "set_1_2_8": [1, 2, 8]}  # stock vLLM, 4 blocks
+
+
+@pytest.fixture(scope="module")
+def mtp_runs(tmp_path_factory):
+    """A tiny DeepSeek-V3 with its multi-token-prediction layer, one block per shard, served
+    with its MTP draft: pruned (block 2 of 4), and stock."""
+    from fake_hub import write_sharded_repo
+    from tiny_models import add_mtp_layer, make_tiny_model
+
+    work = tmp_path_factory.mktemp("mtp")
+    full = make_tiny_model(work / "full", "deepseek_v3", num_layers=5)
+    add_mtp_layer(full)
+    model = work / "sharded"
+    write_sharded_repo(full, model, blocks_per_shard=1)
+    mtp = {"model": str(model), "speculative": {"method": "mtp", "num_speculative_tokens": 1}, "max_tokens": 6}
+    pruned, stock = _run([{**mtp, "load_format": "miprun", "extra": {"keep": 0.75, "method": "last"}}, mtp])
+    return SimpleNamespace(pruned=pruned, stock=stock)
+
+
+@pytest.mark.engine
+def test_engine_serves_a_pruned_deepseek_with_its_mtp_draft_as_stock_builds_it(mtp_runs):
+    """vLLM builds an MTP draft from the target's config; pruned, that config has neither the
+    depth the MTP layer sits at nor the layer, and the engine failed. The draft is built from
+    the checkpoint's config and reads its weights from the shards outside the stack only:
+    it is stock vLLM's draft, weight for weight, and it drafts."""
+    assert mtp_runs.pruned["kept"] == [0, 1, 3]
+    (pruned,), (stock,) = mtp_runs.pruned["workers"], mtp_runs.stock["workers"]
+    assert (pruned["target"]["layers"], stock["target"]["layers"]) == (3, 4)
+    assert pruned["draft"]["layers"] == stock["draft"]["layers"] == 1  # the MTP layer
+    assert pruned["draft"]["param_sum"] == pytest.approx(stock["draft"]["param_sum"], rel=1e-9)
+    assert pruned["draft"]["param_sum"] != pytest.approx(stock["target"]["param_sum"], rel=1e-3)
+    assert mtp_runs.pruned["spec_decode"]["drafted"] > 0

@@ -44,7 +44,16 @@ def test_walk_picks_the_largest_count_within_budget(budget, expected):
     assert walk.num_prune == expected
     assert walk.ratio == ratios[expected]  # measured (1.0 for the dense model, never measured)
     assert expected == 7 or walk.ratios[expected + 1] > budget  # one more block was measured over budget
-    assert len(asked) <= 1 + math.ceil(math.log2(7)) and 0 not in asked  # a bisection; the dense model is free
+    assert 0 not in asked  # the dense model is free
+    assert max(asked) <= max(1, 2 * expected)  # never far past the answer: those counts cost the most
+    assert len(asked) <= 2 * math.ceil(math.log2(expected + 1)) + 1
+
+
+def test_walk_measures_few_counts_and_none_far_past_the_answer():
+    ratios = [1.0] + [1.0 + 0.01 * n for n in range(1, 30)]  # 29 blocks prunable, 3 within budget
+    asked = []
+    walk = most_pruned_within(1.035, 29, lambda n: asked.append(n) or ratios[n])
+    assert walk.num_prune == 3 and asked == [1, 2, 4, 3]
 
 
 def test_walk_matches_brute_force_on_random_monotone_ratios():
@@ -54,7 +63,9 @@ def test_walk_matches_brute_force_on_random_monotone_ratios():
         ratios = np.concatenate([[1.0], 1.0 + np.cumsum(rng.exponential(0.1, max_prune))])
         budget = float(rng.uniform(1.0, ratios[-1] + 0.2))
         best = max(n for n in range(max_prune + 1) if ratios[n] <= budget)
-        assert most_pruned_within(budget, max_prune, lambda n: ratios[n]).num_prune == best
+        asked = []
+        assert most_pruned_within(budget, max_prune, lambda n: asked.append(n) or ratios[n]).num_prune == best
+        assert all(count <= max(1, 2 * best) for count in asked) and len(asked) == len(set(asked))
 
 
 # --- the option --------------------------------------------------------------------------

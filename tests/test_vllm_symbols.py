@@ -1,5 +1,5 @@
 """The vLLM names the project imports exist in the installed vLLM and in the recorded releases
-(``scripts/check_vllm_release.py`` read the 0.32.0 and 0.33.0 wheels); the checker itself on
+(``scripts/check_vllm_release.py`` read the 0.32.0, 0.33.0 and 0.34.0 wheels); the checker itself on
 a small made-up vLLM tree. No network, no vLLM import."""
 
 from __future__ import annotations

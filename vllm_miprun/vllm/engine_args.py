@@ -32,7 +32,7 @@ from vllm_miprun.errors import USER_ERRORS
 from vllm_miprun.model import remap
 from vllm_miprun.option_flags import add_serve_flags, serve_flag_values
 from vllm_miprun.options import MiprunOptions, OptionError, option
-from vllm_miprun.vllm.compat import check_vllm_supported
+from vllm_miprun.vllm.compat import check_vllm_supported, reloads_experts_by_served_names
 from vllm_miprun.vllm.cpu_dtype import apply_cpu_dtype_default
 
 # Under "vllm." so vLLM's logging config (handler, level, format) applies to it.
@@ -78,6 +78,7 @@ def prepare_engine_args(engine_args) -> None:
         return
     check_vllm_supported()  # an unchecked vLLM release: one line, unless the user opted in
     check_load_strategy(engine_args)
+    check_fault_tolerance(engine_args)
     apply_cpu_dtype_default(engine_args)  # float32, not emulated bfloat16, on such CPUs (once)
     overrides = engine_args.hf_overrides
     if callable(overrides):
@@ -121,6 +122,21 @@ def check_load_strategy(engine_args) -> None:
             f"--safetensors-load-strategy {strategy} does not apply to --load-format {LOAD_FORMAT}, "
             "which reads only the kept blocks' tensors, lazily; drop the flag, or export the pruned "
             "checkpoint (vllm-miprun export) and serve it with the default loader"
+        )
+
+
+def check_fault_tolerance(engine_args) -> None:
+    """Refuse fault tolerance with EPLB where vLLM re-reads a failed rank's experts from the
+    checkpoint after a scale-down (0.34): it picks the tensors by the served model's layer
+    numbers, while the checkpoint of a pruned model keeps the full model's, so it would find
+    none or another block's."""
+    if not (getattr(engine_args, "enable_fault_tolerance", False) and getattr(engine_args, "enable_eplb", False)):
+        return
+    if reloads_experts_by_served_names():
+        raise OptionError(
+            f"--enable-fault-tolerance with --enable-eplb re-reads experts from the checkpoint by the served "
+            f"layer numbers, which --load-format {LOAD_FORMAT} renumbers; drop one of the two flags, or export "
+            "the pruned checkpoint (vllm-miprun export) and serve it with the default loader"
         )
 
 

@@ -31,7 +31,7 @@ from vllm_miprun.pipeline import heal
 from vllm_miprun.pipeline.plan import DIGEST_FIELD, DIGEST_SOURCE_FIELD, check_digest, digest_fields
 from vllm_miprun.options import MiprunOptions, OptionError
 from vllm_miprun.vllm import full_model_weights, lora_and_draft, model_files, worker_paths
-from vllm_miprun.vllm.compat import check_vllm_supported
+from vllm_miprun.vllm.compat import check_vllm_supported, init_ep_weight_filter
 from vllm_miprun.vllm.kv_layout import kv_layouts
 from vllm_miprun.vllm.kv_transfer import cover_plan_in_nixl_hash
 from vllm_miprun.vllm.ranks import check_ranks_agree
@@ -188,13 +188,13 @@ class MiprunModelLoader(BaseModelLoader):
         names; vLLM's ``reload_weights`` feeds them to ``model.load_weights``."""
         kept = list(model_config.hf_config.miprun_kept_layers)
         _, files = self._kept_files(model_config, kept)
-        yield from self._kept_weights(model_config, files, kept)
+        yield from self._kept_weights(model, model_config, files, kept)
 
-    def _kept_weights(self, model_config: ModelConfig, files: list[Path], kept: list[int]):
+    def _kept_weights(self, model: nn.Module, model_config: ModelConfig, files: list[Path], kept: list[int]):
         """The kept tensors under full-model names; with vLLM's expert-parallel weight filter
         (``--enable-ep-weight-filter``) other ranks' experts are skipped before they are read."""
         self.local_expert_ids = None
-        DefaultModelLoader._init_ep_weight_filter(self, model_config)  # sets it only when asked for
+        init_ep_weight_filter(self, model, model_config)  # sets it only when asked for
         local = self.local_expert_ids
         skip = None if local is None else (lambda name: should_skip_weight(name, local))
         return weights.iter_kept_weights(files, kept, renumber=False, skip=skip)
@@ -206,7 +206,7 @@ class MiprunModelLoader(BaseModelLoader):
         maps = heal.prepare_maps(model_dir, self.options, kept, full)  # {} unless heal=linear
         site = architectures.for_config(checkpoint.read_config(model_dir)).heal_site  # where maps fold
         full_model_weights.take_full_model_names(model, kept, full, maps, site)
-        loaded = model.load_weights(self._kept_weights(model_config, files, kept))
+        loaded = model.load_weights(self._kept_weights(model, model_config, files, kept))
         if loaded is not None and model_config.quantization is None:
             # vLLM's own completeness check: every parameter came from the checkpoint.
             DefaultModelLoader.track_weights_loading(self, model, loaded)

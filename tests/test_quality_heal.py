@@ -120,5 +120,6 @@ def test_second_healed_plan_fits_and_measures_nothing(tiny_llama_dir, tmp_path, 
     second = make_plan(tiny_llama_dir, options, progress=False)
     assert dataclasses.replace(second, scores_source=first.scores_source) == first
     assert second.healed_ppl_ratio is not None
-    kept = list(first.kept)
-    assert not first.pruned or not heal.needs_fit(tiny_llama_dir, options, kept, 8)  # the loader reads them
+    assert min(first.pruned) > 0  # a map folded into a kept block's down_proj, not the embedding
+    assert not heal.needs_fit(tiny_llama_dir, options, list(first.kept), 8)  # the loader reads the stored maps
+    assert _served_ratio(tiny_llama_dir, options, first.pruned) == pytest.approx(second.healed_ppl_ratio, rel=1e-4)

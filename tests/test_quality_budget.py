@@ -207,12 +207,14 @@ def test_quality_metric_follows_the_plan_report(tiny_llama_dir, tmp_path, monkey
     kept = [0, 1, 2, 3, 4, 5]
     reports.publish({"kept": kept, "num_blocks": 8, "predicted_speedup": 1.2, "latency_source": "profile",
                      "scores_source": "cache-hit", "method": "last", "quality_ppl_ratio": 1.25,
-                     "binding_target": "quality_budget"})
+                     "healed_ppl_ratio": 1.2, "binding_target": "quality_budget"})
     config = json.loads((tiny_llama_dir / "config.json").read_text())
     exporter = metrics.Exporter("quality-test", tiny_llama_dir, config, kept, 8, 2, cache_dir=str(tmp_path))
     exporter.publish_static()
     gauge = metrics.gauges()["miprun_quality_ppl_ratio"]
     assert gauge.labels(model_name="quality-test", binding_target="quality_budget")._value.get() == 1.25
+    healed = metrics.gauges()["miprun_healed_ppl_ratio"]  # heal=linear: the served model's ratio too
+    assert healed.labels(model_name="quality-test", binding_target="quality_budget")._value.get() == 1.2
 
 
 # --- SmolLM2 -----------------------------------------------------------------------------

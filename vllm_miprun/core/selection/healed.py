@@ -20,18 +20,16 @@ def healed_count(budget: float, start: int, max_prune: int, ratio_for: Callable[
         raise ValueError(f"start must be in [0, {max_prune}], got {start}")
     ratios: dict[int, float] = {}
 
-    def fits(count: int) -> bool:
-        if count == 0:
-            return True
+    def measured(count: int) -> float:
         ratios[count] = float(ratio_for(count))
-        return ratios[count] <= budget
+        return ratios[count]
 
     count = start
-    if fits(count):
-        while count < max_prune and fits(count + 1):
+    if count == 0 or measured(count) <= budget:
+        while count < max_prune and measured(count + 1) <= budget:
             count += 1
         return QualityWalk(count, ratios)
     count -= 1
-    while not fits(count):
+    while count > 0 and measured(count) > budget:
         count -= 1
     return QualityWalk(count, ratios)

@@ -105,6 +105,16 @@ def test_a_heal_that_makes_validation_worse_steps_the_plan_down(tiny_llama_dir, 
     assert plan.healed_ppl_ratio == pytest.approx(healed[5], rel=1e-5)
 
 
+def test_with_a_latency_budget_the_healed_ratio_decides_whether_it_binds(tiny_llama_dir, tmp_path, measured):
+    unhealed, healed = measured
+    budget = (healed[7] + unhealed[7]) / 2  # the latency plan (7 pruned) is over it unhealed, within healed
+    options = _options(tmp_path, latency_budget="0.95", quality_budget=budget, heal="linear")
+    plan = make_plan(tiny_llama_dir, options, progress=False)
+    assert plan.binding_target == "latency_budget" and len(plan.pruned) == 7
+    assert plan.healed_ppl_ratio == pytest.approx(healed[7], rel=1e-5)
+    assert plan.quality_ppl_ratio == pytest.approx(unhealed[7], rel=1e-5)
+
+
 def test_second_healed_plan_fits_and_measures_nothing(tiny_llama_dir, tmp_path, monkeypatch):
     options = _options(tmp_path, quality_budget=1.05, heal="linear", method="mi-prun")  # a score cache
     first = make_plan(tiny_llama_dir, options, progress=False)

@@ -164,13 +164,13 @@ def healed_loss(evaluator, pruned: tuple[int, ...], maps: dict) -> float:
     the first block that differs."""
     import torch
 
+    with torch.inference_mode():
+        return _healed_loss(evaluator, pruned, maps)
+
+
+def _healed_loss(evaluator, pruned: tuple[int, ...], maps: dict) -> float:
     from vllm_miprun.pipeline.heal import block_parts
 
-    with torch.inference_mode():
-        return _healed_loss(evaluator, pruned, maps, block_parts)
-
-
-def _healed_loss(evaluator, pruned: tuple[int, ...], maps: dict, block_parts) -> float:
     model, pruned_set = evaluator.model, set(pruned)
     first = max(min(pruned) - 1, 0)
     h = evaluator.states[first]

@@ -87,8 +87,7 @@ def test_quality_budget_joins_only_a_latency_budget():
     for other in ({"keep": 0.5}, {"drop": "3"}):
         with pytest.raises(OptionError, match="not both"):
             MiprunOptions.from_dict({"quality_budget": 1.3, **other})
-    with pytest.raises(OptionError, match="give quality_budget or heal, not both"):
-        MiprunOptions.from_dict({"quality_budget": 1.3, "heal": "linear"})
+    assert MiprunOptions.from_dict({"quality_budget": 1.3, "heal": "linear"}).heal == "linear"  # measured healed
 
 
 def test_bad_budget_is_refused_before_the_model_is_read(tmp_path, capsys):
@@ -219,12 +218,14 @@ def test_quality_metric_follows_the_plan_report(tiny_llama_dir, tmp_path, monkey
     kept = [0, 1, 2, 3, 4, 5]
     reports.publish({"kept": kept, "num_blocks": 8, "predicted_speedup": 1.2, "latency_source": "profile",
                      "scores_source": "cache-hit", "method": "last", "quality_ppl_ratio": 1.25,
-                     "binding_target": "quality_budget"})
+                     "healed_ppl_ratio": 1.2, "binding_target": "quality_budget"})
     config = json.loads((tiny_llama_dir / "config.json").read_text())
     exporter = metrics.Exporter("quality-test", tiny_llama_dir, config, kept, 8, 2, cache_dir=str(tmp_path))
     exporter.publish_static()
     gauge = metrics.gauges()["miprun_quality_ppl_ratio"]
     assert gauge.labels(model_name="quality-test", binding_target="quality_budget")._value.get() == 1.25
+    healed = metrics.gauges()["miprun_healed_ppl_ratio"]  # heal=linear: the served model's ratio too
+    assert healed.labels(model_name="quality-test", binding_target="quality_budget")._value.get() == 1.2
 
 
 # --- SmolLM2 -----------------------------------------------------------------------------

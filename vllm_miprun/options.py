@@ -302,9 +302,6 @@ def calibration_settings(raw: Mapping[str, Any]) -> "CalibrationSettings":
 def _options_post_init(self) -> None:
     _parse_fields(self, type(self).ROWS)
     _check_target(self)
-    if self.quality_budget is not None and self.heal != "none":
-        raise OptionError(f"quality_budget measures the model without the heal, so heal={self.heal!r} would serve "
-                          "another model than the one measured; give quality_budget or heal, not both")
     if self.drop is not None and self.method != BY_NAME["method"].default:
         raise OptionError(f"drop names the blocks itself, so method {self.method!r} would not be used; "
                           "give drop or method, not both")

@@ -60,6 +60,9 @@ class Plan:
     # Perplexity on held-out calibration text, pruned over dense (pipeline.quality): measured by a
     # quality budget or ``measure_quality``, else read from the score cache if stored; else None.
     quality_ppl_ratio: float | None = None
+    # With heal=linear and a quality budget: the same ratio for the healed model that is served
+    # (maps fitted for these blocks and applied); quality_ppl_ratio is then the unhealed prediction.
+    healed_ppl_ratio: float | None = None
     # The target that set the number of blocks: keep, latency_budget, quality_budget or drop.
     binding_target: str | None = None
     scores_key: str | None = None  # the score cache's key: weights, calibration, compute
@@ -161,6 +164,7 @@ def make_plan(model_dir: str | Path, options: MiprunOptions, hf_config: dict | N
         fingerprint=cache.fingerprint if cache else None,
         binding_target=selection.details.get("binding_target", _target_name(options)),
         scores_key=score_cache.cache_key(cache.fingerprint, cache.calibration) if cache else None,
+        healed_ppl_ratio=selection.details.get("healed_ppl_ratio"),
     )
     if probe is not None:
         return _with_quality(plan, probe)

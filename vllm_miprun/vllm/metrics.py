@@ -82,6 +82,11 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
         "(documents calibration never reads), measured when the plan is made with a quality "
         "budget; NaN when not measured. Label binding_target: the target that set the number "
         "of blocks (keep, latency_budget, quality_budget or drop).", ("binding_target",)),
+    "miprun_healed_ppl_ratio": (
+        "The same perplexity ratio for the healed model that is served (heal=linear: maps "
+        "fitted for the kept blocks and applied), measured when the plan has a quality budget "
+        "and the heal; NaN otherwise. miprun_quality_ppl_ratio is then the unhealed prediction. "
+        "Label binding_target as for miprun_quality_ppl_ratio.", ("binding_target",)),
     "miprun_plan_seconds": (
         "Seconds spent choosing the blocks in the front process, including calibration "
         "when the scores were computed.", ()),
@@ -217,9 +222,10 @@ class Exporter:
                       latency_source=str(self.plan.get("latency_source", "unknown")))
             self._set("miprun_scores_source", 1, source=str(self.plan.get("scores_source", "unknown")),
                       method=str(self.plan.get("method", "unknown")))
-            ratio = self.plan.get("quality_ppl_ratio")
-            self._set("miprun_quality_ppl_ratio", math.nan if ratio is None else float(ratio),
-                      binding_target=str(self.plan.get("binding_target") or "unknown"))
+            binding = str(self.plan.get("binding_target") or "unknown")
+            for name in ("quality_ppl_ratio", "healed_ppl_ratio"):
+                ratio = self.plan.get(name)
+                self._set(f"miprun_{name}", math.nan if ratio is None else float(ratio), binding_target=binding)
             if self.plan.get("plan_seconds") is not None:
                 self._set("miprun_plan_seconds", float(self.plan["plan_seconds"]))
         else:

@@ -25,6 +25,22 @@ def _tiny(tmp_path_factory, arch: str, **kwargs) -> Path:
 
 
 @pytest.fixture(scope="session")
+def family_model(tmp_path_factory):
+    """``family_model(arch, num_layers, **shape)``: a family's tiny model, built once per session
+    for each shape asked (tests that change a checkpoint copy it first)."""
+    built: dict[tuple, Path] = {}
+
+    def build(arch: str, num_layers: int = 4, **shape) -> Path:
+        key = (arch, num_layers, *sorted(shape.items()))
+        if key not in built:
+            built[key] = make_tiny_model(tmp_path_factory.mktemp(f"family-{arch}"), arch=arch,
+                                         num_layers=num_layers, **shape)
+        return built[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return _tiny(tmp_path_factory, "llama")
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from references import load_hf
-from tiny_models import FAMILY_ARCHS, make_tiny_model
+from tiny_models import FAMILY_ARCHS
 from vllm_miprun.model import remap
 from vllm_miprun.model.architectures.hf_model import decoder_layers, delete_blocks
 from vllm_miprun.model.blockwise import BlockwiseModel
@@ -31,17 +31,12 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 KEPT = {arch: [0, 1, 3] for arch in FAMILIES} | {"llama4": [2, 3]}
 
 
+SHAPE = dict(num_layers=NUM_BLOCKS, hidden_size=64, num_heads=2, num_kv_heads=1)  # also the engine test's
+
+
 @pytest.fixture(scope="session")
-def family_dir(tmp_path_factory):
-    built = {}
-
-    def build(arch: str):
-        if arch not in built:
-            built[arch] = make_tiny_model(tmp_path_factory.mktemp(f"family-{arch}"), arch=arch,
-                                          num_layers=NUM_BLOCKS, hidden_size=64, num_heads=2, num_kv_heads=1)
-        return built[arch]
-
-    return build
+def family_dir(family_model):
+    return lambda arch: family_model(arch, **SHAPE)
 
 
 def _ids(batch: int = 2):

@@ -14,6 +14,7 @@ vLLM's default loader on the exported pruned checkpoint instead.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -61,8 +62,8 @@ def _transformers_greedy(model_dir: Path, kept: list[int], dtype: str = "float32
 
 
 @pytest.mark.engine
-def test_vllm_serves_each_family_like_transformers_with_blocks_deleted(tmp_path):
-    from test_architectures import FAMILIES, NUM_BLOCKS, _plan
+def test_vllm_serves_each_family_like_transformers_with_blocks_deleted(tmp_path, family_model):
+    from test_architectures import FAMILIES, NUM_BLOCKS, SHAPE, _plan
     from tiny_models import make_tiny_model
     from vllm_miprun.options import MiprunOptions
     from vllm_miprun.pipeline import heal
@@ -77,8 +78,7 @@ def test_vllm_serves_each_family_like_transformers_with_blocks_deleted(tmp_path)
         specs.append({"arch": name, "model": str(model_dir), "extra": extra})
     assert expected_kept == {"llama:1-block": [0], "llama:2-block": [1]}
     for arch in FAMILIES:
-        model_dir = make_tiny_model(tmp_path / arch, arch=arch, num_layers=NUM_BLOCKS, hidden_size=64,
-                                    num_heads=2, num_kv_heads=1)
+        model_dir = shutil.copytree(family_model(arch, **SHAPE), tmp_path / arch)  # patched below
         _patch_config(model_dir, CONFIG_PATCH.get(arch, {}))
         extra = EXTRA_BY_ARCH.get(arch, EXTRA)
         config = json.loads((model_dir / "config.json").read_text())

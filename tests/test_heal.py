@@ -253,12 +253,12 @@ def _fold_is_exact(model_dir, block: int) -> bool:
 
 
 @pytest.mark.parametrize("arch", sorted(FAMILY_ARCHS))
-def test_every_family_folds_its_map_where_the_fit_caught_it(arch, tmp_path):
+def test_every_family_folds_its_map_where_the_fit_caught_it(arch, family_model):
     """For every family: in its first block with a dense MLP, the map folded into the family's
     fold target is the map the fit sees (``r + T d``); a block without one (MoE) is refused by name."""
     from vllm_miprun.model import architectures
 
-    model_dir = make_tiny_model(tmp_path / arch, arch=arch, num_layers=4)
+    model_dir = family_model(arch)
     config = checkpoint.read_config(model_dir)
     site = architectures.for_config(config).heal_site
     names = [n for f in checkpoint.safetensors_files(model_dir) for n in checkpoint.read_header(f)]

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from test_heal import _hf, _logits, family_map
-from tiny_models import make_tiny_model
 from vllm_miprun.model import architectures, checkpoint
 from vllm_miprun.options import CalibrationSettings, MiprunOptions
 from vllm_miprun.pipeline import heal
@@ -26,10 +25,9 @@ STARTS = (2, 5)
 
 
 @pytest.fixture(scope="module")
-def family_dirs(tmp_path_factory):
-    """Each family's tiny model, built once for this module."""
-    return {arch: make_tiny_model(tmp_path_factory.mktemp(f"heal-{arch}"), arch=arch, num_layers=NUM_BLOCKS)
-            for arch in FAMILIES}
+def family_dirs(family_model):
+    """Each family's tiny model at this module's depth (built once per session)."""
+    return {arch: family_model(arch, num_layers=NUM_BLOCKS) for arch in FAMILIES}
 
 
 class _Plan:

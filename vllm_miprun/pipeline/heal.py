@@ -63,6 +63,16 @@ class DamagedMapsError(HealError):
 # --------------------------------------------------------------------------- store
 
 
+def json_digest(value: Any, length: int = 16) -> str:
+    """A short sha256 of ``value``'s JSON, key order ignored: what names maps and measurements."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:length]
+
+
+def recipe_digest() -> str:
+    """The recipe's identity: anything measured with the heal is stored under it."""
+    return json_digest(RECIPE, 12)
+
+
 def heal_record(fingerprint: str, calibration: dict[str, Any], kept: list[int], num_blocks: int) -> dict[str, Any]:
     """Everything the stored maps depend on; any difference means other maps."""
     return {"format": HEAL_FORMAT, "version": HEAL_VERSION, "fingerprint": fingerprint,
@@ -73,8 +83,7 @@ def heal_path(model_dir: str | Path, record: dict[str, Any], cache_dir: str | Pa
     from vllm_miprun.pipeline.store import cache_folder, safe_name
 
     folder = cache_folder(cache_dir)
-    key = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
-    return folder / f"{safe_name(Path(model_dir).resolve().name)}-heal-{key}.safetensors"
+    return folder / f"{safe_name(Path(model_dir).resolve().name)}-heal-{json_digest(record)}.safetensors"
 
 
 def write_maps(path: Path, record: dict[str, Any], maps: dict[int, torch.Tensor]) -> Path:

@@ -39,13 +39,9 @@ def validation_setup(calibration, heal: str = "none") -> str:
     name the recipe, so a changed recipe measures again)."""
     if heal == "none":
         return f"validation:{VALIDATION_SAMPLES}x{calibration.seq_len}:heal=none"
-    import hashlib
-    import json
+    from vllm_miprun.pipeline.heal import recipe_digest
 
-    from vllm_miprun.pipeline.heal import RECIPE
-
-    recipe = hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()[:12]
-    return f"validation:{VALIDATION_SAMPLES}x{calibration.seq_len}:heal={heal}:{recipe}"
+    return f"validation:{VALIDATION_SAMPLES}x{calibration.seq_len}:heal={heal}:{recipe_digest()}"
 
 
 def set_key(pruned: Iterable[int]) -> str:

@@ -93,6 +93,38 @@ def test_kl_objective_is_zero_for_the_full_model_and_matches_its_definition(tiny
     assert evaluate(frozenset({2, 6})) == pytest.approx(CalibrationKL(model, ids)(frozenset({2, 6})), rel=1e-6)
 
 
+def test_block_noise_is_the_skip_channel_noise_of_the_pruned_model(tiny_llama_dir):
+    import torch
+
+    from vllm_miprun.core.scoring import rms_normalise
+
+    model = BlockwiseModel(tiny_llama_dir, resident_blocks=True)
+    ids = calibration_ids(tiny_llama_dir, SMALL)[:2]
+    evaluate = CalibrationKL(model, ids, keep_chains=1)
+    pruned = frozenset({2, 5})
+    evaluate(pruned)
+    passes = evaluate.block_passes
+    noise = evaluate.block_noise(pruned)
+    assert evaluate.block_passes == passes  # read from the states of the last measurement
+    h = model.embed_tokens(ids)
+    width = h.shape[-1]
+    for b in range(model.num_blocks):
+        if b in pruned:
+            assert noise[b] == 0.0
+            continue
+        with model.block(b) as layer:
+            after = model.run_block(layer, h)
+        g_in, g_out = (rms_normalise(x.reshape(-1, width)) for x in (h, after))
+        expected = float((g_out - g_in).pow(2).sum(1).mean() / g_out.var(dim=0).sum())
+        assert noise[b] == pytest.approx(expected, rel=1e-6)
+        h = after
+    assert noise[6] != pytest.approx(evaluate.block_noise(frozenset())[6], rel=1e-3)  # not the full model's
+    evaluate(frozenset({1}))  # keep_chains=1: the states of {2, 5} are dropped and measured again
+    assert evaluate.block_noise(pruned) == pytest.approx(noise, rel=1e-6)
+    assert refine(tiny_llama_dir, ids, np.zeros((9, 9)), 3, model=model).details["greedy_trace"][0]["tried"] == \
+        sorted((b for b in range(8)), key=lambda b: (evaluate.block_noise(frozenset())[b], b))[:3]
+
+
 def test_refine_rejects_an_unknown_objective(tiny_llama_dir, calibrated):
     result, _ = calibrated
     with pytest.raises(ValueError, match="objective must be one of ce, kl, got 'mse'"):

@@ -269,6 +269,30 @@ def test_mi_prun_search_keeps_the_proposal_with_the_lowest_loss():
     assert mi_prun_search(loss, cost, 0).pruned == ()
 
 
+def test_mi_guided_greedy_ranks_by_the_pruned_models_noise_and_widens_past_the_drift():
+    # The noise ranks blocks in index order; the loss makes block 7 the best removal, 8th in that order.
+    cost = random_dpi_cost(10, np.random.default_rng(3))
+    ranked_for = []
+
+    def block_noise(pruned):
+        ranked_for.append(set(pruned))
+        return [float(b) for b in range(10)]
+
+    def loss(pruned):
+        return 0.6 * len(pruned) + sum(-0.1 if b == 7 else 0.001 * b for b in pruned)
+
+    greedy = mi_guided_greedy(loss, cost, 3, candidates=3, block_noise=block_noise, wide_candidates=8, drift=1.0)
+    tried = [round_["tried"] for round_ in greedy.details["trace"]]
+    # rounds 1-2 start below 1 nat (0 and 0.6): the top 3; round 3 starts past it (1.201): the top 8
+    assert tried == [[0, 1, 2], [1, 2, 3], [2, 3, 4, 5, 6, 7, 8, 9]]
+    assert ranked_for == [set(), {0}, {0, 1}]  # re-ranked on the set pruned so far
+    assert greedy.pruned == (0, 1, 7) and greedy.details["ranking"] == "pruned-model skip MI"
+    narrow = mi_guided_greedy(loss, cost, 3, candidates=3, block_noise=block_noise, drift=float("inf"))
+    assert narrow.pruned == (0, 1, 2)  # never widened: block 7 is never measured
+    # the rule reads only the set so far, so a smaller count is still a prefix of the trace
+    assert mi_guided_greedy(loss, cost, 2, candidates=3, block_noise=block_noise).pruned == (0, 1)
+
+
 def test_dispatcher_runs_every_method():
     L = 8
     rng = np.random.default_rng(2)

@@ -41,7 +41,7 @@ FORWARD_MAX_SAMPLES = 4
 MI_PRUN_BOUND_SAMPLES = 2
 # Cached forward-search answers are stored under a key that names the search's configuration,
 # so a score cache filled under an earlier default never hands back that default's answer.
-SELECTION_KEYS = {"mi-prun": "mi-prun@kl2", "sleb": "sleb"}
+SELECTION_KEYS = {"mi-prun": "mi-prun@kl2-drift", "sleb": "sleb"}
 
 
 @dataclass(frozen=True)

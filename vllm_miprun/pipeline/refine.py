@@ -47,6 +47,7 @@ from typing import Iterable
 import numpy as np
 
 from vllm_miprun.core.selection import Selection, mi_prun_search, select
+from vllm_miprun.core.selection.mi_search import WIDE_CANDIDATES
 
 
 class CalibrationCE:
@@ -100,6 +101,25 @@ class CalibrationCE:
             self._remember(pruned, chain)
         return self.memo[pruned]
 
+    def block_noise(self, pruned: Iterable[int]) -> list[float]:
+        """Per block ``b``, the skip channel's noise fraction ``exp(-2 I_skip(h_b; h_b+1) / d)``
+        on the boundary states of the model with ``pruned`` removed (0 for a pruned block):
+        what the greedy ranks by. The states are those of the last measurement of ``pruned``,
+        so this costs no block pass unless they were dropped since."""
+        from vllm_miprun.core.span_batch import skip_channel_moments
+
+        chain = self._chain(frozenset(int(b) for b in pruned))
+        signal, noise = skip_channel_moments([h.reshape(-1, h.shape[-1]) for h in chain])
+        return [float(noise[b, b + 1] / signal[b + 1].clamp_min(1e-30)) for b in range(self.model.num_blocks)]
+
+    def _chain(self, pruned: frozenset) -> list:
+        if not pruned:
+            return self.states
+        if pruned not in self.chains:  # measured, but its states were dropped: measure again
+            self.memo.pop(pruned, None)
+            self(pruned)
+        return self.chains[pruned]
+
     def loss(self, final_state) -> float:
         """Next-token cross-entropy on the calibration tokens' own next tokens."""
         return float(self.model.token_nll(final_state, self.ids))
@@ -151,7 +171,7 @@ def refine(
 ) -> Selection:
     """MI-PRUN's default selection (the best configuration found on SmolLM2-135M):
     :func:`~vllm_miprun.core.selection.mi_search.mi_prun_search` -- a greedy guided by the
-    span ``cost`` of :func:`vllm_miprun.core.span_cost.span_cost_matrix`, then a portfolio
+    skip-channel MI of the model pruned so far (:meth:`CalibrationCE.block_noise`), then a portfolio
     of Fast-Block-Select optima at each of ``powers`` (``cost`` is the skip-MI noise fraction
     raised to ``cost_power``) -- whose loss is measured on calibration tokens ``input_ids``
     [samples, seq_len] (the SLEB calibration batch; never evaluation text). The lowest
@@ -160,9 +180,10 @@ def refine(
     ``objective`` is ``"kl"`` (default: ``KL(p_full || p_P)``, the bound on
     ``I(h_L^P; Y_full)``) or ``"ce"`` (cross-entropy on the text, the bound on ``I(h_L^P; Y)``).
 
-    Cost: one full pass (``L`` block passes), ``candidates`` evaluations per round and
-    ``len(powers)`` more, each resuming from stored states; ``details["block_passes"]``
-    reports the total. ``max_evaluations`` (optional) lowers ``candidates`` so that
+    Cost: one full pass (``L`` block passes), ``candidates`` evaluations per round (8 once
+    the pruned model has drifted 1 nat from the full one) and ``len(powers)`` more, each
+    resuming from stored states; ``details["block_passes"]`` reports the total.
+    ``max_evaluations`` (optional) lowers ``candidates``, in every round, so that
     ``candidates * num_prune <= max_evaluations`` (at least 1 per round). Protected
     blocks are never proposed.
 
@@ -180,8 +201,9 @@ def refine(
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     protect = frozenset(protect)
+    wide = WIDE_CANDIDATES
     if max_evaluations is not None and num_prune > 0:
-        candidates = max(1, min(candidates, int(max_evaluations) // num_prune))
+        candidates = wide = max(1, min(candidates, int(max_evaluations) // num_prune))
     if model is None:
         model = BlockwiseModel(model_dir, device=device, resident_blocks=True)
     ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.as_tensor(np.asarray(input_ids))
@@ -194,7 +216,8 @@ def refine(
     else:
         passes_before, measured_before = evaluator.block_passes, len(evaluator.memo)
     result = mi_prun_search(evaluator, cost, num_prune, protect, candidates=candidates, powers=powers,
-                            cost_power=cost_power)
+                            cost_power=cost_power, block_noise=evaluator.block_noise,
+                            wide_candidates=wide)
     if num_prune == 0:
         return result
     details = {**result.details, "objective": objective,

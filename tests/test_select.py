@@ -269,28 +269,35 @@ def test_mi_prun_search_keeps_the_proposal_with_the_lowest_loss():
     assert mi_prun_search(loss, cost, 0).pruned == ()
 
 
-def test_mi_guided_greedy_ranks_by_the_pruned_models_noise_and_widens_past_the_drift():
-    # The noise ranks blocks in index order; the loss makes block 7 the best removal, 8th in that order.
-    cost = random_dpi_cost(10, np.random.default_rng(3))
+def test_mi_guided_greedy_ranks_by_span_cost_then_by_the_pruned_models_noise_past_the_drift():
+    cost = random_dpi_cost(12, np.random.default_rng(3))
     ranked_for = []
 
-    def block_noise(pruned):
+    def block_noise(pruned):  # the pruned model's noise ranks blocks in index order
         ranked_for.append(set(pruned))
-        return [float(b) for b in range(10)]
+        return [float(b) for b in range(12)]
 
-    def loss(pruned):
-        return 0.6 * len(pruned) + sum(-0.1 if b == 7 else 0.001 * b for b in pruned)
+    def loss(pruned):  # block 8 is the best removal; each removal costs 0.6 nats
+        return 0.6 * len(pruned) + sum(-0.1 if b == 8 else 0.001 * b for b in pruned)
+
+    def span_cost_top3(pruned):
+        base = objective_value(cost, pruned) if pruned else 0.0
+        free = [b for b in range(12) if b not in pruned]
+        return sorted(free, key=lambda b: (objective_value(cost, pruned | {b}) - base, b))[:3]
 
     greedy = mi_guided_greedy(loss, cost, 3, candidates=3, block_noise=block_noise, wide_candidates=8, drift=1.0)
-    tried = [round_["tried"] for round_ in greedy.details["trace"]]
-    # rounds 1-2 start below 1 nat (0 and 0.6): the top 3; round 3 starts past it (1.201): the top 8
-    assert tried == [[0, 1, 2], [1, 2, 3], [2, 3, 4, 5, 6, 7, 8, 9]]
-    assert ranked_for == [set(), {0}, {0, 1}]  # re-ranked on the set pruned so far
-    assert greedy.pruned == (0, 1, 7) and greedy.details["ranking"] == "pruned-model skip MI"
+    trace = greedy.details["trace"]
+    first, second = trace[0]["block"], trace[1]["block"]
+    assert 8 not in span_cost_top3(set()) + span_cost_top3({first})  # only a wide round can find block 8
+    # rounds 1-2 start below 1 nat (0, then 0.6): the span cost's top 3; round 3 starts past it
+    assert [t["tried"] for t in trace[:2]] == [span_cost_top3(set()), span_cost_top3({first})]
+    free = [b for b in range(12) if b not in (first, second)]
+    assert trace[2]["tried"] == free[:8] and trace[2]["block"] == 8  # the noise's top 8 of 10 free blocks
+    assert ranked_for == [{first, second}]  # re-measured only once drifted, on the set pruned so far
     narrow = mi_guided_greedy(loss, cost, 3, candidates=3, block_noise=block_noise, drift=float("inf"))
-    assert narrow.pruned == (0, 1, 2)  # never widened: block 7 is never measured
+    assert 8 not in narrow.pruned  # never widened: block 8 is never measured
     # the rule reads only the set so far, so a smaller count is still a prefix of the trace
-    assert mi_guided_greedy(loss, cost, 2, candidates=3, block_noise=block_noise).pruned == (0, 1)
+    assert mi_guided_greedy(loss, cost, 2, candidates=3, block_noise=block_noise).pruned == tuple(sorted((first, second)))
 
 
 def test_dispatcher_runs_every_method():

@@ -47,7 +47,7 @@ from typing import Iterable
 import numpy as np
 
 from vllm_miprun.core.selection import Selection, mi_prun_search, select
-from vllm_miprun.core.selection.mi_search import WIDE_CANDIDATES
+from vllm_miprun.core.selection.mi_search import DRIFT_NATS, WIDE_CANDIDATES
 
 
 class CalibrationCE:
@@ -168,10 +168,12 @@ def refine(
     model=None,
     objective: str = "kl",
     evaluator: CalibrationCE | None = None,
+    drift: float = DRIFT_NATS,
 ) -> Selection:
     """MI-PRUN's default selection (the best configuration found on SmolLM2-135M):
     :func:`~vllm_miprun.core.selection.mi_search.mi_prun_search` -- a greedy guided by the
-    skip-channel MI of the model pruned so far (:meth:`CalibrationCE.block_noise`), then a portfolio
+    span costs and, past ``drift``, by the skip-channel MI of the model pruned so far
+    (:meth:`CalibrationCE.block_noise`), then a portfolio
     of Fast-Block-Select optima at each of ``powers`` (``cost`` is the skip-MI noise fraction
     raised to ``cost_power``) -- whose loss is measured on calibration tokens ``input_ids``
     [samples, seq_len] (the SLEB calibration batch; never evaluation text). The lowest
@@ -181,7 +183,7 @@ def refine(
     ``I(h_L^P; Y_full)``) or ``"ce"`` (cross-entropy on the text, the bound on ``I(h_L^P; Y)``).
 
     Cost: one full pass (``L`` block passes), ``candidates`` evaluations per round (8 once
-    the pruned model has drifted 1 nat from the full one) and ``len(powers)`` more, each
+    the pruned model has drifted ``drift`` nats from the full one) and ``len(powers)`` more, each
     resuming from stored states; ``details["block_passes"]`` reports the total.
     ``max_evaluations`` (optional) lowers ``candidates``, in every round, so that
     ``candidates * num_prune <= max_evaluations`` (at least 1 per round). Protected
@@ -217,7 +219,7 @@ def refine(
         passes_before, measured_before = evaluator.block_passes, len(evaluator.memo)
     result = mi_prun_search(evaluator, cost, num_prune, protect, candidates=candidates, powers=powers,
                             cost_power=cost_power, block_noise=evaluator.block_noise,
-                            wide_candidates=wide)
+                            wide_candidates=wide, drift=drift)
     if num_prune == 0:
         return result
     details = {**result.details, "objective": objective,

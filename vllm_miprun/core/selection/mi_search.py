@@ -8,19 +8,20 @@ with forward passes) -- is called for only a few of them.
 Search (:func:`mi_prun_search` = :func:`mi_guided_greedy` + :func:`portfolio_refine`, the default)
 --------------------------------------------------------------------------------------------------
 Blocks are removed one at a time, as in SLEB, but each round only measures the bound for
-the ``candidates`` blocks whose removal is cheapest by the skip-channel MI *of the model
-already pruned*: ``block_noise(P)[b]`` is block ``b``'s noise fraction ``exp(-2 I_skip / d)``
-measured on the pruned model's own boundary states, so it sees what the earlier removals did
-(SLEB's strength, at MI's cost: the states come free with the last measurement). Without
-``block_noise`` (pure callers) the full model's span cost ranks instead: the marginal
-objective ``J(P + {b}) - J(P)``, which merges ``b`` with adjacent pruned runs.
+the ``candidates`` blocks whose removal the span cost says is cheapest *given the blocks
+already removed*: the marginal objective ``J(P + {b}) - J(P)``, which merges ``b`` with
+adjacent pruned runs and prices the merged run by its own span cost.
 
-Once the pruned model has drifted ``drift`` nats per token (KL to the full model) from the
-full one, a round measures ``wide_candidates`` blocks: the cheap ranking predicts the bound
-less well the further the model is from the one it was measured on (on SmolLM2 at keep 0.6
-the best block was ranked 6th to 8th in 3 of the 5 rounds past 1 nat). The rule looks only
-at the set so far, so one greedy trace still gives the selection for every smaller drop
-count (a prefix).
+The span costs describe the *full* model. Once the pruned model has drifted ``drift`` nats
+per token (KL to the full model) from it, they stop saying which block the pruned model can
+spare, so a round then ranks by ``block_noise(P)[b]``: block ``b``'s skip-channel noise
+fraction ``exp(-2 I_skip / d)`` re-measured on the pruned model's own boundary states (SLEB's
+strength, re-measuring after each removal, at MI's cost: the states come free with the last
+measurement), and measures ``wide_candidates`` blocks. Below the drift the span costs stay in
+charge: they are measured on every calibration sequence, the re-measured MI only on the
+bound's few, and ranking by it there made the choice at keep 0.9 depend on the calibration
+seed (SmolLM2: mean Jaccard 0.53 over 5 seeds, against 1.00). The rule reads only the set so
+far, so one greedy trace still gives the selection for every smaller drop count (a prefix).
 
 ``swap_refine`` is the alternative: start from the exact span-cost optimum and try the
 cheapest single swaps (one pruned block out, one kept block in) until none improves.
@@ -39,11 +40,11 @@ from vllm_miprun.core.selection.objective import objective_value
 from vllm_miprun.core.selection.result import Selection, make_selection
 from vllm_miprun.core.selection.runs import exact_select
 
-# Past DRIFT_NATS of KL to the full model per calibration token, a greedy round measures
-# WIDE_CANDIDATES blocks instead of ``candidates`` (see the module docstring). Chosen on
-# SmolLM2-135M's calibration text: at keep 0.6 this reaches the set that measuring 8 blocks
-# in every round finds (a lower calibration KL than SLEB's set), and at keep 0.75 and milder
-# no round starts past 1 nat, so those searches cost what they did.
+# Past DRIFT_NATS of KL to the full model per calibration token, a greedy round ranks by the
+# pruned model's own skip-channel MI and measures WIDE_CANDIDATES blocks instead of
+# ``candidates`` (see the module docstring). Chosen on SmolLM2-135M's calibration text: in a
+# trace that measured 8 blocks every round at keep 0.6, the best block was ranked 6th to 8th
+# in 3 of the 5 rounds past 1 nat. At keep 0.75 and milder no round starts past 1 nat there.
 DRIFT_NATS = 1.0
 WIDE_CANDIDATES = 8
 
@@ -63,10 +64,10 @@ def mi_prun_search(
 ) -> Selection:
     """MI-PRUN's default search (the best configuration found on SmolLM2-135M).
 
-    1. :func:`mi_guided_greedy`, ranking each round's ``candidates`` by ``block_noise``
-       (the pruned model's own skip-MI noise fraction per block) or, without it, by the
-       span ``cost`` of :func:`vllm_miprun.core.span_cost.span_cost_matrix` (which is the
-       skip-MI noise fraction raised to ``cost_power``); ``wide_candidates`` past ``drift``.
+    1. :func:`mi_guided_greedy`, ranking each round's ``candidates`` by the span ``cost``
+       of :func:`vllm_miprun.core.span_cost.span_cost_matrix` (which is the skip-MI noise
+       fraction raised to ``cost_power``); past ``drift``, ``wide_candidates`` ranked by
+       ``block_noise`` (the pruned model's own skip-MI noise fraction per block).
     2. :func:`portfolio_refine` between the greedy set and the exact span-cost optima with
        the cost re-raised to each of ``powers`` (power 1 favours one contiguous run, power
        2 spreads the blocks); the lowest ``evaluate`` (= highest Barber-Agakov bound)
@@ -104,9 +105,9 @@ def mi_guided_greedy(
     drift: float = DRIFT_NATS,
 ) -> Selection:
     """Greedy removal; each round measures ``evaluate`` (calibration loss) for only the
-    ``candidates`` cheapest blocks (``wide_candidates`` once ``evaluate(P) - evaluate({}) >= drift``), ranked
-    by ``block_noise(P)`` (per block, of the model with ``P`` pruned) or else by the marginal
-    span cost ``J(P+{b}) - J(P)``.
+    ``candidates`` blocks with the smallest marginal span cost ``J(P+{b}) - J(P)``; once
+    ``evaluate(P) - evaluate({}) >= drift``, for the ``wide_candidates`` blocks with the
+    smallest ``block_noise(P)`` (per block, of the model with ``P`` pruned) when it is given.
 
     ``details["trace"]`` lists each round's chosen block and loss, so the first ``r``
     entries are the selection for ``r`` pruned blocks.
@@ -121,8 +122,9 @@ def mi_guided_greedy(
     loss = origin
     for _ in range(num_prune):
         free = [b for b in range(num_blocks) if b not in pruned and b not in protect]
-        ranked = sorted(free, key=_ranking(cost, frozenset(pruned), block_noise))
-        width = candidates if loss - origin < drift else max(candidates, wide_candidates)
+        drifted = loss - origin >= drift
+        ranked = sorted(free, key=_ranking(cost, frozenset(pruned), block_noise if drifted else None))
+        width = max(candidates, wide_candidates) if drifted else candidates
         best = (math.inf, None)
         for b in ranked[:width]:
             value = float(evaluate(frozenset(pruned | {b})))
@@ -137,7 +139,7 @@ def mi_guided_greedy(
     return make_selection(
         "mi-prun", num_blocks, pruned, cost, run_evaluations=evaluations, iterations=num_prune,
         details={"trace": trace, "search": "mi_guided_greedy", "candidates": candidates,
-                 "ranking": "pruned-model skip MI" if block_noise else "span cost"},
+                 "drift": drift, "wide_candidates": wide_candidates},
     )
 
 

@@ -20,10 +20,12 @@ time goes comes from the server's own report: ``miprun_plan_seconds`` and
 forward search, each quality measurement, the heal fit, each with its seconds), read as
 the server writes them.
 
-With ``--check-plans`` it also checks that the shared evaluator (a plan that searches several
-counts measures each set once) leaves the plans unchanged on this model: MI-PRUN's selection
-for keep 0.9, 0.8, 0.75, 0.6 and latency budgets 0.8 and 0.6, searched once with one
-evaluator for all counts and once with a new evaluator per count (the code without it).
+With ``--check-plans`` it also checks that two speed-ups leave the plans unchanged on this
+model: MI-PRUN's selection for keep 0.9, 0.8, 0.75, 0.6 and latency budgets 0.8 and 0.6,
+searched once with one evaluator for all counts (a plan that searches several counts measures
+each set once), once with a new evaluator per count (the code without it), and once per count
+with a new evaluator resuming the deepest search's greedy order (what a score cache stores
+for later plans).
 
     flock /tmp/miprun-engine.lock python benchmarks/cold_start.py --check-plans
 
@@ -176,7 +178,8 @@ def calibration_pass(model: Path) -> dict:
 
 def check_plans(model: Path) -> dict:
     """MI-PRUN's sets for keep 0.9/0.8/0.75/0.6 and latency budgets 0.8/0.6 with one shared
-    evaluator (largest count first, as a bisection goes) and with a new evaluator per count."""
+    evaluator (largest count first, as a bisection goes), with a new evaluator per count, and
+    with a new evaluator per count given the largest count's greedy order (``refine``'s ``known``)."""
     from vllm_miprun.core.latency import LatencyModel
     from vllm_miprun.core.selection import keep_count
     from vllm_miprun.core.selection.dispatch import max_keep_for_budget
@@ -185,7 +188,7 @@ def check_plans(model: Path) -> dict:
     from vllm_miprun.model.checkpoint import read_config
     from vllm_miprun.options import MiprunOptions
     from vllm_miprun.pipeline.calibrate import calibrate, calibration_ids
-    from vllm_miprun.pipeline.plan import FORWARD_MAX_SAMPLES, MI_PRUN_BOUND_SAMPLES
+    from vllm_miprun.pipeline.forward_search import FORWARD_MAX_SAMPLES, MI_PRUN_BOUND_SAMPLES
     from vllm_miprun.pipeline.refine import CalibrationKL, refine
 
     settings = MiprunOptions.from_dict({"keep": 0.75}).calibration
@@ -208,13 +211,20 @@ def check_plans(model: Path) -> dict:
         rows[name] = {"num_prune": counts[name],
                       "shared": list(refine(model, ids, cost, counts[name], model=blockwise, evaluator=shared).pruned)}
     shared_s = time.perf_counter() - begin
+    deepest = refine(model, ids, cost, max(counts.values()), model=blockwise, evaluator=shared)
+    order = [step["block"] for step in deepest.details["greedy_trace"]]  # what a score cache stores
+    resumed_s = 0.0
     for name in rows:
         begin = time.perf_counter()
         rows[name]["separate"] = list(refine(model, ids, cost, counts[name], model=blockwise).pruned)
         fresh_s += time.perf_counter() - begin
-        rows[name]["agree"] = rows[name]["shared"] == rows[name]["separate"]
+        begin = time.perf_counter()
+        rows[name]["resumed"] = list(refine(model, ids, cost, counts[name], model=blockwise, known=order).pruned)
+        resumed_s += time.perf_counter() - begin
+        rows[name]["agree"] = rows[name]["shared"] == rows[name]["separate"] == rows[name]["resumed"]
     return {"sets": rows, "all_agree": all(row["agree"] for row in rows.values()),
-            "shared_evaluator_s": round(shared_s, 1), "separate_evaluators_s": round(fresh_s, 1)}
+            "shared_evaluator_s": round(shared_s, 1), "separate_evaluators_s": round(fresh_s, 1),
+            "resumed_from_stored_order_s": round(resumed_s, 1)}
 
 
 def _budget_seconds(latency, budget: str) -> float:

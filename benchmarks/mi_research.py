@@ -566,7 +566,7 @@ def product_cost(seed: int = 0):
 
 
 def product_ids(seed: int = 0, samples: int = 4) -> torch.Tensor:
-    """The forward-search calibration batch exactly as ``plan._ForwardSearch`` draws it."""
+    """The forward-search calibration batch exactly as ``forward_search.ForwardSearch`` draws it."""
     from vllm_miprun.pipeline.calibrate import calibration_ids
     from vllm_miprun.options import CalibrationSettings
 

@@ -3,6 +3,8 @@ next-token MI bound on calibration tokens, cached in the score cache."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -11,7 +13,8 @@ from vllm_miprun.pipeline.store import read_cache, update_cache
 from vllm_miprun.pipeline.calibrate import calibrate, calibration_ids
 from vllm_miprun.core.span_cost import monotone_closure, span_cost_matrix
 from vllm_miprun.options import CalibrationSettings, MiprunOptions
-from vllm_miprun.pipeline.plan import SELECTION_KEYS, make_plan
+from vllm_miprun.pipeline.forward_search import GREEDY_TRACE_KEY, SELECTION_KEYS
+from vllm_miprun.pipeline.plan import make_plan
 from vllm_miprun.pipeline.refine import CalibrationCE, CalibrationKL, refine
 from vllm_miprun.core.selection import dpi_violations
 
@@ -160,6 +163,24 @@ def test_an_answer_cached_by_an_older_mi_prun_default_is_not_reused(tiny_llama_d
     assert read_cache(result.path).selections["mi-prun"]["4"] == stale  # left alone, never read
 
 
+def test_mi_prun_plan_resumes_the_greedy_order_a_deeper_plan_stored(tiny_llama_dir, tmp_path, caplog):
+    def plan(keep, folder):
+        options = MiprunOptions(keep=keep, cache_dir=str(tmp_path / folder), calibration=SMALL)
+        return make_plan(tiny_llama_dir, options, progress=False)
+
+    deep = plan(0.5, "resumed")
+    path = deep.cache_path
+    order = read_cache(path).selections[GREEDY_TRACE_KEY]["4"]
+    assert len(set(order)) == 4 and deep.scores_source == "computed"
+    with caplog.at_level(logging.INFO, logger="vllm_miprun.pipeline.forward_search"):
+        shallow = plan(0.75, "resumed")
+    assert "searched 2 blocks to prune" in caplog.text and "(2 greedy rounds taken from the score cache)" in caplog.text
+    fresh = plan(0.75, "fresh")  # a cache without the order searches from the start
+    assert shallow.pruned == fresh.pruned and shallow.quality_ppl_ratio == fresh.quality_ppl_ratio
+    assert read_cache(fresh.cache_path).selections[GREEDY_TRACE_KEY]["2"] == order[:2]
+    assert read_cache(path).selections[GREEDY_TRACE_KEY] == {"4": order}  # the longer order stays
+
+
 def test_sleb_plan_caches_every_prefix_of_its_greedy_trace(tiny_llama_dir, calibrated):
     result, cache_dir = calibrated
     deep = make_plan(tiny_llama_dir, MiprunOptions(keep=0.5, method="sleb", cache_dir=str(cache_dir),
@@ -215,7 +236,7 @@ def test_a_quality_budget_plan_is_the_same_with_and_without_the_shared_evaluator
                                                                                  monkeypatch):
     from dataclasses import replace
 
-    from vllm_miprun.pipeline import plan as plan_module, refine as refine_module
+    from vllm_miprun.pipeline import forward_search, refine as refine_module
 
     built = []
 
@@ -230,7 +251,7 @@ def test_a_quality_budget_plan_is_the_same_with_and_without_the_shared_evaluator
     shared = make_plan(tiny_llama_dir, options, progress=False)
     assert len(built) == 1  # one full pass for every count the bisection searched
     # Without the speed-up: the search forgets its evaluator, so each count builds its own.
-    monkeypatch.setattr(plan_module._ForwardSearch, "_mi_prun_loss", property(lambda self: None, lambda self, v: None),
+    monkeypatch.setattr(forward_search.ForwardSearch, "_mi_prun_loss", property(lambda self: None, lambda self, v: None),
                         raising=False)
     alone = make_plan(tiny_llama_dir, replace(options, cache_dir=str(tmp_path / "alone")), progress=False)
     assert len(built) - 1 >= 2, "the bisection searched one count only: the comparison shows nothing"

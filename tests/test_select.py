@@ -300,6 +300,40 @@ def test_mi_guided_greedy_ranks_by_span_cost_then_by_the_pruned_models_noise_pas
     assert mi_guided_greedy(loss, cost, 2, candidates=3, block_noise=block_noise).pruned == tuple(sorted((first, second)))
 
 
+def test_mi_guided_greedy_resumes_a_known_trace_with_the_same_answer_and_fewer_measurements():
+    cost = random_dpi_cost(12, np.random.default_rng(5))
+    measured = []
+
+    def loss(pruned):  # drifts past 1 nat at the third removal, so wide rounds are resumed too
+        measured.append(pruned)
+        return 0.45 * len(pruned) + sum(0.01 * ((b * 7) % 12) for b in pruned)
+
+    def block_noise(pruned):
+        return [float((b * 5 + len(pruned)) % 12) for b in range(12)]
+
+    def greedy(count, known=()):
+        measured.clear()
+        return mi_guided_greedy(loss, cost, count, {0}, block_noise=block_noise, known=known)
+
+    def rounds(selection):
+        return [(step["block"], step["loss"], step["tried"]) for step in selection.details["trace"]]
+
+    order = [step["block"] for step in greedy(6).details["trace"]]
+    for count in (2, 4, 6):  # a prefix of the known order: only the set it reaches is measured
+        fresh = greedy(count)
+        resumed = greedy(count, known=order)
+        assert measured == [frozenset(), frozenset(order[:count])]
+        assert resumed.pruned == fresh.pruned == tuple(sorted(order[:count]))
+        assert [step["block"] for step in resumed.details["trace"]] == order[:count]
+    longer = greedy(8)
+    fresh_measured = len(measured)
+    resumed = greedy(8, known=order)  # past the known rounds the search goes on as it would have
+    assert resumed.pruned == longer.pruned and rounds(resumed)[6:] == rounds(longer)[6:]
+    assert len(rounds(resumed)[6][2]) == 5 and len(measured) < fresh_measured / 2  # wide: all 5 free blocks
+    with pytest.raises(ValueError, match="distinct unprotected blocks"):
+        mi_guided_greedy(loss, cost, 3, {0}, known=[0, 4])
+
+
 def test_dispatcher_runs_every_method():
     L = 8
     rng = np.random.default_rng(2)

@@ -2,8 +2,8 @@
 
 This is the one place where the loader, the CLI and the benchmarks turn options into a
 plan, so all of them choose the same blocks for the same inputs. Methods that need
-forward passes (SLEB) store their result in the score cache, so the next plan for the
-same model, settings and count costs nothing.
+forward passes (MI-PRUN, SLEB) store their results in the score cache
+(:mod:`vllm_miprun.pipeline.forward_search`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,28 +19,20 @@ import numpy as np
 
 from vllm_miprun.pipeline import hub_alias, store as score_cache
 from vllm_miprun.core import selection as selectors
-from vllm_miprun.core.selection.sleb import prefix_answers as sleb_prefix_answers
-from vllm_miprun.model.checkpoint import missing_shards, read_config
+from vllm_miprun.model.checkpoint import read_config
 from vllm_miprun.model.quantization import check_checkpoint_quantization
 from vllm_miprun.core.latency import LatencyModel
 from vllm_miprun.pipeline.quality import QualityProbe, select_for_quality, stored_ratio, validation_setup
 from vllm_miprun.pipeline.speed_store import read_profile
 from vllm_miprun.options import MiprunOptions, OptionError, check_drop, resolve_device
+from vllm_miprun.pipeline.forward_search import (FORWARD_METHODS, SELECTION_KEYS, ForwardSearch,
+                                                 cached_selection)
 
 logger = logging.getLogger(__name__)
 
 SCORE_FREE_METHODS = ("last", "random")
 # A plan's method when the user named the blocks (the ``drop`` option).
 DROP_METHOD = "drop"
-# Methods whose search runs the model on calibration tokens; their results are cached.
-FORWARD_METHODS = ("sleb", "mi-prun")
-# SLEB's greedy search sees the first 4 calibration sequences. MI-PRUN's soft-target bound
-# (KL to the full model) needs only the first 2: the same sets as 4 on SmolLM2, half the cost.
-FORWARD_MAX_SAMPLES = 4
-MI_PRUN_BOUND_SAMPLES = 2
-# Cached forward-search answers are stored under a key that names the search's configuration,
-# so a score cache filled under an earlier default never hands back that default's answer.
-SELECTION_KEYS = {"mi-prun": "mi-prun@kl2-drift", "sleb": "sleb"}
 
 
 @dataclass(frozen=True)
@@ -147,7 +138,7 @@ def make_plan(model_dir: str | Path, options: MiprunOptions, hf_config: dict | N
                 "recalibrate this model"
             )
     latency = latency_model(model_dir, config, cache, options.cache_dir)
-    forward = _ForwardSearch(model_dir, options, _score_inputs(cache).get("cost"))
+    forward = ForwardSearch(model_dir, options, _score_inputs(cache).get("cost"))
     probe = _probe(model_dir, options, path, forward) if measure_quality or options.quality_budget else None
     selection = _select(model_dir, options, num_blocks, protect, cache, path, latency, forward, probe)
     plan = Plan(
@@ -182,8 +173,8 @@ def _target_name(options: MiprunOptions) -> str:
     return "keep" if options.keep is not None else "latency_budget"
 
 
-def _probe(model_dir, options: MiprunOptions, path, forward: "_ForwardSearch | None") -> QualityProbe:
-    forward = forward or _ForwardSearch(model_dir, options, None)
+def _probe(model_dir, options: MiprunOptions, path, forward: "ForwardSearch | None") -> QualityProbe:
+    forward = forward or ForwardSearch(model_dir, options, None)
     return QualityProbe(model_dir, options, path, forward.model)
 
 
@@ -320,7 +311,7 @@ def latency_model(model_dir, config: dict, cache: score_cache.ScoreCache | None,
 
 
 def _select(model_dir, options: MiprunOptions, num_blocks: int, protect: frozenset[int],
-            cache, path, latency: LatencyModel, forward: "_ForwardSearch",
+            cache, path, latency: LatencyModel, forward: "ForwardSearch",
             probe: QualityProbe | None) -> selectors.Selection:
     inputs = _score_inputs(cache)
 
@@ -328,7 +319,7 @@ def _select(model_dir, options: MiprunOptions, num_blocks: int, protect: frozens
         if options.method not in FORWARD_METHODS:
             return selectors.select(options.method, num_blocks, num_prune, protect=protect, seed=options.seed,
                                     **inputs)
-        return _cached_selection(options.method, num_blocks, num_prune, protect, path, forward, inputs)
+        return cached_selection(options.method, num_blocks, num_prune, protect, path, forward, inputs)
 
     try:
         if options.keep is not None:
@@ -354,81 +345,6 @@ def _score_inputs(cache) -> dict[str, Any]:
         "block_influence": np.asarray(cache.baselines["block_influence"], dtype=float),
         "angular": from_nested_list(cache.baselines["angular"]),
     }
-
-
-def _cached_selection(method: str, num_blocks: int, num_prune: int, protect: frozenset[int],
-                      path, forward: "_ForwardSearch", inputs: dict) -> selectors.Selection:
-    """Forward-pass methods reuse (and fill) ``cache.selections[SELECTION_KEYS[method]][num_prune]``."""
-    cost = inputs.get("cost")
-    cacheable = not protect and path is not None
-    key = SELECTION_KEYS[method]
-    if not cacheable:
-        selectors.check_prune_request(num_blocks, num_prune, protect)
-        return forward.run(method, num_blocks, num_prune, protect)
-    with score_cache.compute_lock(path):  # processes planning at once search once
-        stored = score_cache.read_cache(path).selections.get(key, {}).get(str(num_prune))
-        if stored is not None:
-            return selectors.make_selection(method, num_blocks, stored, cost=cost)
-        selectors.check_prune_request(num_blocks, num_prune, protect)
-        result = forward.run(method, num_blocks, num_prune, protect)
-        found = {str(num_prune): list(result.pruned)}
-        if method == "sleb":  # a greedy trace: every prefix is SLEB's answer for that count
-            found.update({str(count): pruned for count, pruned in sleb_prefix_answers(result).items()})
-        score_cache.update_cache(path, lambda cache: cache.selections.setdefault(key, {}).update(found))
-    return result
-
-
-class _ForwardSearch:
-    """Searches that run the model on calibration tokens; the model is loaded on first use."""
-
-    def __init__(self, model_dir, options: MiprunOptions, cost):
-        self.model_dir, self.options, self.cost = model_dir, options, cost
-        self._model = None
-        self._ids = None
-        self._mi_prun_loss = None  # one evaluator for every count this plan searches (refine's memo)
-
-    def model(self):
-        """The block-by-block model, loaded on first use (shared with the quality probe)."""
-        if self._model is None:
-            if not hub_alias.has_every_shard(self.model_dir):  # planned from a hub alias's cached scores
-                raise hub_alias.MissingWeightsError(
-                    f"{self.model_dir} lacks the shards {missing_shards(self.model_dir)}, and method "
-                    f"{self.options.method} has no cached answer for this request (a search that runs every "
-                    "block on calibration tokens); fetch every shard, or plan with a method that needs no "
-                    "forward search"
-                )
-            from vllm_miprun.model.blockwise import BlockwiseModel
-
-            device = resolve_device(self.options.device)
-            self._model = BlockwiseModel(self.model_dir, device=device, resident_blocks=True,
-                                         max_memory=self.options.max_memory)
-        return self._model
-
-    def _load(self):
-        if self._ids is None:
-            from vllm_miprun.pipeline.calibrate import calibration_ids
-
-            self._ids = calibration_ids(self.model_dir, self.options.calibration)[:FORWARD_MAX_SAMPLES]
-        return self.model(), self._ids
-
-    def run(self, method: str, num_blocks: int, num_prune: int, protect: frozenset[int]) -> selectors.Selection:
-        logger.info("%s: searching %d blocks to prune with forward passes on calibration tokens",
-                    method, num_prune)
-        start = time.perf_counter()
-        model, ids = self._load()
-        if method == "mi-prun":
-            from vllm_miprun.pipeline.refine import CalibrationKL, refine
-
-            if self._mi_prun_loss is None:
-                self._mi_prun_loss = CalibrationKL(model, ids[:MI_PRUN_BOUND_SAMPLES])
-            result = refine(self.model_dir, ids[:MI_PRUN_BOUND_SAMPLES], self.cost, num_prune, protect, model=model,
-                            evaluator=self._mi_prun_loss)
-        else:
-            from vllm_miprun.pipeline.refine import sleb
-
-            result = sleb(model, ids, num_prune, protect, cost=self.cost)
-        logger.info("%s: searched %d blocks to prune in %.1f s", method, num_prune, time.perf_counter() - start)
-        return result
 
 
 def _num_blocks(config: dict) -> int:

@@ -42,7 +42,7 @@ best sets evaluated so far) at the first block where the candidate differs from 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -169,6 +169,7 @@ def refine(
     objective: str = "kl",
     evaluator: CalibrationCE | None = None,
     drift: float = DRIFT_NATS,
+    known: Sequence[int] = (),
 ) -> Selection:
     """MI-PRUN's default selection (the best configuration found on SmolLM2-135M):
     :func:`~vllm_miprun.core.selection.mi_search.mi_prun_search` -- a greedy guided by the
@@ -195,6 +196,11 @@ def refine(
     greedy for a smaller count is a prefix of a larger one's) comes from its memo. The losses
     are the same numbers, so the selections are the same; ``block_passes`` and
     ``run_evaluations`` then count only this call's new work.
+
+    ``known`` (optional) is the greedy's block order from an earlier call on the same
+    calibration tokens and settings (``details["greedy_trace"]``, as a score cache stores it):
+    its rounds are not searched again (:func:`~vllm_miprun.core.selection.mi_search.mi_guided_greedy`).
+    A trace made under ``max_evaluations`` depends on its count, so the two do not combine.
     """
     import torch
 
@@ -204,6 +210,8 @@ def refine(
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     protect = frozenset(protect)
     wide = WIDE_CANDIDATES
+    if max_evaluations is not None and known:
+        raise ValueError("refine takes known (an earlier greedy trace) or max_evaluations, not both")
     if max_evaluations is not None and num_prune > 0:
         candidates = wide = max(1, min(candidates, int(max_evaluations) // num_prune))
     if model is None:
@@ -219,7 +227,7 @@ def refine(
         passes_before, measured_before = evaluator.block_passes, len(evaluator.memo)
     result = mi_prun_search(evaluator, cost, num_prune, protect, candidates=candidates, powers=powers,
                             cost_power=cost_power, block_noise=evaluator.block_noise,
-                            wide_candidates=wide, drift=drift)
+                            wide_candidates=wide, drift=drift, known=known)
     if num_prune == 0:
         return result
     details = {**result.details, "objective": objective,

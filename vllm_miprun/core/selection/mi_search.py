@@ -61,6 +61,7 @@ def mi_prun_search(
     block_noise: Callable[[frozenset], Sequence[float]] | None = None,
     wide_candidates: int = WIDE_CANDIDATES,
     drift: float = DRIFT_NATS,
+    known: Sequence[int] = (),
 ) -> Selection:
     """MI-PRUN's default search (the best configuration found on SmolLM2-135M).
 
@@ -74,7 +75,7 @@ def mi_prun_search(
        wins. The span-cost optima come from Fast-Block-Select.
 
     Protected blocks are never proposed. ``details["greedy_trace"]`` keeps the greedy's
-    rounds.
+    rounds; ``known`` is passed to the greedy.
     """
     cost = np.asarray(cost, dtype=float)
     num_blocks = cost.shape[0] - 1
@@ -82,7 +83,7 @@ def mi_prun_search(
     if num_prune == 0:
         return make_selection("mi-prun", num_blocks, (), cost)
     greedy = mi_guided_greedy(evaluate, cost, num_prune, protect, candidates=candidates, block_noise=block_noise,
-                              wide_candidates=wide_candidates, drift=drift)
+                              wide_candidates=wide_candidates, drift=drift, known=known)
     proposals = {"greedy": greedy.pruned}
     for power in powers:
         powered = np.clip(cost, 0.0, None) ** (float(power) / float(cost_power))
@@ -90,7 +91,7 @@ def mi_prun_search(
         proposals[f"span_fbs_p{power:g}"] = fast_block_select(powered, num_prune, protect).pruned
     result = portfolio_refine(evaluate, proposals, num_blocks, cost)
     return replace(result, details={**result.details, "greedy_trace": greedy.details["trace"],
-                                    "candidates": candidates})
+                                    "candidates": candidates, "known_rounds": greedy.details["known_rounds"]})
 
 
 def mi_guided_greedy(
@@ -103,6 +104,7 @@ def mi_guided_greedy(
     block_noise: Callable[[frozenset], Sequence[float]] | None = None,
     wide_candidates: int = WIDE_CANDIDATES,
     drift: float = DRIFT_NATS,
+    known: Sequence[int] = (),
 ) -> Selection:
     """Greedy removal; each round measures ``evaluate`` (calibration loss) for only the
     ``candidates`` blocks with the smallest marginal span cost ``J(P+{b}) - J(P)``; once
@@ -111,16 +113,25 @@ def mi_guided_greedy(
 
     ``details["trace"]`` lists each round's chosen block and loss, so the first ``r``
     entries are the selection for ``r`` pruned blocks.
+
+    ``known`` is the block order of an earlier run with the same ``evaluate``, ``cost`` and
+    settings (its trace's blocks): the rule reads only the set so far, so its first
+    ``num_prune`` rounds are taken as they are, with only the set they reach measured.
     """
     cost = np.asarray(cost, dtype=float)
     num_blocks = cost.shape[0] - 1
     protect = frozenset(protect)
-    pruned: set[int] = set()
-    trace = []
+    known = [int(b) for b in known][:num_prune]
+    if len(set(known)) != len(known) or not all(0 <= b < num_blocks and b not in protect for b in known):
+        raise ValueError(f"known must list distinct unprotected blocks in 0..{num_blocks - 1}, got {known}")
+    pruned: set[int] = set(known)
+    trace = [{"block": b, "loss": None, "tried": [], "evaluations": 0, "block_passes": None} for b in known]
     evaluations = 0
     origin = float(evaluate(frozenset())) if num_prune else 0.0  # the full model's (KL: 0)
-    loss = origin
-    for _ in range(num_prune):
+    loss = float(evaluate(frozenset(pruned))) if known else origin
+    if known:
+        trace[-1]["loss"] = loss
+    for _ in range(num_prune - len(known)):
         free = [b for b in range(num_blocks) if b not in pruned and b not in protect]
         drifted = loss - origin >= drift
         ranked = sorted(free, key=_ranking(cost, frozenset(pruned), block_noise if drifted else None))
@@ -139,7 +150,7 @@ def mi_guided_greedy(
     return make_selection(
         "mi-prun", num_blocks, pruned, cost, run_evaluations=evaluations, iterations=num_prune,
         details={"trace": trace, "search": "mi_guided_greedy", "candidates": candidates,
-                 "drift": drift, "wide_candidates": wide_candidates},
+                 "drift": drift, "wide_candidates": wide_candidates, "known_rounds": len(known)},
     )
 
 

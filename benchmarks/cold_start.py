@@ -81,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--kv-cache-gib", type=float, default=0.25)
     p.add_argument("--startup-timeout", type=float, default=1800)
     p.add_argument("--check-plans", action="store_true", help="also check plans with and without the shared "
-                   "evaluator (keep 0.9/0.8/0.75/0.6, latency budgets 0.8/0.6)")
+                   "evaluator and the stored greedy order (keep 0.9/0.8/0.75/0.6, latency budgets 0.8/0.6)")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. other load on the machine)")
     p.add_argument("--logs", default=None, help="folder for the server logs (default: a temporary folder)")
     p.add_argument("--out-json", default=str(RESULTS / "cold_start_smollm2.json"))

@@ -27,11 +27,11 @@ MI_PRUN_BOUND_SAMPLES = 2
 SELECTION_KEYS = {"mi-prun": "mi-prun@kl2-drift", "sleb": "sleb"}
 # MI-PRUN's greedy block order, stored beside its answers: a later plan for a count it covers
 # takes those rounds as they are and only resumes the search past them (refine's ``known``).
-GREEDY_TRACE_KEY = "mi-prun@kl2-drift:greedy"
+GREEDY_TRACE_KEY = SELECTION_KEYS["mi-prun"] + ":greedy"
 
 
 def cached_selection(method: str, num_blocks: int, num_prune: int, protect: frozenset[int],
-                      path, forward: "ForwardSearch", inputs: dict) -> selectors.Selection:
+                     path, forward: "ForwardSearch", inputs: dict) -> selectors.Selection:
     """Forward-pass methods reuse (and fill) ``cache.selections[SELECTION_KEYS[method]][num_prune]``."""
     cost = inputs.get("cost")
     cacheable = not protect and path is not None

@@ -45,7 +45,7 @@ def cached_selection(method: str, num_blocks: int, num_prune: int, protect: froz
         if stored is not None:
             return selectors.make_selection(method, num_blocks, stored, cost=cost)
         selectors.check_prune_request(num_blocks, num_prune, protect)
-        known = max(selections.get(GREEDY_TRACE_KEY, {}).values(), key=len, default=[]) if method == "mi-prun" else []
+        known = _stored_order(selections) if method == "mi-prun" else []
         result = forward.run(method, num_blocks, num_prune, protect, known=known)
         score_cache.update_cache(path, lambda cache: _store_answers(cache.selections, method, num_prune, result))
     return result
@@ -59,8 +59,13 @@ def _store_answers(selections: dict, method: str, num_prune: int, result: select
         found.update({str(count): pruned for count, pruned in sleb_prefix_answers(result).items()})
     selections.setdefault(SELECTION_KEYS[method], {}).update(found)
     order = [step["block"] for step in result.details.get("greedy_trace", ())]
-    if method == "mi-prun" and len(order) > max(map(len, selections.get(GREEDY_TRACE_KEY, {}).values()), default=0):
+    if method == "mi-prun" and len(order) > len(_stored_order(selections)):
         selections[GREEDY_TRACE_KEY] = {str(len(order)): order}
+
+
+def _stored_order(selections: dict) -> list[int]:
+    """MI-PRUN's longest stored greedy order (empty when none is stored)."""
+    return max(selections.get(GREEDY_TRACE_KEY, {}).values(), key=len, default=[])
 
 
 class ForwardSearch:

@@ -40,7 +40,7 @@ records (no planning, nothing else recomputed) and writes them into its records:
     python benchmarks/bench_quality.py --backend transformers --limit 20 --ppl-windows 8 \
         --add-gen --rows dense,mi-prun,sleb,shortgpt --ratios 0.9,0.75,0.6
 
-``--heal`` evaluates every pruned set twice, plain and with ``heal=linear`` (the maps are
+``--heal [linear|distill]`` evaluates every pruned set twice, plain and healed (the maps are
 fitted once per set and stored beside the score cache), on every perplexity domain
 (``--ppl-tasks ppl``: the calibration domains wiki and c4, and the evaluation-only domains
 unlike them), and writes issue 16's table and goals instead (``heal_table.py``):
@@ -169,18 +169,18 @@ def log_record(record: dict[str, Any]) -> None:
 
 def healed_record(args, plain: dict[str, Any], options: dict[str, Any], tasks: list[str],
                   evaluated: dict[tuple, dict[str, Any]]) -> dict[str, Any]:
-    """The plain record's pruned set with ``heal=linear``: the product's own maps (fitted on
+    """The plain record's pruned set with ``heal=args.heal``: the product's own maps (fitted on
     the calibration settings of ``options``, stored beside the score cache), folded by the
-    transformers backend as ``vllm-miprun eval --heal linear`` does."""
+    transformers backend as ``vllm-miprun eval --heal MODE`` does."""
     from vllm_miprun.options import MiprunOptions
     from vllm_miprun.pipeline.heal import prepare_maps
 
     kept = plain["kept"]
-    record = {k: v for k, v in plain.items() if k != "eval"} | {"heal": "linear"}
-    same = earlier_report(args, evaluated, kept, "linear")
+    record = {k: v for k, v in plain.items() if k != "eval"} | {"heal": args.heal}
+    same = earlier_report(args, evaluated, kept, args.heal)
     if same is not None:
         return record | {"eval": {**same, "reused": True}}
-    parsed = MiprunOptions.from_dict({**options, "cache_dir": str(args.cache_root), "heal": "linear"})
+    parsed = MiprunOptions.from_dict({**options, "cache_dir": str(args.cache_root), "heal": args.heal})
     start = time.perf_counter()
     maps = prepare_maps(args.model, parsed, kept, len(kept) + len(plain["pruned"]), progress=False)
     record.update(heal_seconds=round(time.perf_counter() - start, 3), healed_runs=sorted(maps))
@@ -324,8 +324,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="only rewrite <name>.md and the plot from <name>.json (no model is run)")
     parser.add_argument("--max-seeds", type=int, default=None,
                         help="at most this many calibration seeds per row (random has 3)")
-    parser.add_argument("--heal", action="store_true",
-                        help="also evaluate every pruned set with heal=linear; writes issue 16's table")
+    parser.add_argument("--heal", nargs="?", const="linear", default=None, choices=("linear", "distill"),
+                        help="also evaluate every pruned set with this heal (default linear); writes the heal table")
     parser.add_argument("--stability-seeds", type=int, default=5)
     parser.add_argument("--stability-keeps", type=lambda v: tuple(float(x) for x in v.split(",")), default=RATIOS,
                         help="keep ratios at which stability is measured")

@@ -94,11 +94,11 @@ def test_heal_goals_are_judged_on_the_unlike_domains():
                _record("sleb", 0.75, "none", sleb)]
     goals = {g["goal"].split(" (")[0]: g for g in heal_table.check_goals(records)}
     ratio = (0.8 ** 3 * 1.01) ** 0.25
-    assert goals["healed MI-PRUN <= 0.85x unhealed"]["met"] == (ratio <= 0.85)
-    assert f"{ratio:.3f}x" in goals["healed MI-PRUN <= 0.85x unhealed"]["detail"]
+    assert goals["MI-PRUN heal=linear <= 0.85x unhealed"]["met"] == (ratio <= 0.85)
+    assert f"{ratio:.3f}x" in goals["MI-PRUN heal=linear <= 0.85x unhealed"]["detail"]
     assert goals["no unlike domain more than 2% worse than unhealed"]["met"]  # multilingual +1%
     assert "multilingual +1.0%" in goals["no unlike domain more than 2% worse than unhealed"]["detail"]
-    beats = goals["healed MI-PRUN beats unhealed SLEB"]
+    beats = goals["MI-PRUN heal=linear beats unhealed SLEB"]
     assert beats["met"] and "lower on 3 of 4 domains" in beats["detail"]
 
 

@@ -14,7 +14,7 @@ from vllm_miprun.core import heal_math
 from vllm_miprun.model import checkpoint, remap, weights
 from vllm_miprun.model.architectures.base import HealSite
 from vllm_miprun.options import CalibrationSettings, MiprunOptions, OptionError
-from vllm_miprun.pipeline import heal
+from vllm_miprun.pipeline import heal, heal_fit
 from vllm_miprun.tools.evaluate import delete_blocks
 
 KEPT = [1, 2, 5, 6]  # pruned 0, 3, 4, 7: a run at block 0 (untied embedding), one inside, one at the end
@@ -133,6 +133,32 @@ def test_prepare_maps_fits_stores_and_reuses(tiny_llama_dir, tmp_path, monkeypat
     assert heal.prepare_maps(tiny_llama_dir, MiprunOptions(keep=0.5), KEPT, NUM_BLOCKS) == {}
 
 
+def test_distill_trains_the_maps_the_loader_folds_below_the_least_squares_fit(tiny_llama_dir, tmp_path):
+    """heal=distill starts from the least-squares maps and trains them on the next-token KL:
+    the *folded* model (the loader's path, embedding run included) is closer to the full
+    model than with heal=linear's maps, so the trained maps act where the fold puts them."""
+    linear = heal.prepare_maps(tiny_llama_dir, _options(tmp_path), KEPT, NUM_BLOCKS, progress=False)
+    distill_options = MiprunOptions(keep=0.5, heal="distill", cache_dir=str(tmp_path / "cache"),
+                                    calibration=_options(tmp_path).calibration)
+    distilled = heal.prepare_maps(tiny_llama_dir, distill_options, KEPT, NUM_BLOCKS, progress=False)
+    assert sorted(distilled) == [0, 3, 7] and not any(heal_math.is_diagonal(t) for t in distilled.values())
+    assert len(list((tmp_path / "cache").glob("*-heal-*.safetensors"))) == 2  # each mode its own maps
+    ids = heal.heal_ids(tiny_llama_dir, distill_options.calibration)
+    assert _calibration_kl(tiny_llama_dir, distilled, ids) < 0.9 * _calibration_kl(tiny_llama_dir, linear, ids)
+    folded = _logits(_folded_model(tiny_llama_dir, distilled), ids)
+    assert_fit_equals_fold(tiny_llama_dir, ids, KEPT, distilled, _logits(_hf(tiny_llama_dir), ids), folded)
+
+
+def assert_fit_equals_fold(model_dir, ids, kept, maps, full_logits, folded_logits):
+    """The loss the distillation minimised, evaluated at its answer, is the folded model's KL
+    (next tokens at every position but the last): the fit trains the model that is served."""
+    with torch.no_grad():
+        fitted = float(heal_fit.HealedKL(model_dir, ids, kept, sorted(maps))(maps))
+    full, folded = (torch.log_softmax(x[:, :-1].float(), -1) for x in (full_logits, folded_logits))
+    served = float((full.exp() * (full - folded)).sum(-1).mean())
+    assert fitted == pytest.approx(served, rel=1e-4, abs=1e-6)
+
+
 def test_sequential_and_independent_fits_agree_on_the_first_inner_run(tiny_llama_dir, tmp_path, monkeypatch):
     """The first run's input is the full model's prefix either way, so both fits agree on it;
     the second run's input differs once the first run is pruned and healed."""
@@ -245,7 +271,7 @@ def _fold_is_exact(model_dir, block: int) -> bool:
     with torch.inference_mode():
         hidden = runner.embed_tokens(ids)
         with runner.block(block) as layer:
-            r, d = heal.block_parts(runner, layer, hidden)
+            r, d = heal_fit.block_parts(runner, layer, hidden)
             t = family_map(d.shape[-1], runner.family.heal_site)
             fold_into_layer(layer, t, runner.family.heal_site)
             folded = runner.run_block(layer, hidden)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_heal import _hf, _logits, family_map
+from test_heal import _hf, _logits, assert_fit_equals_fold, family_map
+from vllm_miprun.core import heal_math
 from vllm_miprun.model import architectures, checkpoint
 from vllm_miprun.options import CalibrationSettings, MiprunOptions
 from vllm_miprun.pipeline import heal
@@ -96,3 +97,30 @@ def test_heal_fits_and_folds_for_the_family(arch, family_dirs, tmp_path, monkeyp
         with pytest.raises(heal.HealError, match="takes only a diagonal map") as err:
             heal.prepare_maps(model_dir, _options(tmp_path / "full"), KEPT, NUM_BLOCKS, progress=False)
         assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_distill_trains_each_family_s_maps_at_its_fold_site(arch, family_dirs, tmp_path):
+    """heal=distill hooks the map where the family's ``heal_site`` catches the MLP output;
+    the folded export must then be closer to the full model than heal=linear's. A norm's
+    gain takes one scale per channel, so there the maps stay diagonal."""
+    model_dir = family_dirs[arch]
+    ids = heal.heal_ids(model_dir, _options(tmp_path).calibration)
+    full = torch.log_softmax(_logits(_hf(model_dir), ids), -1)
+    kls = {}
+    for mode in ("linear", "distill"):
+        options = MiprunOptions(keep=0.5, heal=mode, cache_dir=str(tmp_path / "cache"),
+                                calibration=_options(tmp_path).calibration)
+        maps = heal.prepare_maps(model_dir, options, KEPT, NUM_BLOCKS, progress=False)
+        exported = export_pruned(model_dir, tmp_path / mode, _Plan(), maps)
+        kls[mode] = _kl(full, exported, ids)
+    assert all(heal_math.is_diagonal(t) for t in maps.values()) == _site(model_dir).folds_into_norm
+    assert kls["distill"] < kls["linear"]
+    # Eager attention, as the fit runs it: transformers' SDPA path skips Gemma 2's attention soft-cap.
+    assert_fit_equals_fold(model_dir, ids, KEPT, maps, _logits(_eager(model_dir), ids), _logits(_eager(exported), ids))
+
+
+def _eager(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()

@@ -39,7 +39,7 @@ DEVICES = ("auto", "cpu", "cuda")
 TARGETS = ("keep", "latency_budget", "drop", "quality_budget")
 QUALITY_TARGET = "quality_budget"
 COMBINABLE_TARGETS = frozenset({"latency_budget", QUALITY_TARGET})
-HEAL_MODES = ("none", "linear")
+HEAL_MODES = ("none", "linear", "distill")
 
 
 # Which dataclass a row is a field of.
@@ -218,8 +218,9 @@ OPTIONS: tuple[Option, ...] = (
            "blocks never dropped: `first`, `last`, indices `0,29`", _PLAN_COMMANDS,
            metavar="BLOCKS", shown_default="none"),
     Option("heal", "str", _choice("heal", HEAL_MODES), "none",
-           "`none`, or `linear`: fold one fitted linear map per pruned run into the block before it "
-           "(see [Healing](#healing))", ("export", "eval"), choices=HEAL_MODES),
+           "`none`; `linear`: fold one linear map per pruned run, fitted by least squares, into the "
+           "block before it; `distill`: the same maps trained on the full model's next-token "
+           "distribution, a better and slower fit (see [Healing](#healing))", ("export", "eval"), choices=HEAL_MODES),
     Option("require_cache", "bool", parse_bool("require_cache"), False,
            "refuse to calibrate at load time", ("export", "eval"), switch=True),
     Option("device", "str", parse_device, "auto",

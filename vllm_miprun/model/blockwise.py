@@ -282,14 +282,17 @@ class BlockwiseModel:
     @torch.inference_mode()
     def run_block(self, layer: nn.Module, hidden: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
         """Apply one loaded block to ``hidden`` [sequences, tokens, dim] in micro-batches."""
-        args, kwargs = self._block_kwargs(hidden.shape[1])[self._position[id(layer)]]
-        outputs = []
-        for start in range(0, hidden.shape[0], batch_size):
-            out = layer(hidden[start:start + batch_size], *args, **kwargs)
-            outputs.append(out[0] if isinstance(out, tuple) else out)
-        return torch.cat(outputs)
+        return torch.cat([self.block_forward(layer, hidden[start:start + batch_size])
+                          for start in range(0, hidden.shape[0], batch_size)])
 
-    def _next_token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def block_forward(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """One loaded block on ``hidden`` in one batch, in the caller's grad mode (a fit that
+        trains maps through the blocks needs the graph; ``run_block`` never builds one)."""
+        args, kwargs = self._block_kwargs(hidden.shape[1])[self._position[id(layer)]]
+        out = layer(hidden, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def next_token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 next-token logits at every position but the last: [sequences, tokens - 1, vocab],
         from transformers' own head (final norm, LM head, soft-capping, logit scaling)."""
         last = self.num_blocks - 1
@@ -308,7 +311,7 @@ class BlockwiseModel:
         total, count = 0.0, 0
         targets = input_ids.to(self.device)
         for start in range(0, hidden.shape[0], batch_size):
-            logits = self._next_token_logits(hidden[start:start + batch_size])
+            logits = self.next_token_logits(hidden[start:start + batch_size])
             nll = nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]),
                 targets[start:start + batch_size, 1:].reshape(-1),
@@ -321,7 +324,7 @@ class BlockwiseModel:
     @torch.inference_mode()
     def token_logprobs(self, hidden: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
         """Next-token log-probabilities [sequences, tokens - 1, vocab] from the last boundary state."""
-        return torch.cat([torch.log_softmax(self._next_token_logits(hidden[start:start + batch_size]), dim=-1)
+        return torch.cat([torch.log_softmax(self.next_token_logits(hidden[start:start + batch_size]), dim=-1)
                           for start in range(0, hidden.shape[0], batch_size)])
 
     @torch.inference_mode()
@@ -329,7 +332,7 @@ class BlockwiseModel:
         """Mean per-token ``KL(teacher || model)`` (nats); ``teacher_logprobs`` from :meth:`token_logprobs`."""
         total, count = 0.0, 0
         for start in range(0, hidden.shape[0], batch_size):
-            student = torch.log_softmax(self._next_token_logits(hidden[start:start + batch_size]), dim=-1)
+            student = torch.log_softmax(self.next_token_logits(hidden[start:start + batch_size]), dim=-1)
             teacher = teacher_logprobs[start:start + batch_size]
             total += float((teacher.exp() * (teacher - student)).sum())
             count += teacher.shape[0] * teacher.shape[1]

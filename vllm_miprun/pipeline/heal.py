@@ -1,9 +1,9 @@
-"""Load-time healing (``heal=linear``): fit, store and fold one linear map per pruned run.
+"""Load-time healing (``heal=linear`` or ``distill``): fit, store and fold one linear map per pruned run.
 
 Each maximal pruned run ``[i, j)`` gets a map ``T`` on the MLP output of block ``i−1``
-(``vllm_miprun.core.heal_math`` has the algebra), fitted on calibration tokens against the
-full model's ``h_j``. Runs are fitted in order in one block-by-block pass, each on the
-already-healed pruned prefix. The maps are folded into ``down_proj`` (or, where the family's
+(``vllm_miprun.core.heal_math`` has the algebra), fitted on calibration tokens
+(``pipeline.heal_fit``): by least squares against the full model's ``h_j``, and for
+``distill`` then all together on the full model's next-token distribution. The maps are folded into ``down_proj`` (or, where the family's
 ``heal_site`` says so, the post-feed-forward norm's gain) as the kept tensors stream to the
 model (``fold_stream``), so the served model has the same K blocks and shapes as the
 unhealed one: no serving cost.
@@ -15,7 +15,7 @@ warning, or refused in one line under ``require_cache``: the maps are derived da
 the file name already keys by that record, so damage there is a killed or failed write,
 never a user's choice, and refitting costs no more than the first load. Files are written
 by the cache folder's one atomic, fsynced writer (``store.atomic_write_bytes``).
-The recipe comes from ``benchmarks/heal_research.py``.
+The recipes come from ``benchmarks/heal_research.py`` and ``heal_kl_research.py``.
 """
 
 from __future__ import annotations
@@ -48,6 +48,11 @@ HEAL_VERSION = 1
 # on the healed prefix (sequential) hurt held-out text badly at keep 0.6.
 RECIPE: dict[str, Any] = {"form": "diag", "ridge": 0.0, "weights": "uniform", "sequential": False,
                           "mix": ["wiki", "c4"]}
+# heal=distill (pipeline.heal_distill, benchmarks/heal_kl_research.py): a full map with the
+# ridge chosen for it on validation, then trained on the next-token KL; one scale per channel
+# where only a diagonal folds (a norm's gain, FP8 scales).
+DISTILL: dict[str, Any] = {**RECIPE, "form": "full", "ridge": 0.01, "objective": "kl", "steps": 100, "batch": 2,
+                           "lr": {"full": 2e-4, "diag": 1e-2}}
 _SCALE_LEAVES = ("weight_scale", "weight_scale_inv")
 EMBED = "model.embed_tokens.weight"
 
@@ -68,15 +73,27 @@ def json_digest(value: Any, length: int = 16) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:length]
 
 
-def recipe_digest() -> str:
+def recipe_for(mode: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The fit of ``heal=mode``; ``distill`` takes a full map only where one folds exactly."""
+    if mode != "distill":
+        return RECIPE
+    from vllm_miprun.model.quantization import quant_method
+
+    diagonal_only = config is not None and (heal_site(config).folds_into_norm or quant_method(config) is not None)
+    return {**DISTILL, "form": "diag", "ridge": 0.0} if diagonal_only else DISTILL
+
+
+def recipe_digest(mode: str = "linear") -> str:
     """The recipe's identity: anything measured with the heal is stored under it."""
-    return json_digest(RECIPE, 12)
+    return json_digest(recipe_for(mode), 12)
 
 
-def heal_record(fingerprint: str, calibration: dict[str, Any], kept: list[int], num_blocks: int) -> dict[str, Any]:
+def heal_record(fingerprint: str, calibration: dict[str, Any], kept: list[int], num_blocks: int,
+                recipe: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything the stored maps depend on; any difference means other maps."""
     return {"format": HEAL_FORMAT, "version": HEAL_VERSION, "fingerprint": fingerprint,
-            "calibration": calibration, "recipe": RECIPE, "kept": list(kept), "num_blocks": num_blocks}
+            "calibration": calibration, "recipe": RECIPE if recipe is None else recipe, "kept": list(kept),
+            "num_blocks": num_blocks}
 
 
 def heal_path(model_dir: str | Path, record: dict[str, Any], cache_dir: str | Path | None = None) -> Path:
@@ -216,71 +233,17 @@ def check_foldable(kept: list[int], num_blocks: int, weight_names: Iterable[str]
     return starts
 
 
-def block_parts(model, layer, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(r, d)`` of a block whose output is ``r + d``: ``d`` the MLP contribution as the
-    family's ``heal_site`` says it is added, ``r`` the rest (caught on its way out, so
-    the block runs through the runner with the masks and rotary tables transformers gives it)."""
-    site = model.family.heal_site
-    caught: list[torch.Tensor] = []
-    handle = layer.get_submodule(site.output).register_forward_hook(lambda module, args, out: caught.append(out))
-    try:
-        out = model.run_block(layer, hidden)
-    finally:
-        handle.remove()
-    d = torch.cat(caught)
-    if site.multiplier is not None:
-        d = d * getattr(model.config, site.multiplier)
-    return out - d, d
-
-
-@torch.inference_mode()
 def fit_maps(model_dir: str | Path, ids: torch.Tensor, kept: list[int], starts: list[int],
-             device: str = "cpu", progress: bool = True) -> dict[int, torch.Tensor]:
-    """One pass over the blocks: the full model's stream and the healed pruned stream side by side.
+             device: str = "cpu", progress: bool = True, recipe: dict[str, Any] | None = None) -> dict[int, torch.Tensor]:
+    """The least-squares maps, then, for ``heal=distill``'s recipe, trained on the next-token
+    KL (both in ``pipeline.heal_fit``)."""
+    recipe = RECIPE if recipe is None else recipe
+    from vllm_miprun.pipeline import heal_fit
 
-    At block ``i−1`` the pruned stream's ``(r, d)`` (or, with ``RECIPE["sequential"]`` off,
-    the full stream's) waits until the full stream reaches ``h_j``; then ``T`` is fitted
-    and the pruned stream continues as ``r + T d``.
-    """
-    from tqdm.auto import tqdm
-
-    from vllm_miprun.model.blockwise import BlockwiseModel
-
-    model = BlockwiseModel(model_dir, device=device)
-    pruned = set(pruned_of(kept, model.num_blocks))
-    runs = {i: j for i, j in heal_math.pruned_runs(sorted(pruned))}
-    ends = {j: i for i, j in runs.items()}
-    dense = model.embed_tokens(ids)
-    healed: torch.Tensor | None = dense.clone()
-    pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    if 0 in starts:
-        pending[runs[0]] = (torch.zeros_like(dense), dense.clone())  # h_j ≈ T h_0
-    maps: dict[int, torch.Tensor] = {}
-    for b in tqdm(range(max(runs.values())), desc="heal: fitting", disable=not progress, leave=False):
-        with model.block(b) as layer:
-            r_full, d_full = block_parts(model, layer, dense)
-            if b not in pruned and b + 1 in starts and not RECIPE["sequential"]:
-                pending[runs[b + 1]] = (r_full, d_full)
-            elif RECIPE["sequential"] and b not in pruned and healed is not None:
-                r, d = block_parts(model, layer, healed)
-                if b + 1 in starts:
-                    pending[runs[b + 1]], healed = (r, d), None
-                else:
-                    healed = r + d
-        dense = r_full + d_full
-        if b + 1 in ends:
-            start = ends[b + 1]
-            if start not in starts:  # left unhealed: the stream goes on from h_i
-                continue
-            r, d = pending.pop(b + 1)
-            x, y = d.reshape(-1, d.shape[-1]), (dense - r).reshape(-1, d.shape[-1])
-            weights = heal_math.token_weights(y, x, RECIPE["weights"])
-            maps[start] = heal_math.fit_map(x.cpu(), y.cpu(), form=RECIPE["form"], ridge=RECIPE["ridge"],
-                                            weights=weights)
-            logger.info("heal: run [%d, %d) keeps %.3f of its unhealed error", start, b + 1,
-                        heal_math.residual_share(x.cpu(), y.cpu(), maps[start]))
-            healed = r + d @ maps[start].to(d).T
-    return maps
+    maps = heal_fit.least_squares_maps(model_dir, ids, kept, starts, device, progress, recipe)
+    if recipe.get("objective") != "kl" or not maps:
+        return maps
+    return heal_fit.distill_maps(model_dir, ids, kept, maps, recipe, device=device, progress=progress)
 
 
 def heal_ids(model_dir: str | Path, settings) -> torch.Tensor:
@@ -324,7 +287,8 @@ def maps_request(model_dir: str | Path, options, kept: list[int], num_blocks: in
             f"{checkpoint.missing_shards(model_dir)} and the cache folder has no hub alias for its commit; "
             "give this process the cache folder the planning process used (cache_dir), or fetch every shard"
         ) from None
-    record = heal_record(fingerprint, options.calibration.to_json(), list(kept), num_blocks)
+    record = heal_record(fingerprint, options.calibration.to_json(), list(kept), num_blocks,
+                         recipe_for(options.heal, config))
     return starts, record, heal_path(model_dir, record, options.cache_dir)
 
 
@@ -377,7 +341,7 @@ def prepare_maps(model_dir: str | Path, options, kept: list[int], num_blocks: in
         logger.info("heal: fitting %d map(s) for runs starting at %s", len(starts), starts)
         start = time.perf_counter()
         maps = fit_maps(model_dir, heal_ids(model_dir, options.calibration), list(kept), starts,
-                        device=resolve_device(options.device), progress=progress)
+                        device=resolve_device(options.device), progress=progress, recipe=record["recipe"])
         write_maps(path, record, maps)
         logger.info("heal: fitted %d map(s) in %.1f s", len(maps), time.perf_counter() - start)
     return maps

@@ -41,7 +41,7 @@ def validation_setup(calibration, heal: str = "none") -> str:
         return f"validation:{VALIDATION_SAMPLES}x{calibration.seq_len}:heal=none"
     from vllm_miprun.pipeline.heal import recipe_digest
 
-    return f"validation:{VALIDATION_SAMPLES}x{calibration.seq_len}:heal={heal}:{recipe_digest()}"
+    return f"validation:{VALIDATION_SAMPLES}x{calibration.seq_len}:heal={heal}:{recipe_digest(heal)}"
 
 
 def set_key(pruned: Iterable[int]) -> str:
@@ -167,7 +167,7 @@ def healed_loss(evaluator, pruned: tuple[int, ...], maps: dict) -> float:
 
 
 def _healed_loss(evaluator, pruned: tuple[int, ...], maps: dict) -> float:
-    from vllm_miprun.pipeline.heal import block_parts
+    from vllm_miprun.pipeline.heal_fit import block_parts
 
     model, pruned_set = evaluator.model, set(pruned)
     first = max(min(pruned) - 1, 0)

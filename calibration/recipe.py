@@ -8,7 +8,8 @@ JSON (``.json``) or TOML (``.toml``) with these keys::
     options       miprun options shared by every target: method, dataset, samples,
                   seq_len, seed, estimator, protect, device, max_memory (optional)
     targets       list of {"keep": R} or {"latency_budget": B}: the plans to make now
-    heal          true to fit and store the heal maps (heal=linear) of every target
+    heal          fit and store every target's heal maps: "linear" or "distill" (true means
+                  "linear"; false or "none", the default, fits none)
 
 Everything is checked when the file is read, before any model is touched.
 """
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vllm_miprun.options import BY_NAME, MiprunOptions, OptionError
+from vllm_miprun.options import BY_NAME, HEAL_MODES, MiprunOptions, OptionError
 
 KEYS = ("model", "revision", "download_dir", "options", "targets", "heal")
 TARGET_KEYS = ("keep", "latency_budget")
@@ -37,11 +38,11 @@ class Recipe:
     download_dir: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     targets: tuple[dict[str, Any], ...] = ()
-    heal: bool = False
+    heal: str = "none"
 
     def options_for(self, target: dict[str, Any], cache_dir: str | None) -> MiprunOptions:
         """The miprun options of one target: what ``vllm serve`` must be given to reuse the cache."""
-        extra = {"heal": "linear"} if self.heal else {}
+        extra = {"heal": self.heal} if self.heal != "none" else {}
         return MiprunOptions.from_dict({**self.options, **target, **extra, "cache_dir": cache_dir})
 
 
@@ -85,7 +86,9 @@ def _target(path: Path, target: Any) -> dict[str, Any]:
     return dict(target)
 
 
-def _heal(path: Path, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise OptionError(f"recipe {path}: heal must be true or false, got {value!r}")
+def _heal(path: Path, value: Any) -> str:
+    if isinstance(value, bool):
+        return "linear" if value else "none"
+    if value not in HEAL_MODES:
+        raise OptionError(f"recipe {path}: heal must be true, false or one of {', '.join(HEAL_MODES)}; got {value!r}")
     return value

@@ -38,7 +38,7 @@ def run_recipe(recipe: Recipe, cache_dir: str) -> list[dict[str, Any]]:
         start = time.perf_counter()
         planned = plan_source(source, options, lambda folder, config: make_plan_for(folder, options, config))
         plan = planned.plan
-        if recipe.heal:
+        if recipe.heal != "none":
             prepare_maps(planned.folder, options, list(plan.kept), plan.num_blocks)
         rows.append({"recipe": recipe.name, "model": recipe.model, "target": target,
                      "kept": list(plan.kept), "num_blocks": plan.num_blocks, "scores": plan.scores_source,

@@ -27,7 +27,7 @@ def _recipe(folder: Path, name: str, data: dict) -> Path:
     ({"model": "m", "targets": [{"keep": 0.5, "drop": "1"}]}, "each target is"),
     ({"model": "m", "targets": [{"keep": 0.5}], "options": {"keep": 0.5}}, "may not hold ['keep']"),
     ({"model": "m", "targets": [{"keep": 0.5}], "colour": 1}, "unknown keys ['colour']"),
-    ({"model": "m", "targets": [{"keep": 0.5}], "heal": "yes"}, "heal must be true or false"),
+    ({"model": "m", "targets": [{"keep": 0.5}], "heal": "yes"}, "heal must be true, false or one of none, linear, distill"),
 ])
 def test_bad_recipes_are_refused_before_any_work(tmp_path, data, message):
     with pytest.raises(OptionError, match=message.replace("[", r"\[").replace("]", r"\]")):

@@ -48,7 +48,7 @@ HEAL_VERSION = 1
 # on the healed prefix (sequential) hurt held-out text badly at keep 0.6.
 RECIPE: dict[str, Any] = {"form": "diag", "ridge": 0.0, "weights": "uniform", "sequential": False,
                           "mix": ["wiki", "c4"]}
-# heal=distill (pipeline.heal_distill, benchmarks/heal_kl_research.py): a full map with the
+# heal=distill (pipeline.heal_fit, benchmarks/heal_kl_research.py): a full map with the
 # ridge chosen for it on validation, then trained on the next-token KL; one scale per channel
 # where only a diagonal folds (a norm's gain, FP8 scales).
 DISTILL: dict[str, Any] = {**RECIPE, "form": "full", "ridge": 0.01, "objective": "kl", "steps": 100, "batch": 2,

@@ -214,7 +214,8 @@ def test_bad_heal_value_is_one_line(capsys):
 
 
 @pytest.mark.engine
-def test_vllm_serving_healed_equals_transformers_on_healed_export(tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("mode", ["linear", "distill"])  # distill: a full (non-diagonal) map in down_proj
+def test_vllm_serving_healed_equals_transformers_on_healed_export(tiny_llama_dir, tmp_path, mode):
     """The loader's fold (vLLM) and the export's fold (read back by transformers) agree in greedy tokens."""
     from engine_runner import DEFAULT_PROMPTS
     from engine_kit import run_engines
@@ -223,12 +224,13 @@ def test_vllm_serving_healed_equals_transformers_on_healed_export(tiny_llama_dir
     from vllm_miprun.pipeline.plan import make_plan
     from vllm_miprun.tools.export import export_pruned
 
-    extra = {"keep": 0.5, "method": "last", "heal": "linear", "samples": 4, "seq_len": 32,
+    extra = {"keep": 0.5, "method": "last", "heal": mode, "samples": 4, "seq_len": 32,
              "cache_dir": str(tmp_path / "cache")}
     options = MiprunOptions.from_dict(extra)
     plan = make_plan(tiny_llama_dir, options, hf_config=checkpoint.read_config(tiny_llama_dir))
     maps = heal.prepare_maps(tiny_llama_dir, options, list(plan.kept), plan.num_blocks, progress=False)
     assert sorted(maps) == [3]  # "last" keeps 0, 1, 2, 7: one run [3, 7), folded into block 2
+    assert heal_math.is_diagonal(maps[3]) == (mode == "linear")
     exported = export_pruned(tiny_llama_dir, tmp_path / "healed", plan, maps)
     spec = {"model": str(tiny_llama_dir), "load_format": "miprun", "kv_bytes": 16 * 2**20, "max_tokens": 12}
     healed, plain = run_engines([{**spec, "extra": extra}, {**spec, "extra": {**extra, "heal": "none"}}],

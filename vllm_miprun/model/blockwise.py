@@ -282,15 +282,17 @@ class BlockwiseModel:
     @torch.inference_mode()
     def run_block(self, layer: nn.Module, hidden: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
         """Apply one loaded block to ``hidden`` [sequences, tokens, dim] in micro-batches."""
-        return torch.cat([self.block_forward(layer, hidden[start:start + batch_size])
-                          for start in range(0, hidden.shape[0], batch_size)])
+        return self.block_forward(layer, hidden, batch_size)
 
-    def block_forward(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """One loaded block on ``hidden`` in one batch, in the caller's grad mode (a fit that
-        trains maps through the blocks needs the graph; ``run_block`` never builds one)."""
+    def block_forward(self, layer: nn.Module, hidden: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """:meth:`run_block` in the caller's grad mode: a fit that trains maps through the
+        blocks needs the graph, and tensors made under ``inference_mode`` cannot join one."""
         args, kwargs = self._block_kwargs(hidden.shape[1])[self._position[id(layer)]]
-        out = layer(hidden, *args, **kwargs)
-        return out[0] if isinstance(out, tuple) else out
+        outputs = []
+        for start in range(0, hidden.shape[0], batch_size):
+            out = layer(hidden[start:start + batch_size], *args, **kwargs)
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+        return torch.cat(outputs)
 
     def next_token_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 next-token logits at every position but the last: [sequences, tokens - 1, vocab],

@@ -109,7 +109,7 @@ def _dense_states(model, ids: torch.Tensor, first: int) -> tuple[torch.Tensor, t
             if index == first:
                 entering = hidden
             with model.block(index) as layer:
-                hidden = torch.cat([model.block_forward(layer, hidden[row:row + 8]) for row in range(0, len(hidden), 8)])
+                hidden = model.block_forward(layer, hidden)
     return entering, hidden
 
 

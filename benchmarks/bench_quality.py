@@ -40,6 +40,9 @@ records (no planning, nothing else recomputed) and writes them into its records:
     python benchmarks/bench_quality.py --backend transformers --limit 20 --ppl-windows 8 \
         --add-gen --rows dense,mi-prun,sleb,shortgpt --ratios 0.9,0.75,0.6
 
+With ``--heal MODE`` it also takes the records healed with ``MODE``: their maps are read from
+``--cache-root`` (the table's run stored them there), or fitted again when they are not there.
+
 ``--heal [linear|distill]`` evaluates every pruned set twice, plain and healed (the maps are
 fitted once per set and stored beside the score cache), on every perplexity domain
 (``--ppl-tasks ppl``: the calibration domains wiki and c4, and the evaluation-only domains
@@ -180,18 +183,18 @@ def healed_record(args, plain: dict[str, Any], options: dict[str, Any], tasks: l
     same = earlier_report(args, evaluated, kept, args.heal)
     if same is not None:
         return record | {"eval": {**same, "reused": True}}
-    parsed = MiprunOptions.from_dict({**options, "cache_dir": str(args.cache_root), "heal": args.heal})
-    start = time.perf_counter()
-    maps = prepare_maps(args.model, parsed, kept, len(kept) + len(plain["pruned"]), progress=False)
+    healed = {**options, "cache_dir": str(args.cache_root), "heal": args.heal}
+    start = time.perf_counter()  # the fit alone; the evaluator's own load reads the stored maps
+    maps = prepare_maps(args.model, MiprunOptions.from_dict(healed), kept, len(kept) + len(plain["pruned"]),
+                        progress=False)
     record.update(heal_seconds=round(time.perf_counter() - start, 3), healed_runs=sorted(maps))
-    backend = ev.TransformersBackend(args.model, kept=kept, dtype=args.dtype, heal_maps=maps)
-    tasks = [t for t in tasks if t not in args.gen_tasks]  # issue 16's table has no generative column
-    try:
-        report = ev.evaluate(args.model, tasks, backend=backend, limit=args.limit, ppl_limit=args.ppl_windows,
-                             seed=args.seed, seq_len=args.seq_len, dtype=args.dtype, progress=True)
-    finally:
-        backend.close()
-    evaluated[(tuple(kept), "linear")] = report
+    report = ev.evaluate(args.model, tasks, backend="transformers", prune=healed, limit=args.limit,
+                         ppl_limit=args.ppl_windows, seed=args.seed, seq_len=args.seq_len, dtype=args.dtype,
+                         progress=True, reference=args.reference)
+    if report["kept"] != kept:
+        raise RuntimeError(f"healed {plain['row']} keep={plain['keep']}: evaluated blocks {report['kept']} "
+                           f"differ from the plan's {kept}")
+    evaluated[(tuple(kept), args.heal)] = report
     return record | {"eval": report}
 
 
@@ -353,10 +356,10 @@ def main(argv: list[str] | None = None) -> None:
     args.model = args.model or harness.default_model_dir(prepare=True)
     args.out.mkdir(parents=True, exist_ok=True)
     args.reference = {}  # the dense model's greedy continuations, decoded once per run
-    if args.add_gen:
-        gen_table.add_generative(args, write_outputs)
-        return
     args.cache_root = args.cache_root or Path(tempfile.mkdtemp(prefix="miprun-quality-caches-"))
+    if args.add_gen:
+        gen_table.add_generative(args, write_outputs, {name: base for name, base, _ in ROWS if base is not None})
+        return
     known = {name: (name, base, seeds[:args.max_seeds]) for name, base, seeds in ROWS}
     wanted = args.rows.split(",") if args.rows else list(known)
     if set(wanted) - set(known):
@@ -442,7 +445,7 @@ def write_outputs(args, records: list[dict[str, Any]], stable: dict[str, dict], 
         heal_table.plot(records, stem.with_name(stem.name + "_ppl.png"), PLOT_CAP)
     else:
         plot(plain, stem.with_name(stem.name + "_ppl.png"))
-        gen_table.plot(plain, stem.with_name(stem.name + "_gen.png"))
+    gen_table.plot(records, stem.with_name(stem.name + "_gen.png"))
     logger.info("wrote %s.{json,md} and %s_ppl.png", stem, stem)
 
 

@@ -49,8 +49,17 @@ def note(records: list[dict[str, Any]]) -> str:
             f"'-': not measured for that row.")
 
 
+HEAL_STYLES = {"none": "-", "linear": "--", "distill": "-."}  # as heal_table's perplexity plot
+
+
+def line_key(record: dict[str, Any]) -> tuple[str, str]:
+    """A plot line per method and heal mode."""
+    return record["row"], record.get("heal", "none")
+
+
 def plot(records: list[dict[str, Any]], path: Path) -> bool:
-    """Agreement and LAMBADA EM against keep ratio, one line per method; False if none measured."""
+    """Agreement and LAMBADA EM against keep ratio, one line per method (and heal);
+    False if none measured."""
     points = [r for r in records if any(v is not None for v in gen_metrics(r))]
     if not points:
         return False
@@ -60,13 +69,14 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colours = {row: f"C{i}" for i, row in enumerate(sorted({r["row"] for r in points} - {"dense"}))}
     for axis, index, title in ((axes[0], 0, "greedy agreement: matching prefix of 32 tokens (dense: 32)"),
                                (axes[1], 2, "LAMBADA exact match")):
-        for row in sorted({r["row"] for r in points}):
+        for row, heal in sorted({line_key(r) for r in points}):
             by_keep: dict[float, list[float]] = {}
             for r in points:
                 value = gen_metrics(r)[index]
-                if r["row"] == row and value is not None:
+                if line_key(r) == (row, heal) and value is not None:
                     by_keep.setdefault(r["keep"], []).append(value)
             xs = sorted(by_keep)
             ys = [sum(by_keep[x]) / len(by_keep[x]) for x in xs]
@@ -76,7 +86,8 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
                 if index:
                     axis.axhline(ys[0], color="black", linestyle="--", label="dense")
             else:
-                axis.plot(xs, ys, marker="o", label=row)
+                axis.plot(xs, ys, HEAL_STYLES.get(heal, ":"), marker="o", color=colours[row],
+                          label=row if heal == "none" else f"{row} ({heal})")
         axis.set(xlabel="keep ratio", title=title)
         axis.grid(alpha=0.3)
     axes[1].legend(fontsize=8)
@@ -86,9 +97,10 @@ def plot(records: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
-def add_generative(args, write_outputs) -> None:
-    """Evaluate ``args.gen_tasks`` on the recorded pruned sets of ``--rows`` x ``--ratios``
-    and write them into ``<name>.json`` (re-read under its lock, so concurrent runs keep theirs)."""
+def add_generative(args, write_outputs, row_options: dict[str, dict[str, Any]]) -> None:
+    """Evaluate ``args.gen_tasks`` on the recorded pruned sets of ``--rows`` x ``--ratios``, plain
+    and (``args.heal``) healed with that mode, and write them into ``<name>.json`` (re-read under
+    its lock, so concurrent runs keep theirs). ``row_options``: each row's plan options."""
     from filelock import FileLock
 
     path = (args.out / args.name).with_suffix(".json")
@@ -99,17 +111,21 @@ def add_generative(args, write_outputs) -> None:
         raise SystemExit(f"--add-gen: {path} was made with backend {saved.get('backend')} dtype "
                          f"{saved.get('dtype')}; pass the same --backend and --dtype")
     wanted = set(args.rows.split(",")) if args.rows else {r["row"] for r in saved["records"]}
-    chosen = [r for r in saved["records"] if r["row"] in wanted and r.get("heal", "none") == "none"
-              and (r["row"] == "dense" or any(abs(r["keep"] - k) < 1e-9 for k in args.ratios))]
+    heals = {"none", args.heal or "none"}
+    chosen = [r for r in saved["records"] if r["row"] in wanted and r.get("heal", "none") in heals
+              and (r["row"] == "dense" or any(abs(r["keep"] - k) < 1e-9 for k in args.ratios))
+              and not set(args.gen_tasks) <= r["eval"].get("tasks", {}).keys()]  # measured already: kept
     chosen.sort(key=lambda r: r["row"] != "dense")  # the dense row first: its continuations are the reference
-    found: dict[tuple[int, ...] | None, dict[str, Any]] = {}
+    found: dict[tuple, dict[str, Any]] = {}
     for record in chosen:
-        key = tuple(record["kept"]) if "kept" in record else None
+        key = (tuple(record["kept"]) if "kept" in record else None, record.get("heal", "none"))
         if key not in found:
-            prune = None if key is None else (list(key) if args.backend == "transformers"
-                                              else {"drop": list(record["pruned"])})
-            report = ev.evaluate(args.model, list(args.gen_tasks), backend=args.backend, prune=prune,
+            report = ev.evaluate(args.model, list(args.gen_tasks), backend=args.backend,
+                                 prune=recorded_model(args, record, row_options.get(record["row"], {})),
                                  seed=args.seed, dtype=args.dtype, progress=False, reference=args.reference)
+            if key[0] is not None and report["kept"] != list(key[0]):
+                raise RuntimeError(f"{record['row']} keep={record['keep']}: evaluated blocks {report['kept']} "
+                                   f"differ from the recorded {list(key[0])}")
             found[key] = report["tasks"]
         logger.info("%s keep=%.2f seed=%s: %s", record["row"], record["keep"], record.get("seed"),
                     {t: {k: v for k, v in m.items() if k != "samples"} for t, m in found[key].items()})
@@ -124,6 +140,20 @@ def add_generative(args, write_outputs) -> None:
             commands = [c for c in latest.get("commands", []) if c.get("command") != command["command"]]
             latest["commands"] = commands + [command]
             write_outputs(args, latest["records"], latest.get("stability", {}), latest["commands"], latest)
+
+
+def recorded_model(args, record: dict[str, Any], options: dict[str, Any]):
+    """``evaluate``'s ``prune`` for the model a record measured: None (dense), its kept blocks
+    (transformers) or dropped ones (vLLM); healed, its dropped blocks with the heal and the
+    calibration settings its maps were fitted on, read from ``args.cache_root`` where stored."""
+    if "kept" not in record:
+        return None
+    heal = record.get("heal", "none")
+    if heal == "none":
+        return list(record["kept"]) if args.backend == "transformers" else {"drop": list(record["pruned"])}
+    calibration = {k: v for k, v in options.items() if k != "method"}
+    return {**calibration, "drop": list(record["pruned"]), "seed": record["seed"], "heal": heal,
+            "cache_dir": str(args.cache_root)}
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import gen_table
 from vllm_miprun.tools.eval_tasks import PPL_TASKS, UNLIKE_PPL_TASKS
 
 GEOMEAN_GOAL = 0.85  # healed / plain, geometric mean over the unlike domains
@@ -66,8 +67,10 @@ def markdown(records: list[dict[str, Any]], limit: int | None, zero_shot_tasks: 
              row_order: list[str] | None = None) -> str:
     groups = by_key(records)
     tasks = [t for t in PPL_TASKS if any(ppl(r, t) is not None for r in records)]
+    generative = any(any(v is not None for v in gen_table.gen_metrics(r)) for r in records)
     head = ["keep", "method", "heal"] + [t.removesuffix("-ppl") for t in tasks] + \
-        ["geomean unlike", "geomean ×plain", "worst unlike domain", "zero-shot acc_norm", "pruned"]
+        ["geomean unlike", "geomean ×plain", "worst unlike domain", "zero-shot acc_norm"] + \
+        (list(gen_table.HEADERS) if generative else []) + ["pruned"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     names = list(dict.fromkeys((row_order or []) + [r["row"] for r in records]))
     order = {name: i for i, name in enumerate(names)}
@@ -80,12 +83,14 @@ def markdown(records: list[dict[str, Any]], limit: int | None, zero_shot_tasks: 
             _fmt(unlike_geomean(rs)),
             "-" if effect is None else f"{effect[0]:.3f}",
             "-" if effect is None else f"{effect[1]} {effect[2]:+.1%}",
-            "-" if not zs else f"{sum(zs) / len(zs):.3f}",
+            "-" if not zs else f"{sum(zs) / len(zs):.3f}"] + ([gen_table.cells(rs)] if generative else []) + [
             "; ".join(",".join(map(str, r.get("pruned", []))) for r in rs) or "-"]) + " |")
     notes = [f"\nUnlike domains (the goals'): {', '.join(t.removesuffix('-ppl') for t in UNLIKE_PPL_TASKS)}. "
              "wiki and c4 are the calibration domains (evaluation split). geomean ×plain: healed / plain "
              "perplexity, geometric mean over the unlike domains; worst unlike domain: the one healing raises "
              "most (or lowers least), against plain."]
+    if generative:
+        notes.append(gen_table.note(records).strip())
     if limit:
         notes.append(f"Zero-shot: average acc_norm over {zero_shot_tasks} tasks x {limit} seeded examples "
                      f"(standard error about {100 * (0.25 / (zero_shot_tasks * limit)) ** 0.5:.1f} points).")
@@ -125,7 +130,7 @@ def plot(records: list[dict[str, Any]], path, cap: float) -> None:
     fig, axis = plt.subplots(figsize=(7, 4.5))
     groups = by_key(records)
     for index, row in enumerate(dict.fromkeys(r["row"] for r in records)):
-        for heal, style in (("none", "-"), ("linear", "--"), ("distill", "-.")):
+        for heal, style in gen_table.HEAL_STYLES.items():
             points = sorted((keep, unlike_geomean(rs)) for (name, keep, h), rs in groups.items()
                             if name == row and h == heal and unlike_geomean(rs) is not None)
             if row == "dense" and points:

@@ -95,7 +95,7 @@ def test_add_gen_fills_the_measures_into_existing_records(tiny_llama_dir, tmp_pa
                      ratios=(0.9,), gen_tasks=("greedy-agreement", "lambada-em"), seed=0, model=tmp_path,
                      reference={}, limit=20, ppl_windows=8, seq_len=512, heal=False)
     args.model = tiny_llama_dir
-    bench_quality.gen_table.add_generative(args, bench_quality.write_outputs)
+    bench_quality.gen_table.add_generative(args, bench_quality.write_outputs, {})
     saved = json.loads((tmp_path / "q.json").read_text())
     dense, cut, untouched = saved["records"]
     assert dense["eval"]["tasks"]["greedy-agreement"]["mean_prefix"] == gen.AGREEMENT_TOKENS
@@ -107,3 +107,34 @@ def test_add_gen_fills_the_measures_into_existing_records(tiny_llama_dir, tmp_pa
     assert "| agree (of 32) | full match | lambada EM |" in table
     assert "| 0.5 | last | 9.0 | 11.0 | - | - | - | - |" in table
     assert (tmp_path / "q_gen.png").stat().st_size > 0
+
+
+def test_add_gen_measures_a_healed_record_with_its_maps(tiny_llama_dir, tmp_path, monkeypatch):
+    """``--add-gen --heal linear`` evaluates the healed record's model: its dropped blocks with
+    the maps fitted on the record's calibration settings, not the plain pruned model again."""
+    monkeypatch.setattr(gen, "AGREEMENT_PROMPTS", 8)
+    monkeypatch.setattr(gen, "LAMBADA_EXAMPLES", 4)
+    tasks = ("greedy-agreement", "lambada-em")
+    base = {"row": "last", "keep": 0.5, "seed": 0, "kept": [0, 1, 2, 3], "pruned": [4, 5, 6, 7]}
+    records = [{**base, "heal": "none", "eval": {"tasks": {"wiki-ppl": {"ppl": 9.0}}}},
+               {**base, "heal": "linear", "eval": {"tasks": {"wiki-ppl": {"ppl": 8.0}}}}]
+    (tmp_path / "q.json").write_text(json.dumps({
+        "backend": "transformers", "dtype": "float32", "commands": [], "records": records, "stability": {}}))
+    args = Namespace(out=tmp_path, name="q", backend="transformers", dtype="float32", rows="last", ratios=(0.5,),
+                     gen_tasks=tasks, seed=0, model=tiny_llama_dir, reference={}, limit=20, ppl_windows=8,
+                     seq_len=512, heal="linear", cache_root=tmp_path / "caches")
+    calibration = {"samples": 4, "seq_len": 32}
+    bench_quality.gen_table.add_generative(args, bench_quality.write_outputs, {"last": {"method": "last", **calibration}})
+    plain, healed = json.loads((tmp_path / "q.json").read_text())["records"]
+    assert list((tmp_path / "caches").glob("*-heal-*.safetensors"))  # fitted: this cache held no maps
+    direct = ev.evaluate(tiny_llama_dir, list(tasks), backend="transformers", progress=False, reference={},
+                         prune={**calibration, "drop": [4, 5, 6, 7], "heal": "linear",
+                                "cache_dir": str(tmp_path / "caches")})["tasks"]
+    for task in tasks:
+        measured = {k: v for k, v in healed["eval"]["tasks"][task].items() if k != "seconds"}
+        assert measured == {k: v for k, v in direct[task].items() if k != "seconds"}
+    written = [r["eval"]["tasks"]["lambada-em"]["samples"] for r in (plain, healed)]
+    assert written[0] != written[1]  # the maps change what the model writes
+    assert healed["eval"]["tasks"]["wiki-ppl"] == {"ppl": 8.0}
+    table = (tmp_path / "q.md").read_text()
+    assert "| agree (of 32) | full match | lambada EM |" in table and "| 0.5 | last | linear |" in table

@@ -108,3 +108,13 @@ def test_max_memory_option_is_parsed_and_checked():
     assert MiprunOptions(keep=0.5, max_memory="1.5g").max_memory == int(1.5 * (1 << 30))
     with pytest.raises(OptionError, match="max_memory: expected a size such as 8GiB"):
         MiprunOptions(keep=0.5, max_memory="lots")
+
+
+def test_blocks_load_frozen_streamed_and_resident(tiny_llama_dir):
+    """A heal fit trains only its maps through the blocks: every block comes out of
+    ``block()`` with no weight that would take a gradient, whether read now or kept resident."""
+    for resident in (False, True):
+        model = BlockwiseModel(tiny_llama_dir, resident_blocks=resident, max_memory=1 << 40)
+        for _ in range(2):  # the second time a resident block comes from memory
+            with model.block(3) as layer:
+                assert not any(p.requires_grad for p in layer.parameters())

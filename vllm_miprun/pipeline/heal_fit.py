@@ -120,9 +120,7 @@ def _pruned_final(model, hidden: torch.Tensor, blocks: list[int], params: dict[i
     if 0 in params:
         hidden = apply_map(hidden, params[0])
     for index in blocks:
-        with model.block(index) as layer:
-            for weight in layer.parameters():
-                weight.requires_grad_(False)
+        with model.block(index) as layer:  # loaded frozen (BlockwiseModel._materialise): only the maps train
             handle = None
             if index + 1 in params:
                 handle = layer.get_submodule(site.output).register_forward_hook(

@@ -80,8 +80,10 @@ def tail(model, h: torch.Tensor, blocks: list[int], scales: dict[int, torch.Tens
 
 
 def kl_fit(model, calib: torch.Tensor, pruned: list[int], init: dict[int, torch.Tensor], steps: int,
-           ridge: float, lr: float = 1e-2, batch: int = 2, seed: int = 0, full: bool = False) -> tuple[dict[int, torch.Tensor], list]:
-    """Adam on the diagonal maps' scales for ``KL(dense ‖ pruned)`` over ``calib``'s next tokens."""
+           ridge: float, lr: float = 1e-2, batch: int = 2, seed: int = 0, full: bool = False,
+           on_step=None) -> tuple[dict[int, torch.Tensor], list]:
+    """Adam on the maps (full matrices, or the diagonal's scales) for ``KL(dense ‖ pruned)`` over
+    ``calib``'s next tokens. ``on_step(steps_done, maps)``, if given, sees the maps after every step."""
     n = model.config.num_hidden_layers
     kept = [b for b in range(n) if b not in set(pruned)]
     first = min(init)
@@ -103,10 +105,30 @@ def kl_fit(model, calib: torch.Tensor, pruned: list[int], init: dict[int, torch.
         opt.zero_grad()
         (kl + pull).backward()
         opt.step()
+        if on_step is not None:
+            on_step(step + 1, {b: p.detach().clone() if full else torch.diag(p.detach()) for b, p in params.items()})
         if step % 25 == 0 or step == steps - 1:
             trace.append((step, round(float(kl.detach()), 4)))
             print(f"  step {step} kl {float(kl):.4f}", flush=True)
     return {b: p.detach() if full else torch.diag(p.detach()) for b, p in params.items()}, trace
+
+
+def frozen_smollm2():
+    """SmolLM2-135M's tokenizer and float32 model, every weight frozen (seed 0)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    folder = assets.smollm2_dir()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return AutoTokenizer.from_pretrained(folder), model
+
+
+def calibration_mix(tok, samples: int, length: int) -> torch.Tensor:
+    """The maps' calibration text: ``samples`` windows of wiki, then as many of c4 (seed 0)."""
+    return torch.from_numpy(np.concatenate([corpora.sample_token_windows(tok, name, samples, length, 0)
+                                            for name in ("wiki", "c4")]))
 
 
 def main(argv=None) -> int:
@@ -118,18 +140,9 @@ def main(argv=None) -> int:
     parser.add_argument("--final-windows", type=int, default=2)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = assets.smollm2_dir()
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    tok, model = frozen_smollm2()
     data = base.eval_windows(tok, args.seq_len, args.val_windows, args.final_windows)
-    wiki = corpora.sample_token_windows(tok, "wiki", args.calib_samples, args.calib_len, 0)
-    c4 = corpora.sample_token_windows(tok, "c4", args.calib_samples, args.calib_len, 0)
-    calib = torch.from_numpy(np.concatenate([wiki, c4]))
+    calib = calibration_mix(tok, args.calib_samples, args.calib_len)
     report = json.loads(args.out.read_text()) if args.out.is_file() else {}
     report["command"] = ("PYTHONPATH=. OMP_NUM_THREADS=2 python benchmarks/heal_kl_research.py "
                          + " ".join(argv or sys.argv[1:])).strip()

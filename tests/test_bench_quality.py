@@ -100,6 +100,11 @@ def test_heal_goals_are_judged_on_the_unlike_domains():
     assert "multilingual +1.0%" in goals["no unlike domain more than 2% worse than unhealed"]["detail"]
     beats = goals["MI-PRUN heal=linear beats unhealed SLEB"]
     assert beats["met"] and "lower on 3 of 4 domains" in beats["detail"]
+    assert "MI-PRUN heal=linear beats SLEB heal=linear" not in goals  # no healed SLEB row: no such goal
+    healed_sleb = _record("sleb", 0.75, "linear", dict(zip(UNLIKE, (70.0, 85.0, 85.0, 85.0))))
+    same_way = {g["goal"].split(" (")[0]: g for g in heal_table.check_goals(records + [healed_sleb])}
+    assert not same_way["MI-PRUN heal=linear beats SLEB heal=linear"]["met"]  # 84.8 against 81.0
+    assert "lower on 2 of 4 domains" in same_way["MI-PRUN heal=linear beats SLEB heal=linear"]["detail"]
 
 
 def test_heal_goal_fails_when_one_domain_is_more_than_two_percent_worse():

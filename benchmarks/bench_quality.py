@@ -136,9 +136,8 @@ def run_row(args, name: str, base: dict[str, Any] | None, seeds: tuple[int, ...]
                                      ppl_limit=args.ppl_windows, seed=args.seed, seq_len=args.seq_len,
                                      dtype=args.dtype, progress=True, reference=args.reference)
                 evaluated[(tuple(report["kept"]), "none")] = report
-            if base is not None and report["kept"] != record["kept"]:
-                raise RuntimeError(f"{name} keep={ratio}: served blocks {report['kept']} differ from "
-                                   f"the plan's {record['kept']}")
+            if base is not None:
+                gen_table.require_blocks(report, record["kept"], f"{name} keep={ratio}")
             record["eval"] = report
             records.append(record)
             log_record(record)
@@ -191,9 +190,7 @@ def healed_record(args, plain: dict[str, Any], options: dict[str, Any], tasks: l
     report = ev.evaluate(args.model, tasks, backend="transformers", prune=healed, limit=args.limit,
                          ppl_limit=args.ppl_windows, seed=args.seed, seq_len=args.seq_len, dtype=args.dtype,
                          progress=True, reference=args.reference)
-    if report["kept"] != kept:
-        raise RuntimeError(f"healed {plain['row']} keep={plain['keep']}: evaluated blocks {report['kept']} "
-                           f"differ from the plan's {kept}")
+    gen_table.require_blocks(report, kept, f"{plain['row']} keep={plain['keep']} heal={args.heal}")
     evaluated[(tuple(kept), args.heal)] = report
     return record | {"eval": report}
 

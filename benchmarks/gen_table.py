@@ -123,9 +123,8 @@ def add_generative(args, write_outputs, row_options: dict[str, dict[str, Any]]) 
             report = ev.evaluate(args.model, list(args.gen_tasks), backend=args.backend,
                                  prune=recorded_model(args, record, row_options.get(record["row"], {})),
                                  seed=args.seed, dtype=args.dtype, progress=False, reference=args.reference)
-            if key[0] is not None and report["kept"] != list(key[0]):
-                raise RuntimeError(f"{record['row']} keep={record['keep']}: evaluated blocks {report['kept']} "
-                                   f"differ from the recorded {list(key[0])}")
+            if key[0] is not None:
+                require_blocks(report, key[0], f"{record['row']} keep={record['keep']} heal={key[1]}")
             found[key] = report["tasks"]
         logger.info("%s keep=%.2f seed=%s: %s", record["row"], record["keep"], record.get("seed"),
                     {t: {k: v for k, v in m.items() if k != "samples"} for t, m in found[key].items()})
@@ -140,6 +139,13 @@ def add_generative(args, write_outputs, row_options: dict[str, dict[str, Any]]) 
             commands = [c for c in latest.get("commands", []) if c.get("command") != command["command"]]
             latest["commands"] = commands + [command]
             write_outputs(args, latest["records"], latest.get("stability", {}), latest["commands"], latest)
+
+
+def require_blocks(report: dict[str, Any], kept: list[int], what: str) -> None:
+    """Refuse a measurement of another model than the one planned: ``report``'s kept blocks
+    must be ``kept``."""
+    if report["kept"] != list(kept):
+        raise RuntimeError(f"{what}: evaluated blocks {report['kept']} differ from the planned {list(kept)}")
 
 
 def recorded_model(args, record: dict[str, Any], options: dict[str, Any]):

@@ -203,9 +203,9 @@ def write_markdown(report: dict, path: Path) -> None:
             plain = rows["none"]["ppl"]
             for name, row in rows.items():
                 p = row["ppl"]
-                worst = max(domains, key=lambda d: p[d] / plain[d])
+                worst, change = base.worst_change(p, plain, domains)
                 lines.append(f"| {keep} | {name} | " + " | ".join(f"{p[d]:.1f}" for d in domains)
-                             + f" | {base.geomean_ratio(p, plain, base.UNLIKE):.3f} | {worst} {p[worst] / plain[worst] - 1:+.1%} |")
+                             + f" | {base.geomean_ratio(p, plain, base.UNLIKE):.3f} | {worst} {change:+.1%} |")
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
 

@@ -179,6 +179,12 @@ def geomean_ratio(ppl: dict, base: dict, domains) -> float:
     return math.exp(sum(math.log(ppl[d] / base[d]) for d in domains) / len(domains))
 
 
+def worst_change(ppl: dict, base: dict, domains) -> tuple[str, float]:
+    """The domain whose perplexity rises most against ``base`` (or falls least), and by how much."""
+    worst = max(domains, key=lambda d: ppl[d] / base[d])
+    return worst, ppl[worst] / base[worst] - 1
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calib-samples", type=int, default=32, help="windows of --calib-len per corpus")
@@ -328,8 +334,7 @@ def write_markdown(report: dict, path: Path) -> None:
         for name, row in rows.items():
             ppl = row["ppl"]
             g = geomean_ratio(ppl, base, UNLIKE)
-            worst = max(ALL_DOMAINS, key=lambda d: ppl[d] / base[d])
-            change = ppl[worst] / base[worst] - 1
+            worst, change = worst_change(ppl, base, ALL_DOMAINS)
             met = "-" if name == "none" else ("yes" if g <= 0.85 and change <= 0.02 else "no")
             lines.append(f"| {keep} | {name} | " + " | ".join(f"{ppl[d]:.1f}" for d in ALL_DOMAINS)
                          + f" | {g:.3f} | {worst} {change:+.1%} | {met} |")

@@ -110,8 +110,7 @@ def main(argv=None) -> int:
 def effect(rows: dict, name: str) -> tuple[float, str, float]:
     """(geomean healed/plain over the unlike domains, worst domain, its change against plain)."""
     plain, healed = rows["none"], rows[name]
-    worst = max(base.UNLIKE, key=lambda d: healed[d] / plain[d])
-    return base.geomean_ratio(healed, plain, base.UNLIKE), worst, healed[worst] / plain[worst] - 1
+    return (base.geomean_ratio(healed, plain, base.UNLIKE), *base.worst_change(healed, plain, base.UNLIKE))
 
 
 def choose(keeps: dict) -> dict:

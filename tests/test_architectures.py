@@ -28,6 +28,8 @@ SEQ_LEN = 24  # longer than the 8-token windows of the windowed families
 TOL = dict(rtol=1e-4, atol=1e-4)
 # Drop block 2 of 4 (what "last" picks at keep 0.75). Llama 4 keeps [2, 3]: dropping
 # block 2 would leave MoE blocks no interleave step can place (refused, tested below).
+# Per-expert checkpoint tensors that transformers' loader fuses: those blocks always go through it.
+FUSED_EXPERTS = {"mixtral", "qwen3_moe", "deepseek_v2", "deepseek_v3", "llama4"}
 KEPT = {arch: [0, 1, 3] for arch in FAMILIES} | {"llama4": [2, 3]}
 
 
@@ -57,17 +59,23 @@ def test_runner_reproduces_transformers_hidden_states(arch, family_dir):
     with torch.inference_mode():
         reference = load_hf(model_dir)(ids, output_hidden_states=True, use_cache=False)
     runner = BlockwiseModel(model_dir)
-    hidden = runner.embed_tokens(ids)
-    torch.testing.assert_close(hidden, reference.hidden_states[0], **TOL)
-    for index in range(NUM_BLOCKS):
-        with runner.block(index) as layer:
-            hidden = runner.run_block(layer, hidden)  # 2 sequences, one micro-batch: masks broadcast
-        if index < NUM_BLOCKS - 1:  # transformers' last entry is after the final norm
-            torch.testing.assert_close(hidden, reference.hidden_states[index + 1], **TOL)
-        assert all(p.is_meta for p in runner.layers.parameters()), "a block stayed resident"
     expected = torch.log_softmax(reference.logits[:, :-1].float(), dim=-1)
-    torch.testing.assert_close(runner.token_logprobs(hidden), expected, **TOL)
-    assert runner.blocks_loaded == NUM_BLOCKS
+    passes = []
+    for _ in range(2):  # the second pass re-loads every block, by direct assignment where verified
+        hidden = runner.embed_tokens(ids)
+        torch.testing.assert_close(hidden, reference.hidden_states[0], **TOL)
+        for index in range(NUM_BLOCKS):
+            with runner.block(index) as layer:
+                hidden = runner.run_block(layer, hidden)  # 2 sequences, one micro-batch: masks broadcast
+            if index < NUM_BLOCKS - 1:  # transformers' last entry is after the final norm
+                torch.testing.assert_close(hidden, reference.hidden_states[index + 1], **TOL)
+            assert all(p.is_meta for p in runner.layers.parameters()), "a block stayed resident"
+        torch.testing.assert_close(runner.token_logprobs(hidden), expected, **TOL)
+        passes.append(hidden)
+    assert torch.equal(passes[0], passes[1])
+    assert runner.blocks_loaded == 2 * NUM_BLOCKS
+    if arch not in FUSED_EXPERTS:  # every re-load after the first block skips transformers' loader
+        assert runner.blocks_assigned == 2 * NUM_BLOCKS - 1
 
 
 def _block_kinds(model, indices) -> list[tuple]:

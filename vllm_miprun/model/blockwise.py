@@ -75,6 +75,16 @@ class TensorIndex:
         return sum(self.size[n] for n in self.names_with_prefix(prefix))
 
 
+def _loaded_as_stored(layer: nn.Module, relative: dict[str, torch.Tensor]) -> bool:
+    """Whether ``layer``'s parameters are exactly the given tensors under the same names (so
+    the loader renamed, converted and copied nothing) and it has no other parameter."""
+    params = dict(layer.named_parameters())
+    return params.keys() == relative.keys() and all(
+        type(params[n]) is nn.Parameter and params[n].data_ptr() == t.data_ptr()
+        and params[n].shape == t.shape and params[n].dtype == t.dtype and params[n].stride() == t.stride()
+        for n, t in relative.items())
+
+
 class _StandIn(nn.Module):
     """Takes a decoder block's place in transformers' forward and hands its call to ``on_call``."""
 
@@ -125,6 +135,7 @@ class BlockwiseModel:
         self.num_blocks = len(self.layers)
         self._position = {id(layer): i for i, layer in enumerate(self.layers)}
         self._weight_mapping = None
+        self._loads_as_stored: dict[tuple, bool] = {}  # block layout -> transformers' loader only assigns
         self._load_outside_blocks()
         self.norm = getattr(self._owner, "norm", None)  # the final norm, where the family has one
         self.lm_head_weight = self.skeleton.get_output_embeddings().weight
@@ -135,6 +146,7 @@ class BlockwiseModel:
         self._resident: dict[int, nn.Module] = {}
         self._block_inputs: dict[int, list] = {}  # seq_len -> per-block (args, kwargs)
         self.blocks_loaded = 0
+        self.blocks_assigned = 0  # of those, loaded by direct assignment (:meth:`_load_block`)
 
     # -- weights -------------------------------------------------------------------------
 
@@ -173,6 +185,27 @@ class BlockwiseModel:
             if bars:
                 hf_logging.enable_progress_bar()
         module.requires_grad_(False)
+
+    def _load_block(self, layer: nn.Module, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Load one block's ``tensors`` (checkpoint names). Forward searches re-load blocks
+        hundreds of times, and transformers' loader walks the whole model's state dict on every
+        call, so a block whose layout the loader was once seen to take as stored (same names,
+        shapes and dtypes, no conversion, no copy) is assigned directly from then on."""
+        prefix = f"{self.family.layers_prefix}{index}."
+        relative = {name.removeprefix(prefix): t for name, t in tensors.items()}
+        layout = tuple(sorted((name, tuple(t.shape), t.dtype) for name, t in relative.items()))
+        if self._loads_as_stored.get(layout):
+            self._init_meta_buffers(layer)
+            for name, tensor in relative.items():
+                owner_name, _, attr = name.rpartition(".")
+                weight = nn.Parameter(tensor, requires_grad=False)
+                weight._is_hf_initialized = True  # as transformers marks what it loaded
+                setattr(layer.get_submodule(owner_name), attr, weight)
+            self.blocks_assigned += 1
+            return
+        self._materialise(layer, tensors)
+        if layout not in self._loads_as_stored:
+            self._loads_as_stored[layout] = _loaded_as_stored(layer, relative)
 
     def _init_meta_buffers(self, module: nn.Module) -> None:
         """Non-persistent buffers (rotary tables, embedding scales) are not in the checkpoint:
@@ -214,7 +247,7 @@ class BlockwiseModel:
         layer = self.layers[index]
         tensors = self.read_block(index)
         size = sum(t.numel() * t.element_size() for t in tensors.values())
-        self._materialise(layer, tensors)
+        self._load_block(layer, index, tensors)
         del tensors  # the layer holds the weights now
         self._require_loaded(layer)
         self.blocks_loaded += 1

@@ -96,6 +96,19 @@ def test_kl_objective_is_zero_for_the_full_model_and_matches_its_definition(tiny
     assert evaluate(frozenset({2, 6})) == pytest.approx(CalibrationKL(model, ids)(frozenset({2, 6})), rel=1e-6)
 
 
+def test_stored_chains_are_evicted_least_recently_used_first(tiny_llama_dir):
+    model = BlockwiseModel(tiny_llama_dir, resident_blocks=True)
+    evaluate = CalibrationKL(model, calibration_ids(tiny_llama_dir, SMALL)[:2], keep_chains=2)
+    evaluate(frozenset({5}))
+    evaluate(frozenset({6}))
+    evaluate(frozenset({5, 7}))  # resumes from {5}'s states, so {6} is the least recently used
+    passes = evaluate.block_passes
+    evaluate.block_noise(frozenset({5}))  # a round's winner is read again: still stored
+    assert evaluate.block_passes == passes
+    evaluate.block_noise(frozenset({6}))  # evicted: measured again
+    assert evaluate.block_passes == passes + 1  # block 7, from the full model's state at 6
+
+
 def test_block_noise_is_the_skip_channel_noise_of_the_pruned_model(tiny_llama_dir):
     import torch
 

@@ -89,6 +89,8 @@ class CalibrationCE:
                 s = min(diff) if diff else m.num_blocks
                 if s > start:
                     base, start = other, s
+            if base:
+                self._touch(base)
             h = self.states[start] if not base else self.chains[base][start]
             chain = (list(self.states[: start + 1]) if not base else list(self.chains[base][: start + 1]))
             for b in range(start, m.num_blocks):
@@ -118,6 +120,7 @@ class CalibrationCE:
         if pruned not in self.chains:  # measured, but its states were dropped: measure again
             self.memo.pop(pruned, None)
             self(pruned)
+        self._touch(pruned)
         return self.chains[pruned]
 
     def loss(self, final_state) -> float:
@@ -125,12 +128,18 @@ class CalibrationCE:
         return float(self.model.token_nll(final_state, self.ids))
 
     def _remember(self, pruned: frozenset, chain: list) -> None:
-        """Keep the boundary states of the ``keep_chains`` most recently evaluated sets
-        (first in, first out); a later candidate that shares their first removed blocks
-        resumes from them. Greedy searches extend a set they have just evaluated."""
+        """Keep the boundary states of the ``keep_chains`` most recently used sets (least
+        recently used out first); a later candidate that shares their first removed blocks
+        resumes from them. Greedy searches extend a set they have just evaluated, and a
+        round's base set and winner are used again and again: evicting them in arrival
+        order cost about 3% more block passes on SmolLM2's keep-0.6 search."""
         self.chains[pruned] = chain
         while len(self.chains) > self.keep_chains:
             del self.chains[next(iter(self.chains))]
+
+    def _touch(self, pruned: frozenset) -> None:
+        """Mark ``pruned``'s stored chain as just used (dicts keep insertion order)."""
+        self.chains[pruned] = self.chains.pop(pruned)
 
 
 class CalibrationKL(CalibrationCE):

@@ -109,6 +109,24 @@ def test_stored_chains_are_evicted_least_recently_used_first(tiny_llama_dir):
     assert evaluate.block_passes == passes + 1  # block 7, from the full model's state at 6
 
 
+def test_search_speedups_change_no_answer_and_the_benchmark_really_turns_them_off(calibrated, tiny_llama_dir):
+    from benchmark_module import load_benchmark  # tests/ is on sys.path (conftest)
+
+    bench = load_benchmark("search_speedups")
+    result, _ = calibrated
+    cost, ids = span_cost_matrix(result.cache), calibration_ids(tiny_llama_dir, SMALL)
+    for method in ("mi-prun", "sleb"):
+        shipped = bench.run_search(tiny_llama_dir, method, 4, cost, ids)
+        with bench.without_speedups():
+            before = bench.run_search(tiny_llama_dir, method, 4, cost, ids)
+        assert shipped["pruned"] == before["pruned"]
+        assert before["blocks_assigned"] == 0 and shipped["blocks_assigned"] > 0
+        assert shipped["block_passes"] <= before["blocks_loaded"] == before["block_passes"]
+        if method == "sleb":  # each round's base set stays stored while every block is tried: 89 vs 91 passes
+            assert shipped["block_passes"] < before["block_passes"]
+        assert shipped["blocks_loaded"] == shipped["block_passes"]  # on the CPU, no block stays resident
+
+
 def test_block_noise_is_the_skip_channel_noise_of_the_pruned_model(tiny_llama_dir):
     import torch
 

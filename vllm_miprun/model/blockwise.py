@@ -189,11 +189,12 @@ class BlockwiseModel:
     def _load_block(self, layer: nn.Module, index: int, tensors: dict[str, torch.Tensor]) -> None:
         """Load one block's ``tensors`` (checkpoint names). Forward searches re-load blocks
         hundreds of times, and transformers' loader walks the whole model's state dict on every
-        call, so a block whose layout the loader was once seen to take as stored (same names,
-        shapes and dtypes, no conversion, no copy) is assigned directly from then on."""
+        call, so a block whose layout the loader was once seen to take as stored (same block
+        class, tensor names, shapes and dtypes; no conversion, no copy) is assigned directly
+        from then on."""
         prefix = f"{self.family.layers_prefix}{index}."
         relative = {name.removeprefix(prefix): t for name, t in tensors.items()}
-        layout = tuple(sorted((name, tuple(t.shape), t.dtype) for name, t in relative.items()))
+        layout = (type(layer), *sorted((name, tuple(t.shape), t.dtype) for name, t in relative.items()))
         if self._loads_as_stored.get(layout):
             self._init_meta_buffers(layer)
             for name, tensor in relative.items():

@@ -66,19 +66,16 @@ def run_search(model_dir: Path, method: str, num_prune: int, cost, ids) -> dict:
     """One search on a new model and evaluator; what it chose and what it cost."""
     from vllm_miprun.model.blockwise import BlockwiseModel
     from vllm_miprun.pipeline.forward_search import MI_PRUN_BOUND_SAMPLES
-    from vllm_miprun.pipeline.refine import CalibrationCE, refine, sleb
+    from vllm_miprun.pipeline.refine import refine, sleb
 
     model = BlockwiseModel(model_dir, resident_blocks=True)  # the planner's model: on the CPU, budget 0
-    passes = {}
     start = time.perf_counter()
     if method == "mi-prun":
         result = refine(model_dir, ids[:MI_PRUN_BOUND_SAMPLES], cost, num_prune, model=model)
-        passes["block_passes"] = result.details["block_passes"]
     else:
-        with mock.patch.object(CalibrationCE, "__call__", _counting(CalibrationCE.__call__, passes)):
-            result = sleb(model, ids, num_prune)
+        result = sleb(model, ids, num_prune)
     seconds = time.perf_counter() - start
-    return {"pruned": list(result.pruned), "seconds": round(seconds, 2), **passes,
+    return {"pruned": list(result.pruned), "seconds": round(seconds, 2), "block_passes": result.details["block_passes"],
             "blocks_loaded": model.blocks_loaded, "blocks_assigned": model.blocks_assigned}
 
 
@@ -97,15 +94,6 @@ def reload_ms(model_dir: Path, rounds: int = 5) -> float:
             with model.block(index):
                 pass
     return round((time.perf_counter() - start) / (rounds * model.num_blocks) * 1e3, 2)
-
-
-def _counting(call, passes: dict):
-    """SLEB's selection does not report block passes: read them off its evaluator."""
-    def counted(self, pruned):
-        value = call(self, pruned)
-        passes["block_passes"] = self.block_passes
-        return value
-    return counted
 
 
 def main(argv=None) -> int:

@@ -250,6 +250,8 @@ def sleb(model, input_ids, num_prune: int, protect: Iterable[int] = frozenset(),
     model's cross-entropy (:class:`CalibrationCE`) -- the same bound MI-PRUN maximises,
     searched over every remaining block each round. ``model`` is a
     :class:`~vllm_miprun.model.blockwise.BlockwiseModel`; ``cost`` (optional) sets the
-    selection's ``objective`` to ``J`` on the span costs."""
+    selection's ``objective`` to ``J`` on the span costs. ``details["block_passes"]`` counts
+    the block passes, as :func:`refine` does."""
     evaluate = CalibrationCE(model, input_ids)
-    return select("sleb", model.num_blocks, num_prune, protect=protect, evaluate=evaluate, cost=cost)
+    result = select("sleb", model.num_blocks, num_prune, protect=protect, evaluate=evaluate, cost=cost)
+    return replace(result, details={**result.details, "block_passes": evaluate.block_passes})

@@ -150,9 +150,7 @@ def main(argv=None) -> int:
     n = model.config.num_hidden_layers
 
     def save():
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=1))
-        tmp.replace(args.out)
+        base.save_report(report, args.out)
 
     def ppl(keep, transforms, part, domains):
         kept = [b for b in range(n) if b not in set(base.PRUNED[keep])]

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from vllm_miprun.core import heal_math
-from vllm_miprun.pipeline import corpora
+from vllm_miprun.pipeline import corpora, store
 from vllm_miprun.tools import assets
 
 PRUNED = {  # MI-PRUN's sets, README "Quality on SmolLM2-135M"
@@ -185,6 +185,12 @@ def worst_change(ppl: dict, base: dict, domains) -> tuple[str, float]:
     return worst, ppl[worst] / base[worst] - 1
 
 
+def save_report(report: dict, path: Path) -> None:
+    """Write a research run's JSON atomically (a killed run resumes from the last whole file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    store.atomic_write_text(path, json.dumps(report, indent=1))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calib-samples", type=int, default=32, help="windows of --calib-len per corpus")
@@ -216,10 +222,7 @@ def main(argv=None) -> int:
     n = model.config.num_hidden_layers
 
     def save():
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=1))
-        tmp.replace(args.out)
+        save_report(report, args.out)
 
     with torch.inference_mode():
         all_runs = sorted({r for p in PRUNED.values() for r in heal_math.pruned_runs(p)})

@@ -98,11 +98,9 @@ def main(argv=None) -> int:
                                                 "seconds": round(time.time() - start_time, 1)}
         print(keep, {name: round(base.geomean_ratio(p, rows["none"], base.UNLIKE), 3) for name, p in rows.items()},
               flush=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=1))
-        tmp.replace(args.out)
+        base.save_report(report, args.out)
     report["choice"] = choose(report["keeps"])
-    args.out.write_text(json.dumps(report, indent=1))
+    base.save_report(report, args.out)
     write_markdown(report, args.out.with_suffix(".md"))
     return 0
 

@@ -110,10 +110,11 @@ def check_goals(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                           "keep": keep, "met": effect[0] <= GEOMEAN_GOAL, "detail": f"{effect[0]:.3f}x"})
             goals.append({"goal": f"no unlike domain more than {WORST_GOAL:.0%} worse than unhealed", "keep": keep,
                           "met": effect[2] <= WORST_GOAL, "detail": f"worst {effect[1]} {effect[2]:+.1%}"})
+        mine = unlike_geomean(healed)
         for sleb_heal, label in (("none", "unhealed SLEB"), (mode, f"SLEB heal={mode}")):
             sleb = groups.get(("sleb", keep, sleb_heal))
-            if sleb and unlike_geomean(sleb) is not None and unlike_geomean(healed) is not None:
-                mine, theirs = unlike_geomean(healed), unlike_geomean(sleb)
+            theirs = unlike_geomean(sleb) if sleb else None
+            if mine is not None and theirs is not None:
                 wins = sum(domain_ppl(healed, t) < domain_ppl(sleb, t) for t in UNLIKE_PPL_TASKS)
                 goals.append({"goal": f"MI-PRUN heal={mode} beats {label} (geomean over unlike domains)",
                               "keep": keep, "met": mine < theirs,

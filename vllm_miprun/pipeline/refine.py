@@ -41,6 +41,7 @@ best sets evaluated so far) at the first block where the candidate differs from 
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import Iterable, Sequence
 
@@ -251,7 +252,19 @@ def sleb(model, input_ids, num_prune: int, protect: Iterable[int] = frozenset(),
     searched over every remaining block each round. ``model`` is a
     :class:`~vllm_miprun.model.blockwise.BlockwiseModel`; ``cost`` (optional) sets the
     selection's ``objective`` to ``J`` on the span costs. ``details["block_passes"]`` counts
-    the block passes, as :func:`refine` does."""
+    the block passes, as :func:`refine` does, and each step of ``details["trace"]`` its
+    ``seconds``: wall time from the start of the full pass to the end of that round. A plan
+    for a smaller count runs exactly the first rounds, so this is also what it would take."""
+    start = time.perf_counter()
     evaluate = CalibrationCE(model, input_ids)
-    result = select("sleb", model.num_blocks, num_prune, protect=protect, evaluate=evaluate, cost=cost)
-    return replace(result, details={**result.details, "block_passes": evaluate.block_passes})
+    finished: list[float] = []  # wall time after each evaluation
+
+    def timed(pruned: frozenset) -> float:
+        loss = evaluate(pruned)
+        finished.append(time.perf_counter() - start)
+        return loss
+
+    result = select("sleb", model.num_blocks, num_prune, protect=protect, evaluate=timed, cost=cost)
+    trace = [{**step, "seconds": round(finished[step["evaluations"] - 1], 3)}
+             for step in result.details.get("trace", ())]
+    return replace(result, details={**result.details, "trace": trace, "block_passes": evaluate.block_passes})

@@ -241,7 +241,10 @@ def load_scores(model_dir: str | Path, options: MiprunOptions, progress: bool = 
             f"no score cache for {model_dir} with calibration {settings.to_json()} at {path}, and "
             f"require_cache is set; run `vllm-miprun calibrate {model_dir}` first or drop require_cache"
         )
-    logger.info("no score cache for %s; calibrating now (%s)", model_dir, settings.to_json())
+    logger.info("no score cache for %s; calibrating now (%s). This is done once per model and settings; later "
+                "starts read %s. To do it before serving, run `vllm-miprun calibrate %s` with the same "
+                "calibration options", model_dir, settings.to_json(),
+                path, model_dir)
     result = calibrate(model_dir, settings, device=resolve_device(options.device), cache_dir=options.cache_dir,
                        progress=progress)
     return result.cache, result.path, "cache-hit" if result.reused else "computed"

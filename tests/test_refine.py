@@ -127,6 +127,50 @@ def test_search_speedups_change_no_answer_and_the_benchmark_really_turns_them_of
         assert shipped["blocks_loaded"] == shipped["block_passes"]  # on the CPU, no block stays resident
 
 
+def test_sleb_trace_says_when_each_round_ended(tiny_llama_dir):
+    import time
+
+    from vllm_miprun.core.selection.sleb import prefix_answers
+    from vllm_miprun.pipeline.refine import sleb
+
+    model = BlockwiseModel(tiny_llama_dir, resident_blocks=True)
+    ids = calibration_ids(tiny_llama_dir, SMALL)
+    start = time.perf_counter()
+    result = sleb(model, ids, 3)
+    elapsed = time.perf_counter() - start
+    seconds = [step["seconds"] for step in result.details["trace"]]
+    assert len(seconds) == 3 and 0 < seconds[0] < seconds[1] < seconds[2] <= elapsed + 1e-3
+    # 8 blocks: rounds of 8, 7 and 6 evaluations; each step is stamped after its own round
+    assert [step["evaluations"] for step in result.details["trace"]] == [8, 15, 21]
+    assert seconds[2] - seconds[1] < seconds[2] / 2  # not the search's total handed to every round
+    shallow = sleb(BlockwiseModel(tiny_llama_dir, resident_blocks=True), ids, 2)
+    assert list(shallow.pruned) == prefix_answers(result)[2]
+
+
+def test_plan_time_benchmark_times_both_methods_and_reads_sleb_counts_from_one_run(tiny_llama_dir, tmp_path):
+    import json
+
+    from benchmark_module import load_benchmark
+
+    bench = load_benchmark("plan_time")
+    out = tmp_path / "plan_time.json"
+    assert bench.main(["--model", str(tiny_llama_dir), "--keeps", "0.75,0.5", "--out-json", str(out),
+                       "--out-png", str(tmp_path / "plan_time.png")]) == 0
+    result = json.loads(out.read_text())
+    rows = {row["keep"]: row for row in result["rows"]}
+    assert [rows[k]["num_prune"] for k in (0.75, 0.5)] == [2, 4]
+    for row in rows.values():  # each MI-PRUN plan calibrated from an empty folder, then searched
+        assert 0 < row["mi_prun"]["calibration_s"] < row["mi_prun"]["seconds"]
+        assert row["ratio_first_plan"] == pytest.approx(row["mi_prun"]["seconds"] / row["sleb"]["seconds"], abs=1e-3)
+    assert rows[0.5]["sleb"]["seconds"] == pytest.approx(result["sleb_run_s"], abs=0.01)  # the run itself
+    assert rows[0.75]["sleb"]["seconds"] < rows[0.5]["sleb"]["seconds"]  # less its two later rounds
+    shallow = make_plan(tiny_llama_dir, MiprunOptions(keep=0.75, method="sleb", cache_dir=str(tmp_path / "sleb")),
+                        progress=False)
+    assert rows[0.75]["sleb"]["pruned"] == list(shallow.pruned)  # the deeper run's prefix is SLEB's own plan
+    assert [len(rows[k]["mi_prun"]["pruned"]) for k in (0.75, 0.5)] == [2, 4]
+    assert (tmp_path / "plan_time.png").stat().st_size > 0
+
+
 def test_block_noise_is_the_skip_channel_noise_of_the_pruned_model(tiny_llama_dir):
     import torch
 

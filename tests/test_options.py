@@ -193,6 +193,11 @@ def test_options_are_checked_before_calibration(tiny_llama_dir, tmp_path, monkey
     with pytest.raises(SystemExit):
         cli.main(["plan", str(tiny_llama_dir), "--latency-budget", "12 s", "--cache-dir", str(tmp_path)])
     assert "cannot read latency budget '12 s'" in capsys.readouterr().err
+    missing = tmp_path / "no-such-folder" / "table.json"
+    code = cli.main(["stability", str(tiny_llama_dir), "--cache-dir", str(tmp_path), "--json-out", str(missing)])
+    assert code == 2 and f"the folder {missing.parent} does not exist" in capsys.readouterr().err
+    code = cli.main(["stability", str(tiny_llama_dir), "--cache-dir", str(tmp_path), "--json-out", str(tmp_path)])
+    assert code == 2 and "expects a file path, got the folder" in capsys.readouterr().err
     assert calls == [] and not list(tmp_path.iterdir())
 
 

@@ -97,3 +97,30 @@ def test_the_sweep_spares_live_writers_and_other_files(tiny_llama_dir, tmp_path,
         _kill(proc)
     assert sc.sweep_stale_temps(cache_dir) == [temp]
     assert all(path.exists() for path in others)
+
+
+def test_a_stability_table_killed_while_written_leaves_the_previous_one_whole(tiny_llama_dir, tmp_path):
+    """``vllm-miprun stability --json-out`` writes its table as the score cache is written."""
+    import json
+
+    out = tmp_path / "stability.json"
+    out.write_text('{"previous": true}\n')
+    command = [sys.executable, "-m", "vllm_miprun.tools.cli", "stability", str(tiny_llama_dir), "--seeds", "2",
+               "--methods", "last", "--cache-dir", str(tmp_path / "scores"), "--json-out", str(out)]
+    marker = tmp_path / "marker"
+    proc = subprocess.Popen(command, env={**os.environ, "MIPRUN_TEST_WRITE_PAUSE": str(marker)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (marker.exists() and marker.read_text()):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline, "the stability run never reached its write window"
+        time.sleep(0.05)
+    temp = Path(marker.read_text())
+    assert temp.parent == tmp_path and json.loads(temp.read_text())["methods"]["last"]["pruned_sets"] == [[5, 6]] * 2
+    _kill(proc)
+    assert out.read_text() == '{"previous": true}\n'
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = json.loads(out.read_text())
+    assert table["seeds"] == 2 and table["methods"]["last"]["mean_pairwise_jaccard"] == 1.0

@@ -11,6 +11,7 @@ import argparse
 import itertools
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -18,8 +19,8 @@ from pathlib import Path
 
 from vllm_miprun.errors import run_command
 from vllm_miprun.option_flags import add_command_flags, given_options
-from vllm_miprun.options import (CalibrationSettings, MiprunOptions, calibration_settings, command_options,
-                                 option)
+from vllm_miprun.options import (CalibrationSettings, MiprunOptions, OptionError, calibration_settings,
+                                 command_options, option)
 
 logger = logging.getLogger("vllm_miprun")
 
@@ -147,6 +148,7 @@ def cmd_stability(args: argparse.Namespace) -> int:
     from vllm_miprun.pipeline.plan import make_plan
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    json_out = output_file(args.json_out, "--json-out")  # refused before the first calibration
     given = given_options(args)
     # Every (method, seed) checked before the first calibration runs.
     runs = {method: [MiprunOptions.from_dict({**given, "method": method, "seed": seed})
@@ -160,9 +162,26 @@ def cmd_stability(args: argparse.Namespace) -> int:
     for method, row in table.items():
         sets = " | ".join(compact_ranges(s) for s in row["pruned_sets"])
         _out(f"{method:<10} {row['mean_pairwise_jaccard']:>8.3f}  {sets}")
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps({"keep": given["keep"], "seeds": args.seeds, "methods": table}, indent=1))
+    if json_out is not None:
+        from vllm_miprun.pipeline.store import atomic_write_text
+
+        atomic_write_text(json_out, json.dumps({"keep": given["keep"], "seeds": args.seeds, "methods": table},
+                                               indent=1) + "\n")
     return 0
+
+
+def output_file(path: str | None, flag: str) -> Path | None:
+    """The file a command will write at the end, or None; refused now if it cannot be written
+    there (a folder, or a folder that is missing or read-only), not after the work."""
+    if path is None:
+        return None
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise OptionError(f"{flag} expects a file path, got the folder {path}; name a file in it")
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        raise OptionError(f"{flag} {path}: the folder {out.parent} does not exist or is not writable; "
+                          "create it or name a file elsewhere")
+    return out
 
 
 def mean_pairwise_jaccard(sets: list[set[int]]) -> float:

@@ -27,9 +27,13 @@ def _calibrate(model_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
 
 def _paused_writer(model_dir: Path, cache_dir: Path, marker: Path) -> tuple[subprocess.Popen, Path]:
     """A recalibration stopped inside its write window; (process, its temp file)."""
+    return _paused(_calibrate(model_dir, cache_dir, "--force"), marker)
+
+
+def _paused(command: list[str], marker: Path) -> tuple[subprocess.Popen, Path]:
+    """``command`` stopped inside its first write window; (process, its temp file)."""
     env = {**os.environ, "MIPRUN_TEST_WRITE_PAUSE": str(marker)}
-    proc = subprocess.Popen(_calibrate(model_dir, cache_dir, "--force"), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
     while not (marker.exists() and marker.read_text()):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
@@ -107,15 +111,7 @@ def test_a_stability_table_killed_while_written_leaves_the_previous_one_whole(ti
     out.write_text('{"previous": true}\n')
     command = [sys.executable, "-m", "vllm_miprun.tools.cli", "stability", str(tiny_llama_dir), "--seeds", "2",
                "--methods", "last", "--cache-dir", str(tmp_path / "scores"), "--json-out", str(out)]
-    marker = tmp_path / "marker"
-    proc = subprocess.Popen(command, env={**os.environ, "MIPRUN_TEST_WRITE_PAUSE": str(marker)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (marker.exists() and marker.read_text()):
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert time.monotonic() < deadline, "the stability run never reached its write window"
-        time.sleep(0.05)
-    temp = Path(marker.read_text())
+    proc, temp = _paused(command, tmp_path / "marker")
     assert temp.parent == tmp_path and json.loads(temp.read_text())["methods"]["last"]["pruned_sets"] == [[5, 6]] * 2
     _kill(proc)
     assert out.read_text() == '{"previous": true}\n'

@@ -181,7 +181,7 @@ def check_plans(model: Path) -> dict:
     evaluator (largest count first, as a bisection goes), with a new evaluator per count, and
     with a new evaluator per count given the largest count's greedy order (``refine``'s ``known``)."""
     from vllm_miprun.core.latency import LatencyModel
-    from vllm_miprun.core.selection import keep_count
+    from vllm_miprun.core.selection import prune_count
     from vllm_miprun.core.selection.dispatch import max_keep_for_budget
     from vllm_miprun.core.span_cost import span_cost_matrix
     from vllm_miprun.model.blockwise import BlockwiseModel
@@ -197,7 +197,7 @@ def check_plans(model: Path) -> dict:
     config = read_config(model)
     num_blocks = int(config["num_hidden_layers"])
     latency = LatencyModel.from_config(config)  # what an empty cache folder plans with
-    counts = {f"keep {k}": num_blocks - keep_count(k, num_blocks) for k in CHECK_KEEPS}
+    counts = {f"keep {k}": prune_count(k, num_blocks) for k in CHECK_KEEPS}
     for budget in CHECK_LATENCY_BUDGETS:  # the latency model alone sets the count (identical blocks)
         keep = max_keep_for_budget(latency, _budget_seconds(latency, budget))
         if keep > 0:  # else the budget is below the floor: no plan to compare

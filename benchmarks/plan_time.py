@@ -78,14 +78,15 @@ def sleb_seconds_by_count(total: float, trace: list[dict]) -> dict[int, dict]:
 
 
 def compare(keeps, num_blocks: int, mi_prun: dict, sleb: dict, shortgpt: dict) -> list[dict]:
-    from vllm_miprun.core.selection.result import keep_count
+    from vllm_miprun.core.selection import prune_count
 
     rows = []
     for keep in keeps:
-        ours, theirs = mi_prun[keep], sleb[num_blocks - keep_count(keep, num_blocks)]
+        num_prune = prune_count(keep, num_blocks)
+        ours, theirs = mi_prun[keep], sleb[num_prune]
         first, scored = ours["seconds"] / theirs["seconds"], ours["search_s"] / theirs["seconds"]
-        rows.append({"keep": keep, "num_prune": num_blocks - keep_count(keep, num_blocks), "mi_prun": ours,
-                     "sleb": theirs, "shortgpt": shortgpt[keep], "ratio_first_plan": round(first, 3), "ratio_scores_cached": round(scored, 3),
+        rows.append({"keep": keep, "num_prune": num_prune, "mi_prun": ours, "sleb": theirs, "shortgpt": shortgpt[keep],
+                     "ratio_first_plan": round(first, 3), "ratio_scores_cached": round(scored, 3),
                      "target_met_first_plan": first <= TARGET_RATIO,
                      "target_met_scores_cached": scored <= TARGET_RATIO})
     return rows
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. other load on the machine)")
     args = p.parse_args(argv)
 
-    from vllm_miprun.core.selection.result import keep_count
+    from vllm_miprun.core.selection import prune_count
     from vllm_miprun.model.checkpoint import read_config
 
     model_dir = Path(args.model).resolve() if args.model else harness.default_model_dir()
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
             print(f"[{time.strftime('%H:%M:%S')}] {method} keep {keep}: first plan", flush=True)
             found[keep] = first_plan(model_dir, keep, method)
             print(f"  {found[keep]}", flush=True)
-    deepest = max(num_blocks - keep_count(keep, num_blocks) for keep in args.keeps)
+    deepest = max(prune_count(keep, num_blocks) for keep in args.keeps)
     print(f"[{time.strftime('%H:%M:%S')}] sleb: {deepest} blocks", flush=True)
     total, trace = sleb_run(model_dir, min(args.keeps), num_blocks, deepest)
     sleb = sleb_seconds_by_count(total, trace)
@@ -120,8 +121,9 @@ def main(argv=None) -> int:
         "benchmark": "benchmarks/plan_time.py", "model": model_dir.name, "note": args.note,
         "target_ratio": TARGET_RATIO,
         "timed": "MI-PRUN and ShortGPT: make_plan from an empty score cache folder per keep (calibration + "
-                 "search; calibration_s is the cache's total_s; ShortGPT only ranks). SLEB: ForwardSearch.run at the smallest keep (model, "
-                 "tokenisation, full pass, greedy); a smaller count's time is that run less its later rounds",
+                 "search; calibration_s is the cache's total_s; ShortGPT only ranks). SLEB: ForwardSearch.run "
+                 "at the smallest keep (model, tokenisation, full pass, greedy); a smaller count's time is that "
+                 "run less its later rounds",
         "sleb_run_s": round(total, 2), "sleb_trace": trace, "rows": rows,
     })
     store.atomic_write_text(Path(args.out_json), json.dumps(result, indent=1) + "\n")

@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. other load on the machine)")
     args = p.parse_args(argv)
 
-    from vllm_miprun.core.selection.result import keep_count
+    from vllm_miprun.core.selection import prune_count
     from vllm_miprun.core.span_cost import span_cost_matrix
     from vllm_miprun.options import CalibrationSettings
     from vllm_miprun.pipeline.calibrate import calibrate, calibration_ids
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     print(f"block re-load: {reload} ms", flush=True)
     rows = []
     for turn, (method, keep) in enumerate(SEARCHES):
-        num_prune = num_blocks - keep_count(keep, num_blocks)
+        num_prune = prune_count(keep, num_blocks)
         row = {"method": method, "keep": keep, "num_prune": num_prune}
         order = ("shipped", "without") if turn % 2 == 0 else ("without", "shipped")
         for variant in order:

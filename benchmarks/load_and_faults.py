@@ -99,6 +99,13 @@ MAX_OUTPUT = 96
 RSS_TOLERANCE = 0.10
 STARTUP_TIMEOUT = 900.0         # one server start, calibration included, on a busy CPU
 REQUEST_TIMEOUT = 300.0         # one request
+# Keep-alive: the client drops a pooled connection well before the server would close it.
+# With both at 5 s (httpx's and uvicorn's defaults), a request sent on a connection the server
+# is closing is lost with "Connection error" and no response (a CI run: 1 of 64, no access-log
+# line, 6.9 s); a stalled process on a loaded 2-core box widens that window. The server's
+# timeout is vLLM's own setting (VLLM_HTTP_TIMEOUT_KEEP_ALIVE), raised as a proxy would.
+CLIENT_KEEPALIVE_S = 2.0
+SERVER_KEEPALIVE_S = 60
 PLAN_RE = re.compile(r"miprun plan: keep (\d+) of (\d+) blocks, kept (\[[^\]]*\]), pruned (\[[^\]]*\])")
 CALIBRATING_MARKS = ("calibrating blocks", "calibrating now")
 LOADING_MARK = "Starting to load model"
@@ -141,6 +148,7 @@ def server_env(cache_dir: Path, tp: int = 1) -> dict[str, str]:
         env["VLLM_HOST_IP"] = "127.0.0.1"
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(core % (os.cpu_count() or 1)) for core in range(tp))
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] = str(SERVER_KEEPALIVE_S)
     return env
 
 
@@ -196,6 +204,16 @@ def wait_for(predicate, timeout: float, poll: float = 0.05) -> bool:
 def last_log_line(server: Server) -> str:
     lines = [line.strip() for line in re.split(r"[\r\n]+", server.log_text()) if line.strip()]
     return lines[-1][:300] if lines else ""
+
+
+SERVER_TROUBLE_RE = re.compile(r"ERROR|Traceback|Exception|HTTP/1\.1\" [45]\d\d")
+
+
+def server_trouble(server: Server, limit: int = 40) -> list[str]:
+    """The server log's error lines, tracebacks and 4xx/5xx access lines (the last ``limit``):
+    what a failed request's reader needs, since a client error alone rarely says why."""
+    lines = [line.rstrip() for line in server.log_text().splitlines() if SERVER_TROUBLE_RE.search(line)]
+    return [line[:400] for line in lines[-limit:]]
 
 
 def logged_plan(log_text: str) -> dict | None:
@@ -331,7 +349,8 @@ async def _drive(base_url: str, model: str, specs: list[dict], concurrency: int,
     import httpx
     from openai import AsyncOpenAI
 
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency,
+                          keepalive_expiry=CLIENT_KEEPALIVE_S)
     http = httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=10.0), trust_env=False)
     client = AsyncOpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0, http_client=http)
     gate = asyncio.Semaphore(concurrency)
@@ -437,6 +456,7 @@ def load_run(server: Server, model: str, requests: int = 200, concurrency: int =
         "streaming": len(streamed), "non_streaming": requests - len(streamed),
         "warmup_requests": warmup, "warmup_tokens": warm_tokens, "warmup_seconds": round(warmup_s, 2),
         "failed": len(failures), "failures": failures[:10],
+        "server_trouble": server_trouble(server) if failures or not checks["no_request_failed"] else [],
         "tokens_received": received,
         "tokens_received_streaming": sum(r["tokens"] for r in streamed),
         "generation_tokens_total_before": before, "generation_tokens_total_after": after,

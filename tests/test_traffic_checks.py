@@ -82,3 +82,27 @@ def test_hostile_mix_counts_and_kinds(bench):
     assert all(s["prompt_words"] > bench.MAX_MODEL_LEN for s in specs if s["kind"] == "overlong")
     assert all(s["stream"] and s["max_tokens"] == bench.MAX_OUTPUT for s in specs if s["kind"] == "disconnect")
     assert bench.hostile_specs(120, seed=2) == specs  # seeded
+
+
+def test_the_client_lets_go_of_a_connection_before_the_server_closes_it(bench, tmp_path):
+    """The keep-alive race (a request sent on a connection the server is closing is lost
+    without a response) needs the client's expiry below the server's timeout, by a margin."""
+    env = bench.server_env(tmp_path)
+    assert int(env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"]) == bench.SERVER_KEEPALIVE_S
+    assert bench.SERVER_KEEPALIVE_S >= 10 * bench.CLIENT_KEEPALIVE_S
+    assert bench.CLIENT_KEEPALIVE_S <= 5 / 2  # also safe against vLLM's default 5 s (a server started without server_env)
+
+
+def test_a_failed_request_comes_with_the_server_logs_trouble(bench, tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text(
+        'INFO:     127.0.0.1:1 - "POST /v1/completions HTTP/1.1" 200 OK\n'
+        '(APIServer pid=1) INFO 12-05 09:31:08 [loggers.py:335] Engine 000: Running: 16 reqs\n'
+        'INFO:     127.0.0.1:2 - "POST /v1/completions HTTP/1.1" 500 Internal Server Error\n'
+        '(EngineCore pid=2) ERROR 12-05 09:31:09 [core.py:1] EngineCore failed\n'
+        'Traceback (most recent call last):\n'
+        'INFO:     127.0.0.1:3 - "GET /metrics HTTP/1.1" 200 OK\n')
+    server = bench.Server(proc=None, port=0, log=log, cache_dir=tmp_path)
+    trouble = bench.server_trouble(server)
+    assert [line.split()[-1] for line in trouble] == ["Error", "failed", "last):"]
+    assert bench.server_trouble(server, limit=1) == ["Traceback (most recent call last):"]

@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 
+from vllm_miprun.core.gains import kv_bytes_per_token_saved
 from vllm_miprun.core.selection.quality import most_pruned_within
 from vllm_miprun.model.blockwise import BlockwiseModel
 from vllm_miprun.options import MiprunOptions, OptionError
@@ -201,6 +202,10 @@ def test_plan_command_prints_the_predicted_quality(tiny_llama_dir, tmp_path, cap
     assert cli.main(args) == 0
     text = capsys.readouterr().out
     assert "predicted speed-up" in text and "predicted quality: perplexity x" in text
+    # the KV saving is stated for the cache it assumes (the served metric uses the served dtype)
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    per_token = kv_bytes_per_token_saved(config, config["num_hidden_layers"] // 2, 2)
+    assert f"KV cache saved {per_token} bytes/token in a 16-bit cache (twice that in float32;" in text
     assert cli.main([*args, "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["binding_target"] == "keep"

@@ -137,8 +137,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
              "calibration text"
              + (f"; budget {options.quality_budget:g}, {plan.binding_target} bound" if options.quality_budget else ""))
     _out(f"  weights saved {memory['weight_bytes_saved'] / 2**20:.1f} MiB, "
-         f"KV cache saved {memory['kv_bytes_per_token_saved']} bytes/token "
-         f"(capacity x{plan.num_blocks / len(plan.kept):.3f})")
+         f"KV cache saved {memory['kv_bytes_per_token_saved']} bytes/token in a 16-bit cache "
+         f"(twice that in float32; capacity x{plan.num_blocks / len(plan.kept):.3f})")
     if plan.objective is not None:
         _out(f"  objective J = {plan.objective:.4f} (sum of span costs of the pruned runs; lower is better)")
     return 0

@@ -101,9 +101,10 @@ STARTUP_TIMEOUT = 900.0         # one server start, calibration included, on a b
 REQUEST_TIMEOUT = 300.0         # one request
 # Keep-alive: the client drops a pooled connection well before the server would close it.
 # With both at 5 s (httpx's and uvicorn's defaults), a request sent on a connection the server
-# is closing is lost with "Connection error" and no response (a CI run: 1 of 64, no access-log
-# line, 6.9 s); a stalled process on a loaded 2-core box widens that window. The server's
-# timeout is vLLM's own setting (VLLM_HTTP_TIMEOUT_KEEP_ALIVE), raised as a proxy would.
+# is closing is lost with "Connection error" and no response: the likely cause of a CI run's
+# 1 of 64 (no access-log line, 6.9 s; not reproduced here). A stalled process on a loaded
+# 2-core box widens that window. The server's timeout is vLLM's own setting
+# (VLLM_HTTP_TIMEOUT_KEEP_ALIVE), raised as a proxy would.
 CLIENT_KEEPALIVE_S = 2.0
 SERVER_KEEPALIVE_S = 60
 PLAN_RE = re.compile(r"miprun plan: keep (\d+) of (\d+) blocks, kept (\[[^\]]*\]), pruned (\[[^\]]*\])")

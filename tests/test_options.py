@@ -20,6 +20,7 @@ from vllm_miprun import errors
 from vllm_miprun.option_flags import add_command_flags, given_options, markdown_table, replace_readme_table
 from vllm_miprun.options import (OPTIONS, CalibrationSettings, MiprunOptions, OptionError, check_drop,
                                  command_options, option, parse_device, parse_drop, resolve_device)
+from vllm_miprun.core.selection.result import parse_protect
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,6 +178,19 @@ def test_inconsistent_options_are_refused(raw, message):
     with pytest.raises(OptionError) as err:
         MiprunOptions.from_dict(raw)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("raw", [
+    {"keep": 75}, {"latency_budget": "1.5"}, {"quality_budget": 0.9}, {"drop": [-1]},
+    {"keep": 0.5, "protect": "31"},
+])
+def test_a_refusal_names_the_vllm_serve_flag_to_fix(raw):
+    """The hint in a refusal names a flag a `vllm serve` user can type (the `--miprun-*` one)."""
+    with pytest.raises((OptionError, ValueError)) as err:
+        options = MiprunOptions.from_dict(raw)
+        parse_protect(options.protect, 30)
+    named = re.findall(r"e\.g\. (--[a-z-]+)", str(err.value))
+    assert named and set(named) <= {row.serve_flag for row in OPTIONS}, str(err.value)
 
 
 def test_options_are_checked_before_calibration(tiny_llama_dir, tmp_path, monkeypatch, capsys):

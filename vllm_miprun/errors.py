@@ -44,13 +44,16 @@ EXIT_INTERRUPTED = 130
 
 
 def run_command(prog: str, command: Callable[[], int],
-                also: tuple[type[BaseException], ...] = ()) -> int:
+                also: tuple[type[BaseException], ...] = (),
+                wording: Callable[[str], str] | None = None) -> int:
     """Run an entry point's work; a user error (or one of ``also``) becomes one line on
-    stderr and exit status 2, Ctrl-C or SIGTERM one line and 130. No traceback."""
+    stderr and exit status 2, Ctrl-C or SIGTERM one line and 130. No traceback.
+    ``wording`` rewrites the line for the entry point (its own flag names)."""
     try:
         return command()
     except USER_ERRORS + also as err:
         message = " ".join(str(err).splitlines())  # one line, even for a multi-line message
+        message = wording(message) if wording is not None else message
         sys.stderr.write(f"{prog}: error: {message}\n")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 
 from vllm_miprun.errors import run_command
-from vllm_miprun.option_flags import add_command_flags, given_options
+from vllm_miprun.option_flags import add_command_flags, command_line_wording, given_options
 from vllm_miprun.options import (CalibrationSettings, MiprunOptions, OptionError, calibration_settings,
                                  command_options, option)
 
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     handler = getattr(args, "func", None) or COMMANDS[args.command]
-    return run_command(f"vllm-miprun {args.command}", lambda: handler(args))
+    return run_command(f"vllm-miprun {args.command}", lambda: handler(args), wording=command_line_wording)
 
 
 def _run_passthrough(target: str, argv: list[str]) -> int:

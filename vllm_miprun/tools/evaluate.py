@@ -426,11 +426,12 @@ def eval_main(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from vllm_miprun.errors import run_command
+    from vllm_miprun.option_flags import command_line_wording
 
     prog = "python -m vllm_miprun.tools.evaluate"
     args = add_eval_arguments(argparse.ArgumentParser(prog=prog)).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    return run_command(prog, lambda: eval_main(args))
+    return run_command(prog, lambda: eval_main(args), wording=command_line_wording)
 
 
 if __name__ == "__main__":

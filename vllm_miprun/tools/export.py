@@ -19,7 +19,7 @@ from pathlib import Path
 
 from vllm_miprun.model import checkpoint, remap, weights
 from vllm_miprun.errors import run_command
-from vllm_miprun.option_flags import add_command_flags, given_options
+from vllm_miprun.option_flags import add_command_flags, command_line_wording, given_options
 from vllm_miprun.options import MiprunOptions, OptionError, command_options
 from vllm_miprun.model.quant_remap import quantization_overrides
 
@@ -101,7 +101,7 @@ def export_main(argv: list[str]) -> int:
     """``vllm-miprun export MODEL_DIR OUT_DIR --keep R [--method M] ...``; exit status
     (bad input: one line on stderr and 2, as in every ``vllm-miprun`` command)."""
     args = build_parser().parse_args(argv)
-    return run_command("vllm-miprun export", lambda: _export(args))
+    return run_command("vllm-miprun export", lambda: _export(args), wording=command_line_wording)
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -246,7 +246,8 @@ def refine(
     return replace(result, run_evaluations=len(evaluator.memo) - measured_before, details=details)
 
 
-def sleb(model, input_ids, num_prune: int, protect: Iterable[int] = frozenset(), *, cost=None) -> Selection:
+def sleb(model, input_ids, num_prune: int, protect: Iterable[int] = frozenset(), *, cost=None,
+         clock=time.perf_counter) -> Selection:
     """SLEB on calibration tokens ``input_ids`` [samples, seq_len]: the greedy of
     :func:`vllm_miprun.core.selection.sleb.select_sleb`, whose ``evaluate`` is the pruned
     model's cross-entropy (:class:`CalibrationCE`) -- the same bound MI-PRUN maximises,
@@ -255,14 +256,15 @@ def sleb(model, input_ids, num_prune: int, protect: Iterable[int] = frozenset(),
     selection's ``objective`` to ``J`` on the span costs. ``details["block_passes"]`` counts
     the block passes, as :func:`refine` does, and each step of ``details["trace"]`` its
     ``seconds``: wall time from the start of the full pass to the end of that round. A plan
-    for a smaller count runs exactly the first rounds, so this is also what it would take."""
-    start = time.perf_counter()
+    for a smaller count runs exactly the first rounds, so this is also what it would take.
+    ``clock`` reads the time (seconds)."""
+    start = clock()
     evaluate = CalibrationCE(model, input_ids)
     finished: list[float] = []  # wall time after each evaluation
 
     def timed(pruned: frozenset) -> float:
         loss = evaluate(pruned)
-        finished.append(time.perf_counter() - start)
+        finished.append(clock() - start)
         return loss
 
     result = select("sleb", model.num_blocks, num_prune, protect=protect, evaluate=timed, cost=cost)

@@ -6,7 +6,8 @@
 * the README's option table (:func:`markdown_table`).
 
 Every flag checks its value with the option's own parser, so a bad value is a one-line
-argparse error before anything runs, with the same message as the extra-config path.
+argparse error before anything runs, with the same message as the extra-config path (in a
+``vllm-miprun`` command, with the flags that command takes: :func:`command_line_wording`).
 Flags are left out of the namespace unless given (``argparse.SUPPRESS``), so defaults
 come from the table alone and :func:`given_options` sees only what the user said.
 ``vllm serve``'s ``--model-loader-extra-config`` is parsed stricter than vLLM does

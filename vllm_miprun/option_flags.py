@@ -44,16 +44,12 @@ def command_line_wording(message: str) -> str:
     return _SERVE_FLAG.sub(lambda match: flags.get(match.group(0), match.group(0)), message)
 
 
-def _same_wording(message: str) -> str:
-    return message
-
-
-def _argparse_type(row: Option, wording: Callable[[str], str]):
+def _argparse_type(row: Option, wording: Callable[[str], str] | None):
     def convert(text: str) -> Any:
         try:
             return row.parse(text)
         except OptionError as err:
-            raise argparse.ArgumentTypeError(wording(str(err))) from None
+            raise argparse.ArgumentTypeError(wording(str(err)) if wording else str(err)) from None
 
     convert.__name__ = row.name  # argparse names the type in some messages
     return convert
@@ -66,7 +62,7 @@ def _help(row: Option, default: Any = None) -> str:
 
 
 def _add(container, row: Option, flag: str, dest: str, default: Any, help_text: str,
-         wording: Callable[[str], str] = _same_wording) -> None:
+         wording: Callable[[str], str] | None = None) -> None:
     kwargs: dict[str, Any] = {"dest": dest, "default": default, "help": help_text}
     if row.switch:
         kwargs["action"] = "store_true"

@@ -42,8 +42,9 @@ def _run(argv: list[str], extra_env: dict[str, str], timeout: float) -> subproce
 
 
 def test_recorded_expectations_hold_with_another_cpus_kernels():
-    native = _run([sys.executable, "-c", PROBE], {}, 120).stdout.split()
-    other = _run([sys.executable, "-c", PROBE], ANOTHER_CPU, 120).stdout.split()
+    native, other = (_run([sys.executable, "-c", PROBE], env, 120) for env in ({}, ANOTHER_CPU))
+    assert native.returncode == 0 and other.returncode == 0, native.stderr[-2000:] + other.stderr[-2000:]
+    native, other = native.stdout.split(), other.stdout.split()
     assert other[0] == "DEFAULT", other
     if native[0] == "DEFAULT":
         pytest.skip("this CPU already runs PyTorch's scalar kernels; there are no other kernels to swap in")

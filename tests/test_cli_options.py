@@ -92,16 +92,26 @@ def test_inconsistent_options_exit_with_one_line(serve_parser, tiny_llama_dir, f
     assert message in str(exit_.value.code)
 
 
-def test_python_api_path_raises_option_error_before_engine(tiny_llama_dir):
+@pytest.mark.parametrize("config, entry", [
+    ({"keep": 2}, '{"keep": 0.75}'),                                       # the option's parser
+    ({}, '{"latency_budget": 0.8}'),                                       # no target: MiprunOptions
+    ({"keep": 0.5, "method": "last", "protect": "99"}, '{"protect": "first,last"}'),  # by the plan
+])
+def test_python_api_path_raises_option_error_before_engine(tiny_llama_dir, tmp_path, config, entry):
+    """`LLM(...)` reaches the plan through `create_engine_config`: the refusal is the same
+    `OptionError`, and its hint is the `model_loader_extra_config` entry a script can paste,
+    not a `vllm serve` flag."""
     from vllm.engine.arg_utils import EngineArgs
 
     import vllm_miprun
 
     vllm_miprun.register()
     args = EngineArgs(model=str(tiny_llama_dir), load_format="miprun",
-                      model_loader_extra_config={"keep": 2})
-    with pytest.raises(OptionError, match="keep must be"):
+                      model_loader_extra_config={**config, "cache_dir": str(tmp_path)})
+    with pytest.raises(OptionError) as err:
         args.create_engine_config()
+    assert f"e.g. model_loader_extra_config={entry}" in str(err.value), str(err.value)
+    assert "--miprun-" not in str(err.value), str(err.value)
 
 
 def test_model_hash_tells_kept_sets_of_equal_size_apart(tiny_llama_dir):

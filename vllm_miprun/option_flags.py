@@ -44,6 +44,34 @@ def command_line_wording(message: str) -> str:
     return _SERVE_FLAG.sub(lambda match: flags.get(match.group(0), match.group(0)), message)
 
 
+# A serve flag, with the example value a hint gives after it (up to a space, ';' or ')').
+_SERVE_FLAG_AND_VALUE = re.compile(r"(--miprun-[a-z]+(?:-[a-z]+)*)(?: ([^\s;)]+))?")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+PYTHON_CONFIG = "model_loader_extra_config"
+
+
+def python_wording(message: str) -> str:
+    """``message`` with each ``vllm serve`` flag written as the ``model_loader_extra_config``
+    entry a Python caller gives: ``e.g. --miprun-keep 0.75`` becomes
+    ``e.g. model_loader_extra_config={"keep": 0.75}``, which an ``LLM(...)`` script can paste."""
+    rows = {row.serve_flag: row for row in OPTIONS}
+
+    def entry(match: re.Match) -> str:
+        row = rows.get(match.group(1))
+        if row is None:
+            return match.group(0)
+        value, rest = match.group(2), ""
+        if row.switch and value is not None:  # a switch takes no value: the word after it is prose
+            value, rest = None, f" {value}"
+        if value is None:
+            value = "true" if row.switch else "..."
+        elif not _NUMBER.fullmatch(value):
+            value = f'"{value}"'
+        return f'{PYTHON_CONFIG}={{"{row.name}": {value}}}{rest}'
+
+    return _SERVE_FLAG_AND_VALUE.sub(entry, message)
+
+
 def _argparse_type(row: Option, wording: Callable[[str], str] | None):
     def convert(text: str) -> Any:
         try:

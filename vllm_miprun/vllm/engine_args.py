@@ -10,7 +10,8 @@
   any ``--miprun-*`` flag implies it. It then plans (below); a ``MiprunError`` becomes
   a one-line exit with status 1 and no traceback, since no engine process exists yet.
 * ``create_engine_config`` plans when the load format is ``miprun`` and nobody has yet
-  (the Python ``LLM(...)`` path), raising ``OptionError`` to the caller.
+  (the Python ``LLM(...)`` path), raising the ``MiprunError`` to the caller, its hint
+  written as the ``model_loader_extra_config`` entry to give.
 
 Planning validates the options, makes the plan and writes the pruned config fields
 into ``hf_overrides``, so every process (engine core, each TP worker) builds the same
@@ -28,9 +29,9 @@ from typing import Any
 from vllm.logger import init_logger
 
 from vllm_miprun import route_library_logs_to_vllm
-from vllm_miprun.errors import USER_ERRORS
+from vllm_miprun.errors import USER_ERRORS, MiprunError
 from vllm_miprun.model import remap
-from vllm_miprun.option_flags import add_serve_flags, serve_flag_values
+from vllm_miprun.option_flags import add_serve_flags, python_wording, serve_flag_values
 from vllm_miprun.options import MiprunOptions, OptionError, option
 from vllm_miprun.vllm.compat import check_vllm_supported, reloads_experts_by_served_names
 from vllm_miprun.vllm.cpu_dtype import apply_cpu_dtype_default
@@ -262,7 +263,11 @@ def _wrap_from_cli_args(original):
 def _wrap_create_engine_config(original):
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
-        prepare_engine_args(self)
+        try:
+            prepare_engine_args(self)
+        except MiprunError as error:  # a Python caller (LLM(...)): its hint names the dict entry
+            error.args = (python_wording(str(error)),)
+            raise
         return original(self, *args, **kwargs)
 
     return create_engine_config

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vllm_miprun.option_flags import entry_wording
 from vllm_miprun.options import BY_NAME, HEAL_MODES, MiprunOptions, OptionError
 
 KEYS = ("model", "revision", "download_dir", "options", "targets", "heal")
@@ -75,7 +76,7 @@ def read_recipe(path: str | Path) -> Recipe:
         try:
             recipe.options_for(target, None)
         except OptionError as err:
-            raise OptionError(f"recipe {path}, target {target}: {err}") from None
+            raise OptionError(f"recipe {path}, target {target}: {entry_wording(str(err), container='')}") from None
     return recipe
 
 

@@ -47,13 +47,14 @@ def command_line_wording(message: str) -> str:
 # A serve flag, with the example value a hint gives after it (up to a space, ';' or ')').
 _SERVE_FLAG_AND_VALUE = re.compile(r"(--miprun-[a-z]+(?:-[a-z]+)*)(?: ([^\s;)]+))?")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-PYTHON_CONFIG = "model_loader_extra_config"
+PYTHON_CONFIG = "model_loader_extra_config="
 
 
-def python_wording(message: str) -> str:
-    """``message`` with each ``vllm serve`` flag written as the ``model_loader_extra_config``
-    entry a Python caller gives: ``e.g. --miprun-keep 0.75`` becomes
-    ``e.g. model_loader_extra_config={"keep": 0.75}``, which an ``LLM(...)`` script can paste."""
+def entry_wording(message: str, container: str = PYTHON_CONFIG) -> str:
+    """``message`` with each ``vllm serve`` flag written as the entry of a config a caller
+    gives: by default the ``model_loader_extra_config`` of a Python caller, so that
+    ``e.g. --miprun-keep 0.75`` becomes ``e.g. model_loader_extra_config={"keep": 0.75}``,
+    which an ``LLM(...)`` script can paste; with ``container=""``, a recipe's ``{"keep": 0.75}``."""
     rows = {row.serve_flag: row for row in OPTIONS}
 
     def entry(match: re.Match) -> str:
@@ -67,7 +68,7 @@ def python_wording(message: str) -> str:
             value = "true" if row.switch else "..."
         elif not _NUMBER.fullmatch(value):
             value = f'"{value}"'
-        return f'{PYTHON_CONFIG}={{"{row.name}": {value}}}{rest}'
+        return f'{container}{{"{row.name}": {value}}}{rest}'
 
     return _SERVE_FLAG_AND_VALUE.sub(entry, message)
 

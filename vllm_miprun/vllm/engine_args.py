@@ -31,7 +31,7 @@ from vllm.logger import init_logger
 from vllm_miprun import route_library_logs_to_vllm
 from vllm_miprun.errors import USER_ERRORS, MiprunError
 from vllm_miprun.model import remap
-from vllm_miprun.option_flags import add_serve_flags, python_wording, serve_flag_values
+from vllm_miprun.option_flags import add_serve_flags, entry_wording, serve_flag_values
 from vllm_miprun.options import MiprunOptions, OptionError, option
 from vllm_miprun.vllm.compat import check_vllm_supported, reloads_experts_by_served_names
 from vllm_miprun.vllm.cpu_dtype import apply_cpu_dtype_default
@@ -266,7 +266,7 @@ def _wrap_create_engine_config(original):
         try:
             prepare_engine_args(self)
         except MiprunError as error:  # a Python caller (LLM(...)): its hint names the dict entry
-            error.args = (python_wording(str(error)),)
+            error.args = (entry_wording(str(error)),)
             raise
         return original(self, *args, **kwargs)
 

@@ -77,6 +77,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -861,6 +862,61 @@ def _restart_and_check(model_dir: Path, cache_dir: Path, log: Path, reference_pl
             "calibrated": any(mark in log.read_text(errors="replace") for mark in CALIBRATING_MARKS)}
 
 
+def _kill_when(server: Server, trigger: Callable[[], str | None],
+               at_kill: Callable[[str | None], dict] = lambda _: {}) -> dict:
+    """Poll ``trigger`` until it names what it saw (or startup times out), then SIGKILL the
+    server's session. Returns the trigger, when the kill came, how the server ended, what it
+    left behind and its last log line, with what ``at_kill`` recorded just before the kill."""
+    seen: list[str | None] = [None]
+
+    def fired() -> bool:
+        seen[0] = trigger()
+        return seen[0] is not None
+
+    try:
+        wait_for(fired, timeout=STARTUP_TIMEOUT)
+        recorded = at_kill(seen[0])
+        killed_after = time.monotonic() - server.started
+        last_line = last_log_line(server)
+    finally:
+        left = kill_server(server)
+    return {"trigger": seen[0], "killed_after_seconds": round(killed_after, 1),
+            "exit_code": server.proc.returncode, "processes_left": left, "log_at_kill": last_line,
+            **recorded, "audit_after_kill": audit_cache_dir(server.cache_dir)}
+
+
+def _kill_trigger(server: Server, log_says: Callable[[str], bool], log_reason: str,
+                  waited: Callable[[], bool], wait_s: float, wait_reason: str) -> Callable[[], str | None]:
+    """When to kill: the server exited by itself, its log says ``log_says`` (``log_reason``),
+    or ``waited`` has held for ``wait_s`` seconds (``wait_reason``); None while none holds."""
+    since: list[float] = []
+
+    def trigger() -> str | None:
+        if server.proc.poll() is not None:
+            return "server exited by itself"
+        if log_says(server.log_text()):
+            return log_reason
+        if waited():
+            if not since:
+                since.append(time.monotonic())
+            if time.monotonic() - since[0] >= wait_s:
+                return wait_reason
+        return None
+
+    return trigger
+
+
+def _restart(result: dict, model_dir: Path, cache_dir: Path, log: Path, reference: dict,
+             samples: int, seq_len: int) -> dict:
+    """Serve again after the kill; add the restart and the cache folder's audit to ``result``,
+    and return the checks every kill shares: no process left, the restart serves the same plan."""
+    result["restart"] = _restart_and_check(model_dir, cache_dir, log, reference["plan"], samples, seq_len)
+    result["audit_after_restart"] = audit_cache_dir(cache_dir)
+    return {"no_process_left": not result["processes_left"] and not result["restart"]["processes_left"],
+            "restart_serves": result["restart"]["answer"]["tokens"] >= 1,
+            "same_plan": result["restart"]["same_plan"]}
+
+
 def fault_kill_during_calibration(model_dir: Path, work: Path, reference: dict,
                                   samples: int = SAMPLES, seq_len: int = SEQ_LEN) -> dict:
     cache_dir = work / "cache-fault"
@@ -868,55 +924,29 @@ def fault_kill_during_calibration(model_dir: Path, work: Path, reference: dict,
     path = cache_file(model_dir, cache_dir, samples, seq_len)
     server = start_server(model_dir, cache_dir, work / "fault-calibration-killed.log",
                           samples=samples, seq_len=seq_len)
-    trigger = {"what": None}
-    dir_seen: list[float] = []
+    on_log = "calibration log line"
+    on_folder = "cache folder created 60 s ago"
+    trigger = _kill_trigger(server, lambda text: any(mark in text for mark in CALIBRATING_MARKS), on_log,
+                            cache_dir.exists, 60.0, on_folder)
 
-    def calibrating() -> bool:
-        if server.proc.poll() is not None:
-            trigger["what"] = "server exited by itself"
-            return True
-        if any(mark in server.log_text() for mark in CALIBRATING_MARKS):
-            trigger["what"] = "calibration log line"
-            return True
-        if cache_dir.exists():
-            if not dir_seen:
-                dir_seen.append(time.monotonic())
-            if time.monotonic() - dir_seen[0] >= 60.0:
-                trigger["what"] = "cache folder created 60 s ago"
-                return True
-        return False
-
-    try:
-        wait_for(calibrating, timeout=STARTUP_TIMEOUT)
-        if trigger["what"] == "calibration log line":
+    def at_kill(what: str | None) -> dict:
+        if what == on_log:
             time.sleep(1.0)  # a moment into the block-by-block pass
-        killed_after = time.monotonic() - server.started
-        cache_at_kill = path.exists()
-        last_line = last_log_line(server)
-    finally:
-        left = kill_server(server)
-    result = {
-        "trigger": trigger["what"], "killed_after_seconds": round(killed_after, 1),
-        "exit_code": server.proc.returncode, "processes_left": left,
-        "cache_existed_at_kill": cache_at_kill,
-        "log_at_kill": last_line,
-        "killed_during_calibration": trigger["what"] in ("calibration log line", "cache folder created 60 s ago")
-        and not cache_at_kill,
-        "audit_after_kill": audit_cache_dir(cache_dir),
-    }
-    result["restart"] = _restart_and_check(model_dir, cache_dir, work / "fault-calibration-restart.log",
-                                           reference["plan"], samples, seq_len)
-    result["audit_after_restart"] = audit_cache_dir(cache_dir)
+        return {"cache_existed_at_kill": path.exists()}
+
+    result = _kill_when(server, trigger, at_kill)
+    result["killed_during_calibration"] = result["trigger"] in (on_log, on_folder) and not result["cache_existed_at_kill"]
+    shared = _restart(result, model_dir, cache_dir, work / "fault-calibration-restart.log", reference, samples, seq_len)
     result["cache"] = str(path)
     result["cache_valid_after_restart"] = path.name in result["audit_after_restart"]["valid"]
     result["same_scores_as_reference"] = (result["cache_valid_after_restart"] and Path(reference["cache"]).exists()
                                           and same_scores(path, Path(reference["cache"])))
     checks = {
         "killed_during_calibration": result["killed_during_calibration"],
-        "no_process_left": not left and not result["restart"]["processes_left"],
+        "no_process_left": shared["no_process_left"],
         "no_partial_cache": result["audit_after_kill"]["ok"] and not result["audit_after_kill"]["valid"],
-        "restart_serves": result["restart"]["answer"]["tokens"] >= 1,
-        "same_plan": result["restart"]["same_plan"],
+        "restart_serves": shared["restart_serves"],
+        "same_plan": shared["same_plan"],
         "cache_intact": result["cache_valid_after_restart"] and result["audit_after_restart"]["ok"],
     }
     result.update(checks=checks, ok=all(checks.values()))
@@ -930,49 +960,18 @@ def fault_kill_during_load(model_dir: Path, work: Path, reference: dict,
     before = cache_state(path)
     assert before is not None, f"fault B needs the cache {path} (run fault A first)"
     server = start_server(model_dir, cache_dir, work / "fault-load-killed.log", samples=samples, seq_len=seq_len)
-    trigger = {"what": None}
-    plan_seen: list[float] = []
-
-    def loading() -> bool:
-        if server.proc.poll() is not None:
-            trigger["what"] = "server exited by itself"
-            return True
-        text = server.log_text()
-        if LOADING_MARK in text:
-            trigger["what"] = "engine started loading the model"
-            return True
-        if PLAN_RE.search(text):
-            if not plan_seen:
-                plan_seen.append(time.monotonic())
-            if time.monotonic() - plan_seen[0] >= 120.0:
-                trigger["what"] = "plan logged 120 s ago"
-                return True
-        return False
-
-    try:
-        wait_for(loading, timeout=STARTUP_TIMEOUT)
-        killed_after = time.monotonic() - server.started
-        last_line = last_log_line(server)
-    finally:
-        left = kill_server(server)
-    result = {
-        "trigger": trigger["what"], "killed_after_seconds": round(killed_after, 1),
-        "exit_code": server.proc.returncode, "processes_left": left,
-        "log_at_kill": last_line,
-        "cache_before": before, "cache_after_kill": cache_state(path),
-        "audit_after_kill": audit_cache_dir(cache_dir),
-    }
-    result["restart"] = _restart_and_check(model_dir, cache_dir, work / "fault-load-restart.log",
-                                           reference["plan"], samples, seq_len)
+    on_log = "engine started loading the model"
+    on_plan = "plan logged 120 s ago"
+    trigger = _kill_trigger(server, lambda text: LOADING_MARK in text, on_log,
+                            lambda: bool(PLAN_RE.search(server.log_text())), 120.0, on_plan)
+    result = _kill_when(server, trigger, lambda _: {"cache_before": before, "cache_after_kill": cache_state(path)})
+    shared = _restart(result, model_dir, cache_dir, work / "fault-load-restart.log", reference, samples, seq_len)
     result["cache_after_restart"] = cache_state(path)
-    result["audit_after_restart"] = audit_cache_dir(cache_dir)
     checks = {
-        "killed_during_load": trigger["what"] in ("engine started loading the model", "plan logged 120 s ago"),
-        "no_process_left": not left and not result["restart"]["processes_left"],
+        "killed_during_load": result["trigger"] in (on_log, on_plan),
+        **shared,
         "cache_unchanged": result["cache_after_kill"] == before == result["cache_after_restart"],
         "no_partial_cache": result["audit_after_kill"]["ok"] and result["audit_after_restart"]["ok"],
-        "restart_serves": result["restart"]["answer"]["tokens"] >= 1,
-        "same_plan": result["restart"]["same_plan"],
         "no_recalibration": not result["restart"]["calibrated"],
     }
     result.update(checks=checks, ok=all(checks.values()))

@@ -13,8 +13,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 README_COMMANDS = ("bash scripts/demo.sh", "bash scripts/test.sh")
-# Pages another branch adds; a link to one may dangle until that branch is merged, and is
-# checked like any other once the file exists.
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.MULTILINE | re.DOTALL)

@@ -18,7 +18,7 @@ import pytest
 
 from vllm_miprun import errors
 from vllm_miprun.option_flags import add_command_flags, given_options, markdown_table, replace_readme_table
-from vllm_miprun.options import (OPTIONS, CalibrationSettings, MiprunOptions, OptionError, check_drop,
+from vllm_miprun.options import (OPTIONS, TARGETS, CalibrationSettings, MiprunOptions, OptionError, check_drop,
                                  command_options, option, parse_device, parse_drop, resolve_device)
 from vllm_miprun.core.selection.result import parse_protect
 
@@ -44,6 +44,14 @@ def test_documented_option_tables_match_the_table():
         assert script.updated(relative, text) == text, f"{relative}: run python scripts/options_table.py"
         for row in OPTIONS:
             assert f"| `{row.name}` | `{row.serve_flag}` |" in text
+
+
+def test_readme_names_every_target():
+    """The README's one sentence on targets lists every target the options accept."""
+    text = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    sentence = re.search(r"Give one target: ([^.]*)\.", text)
+    assert sentence, "README lost its sentence on targets"
+    assert set(re.findall(r"`([a-z_]+)`", sentence.group(1))) == set(TARGETS), sentence.group(0)
 
 
 def test_documented_tables_change_when_a_help_text_changes(monkeypatch):

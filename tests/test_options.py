@@ -46,6 +46,16 @@ def test_documented_option_tables_match_the_table():
             assert f"| `{row.name}` | `{row.serve_flag}` |" in text
 
 
+def test_options_page_lists_every_environment_variable():
+    """docs/options.md says its table lists all of envs.ENV_VARS: each has its row, and no row
+    names a variable the code does not read."""
+    from vllm_miprun import envs
+
+    text = (ROOT / "docs" / "options.md").read_text(encoding="utf-8")
+    rows = set(re.findall(r"^\| `([A-Z_]+)` \|", text, re.MULTILINE))
+    assert rows == set(envs.ENV_VARS), rows ^ set(envs.ENV_VARS)
+
+
 def test_readme_names_every_target():
     """The README's one sentence on targets lists every target the options accept."""
     text = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())

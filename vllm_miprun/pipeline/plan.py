@@ -51,7 +51,7 @@ class Plan:
     # Perplexity on held-out calibration text, pruned over dense (pipeline.quality): measured by a
     # quality budget or ``measure_quality``, else read from the score cache if stored; else None.
     quality_ppl_ratio: float | None = None
-    # With heal=linear and a quality budget: the same ratio for the healed model that is served
+    # With a heal (linear or distill) and a quality budget: the same ratio for the healed model that is served
     # (maps fitted for these blocks and applied); quality_ppl_ratio is then the unhealed prediction.
     healed_ppl_ratio: float | None = None
     # The target that set the number of blocks: keep, latency_budget, quality_budget or drop.

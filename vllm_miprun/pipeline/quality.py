@@ -197,7 +197,7 @@ def select_for_quality(options, num_blocks: int, protect: frozenset[int], latenc
     count that keep the quality budget (the quality budget bound; the latency budget is then
     not met, and a warning says so). ``details`` names the binding target and the ratio.
 
-    With ``heal=linear`` the budget holds for the healed model: the walk runs on unhealed
+    With a heal (``linear`` or ``distill``) the budget holds for the healed model: the walk runs on unhealed
     ratios (no fit), then :func:`~vllm_miprun.core.selection.healed.healed_count` steps from
     its count on healed ratios (one fit each), and the latency plan binds when its healed
     ratio fits. ``details`` then holds both ratios of the chosen set."""

@@ -31,6 +31,10 @@ def test_ratio_with_a_fixed_kv_size_counts_whole_blocks():
     # 16 blocks pruned (engine), 12 full: 16/12, not 8/6 exactly once the floor bites
     assert kv_capacity_ratio(pruned, full, 16, memory) == pytest.approx(16 / 12)
     assert kv_capacity_ratio(pruned, full, None, memory) == pytest.approx(16 / 12)
+    # the engine's own block count wins over what the memory would hold
+    assert kv_capacity_ratio(pruned, full, 15, memory) == pytest.approx(15 / 12)
+    # a memory that holds a full block but not a pruned one: unknown, not 0
+    assert kv_capacity_ratio({**pruned, "bytes_per_block": 9 * 1024}, full, None, 8 * 1024) is None
 
 
 def test_ratio_counts_blocks_per_request_of_each_layout():
@@ -45,6 +49,9 @@ def test_freed_weights_enlarge_the_pool_where_the_kv_size_is_not_fixed():
     # the pruned engine holds 300 blocks; the full model had 100_000 bytes less for KV
     ratio = kv_capacity_ratio(layout, layout, 300, None, freed_bytes=100_000)
     assert ratio == pytest.approx(300 / 200)
+    # the pool is known to one block, so the full model's is taken from the block's middle:
+    # 300.5 blocks' bytes - 100_400 = 200_100 bytes hold 200 full blocks, not 199
+    assert kv_capacity_ratio(layout, layout, 300, None, freed_bytes=100_400) == pytest.approx(300 / 200)
     assert kv_capacity_ratio(layout, layout, None, None) is None
 
 

@@ -62,6 +62,7 @@ def test_pruned_weight_bytes_from_headers(tmp_path):
     ({"batch_size": 1}, "tokens_per_s must be a finite number > 0, got None"),
     ({"tokens_per_s": float("nan"), "batch_size": 1}, "finite number > 0"),
     ({"tokens_per_s": -3.0, "batch_size": 1}, "finite number > 0"),
+    ({"tokens_per_s": 0, "batch_size": 1}, "finite number > 0, got 0"),
     ({"tokens_per_s": 10.0, "batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
     ([10.0], "must be a dict, got list"),
 ])
@@ -78,6 +79,8 @@ def test_baseline_prefers_measured_then_profile_then_prediction():
     assert (from_profile.kind, from_profile.source) == ("estimated", "latency-profile")
     assert from_profile.tokens_per_s == pytest.approx(2 / 0.010)
     assert gains.choose_baseline({"tokens_per_s": 0}, None).source == "predicted-speedup"
+    # a profile of zero seconds gives no rate (not a division by zero)
+    assert gains.choose_baseline(None, {"batch_size": 1, "fixed_s": 0.0, "block_s": [0.0]}).source == "predicted-speedup"
 
 
 def test_throughput_gain_measured_and_estimated():
@@ -97,9 +100,19 @@ def test_window_counts_only_busy_decode_steps():
         window.step(100.0 + 0.1 * i, 4, running_before=True)  # 10 steps of 0.1 s, 4 tokens each
     window.step(200.0, 4, running_before=False)  # after a long idle spell: not counted
     assert window.rate(now=101.0) == pytest.approx(40 / 1.0)
+    assert window.rate(now=101.05) == pytest.approx(40 / 1.0)  # still inside the 60 s window
     assert window.rate(now=161.5) == 0.0  # every counted step left the window
     with pytest.raises(ValueError, match="window_s must be > 0"):
         ThroughputWindow(0)
+
+
+def test_window_ignores_steps_that_repeat_or_go_back_in_time():
+    window = ThroughputWindow(window_s=60)
+    for t in (10.0, 10.5, 11.0):
+        window.step(t, 4, running_before=True)
+    window.step(11.0, 4, running_before=True)  # the same timestamp: no busy time, no tokens
+    window.step(10.8, 4, running_before=True)  # an earlier one
+    assert window.rate(now=11.0) == pytest.approx(8 / 1.0)
 
 
 def test_publish_writes_plan_and_load_reports(tmp_path, monkeypatch):

@@ -351,3 +351,67 @@ def test_every_error_class_is_a_miprun_error():
     for cls in (errors.OptionError, errors.CacheError, errors.ModelFolderError, errors.CorpusError,
                 errors.EvalError):
         assert issubclass(cls, errors.MiprunError)
+
+
+# Each value parser at its edges (cases a mutation pass found untested: each fails with the
+# edge moved by one, a unit misread or a spelling dropped).
+@pytest.mark.parametrize("raw, expected", [(1, 1.0), ("1", 1.0), (1.0, 1.0), ("0.75", 0.75), (1e-9, 1e-9)])
+def test_keep_accepts_its_whole_range_up_to_one(raw, expected):
+    from vllm_miprun.options import parse_keep
+
+    assert parse_keep(raw) == expected
+
+
+def test_shown_cuts_a_long_value_to_its_limit():
+    from vllm_miprun.options import SHOWN_CHARS, shown
+
+    cut = shown("x" * 500)
+    assert len(cut) == SHOWN_CHARS and cut.endswith("...")
+    assert shown("x" * 10) == repr("x" * 10)
+
+
+@pytest.mark.parametrize("raw, expected", [("cuda:1", "cuda:1"), (" CUDA:2 ", "cuda:2"), ("auto", "auto")])
+def test_device_accepts_cuda_n(raw, expected):
+    from vllm_miprun.options import parse_device
+
+    assert parse_device(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["cuda:0abc", "cuda:", "cuda:-1", "gpu"])
+def test_device_refuses_anything_else(raw):
+    from vllm_miprun.options import parse_device
+
+    with pytest.raises(OptionError, match="device must be one of"):
+        parse_device(raw)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("1kb", 1000), ("1kib", 1024), ("1k", 1024), ("2MB", 2 * 10**6), ("2MiB", 2 << 20), ("2m", 2 << 20),
+    ("3GB", 3 * 10**9), ("3GiB", 3 << 30), ("1.5g", 3 << 29), ("1TB", 10**12), ("1tib", 1 << 40),
+    ("1.5", 1), (4096, 4096), ("8 GiB", 8 << 30),
+])
+def test_sizes_read_decimal_and_binary_units(raw, expected):
+    from vllm_miprun.options import parse_bytes
+
+    assert parse_bytes(raw) == expected
+
+
+@pytest.mark.parametrize("raw, ok", [("12345", True), ("0,99999", True), ("123456", False), ("first,-1", False)])
+def test_protect_text_takes_indices_of_up_to_five_digits(raw, ok):
+    from vllm_miprun.options import parse_protect as parse_protect_text
+
+    if ok:
+        assert parse_protect_text(raw) == raw
+    else:
+        with pytest.raises(OptionError, match="protect must be"):
+            parse_protect_text(raw)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    *[(word, True) for word in ("1", "true", "yes", "on", " TRUE ", True, 1)],
+    *[(word, False) for word in ("0", "false", "no", "off", " Off", False, 0)],
+])
+def test_switches_read_every_spelling_of_true_and_false(raw, expected):
+    from vllm_miprun.options import parse_bool
+
+    assert parse_bool("require_cache")(raw) is expected

@@ -18,6 +18,7 @@ from vllm_miprun.core.selection import (
     mi_prun_search,
     objective_value,
     parse_protect,
+    portfolio_refine,
     prune_count,
     random_dpi_cost,
     select,
@@ -26,6 +27,7 @@ from vllm_miprun.core.selection import (
     select_random,
     select_shortgpt,
     select_sleb,
+    swap_refine,
 )
 from vllm_miprun.core.selection.sleb import prefix_answers
 
@@ -184,6 +186,23 @@ def test_cost_matrix_errors():
     bad[1, 3] = np.nan
     with pytest.raises(ValueError, match="finite"):
         fast_block_select(bad, 2)
+    one = random_dpi_cost(5, np.random.default_rng(0))
+    one[2, 3] = np.inf  # a single block's own cost, on the first superdiagonal
+    with pytest.raises(ValueError, match="finite"):
+        fast_block_select(one, 2)
+
+
+def test_dpi_violations_counts_each_entry_below_either_sub_run():
+    size = 5
+    cost = np.zeros((size, size))
+    for i in range(size):
+        for j in range(i + 1, size):
+            cost[i, j] = (j - i) + 0.1 * j  # monotone in both directions: no violation
+    assert dpi_violations(cost) == 0
+    cost[0, 2] = 1.15  # above cost[0, 1] = 1.1, below the right sub-run cost[1, 2] = 1.2
+    assert dpi_violations(cost) == 1
+    cost[0, 4] = 3.0  # a longer run below both of its sub-runs (3.3 and 3.4)
+    assert dpi_violations(cost) == 2
 
 
 # --------------------------------------------------------------------------- baselines
@@ -386,6 +405,8 @@ def test_dispatcher_errors():
         (1e-9, 5, 1),
         (0.5, 5, 3),  # 2.5 rounds up
         (0.3, 5, 2),
+        (0.58, 25, 15),  # 14.499999999999998 + 0.5: float noise for 14.5, which rounds up
+        (0.7, 45, 32),  # 31.499999999999996 likewise
     ],
 )
 def test_keep_count_rounding_table(ratio, num_blocks, expected):
@@ -440,3 +461,74 @@ def test_one_block_model_is_served_whole_without_calibrating(tiny_llama_dir, tmp
     assert not list(cache_dir.glob("*.json")) if cache_dir.exists() else True  # no score cache
     with pytest.raises(OptionError, match="drop names all 1 blocks"):
         make_plan(model_dir, MiprunOptions.from_dict({"drop": "0"}))
+
+
+# --------------------------------------------------------------------------- search edges
+# Cases a mutation pass found untested: each fails with the rule it names broken.
+
+
+def test_swap_refine_never_swaps_in_a_protected_block():
+    cost = random_dpi_cost(8, np.random.default_rng(2))
+    measured = []
+
+    def loss(pruned):  # pruning block 0 would be best by far
+        measured.append(pruned)
+        return (-10.0 if 0 in pruned else 0.0) + 0.01 * sum(pruned)
+
+    result = swap_refine(loss, cost, 3, protect={0, 7})
+    assert not ({0, 7} & set(result.pruned)) and all(not ({0, 7} & set(p)) for p in measured)
+
+
+def test_swap_refine_moves_only_on_a_strictly_lower_loss():
+    cost = random_dpi_cost(8, np.random.default_rng(2))
+    result = swap_refine(lambda pruned: 1.0, cost, 3)
+    assert result.pruned == exact_select(cost, 3).pruned and len(result.details["trace"]) == 1
+
+
+def test_portfolio_refine_breaks_a_tie_by_the_smaller_set():
+    result = portfolio_refine(lambda pruned: 2.0, {"later": (5, 6), "earlier": (1, 6)}, 8)
+    assert result.pruned == (1, 6) and result.details["chosen"] == "earlier"
+
+
+def test_greedy_keeps_the_best_ranked_block_on_a_tie():
+    cost = random_dpi_cost(8, np.random.default_rng(4))
+    trace = mi_guided_greedy(lambda pruned: 0.0, cost, 3).details["trace"]
+    assert all(step["block"] == step["tried"][0] for step in trace)
+
+
+def test_greedy_drift_is_measured_from_the_full_models_own_loss():
+    """A loss offset (a CE objective: the full model's loss is not 0) changes no round."""
+    cost = random_dpi_cost(12, np.random.default_rng(3))
+
+    def kl(pruned):
+        return 0.4 * len(pruned) + sum(0.01 * ((b * 7) % 12) for b in pruned)
+
+    def noise(pruned):
+        return [float((b * 5) % 12) for b in range(12)]
+
+    plain = mi_guided_greedy(kl, cost, 4, block_noise=noise).details["trace"]
+    offset = mi_guided_greedy(lambda p: kl(p) + 3.0, cost, 4, block_noise=noise).details["trace"]
+    assert [(s["block"], s["tried"]) for s in offset] == [(s["block"], s["tried"]) for s in plain]
+    assert len(plain[0]["tried"]) == 3 and len(plain[-1]["tried"]) == 8  # narrow, then past 1 nat, wide
+
+
+def test_mi_prun_search_proposes_the_span_cost_optima_at_each_power():
+    cost = random_dpi_cost(10, np.random.default_rng(4))  # a cost whose optima differ by power
+    scores = mi_prun_search(lambda pruned: float(sum(pruned)), cost, 4).details["scores"]
+    positive = np.clip(cost, 0.0, None)
+    assert scores["span_fbs_p1"]["pruned"] == list(fast_block_select(positive ** 0.5, 4).pruned)
+    assert scores["span_fbs_p2"]["pruned"] == list(fast_block_select(positive, 4).pruned)
+    assert scores["span_fbs_p1"]["pruned"] != scores["span_fbs_p2"]["pruned"]
+
+
+def test_fast_block_select_answers_without_a_certificate_or_runs_to_try():
+    cost = random_dpi_cost(6, np.random.default_rng(0))
+    assert fast_block_select(cost, 4, certify=False, top_runs=0).pruned == exact_select(cost, 4).pruned
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_block_select_is_exact_on_negative_costs(seed):
+    """Costs below zero (a shifted objective) still get the certified optimum."""
+    cost = random_dpi_cost(8, np.random.default_rng(seed)) - 0.3
+    for k in (2, 3, 5):
+        assert close(objective_value(cost, fast_block_select(cost, k).pruned), brute_force(cost, k))

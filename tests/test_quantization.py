@@ -502,10 +502,24 @@ def test_substring_entry_ending_in_a_block_number_is_expanded_exactly():
     assert {int(m.split(".")[2]) for m in picked} == {1, 3}
 
 
-def test_unknown_field_naming_blocks_is_refused():
-    qcfg = dict(QCONFIGS["fp8"], exclude_modules=["model.layers.2.mlp.down_proj"])
+@pytest.mark.parametrize("value", [
+    ["model.layers.2.mlp.down_proj"],
+    [r"re:model\.layers\.2\..*"],                 # an escaped regex (repr would double its backslashes)
+    r"re:model\.layers\.[12]\.mlp",               # a character class, in a bare string
+    {"model.layers.(1|2).mlp": "skip"},             # a group, in a key
+    [[r"re:.*layers\.\d+\.self_attn"]],             # \d, nested
+])
+def test_unknown_field_naming_blocks_is_refused(value):
+    qcfg = dict(QCONFIGS["fp8"], exclude_modules=value)
     with pytest.raises(OptionError, match="exclude_modules"):
         remap_quantization_config(qcfg, [0, 2, 3], _names(leaf="weight"))
+
+
+@pytest.mark.parametrize("value", [[r"re:.*layers\..*\.down_proj"], ["lm_head"], 7, None])
+def test_unknown_field_that_names_no_block_is_kept(value):
+    """An unknown field that names every block alike (or none) is the same after pruning."""
+    qcfg = dict(QCONFIGS["fp8"], exclude_modules=value)
+    assert remap_quantization_config(qcfg, [0, 2, 3], _names(leaf="weight"))["exclude_modules"] == value
 
 
 def test_invalid_regex_entry_is_refused_naming_it():

@@ -41,7 +41,10 @@ FIELDS = {
     "awq": (("modules_to_not_convert", "substring"),),
 }
 _NUMBER = re.compile(r"(?:(?<=layers\.)|(?<=layers\\\.))(\d+)(?=\\?\.|$)")
-_LAYER_TEXT = re.compile(r"layers(?:\\)?\.\d")
+# Text that picks some blocks and not others: ``layers.`` (or regex ``layers\.``) followed by
+# a number, a character class, a group or an escape such as ``\d`` (``layers\..*`` picks every
+# block alike, so it survives renumbering).
+_LAYER_TEXT = re.compile(r"layers\\?\.[\d\[(\\]")
 _EXPERT = re.compile(r"^(.+\.experts)\.\d+\.")
 
 
@@ -235,11 +238,24 @@ def _pin_derived_lists(method: str, new: dict[str, Any], kept: list[int],
 def _refuse_unknown_layer_fields(new: dict[str, Any], handled: set[str]) -> None:
     """A field miprun does not know that names blocks cannot be left stale: refuse it."""
     for key, value in new.items():
-        if key not in handled and _LAYER_TEXT.search(repr(value)):
+        if key not in handled and any(_LAYER_TEXT.search(text) for text in _texts(value)):
             raise OptionError(
                 f"quantization_config field {key} names decoder blocks ({value!r:.80}) and miprun "
                 "does not know how to renumber it; prune an unquantized copy"
             )
+
+
+def _texts(value: Any) -> Iterable[str]:
+    """Every string in a JSON value, keys included, as written (not ``repr``'s escaped form)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _texts(key)
+            yield from _texts(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _texts(item)
 
 
 def remap_model_quantization(hf_config: dict[str, Any], kept: list[int] | tuple[int, ...],

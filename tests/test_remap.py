@@ -212,3 +212,42 @@ def test_only_kept_tensors_are_read_and_pruned_shards_never_opened(tmp_path):
 def test_folder_without_safetensors_is_refused(tmp_path):
     with pytest.raises(OptionError, match="safetensors"):
         checkpoint.safetensors_files(tmp_path)
+
+
+# Edges a mutation pass found untested; each fails with the check it names removed.
+
+
+def test_a_derived_field_written_as_null_is_derived_like_a_missing_one():
+    config = _family("Gemma2ForCausalLM", "gemma2", 4, sliding_window=64, layer_types=None)
+    assert remap.remap_config(config, [0, 2, 3])["layer_types"] == [
+        "sliding_attention", "sliding_attention", "full_attention"]
+
+
+@pytest.mark.parametrize("length", [7, 9])
+def test_layer_types_of_another_length_than_the_stack_are_refused(length):
+    with pytest.raises(OptionError, match=f"layer_types has {length} entries"):
+        remap.remap_config(_llama(8, layer_types=["full_attention"] * length), [0, 1])
+
+
+def test_a_derived_field_of_the_wrong_length_is_refused_naming_it():
+    """Llama 4 derives no_rope_layers; one of the wrong length would be kept unsliced."""
+    config = _family("Llama4ForCausalLM", "llama4_text", interleave_moe_layer_step=2, no_rope_layers=[1] * 5,
+                     layer_types=["full_attention"] * 8)
+    with pytest.raises(OptionError, match="no_rope_layers has 5 entries"):
+        remap.remap_config(config, [0, 1, 4, 5])
+
+
+def test_an_index_lists_each_shard_once_in_order(tmp_path):
+    _write_sharded(tmp_path)
+    index = json.loads((tmp_path / checkpoint.INDEX_NAME).read_text())
+    index["weight_map"]["lm_head.weight"] = "model-00000.safetensors"  # a second tensor in the first shard
+    (tmp_path / checkpoint.INDEX_NAME).write_text(json.dumps(index))
+    assert checkpoint.safetensors_files(tmp_path) == sorted(tmp_path / name for name in set(index["weight_map"].values()))
+
+
+def test_mistrals_consolidated_copy_is_not_a_shard(tmp_path):
+    import torch
+
+    save_file({"model.layers.0.mlp.weight": torch.zeros(2, 2)}, tmp_path / "model.safetensors")
+    save_file({"layers.0.feed_forward.w1.weight": torch.zeros(2, 2)}, tmp_path / "consolidated.safetensors")
+    assert checkpoint.safetensors_files(tmp_path) == [tmp_path / "model.safetensors"]

@@ -554,6 +554,36 @@ def test_fp8_exact_entry_naming_a_fused_moe_layer_renumbers():
     assert "mlp.experts" in Universe(names).suffixes
 
 
+@pytest.mark.parametrize("entry, expected", [
+    (r"re:(?:model\.layers\.1\..*|lm_head)", r"re:(?:lm_head$)"),  # only a pruned block, and the head
+    (r"re:(?:model\.layers\.[12]\..*|lm_head)", r"re:(?:model\.layers\.(?:1)\.|lm_head$)"),
+])
+def test_a_regex_naming_blocks_and_the_head_keeps_the_head(entry, expected):
+    qcfg = dict(QCONFIGS["compressed-tensors"], ignore=[entry])
+    assert remap_quantization_config(qcfg, [0, 2, 3], _names(leaf="weight"))["ignore"] == [expected]
+
+
+def test_an_expanded_regex_names_a_module_not_every_module_under_it():
+    """``mlp.experts`` is a prefix of ``mlp.experts.0.gate_proj``: the rewrite anchors it."""
+    names = ["model.embed_tokens.weight", "lm_head.weight"]
+    for block in range(4):
+        names += [f"model.layers.{block}.mlp.experts.{e}.{p}.weight" for e in range(2)
+                  for p in ("gate_proj", "up_proj", "down_proj")]
+    qcfg = dict(QCONFIGS["compressed-tensors"], ignore=[r"re:model\.layers\.[12]\.mlp\.experts$"])
+    assert remap_quantization_config(qcfg, [0, 2, 3], names)["ignore"] == [
+        r"re:(?:model\.layers\.(?:1)\.(?:mlp\.experts)$)"]
+
+
+def test_a_compression_config_and_an_upper_case_method_are_renumbered():
+    entry = {"ignored_layers": ["model.layers.3.mlp.up_proj"]}
+    hf = {"num_hidden_layers": 4, "compression_config": dict(QCONFIGS["fp8"], **entry)}
+    assert remap_model_quantization(hf, [0, 3], _names(leaf="weight")) == {
+        "compression_config": dict(QCONFIGS["fp8"], ignored_layers=["model.layers.1.mlp.up_proj"])}
+    upper = dict(QCONFIGS["fp8"], quant_method="FP8", **entry)
+    assert remap_quantization_config(upper, [0, 3], _names(leaf="weight"))["ignored_layers"] == [
+        "model.layers.1.mlp.up_proj"]
+
+
 def test_universe_knows_fused_names():
     universe = Universe(_names(2))
     assert "self_attn.qkv_proj" in universe.suffixes and "mlp.gate_up_proj" in universe.suffixes

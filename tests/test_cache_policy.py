@@ -128,3 +128,38 @@ def test_a_key_given_twice_is_refused(tmp_path):
     text = json.dumps(_cache_json()).replace('"fingerprint": "sha256:abc"',
                                              '"fingerprint": "sha256:abc", "fingerprint": "sha256:def"', 1)
     assert "appears more than once" in _refused(tmp_path, text)
+
+
+# Shapes a mutation pass found accepted unchecked; each fails with its check removed.
+
+
+def test_a_cache_of_no_blocks_is_refused(tmp_path):
+    data = _cache_json(3)
+    data.update(block_scores=[], span_scores=[[None]], num_blocks=0)
+    data["baselines"] = {"block_influence": [], "angular": [[None]], "skip_mi_iso": [[None]]}
+    assert "num_blocks=0 but 0 block scores" in _refused(tmp_path, json.dumps(data))
+
+
+def test_a_span_score_below_the_diagonal_is_refused(tmp_path):
+    data = _cache_json(3)
+    data["span_scores"][2][1] = 0.5
+    assert "span_scores" in _refused(tmp_path, json.dumps(data))
+
+
+@pytest.mark.parametrize("selection", [{"2": [1, 1]}, {"1": [3]}, {"1": [-1]}, {"2": [0]}])
+def test_a_stored_selection_must_name_distinct_blocks_of_the_model(tmp_path, selection):
+    data = _cache_json(3)
+    data["selections"] = {"sleb": selection}
+    assert "distinct blocks in 0..2" in _refused(tmp_path, json.dumps(data))
+
+
+def test_the_sweep_spares_a_young_temp_file_and_removes_an_old_one(tmp_path):
+    import os
+    import time
+
+    temp = tmp_path / ".scores.json.abcdefgh.tmp"
+    temp.write_text("{}")
+    assert sc.sweep_stale_temps(tmp_path) == [] and temp.exists()  # young: a writer may be about to lock it
+    old = time.time() - sc.STALE_TEMP_SECONDS - 1
+    os.utime(temp, (old, old))
+    assert sc.sweep_stale_temps(tmp_path) == [temp] and not temp.exists()

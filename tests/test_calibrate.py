@@ -83,6 +83,44 @@ def test_fingerprint_follows_weights_not_path(tiny_llama_dir, tmp_path):
     assert model_fingerprint(copy) != model_fingerprint(tiny_llama_dir)
 
 
+def _fingerprint_after(folder, change) -> str:
+    """The fingerprint of a one-file model whose tensors ``change`` edits (a dict, in place)."""
+    tensors = {"a.weight": torch.arange(4096, dtype=torch.float32),  # 16 KiB: longer than two samples
+               "z.weight": torch.arange(3000, dtype=torch.float32)}  # the file's last bytes
+    config = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1}
+    change(tensors, config)
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(tensors, folder / "model.safetensors")
+    return model_fingerprint(folder)
+
+
+def _edit(name, index, value):
+    def change(tensors, config):
+        tensors[name][index] = value
+    return change
+
+
+def test_fingerprint_reads_the_config_the_header_and_each_tensors_head_and_tail(tmp_path):
+    """What the docstring promises: config.json, every header and the first and last 4 KiB of
+    every tensor are read; the bytes between the samples are not."""
+    same = _fingerprint_after(tmp_path / "same", lambda tensors, config: None)
+
+    def rename(tensors, config):
+        tensors["b.weight"] = tensors.pop("a.weight")
+
+    changed = {
+        "config": lambda tensors, config: config.update(rope_theta=1e6),
+        "a tensor's name": rename,
+        "a tensor's first element": _edit("a.weight", 0, -1.0),
+        "a tensor's last element": _edit("a.weight", -1, -1.0),
+        "the file's last element": _edit("z.weight", -1, -1.0),
+    }
+    for what, change in changed.items():
+        assert _fingerprint_after(tmp_path / what, change) != same, what
+    assert _fingerprint_after(tmp_path / "middle", _edit("a.weight", 2048, -1.0)) == same  # not sampled
+
+
 def test_changed_weights_never_reuse_the_cache(tiny_llama_dir, tmp_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_llama_dir, model)

@@ -164,3 +164,37 @@ def test_serve_front_refuses_before_any_engine(serve_parser, damaged, flags):
     message = str(exit_.value.code)
     assert message.startswith("vllm-miprun: error: safetensors file ") and str(shard) in message
     assert words in message and "\n" not in message
+
+
+# Hand-made shards for header checks a mutation pass found unexercised; each fails with its
+# check removed or its size changed.
+
+
+def _handmade(folder: Path, tensors: dict, data_bytes: int) -> Path:
+    folder.mkdir()
+    header = json.dumps(tensors).encode()
+    shard = folder / "model.safetensors"
+    shard.write_bytes(struct.pack("<Q", len(header)) + header + bytes(data_bytes))
+    return shard
+
+
+@pytest.mark.parametrize("tensors, data_bytes, why", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, "starts at byte 4"),  # overlap
+    ({"a": {"dtype": "F4", "shape": [3], "data_offsets": [0, 1]}}, 1, "needs 12 bits"),         # half a byte
+    ({"a": {"dtype": "F32", "shape": [1] * 33, "data_offsets": [0, 4]}}, 4, "no valid dtype"),  # 33 dimensions
+    ({"a": {"dtype": "F32", "shape": [True, 1], "data_offsets": [0, 4]}}, 4, "no valid dtype"),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [False, 4]}}, 4, "no valid dtype"),
+])
+def test_a_hand_made_damaged_header_is_refused(tmp_path, tensors, data_bytes, why):
+    shard = _handmade(tmp_path / "m", tensors, data_bytes)
+    with pytest.raises(ModelFolderError, match=f"{shard} is damaged: .*{why}"):
+        checkpoint.read_shard_header(shard)
+
+
+@pytest.mark.parametrize("dtype, shape, data_bytes", [("F6_E2M3", [4], 3), ("F6_E3M2", [8], 6), ("F4", [4], 2),
+                                                       ("F32", [1] * 32, 4)])
+def test_packed_and_many_dimensioned_tensors_are_sized_as_safetensors_sizes_them(tmp_path, dtype, shape, data_bytes):
+    tensors = {"a": {"dtype": dtype, "shape": shape, "data_offsets": [0, data_bytes]}}
+    shard = _handmade(tmp_path / "m", tensors, data_bytes)
+    assert checkpoint.read_shard_header(shard)[1] == tensors

@@ -216,3 +216,16 @@ def test_ms_budget_selection_is_deterministic():
     a = select_for_latency("mi-prun", budget, model, cost=cost, protect={0})
     b = select_for_latency("mi-prun", budget, model, cost=cost, protect={0})
     assert a == b and 0 in a.kept
+
+
+def test_a_budget_for_exactly_one_block_keeps_one_block():
+    """The walk down from the largest K reaches K = 1 (a mutation pass found it never had to)."""
+    model = LatencyModel.from_profile({"batch_size": 1, "fixed_s": 0.001, "block_s": [0.001] * 6})
+    chosen = select_for_latency("last", "2ms", model)
+    assert len(chosen.kept) == 1 and model.predict(chosen.kept) <= 0.002 + 1e-12
+
+
+def test_protected_blocks_count_in_the_largest_keep_for_a_budget():
+    model = LatencyModel.from_profile({"batch_size": 1, "fixed_s": 0.001, "block_s": [0.001] * 8})
+    assert max_keep_for_budget(model, 0.005) == 4
+    assert max_keep_for_budget(model, 0.005, protect={0, 7}) == 4  # the 2 protected plus 2 others

@@ -532,3 +532,23 @@ def test_fast_block_select_is_exact_on_negative_costs(seed):
     cost = random_dpi_cost(8, np.random.default_rng(seed)) - 0.3
     for k in (2, 3, 5):
         assert close(objective_value(cost, fast_block_select(cost, k).pruned), brute_force(cost, k))
+
+
+
+def test_baselines_break_ties_low_and_reach_block_zero():
+    assert select_shortgpt([0.1, 0.1, 0.5], 1).pruned == (0,)  # tied influence: the lower index goes
+    assert select_last(3, 2).pruned == (0, 1)  # the last block is kept, so pruning 2 of 3 reaches block 0
+
+
+def test_baselines_refuse_scores_that_are_not_finite():
+    with pytest.raises(ValueError, match="finite"):
+        select_shortgpt([0.1, float("nan"), 0.3], 1)
+    ang = np.full((5, 5), 0.5)
+    ang[1, 3] = np.nan
+    with pytest.raises(ValueError, match="recalibrate"):
+        select_angular(ang, 2)
+
+
+def test_a_score_vector_for_another_model_is_refused():
+    with pytest.raises(ValueError, match="5 rows but 4 blocks need 4"):
+        select("shortgpt", 4, 1, block_influence=[0.1] * 5)

@@ -50,6 +50,11 @@ def test_walk_picks_the_largest_count_within_budget(budget, expected):
     assert len(asked) <= 2 * math.ceil(math.log2(expected + 1)) + 1
 
 
+def test_walk_refuses_a_negative_count():
+    with pytest.raises(ValueError, match="max_prune must be >= 0, got -1"):
+        most_pruned_within(1.2, -1, lambda count: 1.0)
+
+
 def test_walk_measures_few_counts_and_none_far_past_the_answer():
     ratios = [1.0] + [1.0 + 0.01 * n for n in range(1, 30)]  # 29 blocks prunable, 3 within budget
     asked = []

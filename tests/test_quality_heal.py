@@ -32,6 +32,8 @@ SMALL = {"samples": 4, "seq_len": 32, "device": "cpu", "method": "last"}
     (3, 1.01, 0, [3, 2, 1]),     # nothing fits: the dense model, never measured
     (0, 1.05, 0, [1]),           # the unhealed walk kept every block; the heal may still allow one
     (7, 9.0, 7, [7]),            # never past max_prune
+    (3, 1.2, 3, [3, 4]),         # a ratio equal to the budget is within it, at the start
+    (3, 1.24, 4, [3, 4, 5]),     # and one step up
 ])
 def test_step_finds_the_largest_count_within_budget_from_the_walks_count(start, budget, expected, asked):
     ratios = [1.0, 1.1, 1.12, 1.2, 1.24, 1.3, 1.4, 2.0]

@@ -101,6 +101,25 @@ def test_fit_map_recovers_a_linear_map_and_ridge_shrinks_to_identity():
     assert heal_math.residual_share(x, y, heal_math.fit_map(x, y)) < 1e-3
     diag = heal_math.fit_map(x, x * 2.0, form="diag")
     assert torch.allclose(diag, 2.0 * torch.eye(16), atol=1e-5)
+    for form in ("diag", "rotdiag"):  # the ridge pulls every form toward the identity, not toward 0
+        assert torch.allclose(heal_math.fit_map(x, y, form=form, ridge=1e9), torch.eye(16), atol=1e-4), form
+
+
+def test_fit_map_ridge_is_scale_free():
+    """The ridge is relative to the inputs' scale: the same data in other units, the same map."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(500, 8, generator=gen)
+    y = x @ (torch.eye(8) + 0.3 * torch.randn(8, 8, generator=gen)).T
+    for form in ("full", "diag"):
+        small = heal_math.fit_map(x, y, form=form, ridge=0.05)
+        large = heal_math.fit_map(100.0 * x, 100.0 * y, form=form, ridge=0.05)
+        assert torch.allclose(small, large, atol=1e-5), form
+        assert not torch.allclose(small, heal_math.fit_map(x, y, form=form), atol=1e-3), form  # it acts
+
+
+def test_pruned_runs_are_maximal_half_open_ranges():
+    assert heal_math.pruned_runs([5, 3, 4, 9, 0]) == [(0, 1), (3, 6), (9, 10)]
+    assert heal_math.pruned_runs([]) == []
 
 
 def _options(tmp_path, **kw):

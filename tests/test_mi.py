@@ -259,3 +259,18 @@ def test_pca_project_and_subsample():
 def test_normalized_mi():
     assert M.normalized_mi(1.0, 2.0, 2.0) == pytest.approx(0.5)
     assert M.normalized_mi(1.0, 0.0, 2.0) == 0.0
+
+
+
+@pytest.mark.parametrize("shrinkage", [1.0, -0.1, 1.5])
+def test_gaussian_mi_refuses_a_shrinkage_outside_zero_to_one(shrinkage):
+    x, y = _pair(200, 4, 0.5, 0)
+    with pytest.raises(ValueError, match="shrinkage must be in"):
+        M.gaussian_mi(x, y, shrinkage=shrinkage)
+
+
+def test_renyi_mi_gives_y_the_width_of_x_unless_told():
+    """``sigma_y`` defaults to ``sigma``, not to y's own width (y is scaled so the two differ)."""
+    x, y = _pair(200, 4, 0.5, 1)
+    y = 5.0 * y
+    assert M.renyi_mi(x, y, sigma=0.7) == M.renyi_mi(x, y, sigma=0.7, sigma_y=0.7)

@@ -5,6 +5,7 @@ shared harness's process-group runner (no engine)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -35,18 +36,22 @@ def test_fit_two_points_is_exact_and_least_squares_with_noise():
     assert fit["fixed_s"] == pytest.approx(0.012 - 15 * 0.008 / 15)
     noisy = profile_fit.fit_fixed_and_block([(30, 0.0201), (23, 0.0160), (15, 0.0119)])
     assert 0.0004 < noisy["block_s"] < 0.0006
+    residuals = [s - noisy["fixed_s"] - noisy["block_s"] * k for k, s in [(30, 0.0201), (23, 0.0160), (15, 0.0119)]]
+    assert noisy["residual_rms_s"] == pytest.approx(math.sqrt(sum(r * r for r in residuals) / 3))
     assert noisy["residual_rms_s"] > 0
 
 
 def test_fit_clamps_negative_costs():
     through_origin = profile_fit.fit_fixed_and_block([(30, 0.030), (15, 0.010)])  # fixed would be < 0
-    assert through_origin["fixed_s"] == 0.0 and through_origin["block_s"] > 0
+    assert through_origin["fixed_s"] == 0.0
+    assert through_origin["block_s"] == pytest.approx((30 * 0.030 + 15 * 0.010) / (30**2 + 15**2))  # least squares
     assert "fixed_s<0" in through_origin["clamped"]
     flat = profile_fit.fit_fixed_and_block([(30, 0.010), (15, 0.011)])  # slope would be < 0
     assert flat["block_s"] == 0.0 and flat["fixed_s"] == pytest.approx(0.0105)
 
 
-@pytest.mark.parametrize("points", [[(30, 0.01)], [(30, 0.01), (30, 0.02)], [(30, -0.01), (15, 0.01)]])
+@pytest.mark.parametrize("points", [[(30, 0.01)], [(30, 0.01), (30, 0.02)], [(30, -0.01), (15, 0.01)],
+                                    [(30, float("nan")), (15, 0.01)], [(30, 0.02), (15, float("inf"))]])
 def test_fit_rejects_unidentifiable_or_bad_points(points):
     with pytest.raises(ValueError):
         profile_fit.fit_fixed_and_block(points)

@@ -164,3 +164,43 @@ def test_concurrent_heal_loads_fit_the_maps_once(tiny_llama_dir, tmp_path):
     stored = heal.read_maps(path, record)
     assert all(torch.equal(stored[start], torch.tensor(t)) for start, t in got[0]["maps"].items())
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+# A signal's KeyboardInterrupt is raised wherever Python is; C code it passes through can
+# turn it into another error (torch inferring a shape: seen as "could not determine the shape
+# of object type 'torch.storage.UntypedStorage'", exit 2) or drop it (a finalizer: the pass
+# went on and the test above timed out). The recorded signal still ends the command.
+
+
+def test_a_signal_turned_into_another_error_still_ends_as_an_interrupt(monkeypatch, capsys):
+    from vllm_miprun import errors
+
+    monkeypatch.setattr(errors, "_SIGNALLED", [])
+
+    def command():
+        try:
+            errors.interrupt(signal.SIGINT, None)
+        except KeyboardInterrupt:  # what torch's C code does with an exception it meets
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+
+    assert errors.run_command("prog", command) == errors.EXIT_INTERRUPTED
+    assert capsys.readouterr().err == "prog: interrupted; nothing was written\n"
+    monkeypatch.setattr(errors, "_SIGNALLED", [])  # without a signal, the same error is a user error
+    assert errors.run_command("prog", lambda: (_ for _ in ()).throw(ValueError("bad"))) == errors.EXIT_USER_ERROR
+
+
+def test_a_dropped_signal_stops_a_block_pass_at_the_next_block(tiny_llama_dir, monkeypatch):
+    from vllm_miprun import errors
+    from vllm_miprun.model.blockwise import BlockwiseModel
+
+    monkeypatch.setattr(errors, "_SIGNALLED", [])
+    model = BlockwiseModel(tiny_llama_dir)
+    with model.block(0):
+        pass
+    try:
+        errors.interrupt(signal.SIGINT, None)
+    except KeyboardInterrupt:
+        pass  # dropped, as an exception raised inside a finalizer is
+    with pytest.raises(KeyboardInterrupt):
+        with model.block(1):
+            pass

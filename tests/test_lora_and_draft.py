@@ -264,7 +264,10 @@ def mtp_runs(tmp_path_factory):
     add_mtp_layer(full)
     model = work / "sharded"
     write_sharded_repo(full, model, blocks_per_shard=1)
-    mtp = {"model": str(model), "speculative": {"method": "mtp", "num_speculative_tokens": 1}, "max_tokens": 6}
+    # bfloat16, as every DeepSeek engine test: on a CPU with AMX, vLLM-CPU's MLA backend (AMX_MLA)
+    # takes bfloat16 or float16 weights only, stock or pruned
+    mtp = {"model": str(model), "speculative": {"method": "mtp", "num_speculative_tokens": 1}, "max_tokens": 6,
+           "dtype": "bfloat16"}
     pruned, stock = _run([{**mtp, "load_format": "miprun", "extra": {"keep": 0.75, "method": "last"}}, mtp])
     return SimpleNamespace(pruned=pruned, stock=stock)
 

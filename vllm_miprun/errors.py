@@ -43,6 +43,27 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
+# Signals an entry point was sent (see :func:`interrupt`).
+_SIGNALLED: list[int] = []
+
+
+def interrupt(signum, frame) -> None:
+    """Signal handler for Ctrl-C and SIGTERM: remember the signal, then unwind like Ctrl-C.
+
+    The KeyboardInterrupt is raised wherever Python happens to be, and C code it passes
+    through (torch inferring a shape, a finalizer) can turn it into another error or drop
+    it; the record lets :func:`run_command` and :func:`check_interrupted` still stop."""
+    _SIGNALLED.append(signum)
+    raise KeyboardInterrupt
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if a signal came whose own KeyboardInterrupt was lost. Called
+    between blocks of long passes, where stopping is always safe."""
+    if _SIGNALLED:
+        raise KeyboardInterrupt
+
+
 def run_command(prog: str, command: Callable[[], int],
                 also: tuple[type[BaseException], ...] = (),
                 wording: Callable[[str], str] | None = None) -> int:
@@ -52,6 +73,9 @@ def run_command(prog: str, command: Callable[[], int],
     try:
         return command()
     except USER_ERRORS + also as err:
+        if _SIGNALLED:  # the signal's KeyboardInterrupt, turned into this error on its way out
+            sys.stderr.write(f"{prog}: interrupted; nothing was written\n")
+            return EXIT_INTERRUPTED
         message = " ".join(str(err).splitlines())  # one line, even for a multi-line message
         message = wording(message) if wording is not None else message
         sys.stderr.write(f"{prog}: error: {message}\n")

@@ -27,6 +27,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from vllm_miprun.errors import check_interrupted
 from vllm_miprun.model import stream
 from vllm_miprun.model.architectures import for_config
 from vllm_miprun.model.architectures.hf_model import layers_owner
@@ -242,6 +243,7 @@ class BlockwiseModel:
     @contextmanager
     def block(self, index: int) -> Iterator[nn.Module]:
         """Block ``index`` with its weights read from disk, dropped again on exit."""
+        check_interrupted()  # between blocks: a Ctrl-C that C code swallowed still stops the pass
         if index in self._resident:
             yield self._resident[index]
             return

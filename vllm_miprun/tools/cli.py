@@ -17,7 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
-from vllm_miprun.errors import run_command
+from vllm_miprun.errors import interrupt, run_command
 from vllm_miprun.option_flags import add_command_flags, command_line_wording, given_options
 from vllm_miprun.options import (CalibrationSettings, MiprunOptions, OptionError, calibration_settings,
                                  command_options, option)
@@ -237,15 +237,13 @@ def format_block_table(cache) -> str:
 COMMANDS = {"calibrate": cmd_calibrate, "scores": cmd_scores, "plan": cmd_plan, "stability": cmd_stability}
 
 
-def _terminate_as_interrupt(signum, frame) -> None:
-    """SIGTERM unwinds like Ctrl-C, so temporary files are removed on the way out."""
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+        # SIGTERM unwinds like Ctrl-C, so temporary files are removed on the way out; both
+        # are recorded, so that an interrupt lost inside C code still stops the command
+        signal.signal(signal.SIGTERM, interrupt)
+        signal.signal(signal.SIGINT, interrupt)
     if argv and argv[0] in PASSTHROUGH:
         return _run_passthrough(PASSTHROUGH[argv[0]], argv[1:])
     args = build_parser().parse_args(argv)

@@ -74,12 +74,15 @@ def run_command(prog: str, command: Callable[[], int],
         return command()
     except USER_ERRORS + also as err:
         if _SIGNALLED:  # the signal's KeyboardInterrupt, turned into this error on its way out
-            sys.stderr.write(f"{prog}: interrupted; nothing was written\n")
-            return EXIT_INTERRUPTED
+            return _report_interrupt(prog)
         message = " ".join(str(err).splitlines())  # one line, even for a multi-line message
         message = wording(message) if wording is not None else message
         sys.stderr.write(f"{prog}: error: {message}\n")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        sys.stderr.write(f"{prog}: interrupted; nothing was written\n")
-        return EXIT_INTERRUPTED
+        return _report_interrupt(prog)
+
+
+def _report_interrupt(prog: str) -> int:
+    sys.stderr.write(f"{prog}: interrupted; nothing was written\n")
+    return EXIT_INTERRUPTED

@@ -45,7 +45,7 @@ def command_line_wording(message: str) -> str:
 
 
 # A serve flag, with the example value a hint gives after it (up to a space, ';' or ')').
-_SERVE_FLAG_AND_VALUE = re.compile(r"(--miprun-[a-z]+(?:-[a-z]+)*)(?: ([^\s;)]+))?")
+_SERVE_FLAG_AND_VALUE = re.compile(rf"({_SERVE_FLAG.pattern})(?: ([^\s;)]+))?")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 PYTHON_CONFIG = "model_loader_extra_config="
 

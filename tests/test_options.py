@@ -415,3 +415,24 @@ def test_switches_read_every_spelling_of_true_and_false(raw, expected):
     from vllm_miprun.options import parse_bool
 
     assert parse_bool("require_cache")(raw) is expected
+
+
+def test_the_top_level_help_describes_every_command_and_a_flow_that_parses(capsys):
+    """`vllm-miprun --help` gives each subcommand a line of its own (the passthrough ones
+    too), and the flow it shows is made of commands and flags that exist."""
+    from vllm_miprun.tools import cli
+
+    parser = cli.build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    shown = capsys.readouterr().out
+    for name in [*cli.COMMANDS, "eval", *cli.PASSTHROUGH]:
+        line = re.search(rf"^ {{4}}{name} +(\S.*)$", shown, re.MULTILINE)
+        assert line and "--help" not in line.group(1), (name, shown)
+    flow = [line.strip().split("  ")[0] for line in cli.USAGE_FLOW.splitlines()[1:]]
+    assert len(flow) == 3 and flow[-1].startswith("vllm serve ")
+    for command in flow[:-1]:
+        argv = command.replace("MODEL_DIR", "/m").split()[1:]
+        assert parser.parse_args(argv).command == argv[0]
+    serve_flags = {word for word in flow[-1].split() if word.startswith("--")}
+    assert serve_flags and serve_flags <= {row.serve_flag for row in OPTIONS}

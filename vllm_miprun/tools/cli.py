@@ -24,13 +24,20 @@ from vllm_miprun.options import (CalibrationSettings, MiprunOptions, OptionError
 
 logger = logging.getLogger("vllm_miprun")
 
-# Subcommands that hand their arguments to another parser (vLLM's, or the module's own).
+# Subcommands that hand their arguments to another parser (vLLM's, or the module's own):
+# name -> (target, the line `vllm-miprun --help` shows for it).
 PASSTHROUGH = {
-    "serve": "vllm_miprun.vllm.serve:serve_main",
-    "vllm": "vllm_miprun.vllm.serve:vllm_main",
-    "export": "vllm_miprun.tools.export:export_main",
-    "profile": "vllm_miprun.tools.profiling:profile_main",
+    "serve": ("vllm_miprun.vllm.serve:serve_main", "`vllm serve` with the plugin: serve the pruned model"),
+    "vllm": ("vllm_miprun.vllm.serve:vllm_main", "any `vllm` command with the plugin loaded"),
+    "export": ("vllm_miprun.tools.export:export_main", "write the pruned (and healed) checkpoint to a folder"),
+    "profile": ("vllm_miprun.tools.profiling:profile_main",
+                "measure per-block step times on real engines, for latency budgets"),
 }
+
+USAGE_FLOW = """the usual flow (each command: vllm-miprun COMMAND --help):
+  vllm-miprun calibrate MODEL_DIR          score the blocks once (cached)
+  vllm-miprun plan MODEL_DIR --keep 0.75   see what would be dropped, and the predicted cost
+  vllm serve MODEL_DIR --miprun-keep 0.75  serve it (plans from the cache, or calibrates first)"""
 
 
 def _out(text: str = "") -> None:
@@ -49,7 +56,9 @@ def calibration_args(args: argparse.Namespace) -> tuple[CalibrationSettings, str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vllm-miprun", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="vllm-miprun", description="Prune whole decoder blocks of a model served by vLLM.",
+        epilog=USAGE_FLOW, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -79,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     from vllm_miprun.tools.evaluate import add_eval_parser
 
     add_eval_parser(sub)
-    for name, target_fn in PASSTHROUGH.items():
-        passthrough = sub.add_parser(name, help=f"see `vllm-miprun {name} --help`", add_help=False)
+    for name, (target_fn, line) in PASSTHROUGH.items():
+        passthrough = sub.add_parser(name, help=line, add_help=False)
         passthrough.set_defaults(passthrough=target_fn)
     return parser
 
@@ -245,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, interrupt)
         signal.signal(signal.SIGINT, interrupt)
     if argv and argv[0] in PASSTHROUGH:
-        return _run_passthrough(PASSTHROUGH[argv[0]], argv[1:])
+        return _run_passthrough(PASSTHROUGH[argv[0]][0], argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")

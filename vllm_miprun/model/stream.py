@@ -40,24 +40,22 @@ def checkpoint_dtype(dtypes: Iterable[str]) -> torch.dtype:
     return max(counts, key=counts.get) if counts else torch.float32
 
 
-def compute_dtype(device: str | torch.device, stored: torch.dtype, requested: torch.dtype | None = None,
-                  bf16_supported: bool | None = None) -> torch.dtype:
+def compute_dtype(device: str | torch.device, stored: torch.dtype, requested: torch.dtype | None = None) -> torch.dtype:
     """``requested`` when given; else the stored dtype on an accelerator and float32 on the CPU.
 
     On the CPU the weights are cast once per read either way, and float32 keeps the
     scores identical to the caches computed before this option existed. A float16
-    checkpoint runs in bfloat16 on an accelerator (float32 where bfloat16 is not
-    supported): Gemma-like activations exceed float16's range (inf, then NaN scores).
+    checkpoint runs in bfloat16 on an accelerator: Gemma-like activations exceed float16's
+    range (inf, then NaN scores). The device is not asked: torch runs bfloat16 on every CUDA
+    GPU vLLM supports (emulated before Ampere, which ``torch.cuda.is_bf16_supported()``
+    counts as supported), and asking would start CUDA in vLLM's front process, which
+    decides from this where the score cache is before any child process plans.
     """
     if requested is not None:
         return requested
     if torch.device(device).type == "cpu":
         return torch.float32
-    if stored == torch.float16:
-        if bf16_supported is None:
-            bf16_supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16_supported else torch.float32
-    return stored
+    return torch.bfloat16 if stored == torch.float16 else stored
 
 
 def default_max_memory(device: str | torch.device) -> int:

@@ -223,15 +223,12 @@ def explicit_plan(model_dir: str | Path, config: dict, options: MiprunOptions, n
 
 def load_scores(model_dir: str | Path, options: MiprunOptions, progress: bool = True):
     """(cache, path, source): the explicit ``scores`` file, the matching cache, or a new one."""
-    from vllm_miprun.pipeline.calibrate import calibrate, calibration_key, check_compute, compute_identity, locate
+    from vllm_miprun.pipeline.calibrate import calibrate, calibration_key, check_compute
 
     settings = options.calibration
-    if options.scores:
-        path = Path(options.scores).expanduser()
-        _, fingerprint = locate(model_dir, settings, options.cache_dir)
+    path, fingerprint, compute = scores_location(model_dir, options)
+    if compute is None:
         return score_cache.read_cache(path, fingerprint=fingerprint), path, "cache-hit"
-    compute = compute_identity(model_dir, options.device)
-    path, fingerprint = locate(model_dir, settings, options.cache_dir, compute)
     if path.exists():
         cache = score_cache.read_cache(path, fingerprint, calibration_key(settings, compute))
         check_compute(cache, compute, path)
@@ -250,16 +247,27 @@ def load_scores(model_dir: str | Path, options: MiprunOptions, progress: bool = 
     return result.cache, result.path, "cache-hit" if result.reused else "computed"
 
 
+def scores_location(model_dir: str | Path, options: MiprunOptions) -> tuple[Path, str, str | None]:
+    """(path, fingerprint, compute): where this plan reads its scores. The ``scores`` file as
+    given (compute None: its settings are not checked), else the cache for these settings as
+    computed on ``options.device`` (a CUDA plan never reads a CPU cache, nor the reverse)."""
+    from vllm_miprun.pipeline.calibrate import compute_identity, locate
+
+    if options.scores:
+        _, fingerprint = locate(model_dir, options.calibration, options.cache_dir)
+        return Path(options.scores).expanduser(), fingerprint, None
+    compute = compute_identity(model_dir, options.device)
+    path, fingerprint = locate(model_dir, options.calibration, options.cache_dir, compute)
+    return path, fingerprint, compute
+
+
 def answered_by_cache(model_dir: str | Path, options: MiprunOptions) -> bool:
     """Whether ``make_plan`` would read everything it needs from the score cache (no
     calibration, no forward search): a cached score-only plan, or a forward method's stored
     answer for a ``keep`` count. Conservative: a latency budget with a forward method is False."""
-    from vllm_miprun.pipeline.calibrate import calibration_key, locate
+    from vllm_miprun.pipeline.calibrate import calibration_key
 
-    if options.scores:
-        path = Path(options.scores).expanduser()
-    else:
-        path, _ = locate(model_dir, options.calibration, options.cache_dir)
+    path, _, compute = scores_location(model_dir, options)  # the file make_plan reads, on this device
     if not path.is_file():
         return False
     if options.method not in FORWARD_METHODS:
@@ -267,7 +275,8 @@ def answered_by_cache(model_dir: str | Path, options: MiprunOptions) -> bool:
     if options.keep is None or options.protect:
         return False
     try:
-        cache = score_cache.read_cache(path, None, None if options.scores else calibration_key(options.calibration))
+        cache = score_cache.read_cache(path, None, None if compute is None else calibration_key(options.calibration,
+                                                                                              compute))
     except score_cache.CacheError:
         return False
     num_prune = cache.num_blocks - selectors.keep_count(options.keep, cache.num_blocks)

@@ -51,6 +51,15 @@ def test_flags_become_extra_config_and_imply_miprun(serve_parser, tiny_llama_dir
     assert args.hf_overrides["num_hidden_layers"] == 4
 
 
+@pytest.mark.parametrize("load_format", ["MIPRUN", "MiPrun", "AUTO"])
+def test_flags_take_the_load_format_in_any_case_as_vllm_does(serve_parser, tiny_llama_dir, load_format):
+    """vLLM lower-cases --load-format, so `MIPRUN` or `AUTO` with --miprun-* flags is miprun."""
+    args = _engine_args(serve_parser, "--model", str(tiny_llama_dir), "--load-format", load_format,
+                        "--miprun-keep", "0.5", "--miprun-method", "last")
+    assert args.load_format == "miprun"
+    assert args.hf_overrides[remap.KEPT_FIELD] == [0, 1, 2, 7]
+
+
 def test_every_table_option_is_a_serve_flag(serve_parser):
     from vllm_miprun.options import OPTIONS
 

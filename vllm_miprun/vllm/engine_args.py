@@ -62,7 +62,7 @@ def apply_flags(engine_args, args: argparse.Namespace) -> None:
     flags = serve_flag_values(args)
     if not flags:
         return
-    if engine_args.load_format not in ("auto", LOAD_FORMAT):
+    if str(engine_args.load_format).lower() not in ("auto", LOAD_FORMAT):  # vLLM lower-cases it too
         raise OptionError(
             f"--miprun-* flags need --load-format {LOAD_FORMAT} (or no --load-format), "
             f"got --load-format {engine_args.load_format}"

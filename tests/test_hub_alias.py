@@ -174,9 +174,15 @@ def test_worker_replans_on_a_partial_snapshot(hub, first, monkeypatch):
 # --- the alias file itself, on snapshot folders made by hand -----------------------------------
 
 
-def _snapshot(root, tiny_model_dir, shards: bool, name: str = "models--org--tiny", commit: str = COMMIT_A):
+def _snapshot(root, tiny_model_dir, shards: bool, name: str = "models--org--tiny", commit: str = COMMIT_A,
+              sharded: bool = True):
+    """A hub snapshot folder made by hand: one block per shard, or (not ``sharded``) the single
+    ``model.safetensors`` without an index; ``shards=False`` leaves out its weights."""
     folder = root / name / "snapshots" / commit
-    write_sharded_repo(tiny_model_dir, folder, blocks_per_shard=1)
+    if sharded:
+        write_sharded_repo(tiny_model_dir, folder, blocks_per_shard=1)
+    else:
+        shutil.copytree(tiny_model_dir, folder)
     if not shards:
         for shard in folder.glob("*.safetensors"):
             shard.unlink()
@@ -193,6 +199,8 @@ def test_snapshot_id_reads_the_hub_cache_layout(tmp_path):
     assert found == hub_alias.SnapshotId("org/m", COMMIT_A)
     assert hub_alias.snapshot_id(folder("models--gpt2", "snapshots", COMMIT_A)).repo_id == "gpt2"
     assert hub_alias.snapshot_id(folder("models--org--m", "snapshots", "main")) is None
+    assert hub_alias.snapshot_id(folder("models--org--m", "snapshots", COMMIT_A + "-edited")) is None
+    assert hub_alias.snapshot_id(folder("models--org--m", "checkpoints", COMMIT_A)) is None
     assert hub_alias.snapshot_id(folder("datasets--org--m", "snapshots", COMMIT_A)) is None
     assert hub_alias.snapshot_id(folder("org", "m")) is None
 
@@ -214,8 +222,51 @@ def test_alias_gives_a_partial_snapshot_its_fingerprint(tmp_path, tiny_llama_dir
         hub_alias.weights_fingerprint(plain, cache)
 
 
+def test_a_single_file_snapshot_without_its_weights_finds_them_by_its_alias(tmp_path, tiny_llama_dir):
+    """No index: the missing shards are not named anywhere, and the folder is still partial."""
+    full = _snapshot(tmp_path / "a", tiny_llama_dir, shards=True, sharded=False)
+    partial = _snapshot(tmp_path / "b", tiny_llama_dir, shards=False, sharded=False)
+    assert not (partial / "model.safetensors.index.json").exists()
+    assert hub_alias.has_every_shard(full) and not hub_alias.has_every_shard(partial)
+    cache = tmp_path / "scores"
+    with pytest.raises(hub_alias.MissingWeightsError):
+        hub_alias.weights_fingerprint(partial, cache)
+    fingerprint = hub_alias.weights_fingerprint(full, cache)
+    assert hub_alias.weights_fingerprint(partial, cache) == fingerprint
+
+
+def test_two_commits_of_one_repo_keep_their_own_aliases(tmp_path, tiny_llama_dir, tiny_qwen2_dir):
+    cache = tmp_path / "scores"
+    commits = {"a" * 40: tiny_llama_dir, "b" * 40: tiny_qwen2_dir}
+    fingerprints = {commit: hub_alias.weights_fingerprint(_snapshot(tmp_path / "full", model, shards=True,
+                                                                    commit=commit), cache)
+                    for commit, model in commits.items()}
+    assert len(set(fingerprints.values())) == 2
+    for commit, model in commits.items():
+        partial = _snapshot(tmp_path / "partial", model, shards=False, commit=commit)
+        assert hub_alias.known_fingerprint(partial, cache) == fingerprints[commit]
+
+
+@pytest.mark.parametrize("tamper", ["other-fingerprint", "nan"])
+def test_a_complete_snapshot_rewrites_a_stale_alias(tmp_path, tiny_llama_dir, tamper):
+    """Else every partial replica of that commit downloads every shard, for good."""
+    full = _snapshot(tmp_path / "a", tiny_llama_dir, shards=True)
+    cache = tmp_path / "scores"
+    fingerprint = hub_alias.weights_fingerprint(full, cache)
+    path = hub_alias.alias_path(hub_alias.snapshot_id(full), cache)
+    good = json.loads(path.read_text())
+    if tamper == "nan":
+        path.write_text(path.read_text().replace('"format_version": 1', '"format_version": NaN'))
+    else:
+        path.write_text(json.dumps({**good, "fingerprint": "sha256:" + "0" * 64}))
+    assert hub_alias.weights_fingerprint(full, cache) == fingerprint
+    assert json.loads(path.read_text()) == good
+
+
 @pytest.mark.parametrize("tamper", ["truncated", "other-repo", "other-commit", "bad-fingerprint", "newer",
-                                    "config-differs", "nan"])
+                                    "version-string", "version-null", "version-float", "version-true",
+                                    "version-0", "config-differs",
+                                    "index-differs", "nan"])
 def test_a_bad_alias_is_ignored_with_a_warning(tmp_path, tiny_llama_dir, tamper, caplog):
     full = _snapshot(tmp_path / "a", tiny_llama_dir, shards=True)
     partial = _snapshot(tmp_path / "b", tiny_llama_dir, shards=False)
@@ -229,11 +280,17 @@ def test_a_bad_alias_is_ignored_with_a_warning(tmp_path, tiny_llama_dir, tamper,
         path.write_text(path.read_text().replace('"format_version": 1', '"format_version": NaN'))
     else:
         changes = {"other-repo": {"repo_id": "org/other"}, "other-commit": {"commit": "b" * 40},
-                   "bad-fingerprint": {"fingerprint": "sha256:xyz"}, "newer": {"format_version": 99}}
+                   "bad-fingerprint": {"fingerprint": "sha256:xyz"}, "newer": {"format_version": 99},
+                   "version-string": {"format_version": "1"}, "version-null": {"format_version": None},
+                   "version-float": {"format_version": 1.0}, "version-true": {"format_version": True},
+                   "version-0": {"format_version": 0}}
         path.write_text(json.dumps({**record, **changes.get(tamper, {})}))
     if tamper == "config-differs":  # the partial snapshot's config is not the one that was scored
         config = json.loads((partial / "config.json").read_text())
         (partial / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))
+    if tamper == "index-differs":  # nor its safetensors index
+        index = json.loads((partial / "model.safetensors.index.json").read_text())
+        (partial / "model.safetensors.index.json").write_text(json.dumps({**index, "metadata": {"total_size": 1}}))
     with caplog.at_level(logging.WARNING):
         assert hub_alias.known_fingerprint(partial, cache) is None
     assert "ignoring hub alias" in caplog.text

@@ -251,6 +251,21 @@ def test_gptq_roundtrip_within_half_a_step(bits, sym, desc_act, v2, group_size):
     assert float(err.mean()) > 0  # a real 4/8-bit rounding, not a float copy
 
 
+def test_gptq_zeros_packed_past_the_output_width_are_cut():
+    """100 outputs: qzeros hold 13 words, 104 zeros, and the last 4 belong to no output."""
+    tensors = gptq_quantize(_weight(out_features=104), 4, 32, sym=False)
+    tensors.update(qweight=tensors["qweight"][:, :100], scales=tensors["scales"][:, :100], ref=tensors["ref"][:100])
+    assert quant.unpack_cols(tensors["qzeros"], 4).shape[1] == 104
+    _roundtrip(tensors, {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False})
+
+
+@pytest.mark.parametrize("group_size", [-1, 0])
+def test_gptq_without_g_idx_reads_group_size_0_like_minus_1(group_size):
+    tensors = gptq_quantize(_weight(), 4, -1, sym=False)
+    del tensors["g_idx"]
+    _roundtrip(tensors, {"quant_method": "gptq", "bits": 4, "group_size": group_size, "sym": False})
+
+
 def test_gptq_zero_convention_matters():
     """Reading a v1 (zero - 1) asymmetric checkpoint as v2 must be visibly wrong."""
     weight = _weight()
@@ -263,11 +278,15 @@ def test_gptq_zero_convention_matters():
     assert (good - weight).abs().max() <= 0.51 * step.max()
 
 
-def test_gptq_dynamic_rule_sets_bits_per_module():
+@pytest.mark.parametrize("dynamic", [
+    {r"+:model\.layers\.0\..*": {"bits": 8}},
+    {r"+:model\.layers\.0\.": {"bits": 8}},  # a prefix: vLLM matches with re.match
+    {r"+:model\.layers\.0\..*": {"bits": 8}, r"+:model\..*": {"bits": 4}},  # the first rule that matches wins
+])
+def test_gptq_dynamic_rule_sets_bits_per_module(dynamic):
     weight = _weight()
     tensors = gptq_quantize(weight, bits=8, group_size=32)
-    qcfg = {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True,
-            "dynamic": {r"+:model\.layers\.0\..*": {"bits": 8}}}
+    qcfg = {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True, "dynamic": dynamic}
     restored = _roundtrip(tensors, qcfg)
     step = tensors["scales"].float()[tensors["g_idx"].long()].t()
     assert ((restored - weight).abs() <= step * 0.51 + 1e-4).all()
@@ -315,10 +334,12 @@ def test_fp8_block_scale_of_wrong_shape_is_refused():
                          {"quant_method": "fp8", "weight_block_size": [32, 32]})
 
 
-def test_fp8_drops_kv_cache_scales_but_keeps_norms():
+@pytest.mark.parametrize("method", ["fp8", "compressed-tensors"])
+def test_fp8_drops_kv_cache_scales_but_keeps_norms(method):
     out = quant.dequantize({"model.layers.0.self_attn.k_scale": torch.ones(()),
+                            "model.layers.0.self_attn.v_scale": torch.ones(()),
                             "model.layers.0.input_layernorm.weight": torch.ones(4)},
-                           QCONFIGS["compressed-tensors"])
+                           QCONFIGS[method])
     assert list(out) == ["model.layers.0.input_layernorm.weight"]
 
 
@@ -363,6 +384,14 @@ def test_quantized_block_loads_strictly_into_the_float_layer(method, tiny_llama_
     ({"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized", "config_groups": {"g": {
         "targets": ["Linear"], "weights": {"num_bits": 4, "type": "float", "strategy": "tensor_group"}}}},
      "nvfp4"),
+    ({"quant_method": "fp8", "weight_block_size": [0, 128]}, "weight_block_size"),
+    ({"quant_method": "fp8", "weight_block_size": [True, True]}, "weight_block_size"),  # bool is an int
+    ({"quant_method": "fp8", "weight_block_size": 128}, "weight_block_size"),  # not a pair: no TypeError
+    ({**QCONFIGS["compressed-tensors"], "transform_config": {"config_groups": {"r": {"type": "hadamard"}}}},
+     "transform_config"),
+    ({**QCONFIGS["compressed-tensors"], "config_groups": {"g": {"targets": ["Linear"], "weights": {
+        "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": False}}}}, "asymmetric"),
+    ({**QCONFIGS["awq"], "zero_point": False}, "zero_point"),
 ])
 def test_unsupported_formats_are_refused_in_one_line(qcfg, named):
     with pytest.raises(OptionError) as info:
@@ -378,6 +407,14 @@ def test_detection_finds_every_supported_format_where_vllm_looks():
         assert quant.quant_method({"text_config": {"quantization_config": qcfg}}) == method
     assert quant.quant_method({"compression_config": QCONFIGS["compressed-tensors"]}) == "compressed-tensors"
     assert quant.quant_method({"num_hidden_layers": 4}) is None
+
+
+def test_autoawq_keys_and_an_upper_case_method_are_read_as_vllm_reads_them():
+    """AutoAWQ writes w_bit, q_group_size and "GEMM"; vLLM also lower-cases quant_method."""
+    autoawq = {"quant_method": "awq", "w_bit": 4, "q_group_size": 32, "zero_point": True, "version": "GEMM"}
+    assert quant.quant_method({"quantization_config": autoawq}) == "awq"
+    _roundtrip(awq_quantize(_weight(), 32), autoawq)  # exact only in groups of 32
+    assert quant.quant_method({"quantization_config": {**QCONFIGS["gptq"], "quant_method": "GPTQ"}}) == "gptq"
 
 
 def test_quantized_tensors_without_a_config_are_refused():

@@ -112,7 +112,8 @@ def _refuse(what: str) -> None:
 
 def _check_fp8(qcfg: dict[str, Any]) -> None:
     block = qcfg.get("weight_block_size")
-    if block is not None and (len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block)):
+    if block is not None and (not isinstance(block, list) or len(block) != 2
+                              or not all(type(b) is int and b > 0 for b in block)):  # True is an int too
         _refuse(f"fp8 weight_block_size={block!r} (expected two positive integers)")
 
 

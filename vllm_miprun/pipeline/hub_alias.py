@@ -179,7 +179,7 @@ def alias_problem(record, snapshot: SnapshotId, digests: dict[str, str | None]) 
     if not isinstance(record, dict) or record.get("format") != ALIAS_FORMAT:
         return f"not a JSON object with format={ALIAS_FORMAT!r}"
     version = record.get("format_version")
-    if not isinstance(version, int) or version > ALIAS_FORMAT_VERSION:
+    if type(version) is not int or not 1 <= version <= ALIAS_FORMAT_VERSION:  # True is an int too
         return f"format_version {version!r} is not one this vllm-miprun reads ({ALIAS_FORMAT_VERSION})"
     made_for = (record.get("repo_id"), record.get("commit"))
     if made_for != (snapshot.repo_id, snapshot.commit):

@@ -243,3 +243,11 @@ def test_a_cache_of_another_dtype_under_the_cpu_key_is_refused(tiny_llama_dir, t
     first.path.write_text(json.dumps(data))
     with pytest.raises(store.CacheError, match="calibrated in bfloat16, this run calibrates in float32 on cpu"):
         calibrate(tiny_llama_dir, SMALL, cache_dir=tmp_path, progress=False)
+    # a plan reads the cache without calibrating: the same check
+    from vllm_miprun.options import MiprunOptions
+    from vllm_miprun.pipeline.plan import make_plan
+
+    options = MiprunOptions.from_dict({"keep": 0.5, "method": "shortgpt", "samples": SMALL.samples,
+                                       "seq_len": SMALL.seq_len, "device": "cpu", "cache_dir": str(tmp_path)})
+    with pytest.raises(store.CacheError, match="calibrated in bfloat16, this run calibrates in float32 on cpu"):
+        make_plan(tiny_llama_dir, options, progress=False)

@@ -11,7 +11,7 @@ import torch
 
 from vllm_miprun.options import MiprunOptions
 from vllm_miprun.errors import OptionError
-from vllm_miprun.pipeline.child import ChildPlanError, needs_child, plan_in_child, rank_device
+from vllm_miprun.pipeline.child import ChildPlanError, heal_needs_child, needs_child, plan_in_child, rank_device
 from vllm_miprun.pipeline.plan import make_plan
 
 CALIBRATION = {"samples": 4, "seq_len": 32}
@@ -24,6 +24,8 @@ def test_only_cuda_planning_that_reads_the_model_needs_a_child():
     assert not needs_child(MiprunOptions(keep=0.5, device="cpu"))
     assert needs_child(MiprunOptions(keep=0.5, device="cuda:1"))
     assert not needs_child(MiprunOptions(drop="1-2", device="cuda"))  # named blocks: nothing is read
+    # a quality budget's validation passes read the model, whatever the method
+    assert needs_child(MiprunOptions(quality_budget=1.3, method="last", device="cuda"))
     # auto stands for cuda exactly when torch sees a GPU
     assert needs_child(MiprunOptions(keep=0.5, device="auto")) == torch.cuda.is_available()
 
@@ -31,6 +33,8 @@ def test_only_cuda_planning_that_reads_the_model_needs_a_child():
 def test_the_switch_forces_the_child_on_or_off(monkeypatch):
     monkeypatch.setenv("MIPRUN_PLAN_CHILD", "always")
     assert needs_child(MiprunOptions(keep=0.5, device="cpu"))
+    assert heal_needs_child(MiprunOptions(keep=0.5, heal="linear", device="cpu"))
+    assert not heal_needs_child(MiprunOptions(keep=0.5, device="cpu"))  # no heal: no fit to run anywhere
     monkeypatch.setenv("MIPRUN_PLAN_CHILD", "never")
     assert not needs_child(MiprunOptions(keep=0.5, device="cuda"))
     monkeypatch.setenv("MIPRUN_PLAN_CHILD", "sometimes")
@@ -74,6 +78,21 @@ def test_a_score_cache_hit_for_a_score_only_method_plans_without_a_child(tiny_ll
     assert make_plan(tiny_llama_dir, forward, progress=False).scores_source == "cache-hit"
 
 
+def test_a_stored_answer_covers_neither_protect_nor_a_quality_budget(tiny_llama_dir, tmp_path):
+    """The stored mi-prun answer for keep 0.75 has no protected blocks, and a quality budget's
+    validation passes are in no stored answer: both plan on CUDA, so in a child."""
+    options = MiprunOptions.from_dict({"keep": 0.75, "method": "mi-prun", "device": "cuda",
+                                       "cache_dir": str(tmp_path), **CALIBRATION})
+    make_plan(tiny_llama_dir, MiprunOptions.from_dict({**options_raw(options), "device": "cpu"}), progress=False)
+    _as_if_calibrated_on_cuda(tiny_llama_dir, options)
+    assert not needs_child(options, tiny_llama_dir)
+    assert needs_child(MiprunOptions.from_dict({**options_raw(options), "protect": "0"}), tiny_llama_dir)
+    budget = {key: value for key, value in options_raw(options).items() if key != "keep"}
+    for method in ("shortgpt", "mi-prun"):  # the scores are cached; the validation passes are not
+        assert needs_child(MiprunOptions.from_dict({**budget, "method": method, "quality_budget": 1.3}),
+                           tiny_llama_dir)
+
+
 def options_raw(options: MiprunOptions) -> dict:
     from vllm_miprun.pipeline.child import options_to_raw
 
@@ -104,6 +123,16 @@ def test_a_plan_made_in_the_child_is_the_plan_made_here(tiny_llama_dir, tmp_path
     here = make_plan(tiny_llama_dir, MiprunOptions.from_dict(
         {"keep": 0.75, "method": "shortgpt", "cache_dir": str(tmp_path / "here"), **CALIBRATION}), progress=False)
     assert child.kept == here.kept and child.scores_source == "computed"
+
+
+def test_the_child_plans_with_the_callers_config(tiny_llama_dir, tmp_path):
+    """hf_overrides reach the child: it plans 6 blocks, not the checkpoint's 8."""
+    import json
+
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    options = MiprunOptions.from_dict({"keep": 0.5, "method": "last", "cache_dir": str(tmp_path)})
+    plan = plan_in_child(tiny_llama_dir, options, {**config, "num_hidden_layers": 6})
+    assert (plan.num_blocks, plan.kept) == (6, (0, 1, 5))
 
 
 def test_cuda_planning_under_vllm_runs_in_a_child_and_leaves_cuda_alone(tiny_llama_dir, tmp_path):
@@ -146,7 +175,6 @@ def test_heal_maps_for_cuda_are_fitted_in_a_child(tiny_llama_dir, tmp_path):
 def test_stored_heal_maps_are_read_without_a_child(tiny_llama_dir, tmp_path):
     from dataclasses import replace
 
-    from vllm_miprun.pipeline.child import heal_needs_child
     from vllm_miprun.pipeline.heal import prepare_maps
 
     options = MiprunOptions.from_dict({"keep": 0.75, "heal": "linear", "device": "cuda",

@@ -67,9 +67,40 @@ def test_local_text_file_and_saved_dataset(tmp_path, tokenizer):
     text.write_text("First paragraph about cats.\n\nSecond paragraph about dogs.\n")
     assert corpora.load_documents(str(text))["text"] == ["First paragraph about cats.", "Second paragraph about dogs."]
     folder = tmp_path / "saved"
-    datasets.Dataset.from_dict({"text": ["alpha beta gamma " * 50, ""]}).save_to_disk(str(folder))
+    datasets.Dataset.from_dict({"text": ["alpha beta gamma " * 50, "", "   \n  "]}).save_to_disk(str(folder))
     assert len(corpora.load_documents(str(folder))) == 1
     assert corpora.sample_token_windows(tokenizer, str(folder), 2, 16, seed=0).shape == (2, 16)
+
+
+def test_documents_are_joined_by_the_eos_token(tokenizer, tmp_path):
+    path = tmp_path / "two.txt"
+    path.write_text("alpha beta\n\ngamma delta\n")
+    eos = tokenizer.eos_token_id
+    assert eos is not None and eos != tokenizer.bos_token_id  # else the test could not tell them apart
+    a, b = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("alpha beta", "gamma delta"))
+    window = corpora.sample_token_windows(tokenizer, str(path), 1, len(a) + 1 + len(b), seed=0)[0].tolist()
+    assert window in ([*a, eos, *b], [*b, eos, *a])
+
+
+def test_evaluation_reads_its_documents_in_order_whatever_the_seed(tokenizer):
+    first = corpora.split_documents("c4", "evaluation")[0]["text"]
+    windows = corpora.sample_token_windows(tokenizer, "c4", 1, 32, seed=0, part="evaluation")
+    assert windows[0].tolist() == tokenizer(first, add_special_tokens=False)["input_ids"][:32]
+    np.testing.assert_array_equal(corpora.sample_token_windows(tokenizer, "c4", 1, 32, seed=5, part="evaluation"),
+                                  windows)
+
+
+def test_validation_starts_at_the_document_after_calibrations_last(tokenizer, tmp_path):
+    """Calibration that ends exactly at a document's end (its EOS included) reads no further document."""
+    path = tmp_path / "docs.txt"
+    path.write_text("\n\n".join(["alpha beta", "gamma delta", "epsilon zeta", "eta theta", "iota kappa",
+                                  "lambda mu"]) + "\n")
+    docs = corpora.split_documents(str(path), "calibration")["text"]
+    order = np.random.default_rng(0).permutation(len(docs))  # calibration's seeded order
+    ids = [tokenizer(docs[int(i)], add_special_tokens=False)["input_ids"] for i in order]
+    exact = len(ids[0]) + 1 + len(ids[1]) + 1
+    validation = corpora.validation_token_windows(tokenizer, str(path), 1, exact, 0, 1, len(ids[2]))
+    assert validation[0].tolist() == ids[2]
 
 
 def test_unknown_name_and_foreign_folder(tmp_path):

@@ -105,6 +105,34 @@ def test_planner_predicts_what_the_benchmark_ideal_estimates(tiny_llama_dir, tmp
     assert plan.predicted_speedup > 1.0
 
 
+def test_a_plan_predicts_from_a_measured_profile_in_the_sidecar_or_the_score_cache(tiny_llama_dir, tmp_path):
+    """A score-free plan reads the weights' speed sidecar; a scored plan reads its score cache's profile."""
+    from vllm_miprun.core.profile_fit import make_profile
+    from vllm_miprun.options import MiprunOptions
+    from vllm_miprun.pipeline import store
+    from vllm_miprun.pipeline.calibrate import calibrate
+    from vllm_miprun.pipeline.plan import make_plan
+    from vllm_miprun.pipeline.speed_store import read_profile, store_speed
+
+    profile = make_profile(8, 1, [(8, 0.010), (4, 0.006)])
+    sidecar = tmp_path / "sidecar"
+    store_speed(tiny_llama_dir, sidecar, profile=profile)
+    plan = make_plan(tiny_llama_dir, MiprunOptions.from_dict({"keep": 0.5, "method": "last",
+                                                              "cache_dir": str(sidecar)}))
+    assert plan.latency_source == "profile"
+    assert plan.predicted_speedup == LatencyModel.from_profile(profile).speedup(plan.kept)
+
+    scored = tmp_path / "scored"
+    options = MiprunOptions.from_dict({"keep": 0.5, "method": "shortgpt", "samples": 4, "seq_len": 32,
+                                       "device": "cpu", "cache_dir": str(scored)})
+    path = calibrate(tiny_llama_dir, options.calibration, cache_dir=scored, progress=False).path
+    store.update_cache(path, lambda cache: setattr(cache, "profile", profile))
+    assert read_profile(tiny_llama_dir, scored) is None  # no sidecar here
+    plan = make_plan(tiny_llama_dir, options, progress=False)
+    assert plan.latency_source == "profile"
+    assert plan.predicted_speedup == LatencyModel.from_profile(profile).speedup(plan.kept)
+
+
 def test_flop_model_speedup_grows_and_is_bounded_by_the_ideal_form():
     model = LatencyModel.from_config(LLAMA_LIKE, batch_size=16)
     assert model.source == "flop-byte-estimate" and model.num_blocks == 30

@@ -345,6 +345,10 @@ def test_run_command_reports_user_errors_as_one_line(capsys):
         errors.run_command("vllm-miprun x", bug)
     assert errors.run_command("p", lambda: (_ for _ in ()).throw(RuntimeError("engine died")),
                               also=(RuntimeError,)) == 2
+    capsys.readouterr()
+    denied = PermissionError(13, "Permission denied", "/srv/scores")  # an unwritable cache folder, say
+    assert errors.run_command("p", lambda: (_ for _ in ()).throw(denied)) == 2
+    assert capsys.readouterr().err == "p: error: [Errno 13] Permission denied: '/srv/scores'\n"
 
 
 def test_every_error_class_is_a_miprun_error():

@@ -56,13 +56,16 @@ def test_missing_packaged_corpus_says_what_to_install(monkeypatch, tmp_path):
     assert "\n" not in str(info.value)
 
 
-def test_tampered_packaged_corpus_is_refused(monkeypatch, tmp_path):
+@pytest.mark.parametrize("tampered, message", [("other text", "SHA-256 differs"), ("not xz", "is corrupt")])
+def test_tampered_packaged_corpus_is_refused(monkeypatch, tmp_path, tampered, message):
     import lzma
 
-    (tmp_path / "c4.utf8.xz").write_bytes(lzma.compress(b"one document\nanother document\n"))
+    raw = lzma.compress(b"one document\nanother document\n") if tampered == "other text" else b"not xz at all"
+    (tmp_path / "c4.utf8.xz").write_bytes(raw)
     monkeypatch.setattr(bundled, "DATA_DIR", tmp_path)
-    with pytest.raises(corpora.CorpusError, match="SHA-256 differs"):
+    with pytest.raises(corpora.CorpusError, match=message) as info:
         corpora.load_documents("c4")
+    assert "\n" not in str(info.value)
 
 
 def test_cli_reports_missing_corpus_in_one_line(monkeypatch, tmp_path, tiny_llama_dir, capsys):

@@ -124,6 +124,34 @@ def test_store_and_read_speed_sidecar(tmp_path):
     assert speed_store.read_profile(model, cache_dir) is None
 
 
+def test_a_sidecar_profile_that_does_not_parse_is_not_read(tiny_llama_dir, tmp_path):
+    """Planning then falls back to the estimate instead of failing on it."""
+    speed_store.store_speed(tiny_llama_dir, tmp_path, profile={"batch_size": 1, "fixed_s": 0.1, "block_s": "fast"})
+    assert speed_store.read_speed(tiny_llama_dir, tmp_path)["profile"]["block_s"] == "fast"
+    assert speed_store.read_profile(tiny_llama_dir, tmp_path) is None
+
+
+def test_store_speed_writes_the_profile_into_the_score_caches_of_these_weights_only(tiny_llama_dir, tiny_qwen2_dir,
+                                                                                      tmp_path):
+    """Two models in folders of the same name share a cache-file prefix; only this model's cache changes."""
+    import shutil
+
+    from vllm_miprun.options import CalibrationSettings
+    from vllm_miprun.pipeline import store
+    from vllm_miprun.pipeline.calibrate import calibrate
+
+    cache_dir, settings = tmp_path / "scores", CalibrationSettings(samples=2, seq_len=16)
+    mine, other = shutil.copytree(tiny_llama_dir, tmp_path / "a" / "m"), shutil.copytree(tiny_qwen2_dir,
+                                                                                           tmp_path / "b" / "m")
+    own = calibrate(mine, settings, cache_dir=cache_dir, progress=False).path
+    foreign = calibrate(other, settings, cache_dir=cache_dir, progress=False).path
+    prof = profile_fit.make_profile(8, 1, [(8, 0.010), (4, 0.006)])
+    written = speed_store.store_speed(mine, cache_dir, profile=prof)
+    assert str(own) in written and str(foreign) not in written
+    assert store.read_cache(own).profile == prof
+    assert not store.read_cache(foreign).profile
+
+
 def test_profile_main_rejects_bad_keeps(capsys):
     with pytest.raises(SystemExit) as exit_:
         profile.profile_main(["/nonexistent", "--keeps", "1.0"])

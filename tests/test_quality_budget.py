@@ -162,6 +162,11 @@ def test_quality_plan_is_within_budget_and_one_more_block_is_not(tiny_llama_dir,
     assert _transformers_ratio(tiny_llama_dir, base, plan.kept) == pytest.approx(plan.quality_ppl_ratio, rel=1e-4)
 
 
+def test_a_loose_budget_with_protect_prunes_every_unprotected_block(tiny_llama_dir, tmp_path):
+    plan = make_plan(tiny_llama_dir, _options(tmp_path, method="last", quality_budget=1e9, protect="0,1"))
+    assert plan.binding_target == "quality_budget" and plan.kept == (0, 1)
+
+
 def test_with_a_latency_budget_the_binding_target_is_reported(tiny_llama_dir, tmp_path):
     fast = make_plan(tiny_llama_dir, _options(tmp_path, method="last", latency_budget="0.95"), measure_quality=True)
     assert fast.binding_target == "latency_budget" and len(fast.pruned) == 7

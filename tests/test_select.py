@@ -552,3 +552,39 @@ def test_baselines_refuse_scores_that_are_not_finite():
 def test_a_score_vector_for_another_model_is_refused():
     with pytest.raises(ValueError, match="5 rows but 4 blocks need 4"):
         select("shortgpt", 4, 1, block_influence=[0.1] * 5)
+
+
+# --------------------------------------------------------------------------- make_plan's checks
+
+
+def _plan_options(tmp_path, **extra):
+    from vllm_miprun.options import MiprunOptions
+
+    return MiprunOptions.from_dict({"samples": 4, "seq_len": 32, "device": "cpu", "cache_dir": str(tmp_path),
+                                    **extra})
+
+
+def test_a_plans_keep_ratio_counts_the_kept_blocks(tiny_llama_dir, tmp_path):
+    from vllm_miprun.pipeline.plan import make_plan
+
+    plan = make_plan(tiny_llama_dir, _plan_options(tmp_path, keep=0.75, method="last"))
+    assert (len(plan.kept), plan.keep_ratio) == (6, 0.75)
+
+
+def test_a_config_override_of_the_block_count_is_checked(tiny_llama_dir, tmp_path):
+    """hf_overrides can change num_hidden_layers: zero is refused in one line, and a score cache
+    of the checkpoint's 8 blocks is refused for 6 instead of planning from the wrong scores."""
+    import json
+
+    from vllm_miprun.options import OptionError
+    from vllm_miprun.pipeline.plan import make_plan
+    from vllm_miprun.pipeline.store import CacheError
+
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    with pytest.raises(OptionError, match="num_hidden_layers as a positive integer, got 0"):
+        make_plan(tiny_llama_dir, _plan_options(tmp_path, keep=0.5, method="last"),
+                  hf_config={**config, "num_hidden_layers": 0})
+    options = _plan_options(tmp_path, keep=0.5, method="shortgpt")
+    make_plan(tiny_llama_dir, options, progress=False)
+    with pytest.raises(CacheError, match="scores 8 blocks but the model has 6"):
+        make_plan(tiny_llama_dir, options, hf_config={**config, "num_hidden_layers": 6}, progress=False)

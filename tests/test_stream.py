@@ -63,6 +63,23 @@ def test_budget_keeps_later_blocks_and_never_exceeds_max_memory():
         stream.ResidentBudget(-1)
 
 
+def test_budget_takes_a_block_that_fits_exactly():
+    assert stream.ResidentBudget(100).admit(0, 100) == (True, [])
+    budget = stream.ResidentBudget(200)
+    budget.admit(0, 100), budget.admit(1, 100)
+    assert budget.admit(2, 100) == (True, [0])  # one block released, not two
+    assert sorted(budget.sizes) == [1, 2]
+
+
+def test_default_budget_on_a_gpu_is_its_free_memory_less_the_margin_and_never_negative(monkeypatch):
+    """A GPU with less free memory than the margin keeps no block resident (a negative budget is refused)."""
+    total = 80 << 30
+    margin = stream.DEVICE_MARGIN_BYTES + stream.DEVICE_MARGIN_FRACTION * total
+    for free, expected in ((1 << 30, 0), (60 << 30, int((60 << 30) - margin))):
+        monkeypatch.setattr(stream.torch.cuda, "mem_get_info", lambda device=None, free=free: (free, total))
+        assert stream.default_max_memory("cuda") == expected
+
+
 def test_compute_dtype_keeps_the_checkpoint_dtype_off_the_cpu(monkeypatch):
     def starts_cuda(*_args, **_kwargs):
         raise AssertionError("compute_dtype asked the GPU, which starts CUDA in vLLM's front process")

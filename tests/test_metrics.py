@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -115,16 +116,75 @@ def test_window_ignores_steps_that_repeat_or_go_back_in_time():
     assert window.rate(now=11.0) == pytest.approx(8 / 1.0)
 
 
-def test_publish_writes_plan_and_load_reports(tmp_path, monkeypatch):
-    monkeypatch.setenv(reports.RUN_DIR_ENV, str(tmp_path))
+def test_publish_writes_plan_and_load_reports(run_folder):
+    tmp_path = run_folder
     reports.publish({"kept": [0, 1, 3], "num_blocks": 4, "predicted_speedup": 1.3, "scores_source": "computed"})
-    time.sleep(0.01)
-    reports.publish({"kept": [0, 1, 3], "num_blocks": 4, "load_seconds": 0.5})
+    reports.publish({"kept": [0, 1, 3], "num_blocks": 4, "load_seconds": 0.5, "kv_layouts": {"v": 1}})
     plan, seconds = reports.read_reports([0, 1, 3])
     assert plan["scores_source"] == "computed" and seconds == 0.5
-    assert (tmp_path / reports.PLAN_FILE).is_file()
-    assert (tmp_path / f"{reports.LOAD_PREFIX}{os.getpid()}.json").is_file()
+    assert "planned_at" in json.loads((tmp_path / reports.PLAN_FILE).read_text())
+    assert "loaded_at" in json.loads((tmp_path / f"{reports.LOAD_PREFIX}{os.getpid()}.json").read_text())
+    assert reports.read_kv_layouts([0, 1, 3]) == {"v": 1}
     assert reports.read_reports([0, 1, 2]) == (None, None)  # another engine's reports
+
+
+def test_a_report_that_cannot_be_written_is_named_in_one_warning(run_folder, monkeypatch):
+    """Metrics never stop a load; the warning says which report was lost."""
+    warned = []
+    monkeypatch.setattr(reports.logger, "warning", lambda message, *args: warned.append(message % args))
+    not_a_folder = run_folder / "file"
+    not_a_folder.write_text("")
+    reports.publish({"kept": [0], "num_blocks": 2}, folder=not_a_folder)
+    reports.publish({"kept": [0], "num_blocks": 2, "load_seconds": 1.0}, folder=not_a_folder)
+    assert [line.split(":")[1].strip() for line in warned] == ["could not publish the plan report",
+                                                              "could not publish the load report"], warned
+
+
+@pytest.fixture
+def run_folder(tmp_path, monkeypatch):
+    """A run folder for reports written by hand; this process has published none."""
+    monkeypatch.setenv(reports.RUN_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(reports, "_published", {})
+    return tmp_path
+
+
+def _write(folder: Path, name: str, report: dict) -> None:
+    (folder / name).write_text(json.dumps(report))
+
+
+def test_load_seconds_are_the_slowest_workers_since_the_plan(run_folder):
+    kept = [0, 1, 3]
+    _write(run_folder, reports.PLAN_FILE, {"kept": kept, "planned_at": 100.0})
+    _write(run_folder, "load-1.json", {"kept": kept, "load_seconds": 9.0, "loaded_at": 99.0})  # before the plan
+    _write(run_folder, "load-2.json", {"kept": kept, "load_seconds": 2.0, "loaded_at": 101.0})
+    _write(run_folder, "load-3.json", {"kept": kept, "load_seconds": 3.0, "loaded_at": 102.0})
+    _write(run_folder, "load-4.json", {"kept": [0, 1, 2], "load_seconds": 7.0, "loaded_at": 103.0})  # another engine
+    plan, seconds = reports.read_reports(kept)
+    assert plan["planned_at"] == 100.0 and seconds == 3.0
+
+
+def test_kv_layouts_come_from_the_newest_report_that_has_them(run_folder):
+    kept = [0, 1, 3]
+    _write(run_folder, reports.PLAN_FILE, {"kept": kept, "planned_at": 100.0})
+    for name, loaded_at, layouts, of in [("load-1.json", 99.0, {"v": "stale"}, kept),  # before the plan
+                                         ("load-2.json", 101.0, {"v": "old"}, kept),
+                                         ("load-3.json", 104.0, None, kept),  # newest, but without layouts
+                                         ("load-4.json", 105.0, {"v": "other"}, [0, 1, 2])]:
+        _write(run_folder, name, {"kept": of, "load_seconds": 1.0, "loaded_at": loaded_at, "kv_layouts": layouts})
+    reports._published["load"] = {"kept": kept, "load_seconds": 1.0, "loaded_at": 103.0, "kv_layouts": {"v": "new"}}
+    assert reports.read_kv_layouts(kept) == {"v": "new"}
+
+
+def test_a_run_folder_that_is_gone_is_not_used(tmp_path, monkeypatch):
+    """A stale MIPRUN_RUN_DIR (its run ended): a new folder is made, not writes that fail."""
+    monkeypatch.setenv(reports.RUN_DIR_ENV, str(tmp_path / "gone"))
+    monkeypatch.setattr(reports, "_created_run_dir", None)
+    assert reports.run_dir() is None
+    made = reports.run_dir(create=True)
+    try:
+        assert made.is_dir() and made != tmp_path / "gone"
+    finally:
+        shutil.rmtree(made)
 
 
 def test_every_metric_has_help_text():

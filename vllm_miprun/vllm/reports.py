@@ -69,8 +69,8 @@ def publish(report: dict[str, Any], folder: Path | None = None) -> None:
     its config), else :func:`run_dir`'s. Never raises: metrics must not stop a model
     from loading.
     """
+    kind = "load" if "load_seconds" in report else "plan"
     try:
-        kind = "load" if "load_seconds" in report else "plan"
         stamp = "loaded_at" if kind == "load" else "planned_at"
         data = {**report, stamp: time.time(), "pid": os.getpid()}
         with _lock:
@@ -82,7 +82,7 @@ def publish(report: dict[str, Any], folder: Path | None = None) -> None:
         name = PLAN_FILE if kind == "plan" else f"{LOAD_PREFIX}{os.getpid()}.json"
         _write_json(folder / name, data)
     except Exception as err:  # noqa: BLE001 - metrics are best effort
-        logger.warning("miprun metrics: could not publish the %s report: %s", report.keys(), err)
+        logger.warning("miprun metrics: could not publish the %s report: %s", kind, err)
 
 
 def read_reports(kept: list[int]) -> tuple[dict[str, Any] | None, float | None]:

@@ -51,12 +51,20 @@ def test_flags_become_extra_config_and_imply_miprun(serve_parser, tiny_llama_dir
     assert args.hf_overrides["num_hidden_layers"] == 4
 
 
-@pytest.mark.parametrize("load_format", ["MIPRUN", "MiPrun", "AUTO"])
-def test_flags_take_the_load_format_in_any_case_as_vllm_does(serve_parser, tiny_llama_dir, load_format):
-    """vLLM lower-cases --load-format, so `MIPRUN` or `AUTO` with --miprun-* flags is miprun."""
-    args = _engine_args(serve_parser, "--model", str(tiny_llama_dir), "--load-format", load_format,
-                        "--miprun-keep", "0.5", "--miprun-method", "last")
-    assert args.load_format == "miprun"
+FLAGS_HALF = ["--miprun-keep", "0.5", "--miprun-method", "last"]
+
+
+@pytest.mark.parametrize("load_format, options", [
+    ("MIPRUN", FLAGS_HALF),
+    ("MiPrun", FLAGS_HALF),
+    ("AUTO", FLAGS_HALF),
+    ("MiPrun", ["--model-loader-extra-config", '{"keep": 0.5, "method": "last"}']),
+], ids=["MIPRUN-flags", "MiPrun-flags", "AUTO-flags", "MiPrun-extra-config"])
+def test_flags_take_the_load_format_in_any_case_as_vllm_does(serve_parser, tiny_llama_dir, load_format, options):
+    """vLLM lower-cases --load-format, so `MIPRUN` or `AUTO` with --miprun-* flags is miprun,
+    and `MiPrun` with no flag is planned in the front process all the same."""
+    args = _engine_args(serve_parser, "--model", str(tiny_llama_dir), "--load-format", load_format, *options)
+    assert args.load_format.lower() == "miprun"
     assert args.hf_overrides[remap.KEPT_FIELD] == [0, 1, 2, 7]
 
 
@@ -68,9 +76,10 @@ def test_every_table_option_is_a_serve_flag(serve_parser):
                for row in OPTIONS)
 
 
-def test_drop_flag_prunes_exactly_those_blocks(serve_parser, tiny_llama_dir):
+@pytest.mark.parametrize("extra", ['{"drop": [1, 2, 5]}', '{"drop": "1,2,5"}'])
+def test_drop_flag_prunes_exactly_those_blocks(serve_parser, tiny_llama_dir, extra):
     args = _engine_args(serve_parser, "--model", str(tiny_llama_dir), "--miprun-drop", "1-2,5",
-                        "--model-loader-extra-config", '{"drop": [1, 2, 5]}')  # same blocks: no conflict
+                        "--model-loader-extra-config", extra)  # same blocks, compared parsed: no conflict
     assert args.load_format == "miprun"
     assert _given(args.model_loader_extra_config) == {"drop": [1, 2, 5]}
     assert args.hf_overrides[remap.KEPT_FIELD] == [0, 3, 4, 6, 7]
@@ -123,6 +132,32 @@ def test_python_api_path_raises_option_error_before_engine(tiny_llama_dir, tmp_p
     assert "--miprun-" not in str(err.value), str(err.value)
 
 
+def test_the_users_hf_overrides_stay_and_the_plans_fields_win(tiny_llama_dir):
+    """rope_theta is the user's; num_hidden_layers is the plan's, whatever the user gave."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_miprun.vllm.engine_args import prepare_engine_args
+
+    args = EngineArgs(model=str(tiny_llama_dir), load_format="miprun",
+                      model_loader_extra_config={"keep": 0.5, "method": "last"},
+                      hf_overrides={"rope_theta": 123.0, "num_hidden_layers": 8})
+    prepare_engine_args(args)
+    assert args.hf_overrides["rope_theta"] == 123.0
+    assert args.hf_overrides["num_hidden_layers"] == 4 and args.hf_overrides[remap.KEPT_FIELD] == [0, 1, 2, 7]
+
+
+def test_a_callable_hf_overrides_is_refused_in_one_line(tiny_llama_dir):
+    """The pruned fields cannot be merged into a function: refused, not a TypeError."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_miprun.vllm.engine_args import prepare_engine_args
+
+    args = EngineArgs(model=str(tiny_llama_dir), load_format="miprun",
+                      model_loader_extra_config={"keep": 0.5, "method": "last"}, hf_overrides=lambda config: config)
+    with pytest.raises(OptionError, match="callable hf_overrides"):
+        prepare_engine_args(args)
+
+
 def test_model_hash_tells_kept_sets_of_equal_size_apart(tiny_llama_dir):
     """vLLM's compile-cache key (ModelConfig.compute_hash) covers miprun_kept_layers."""
     import json
@@ -163,6 +198,16 @@ def _exit_message(parser, model_dir, *flags) -> str:
 def test_cache_for_other_weights_exits_with_one_line(serve_parser, tiny_llama_dir, foreign_cache):
     message = _exit_message(serve_parser, tiny_llama_dir, "--miprun-keep", "0.75", "--miprun-scores", str(foreign_cache))
     assert "belongs to other weights" in message
+
+
+def test_a_malformed_config_json_exits_with_one_line(serve_parser, tiny_llama_dir, tmp_path):
+    """A JSONDecodeError is no MiprunError, but still the user's file: no traceback."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_llama_dir, broken)
+    (broken / "config.json").write_text("{")
+    _exit_message(serve_parser, broken, *FLAGS_HALF)
 
 
 def test_missing_cache_with_require_cache_exits_with_one_line(serve_parser, tiny_llama_dir, tmp_path):

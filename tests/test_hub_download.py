@@ -39,17 +39,19 @@ def _engine_args(hub, **extra) -> EngineArgs:
                       ignore_patterns=list(IGNORE), model_loader_extra_config=extra)
 
 
-def test_score_free_plan_downloads_only_the_kept_blocks_shards(hub):
-    args = _engine_args(hub, keep=0.5, method="last")
+@pytest.mark.parametrize("target", [{"keep": 0.5, "method": "last"}, {"drop": [3, 4, 5, 6]}],
+                         ids=["method-last", "drop-list"])
+def test_score_free_plan_downloads_only_the_kept_blocks_shards(hub, target):
+    """A drop list needs no scores whatever the method: no shard of a dropped block is fetched."""
+    args = _engine_args(hub, **target)
     prepare_engine_args(args)
 
     kept = args.hf_overrides[remap.KEPT_FIELD]
+    assert kept == [0, 1, 2, 7]
     wanted = expected_shards(hub.weight_map, kept)
     all_shards = sorted(set(hub.weight_map.values()))
     assert len(wanted) < len(all_shards), "the plan must leave at least one shard unneeded"
-    metadata, shards = hub.downloads()
-    assert metadata == model_files.METADATA_PATTERNS
-    assert shards == wanted
+    assert hub.downloads() == [model_files.METADATA_PATTERNS, wanted]  # no download of every shard first
     for call in hub.calls:  # every call carries the engine's revision, folder and ignore patterns
         assert (call["revision"], call["cache_dir"], call["ignore_patterns"]) == ("v1", hub.download_dir, IGNORE)
     folder = hub.snapshot_folder(hub.download_dir, "v1")
@@ -64,6 +66,31 @@ def test_plan_that_needs_scores_downloads_every_shard_first(hub):
     assert [c["call"] for c in hub.calls] == ["snapshot_download", "ls", "hf_hub_download", "snapshot_download"]
     assert hub.calls[2]["filename"] == "model.safetensors.index.json"
     assert sorted(hub.downloads()[1]) == sorted(set(hub.weight_map.values()))
+    for call in hub.calls[0], hub.calls[3]:  # the full download too keeps the engine's settings
+        assert (call["revision"], call["ignore_patterns"]) == ("v1", IGNORE)
+
+
+def test_heal_downloads_every_shard_even_for_a_score_free_plan(hub):
+    """heal=linear fits on every block's calibration states, pruned blocks included."""
+    prepare_engine_args(_engine_args(hub, keep=0.5, method="last", heal="linear", samples=4, seq_len=32))
+    folder = hub.snapshot_folder(hub.download_dir, "v1")
+    assert sorted(p.name for p in folder.glob("*.safetensors")) == sorted(set(hub.weight_map.values()))
+
+
+def test_a_damaged_shard_fetched_from_the_hub_is_refused_before_the_engine(hub):
+    wanted = expected_shards(hub.weight_map, [0, 1, 2, 7])
+    shard = hub.repo / wanted[-1]  # a kept block's shard: fetched after the plan
+    shard.write_bytes(shard.read_bytes()[:-16])
+    with pytest.raises(ModelFolderError, match=wanted[-1]):
+        prepare_engine_args(_engine_args(hub, keep=0.5, method="last"))
+
+
+def test_ignore_patterns_given_as_one_string_stay_one_pattern():
+    """``LLM(ignore_patterns="original/**/*")``: one pattern, not one per character."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(model=REPO_ID, revision=None, download_dir=None, ignore_patterns="original/**/*")
+    assert model_files.ModelSource.from_engine_args(args).ignore_patterns == ("original/**/*",)
 
 
 def test_offline_reads_the_cache_and_names_a_missing_shard(hub, monkeypatch):
@@ -123,13 +150,26 @@ def test_worker_finds_the_front_process_folder(hub, monkeypatch):
     assert needed == expected_shards(hub.weight_map, kept) and never
     total = json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     assert model_files.index_total_bytes(folder) == total
+    _, read, skipped = model_files.plan_kept_reads(folder, kept)  # the never-fetched shards count as skipped
+    assert read + skipped == total and 0 < read < total
 
 
-def test_local_folder_is_never_fetched(hub, tiny_llama_dir):
+def test_local_folder_is_never_fetched(hub, tiny_llama_dir, monkeypatch):
+    from vllm_miprun.pipeline.hub_alias import MissingWeightsError
+
     args = EngineArgs(model=str(tiny_llama_dir), load_format="miprun",
                       model_loader_extra_config={"keep": 0.5, "method": "last"})
     prepare_engine_args(args)
     assert hub.calls == []
+
+    # a plan that turns out to need weights the folder lacks: the error stands, nothing is fetched
+    monkeypatch.setattr(model_files, "fetch_all_weights", lambda source: pytest.fail("fetched a local folder"))
+
+    def plan_for(folder):
+        raise MissingWeightsError("needs block 3")
+
+    with pytest.raises(MissingWeightsError, match="needs block 3"):
+        model_files.plan_or_fetch_all(model_files.ModelSource(str(tiny_llama_dir)), tiny_llama_dir, plan_for)
 
 
 
@@ -155,7 +195,7 @@ def test_plan_source_times_the_plan_and_applies_flat_overrides(tiny_llama_dir):
     assert planned.plan.kept == [0, 1] and 0.05 <= planned.plan_seconds < 5
 
 
-def test_layers_past_the_stack_are_always_fetched(tmp_path):
+def test_layers_past_the_stack_are_always_fetched(tmp_path, tiny_llama_dir):
     """DeepSeek-V3 keeps its multi-token-prediction layer at index num_hidden_layers. It is
     no block of the stack, so pruning never drops its shard: an MTP draft reads it."""
     (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 4}))
@@ -167,6 +207,8 @@ def test_layers_past_the_stack_are_always_fetched(tmp_path):
     assert needed == ["model-00001-of-00005.safetensors", "model-00002-of-00005.safetensors",
                       "model-00005-of-00005.safetensors"]
     assert never == ["model-00003-of-00005.safetensors", "model-00004-of-00005.safetensors"]
+    # one file holds the stack and what is outside it: an MTP draft reads it whole
+    assert model_files.fetch_outside_stack(model_files.ModelSource(str(tiny_llama_dir))) is None
 
 
 def _with_a_layer_past_the_stack(hub) -> tuple[str, list[str]]:

@@ -104,7 +104,9 @@ def test_existing_model_mapper_is_kept_and_applied_after_renumbering(tmp_path):
     write_adapter(tmp_path / "adapter")
     model = _Model()
     model.hf_to_vllm_mapper = WeightsMapper(orig_to_new_prefix={"model.": "language_model.model."})
+    model.lora_skip_prefixes = ["visual."]  # a multimodal model's own: kept, the pruned blocks' added
     lora_and_draft.route_lora_to_kept_blocks(model, [0, 2, 5], NUM_BLOCKS)
+    assert model.lora_skip_prefixes == ["visual.", *(f"model.layers.{i}." for i in (1, 3, 4, 6, 7))]
     lora = _read_adapter(tmp_path / "adapter", model)
     assert sorted({name.rsplit(".", 2)[0] for name in lora.loras}) == [
         "language_model.model.layers.0", "language_model.model.layers.1", "language_model.model.layers.2"]
@@ -127,6 +129,31 @@ def test_eagle3_depths_follow_the_kept_blocks_and_refuse_merged_depths():
     assert lora_and_draft.eagle3_depths(kept, 10, (0, 4, 10)) == (0, 4, 7)
     with pytest.raises(OptionError, match=r"after blocks \[4, 6\].*blocks \[4, 5, 6\] pruned.*depths \[4, 4\]"):
         lora_and_draft.eagle3_depths(kept, 10, (4, 6))  # both inside the pruned run: one state
+
+    # the target's hooks: its setter takes full-model depths, its default is the full model's
+    got = []
+    model = SimpleNamespace(set_aux_hidden_state_layers=got.append)
+    lora_and_draft.route_eagle3_to_kept_blocks(model, kept, 10)
+    assert model.get_eagle3_default_aux_hidden_state_layers() == (2, 5, 7)  # (2, L // 2, L - 3) of L = 10
+    model.set_aux_hidden_state_layers((2, 5, 8))
+    assert got == [(2, 4, 5)]
+
+
+def test_an_mtp_draft_is_built_from_its_own_config(monkeypatch):
+    """vLLM builds an MTP draft from vllm_config.model_config: the pruned target's, unless replaced."""
+    seen = {}
+
+    class RecordingLoader:
+        def load_model(self, vllm_config, model_config, prefix):
+            seen["config"] = vllm_config.model_config
+            return "draft"
+
+    monkeypatch.setattr(lora_and_draft, "draft_loader", lambda load_config, model_config: RecordingLoader())
+    target = SimpleNamespace(model="target")
+    vllm_config = SimpleNamespace(model_config=target)
+    draft = SimpleNamespace(model="draft", hf_config=SimpleNamespace(model_type="deepseek_mtp"))
+    assert lora_and_draft.load_draft_unpruned(None, vllm_config, draft) == "draft"
+    assert seen["config"] is draft and vllm_config.model_config is target  # the caller's config untouched
 
 
 def test_draft_is_recognised_and_gets_the_default_loader():

@@ -72,6 +72,16 @@ def test_workers_take_the_folders_from_the_config_not_their_environment(tiny_lla
     assert report["load_seconds"] == 0.25 and report["kept"] == KEPT_HALF
 
 
+def test_a_carried_run_folder_this_node_lacks_is_not_used(tmp_path):
+    """A worker on another node keeps its load report in-process, with no warning per load."""
+    from vllm_miprun.options import RUN_DIR_KEY
+    from vllm_miprun.vllm import worker_paths
+
+    assert worker_paths.carried_run_dir({RUN_DIR_KEY: str(tmp_path)}) == tmp_path
+    assert worker_paths.carried_run_dir({RUN_DIR_KEY: str(tmp_path / "elsewhere")}) is None
+    assert worker_paths.carried_run_dir(None) is None
+
+
 def test_carried_keys_are_not_user_options():
     assert MiprunOptions.from_dict({**KEEP_HALF, "run_dir": "/somewhere"}).keep == 0.5
     with pytest.raises(Exception, match="unknown miprun option"):

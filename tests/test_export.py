@@ -56,3 +56,34 @@ def test_export_main_reports_bad_keep_without_writing(tiny_llama_dir, tmp_path, 
     assert exit_.value.code == 2
     assert "keep must be a number" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_export_command_folds_the_heal_maps_it_fits(tiny_llama_dir, tmp_path):
+    """``vllm-miprun export --heal linear`` writes the healed model: the maps it fits (and
+    stores) are folded in, so it differs from the unhealed export of the same plan."""
+    from safetensors.torch import load_file
+
+    common = ["--keep", "0.5", "--method", "last", "--samples", "4", "--seq-len", "32",
+              "--cache-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    assert export_main([str(tiny_llama_dir), str(tmp_path / "plain"), *common]) == 0
+    assert export_main([str(tiny_llama_dir), str(tmp_path / "healed"), *common, "--heal", "linear"]) == 0
+    assert list((tmp_path / "cache").glob("*-heal-*.safetensors"))
+    plain = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    healed = load_file(str(tmp_path / "healed" / "model.safetensors"))
+    assert plain.keys() == healed.keys()
+    changed = sorted(name for name in plain if not torch.equal(plain[name], healed[name]))
+    assert changed and all("down_proj" in name or "embed_tokens" in name for name in changed)
+
+
+def test_export_renumbers_the_quantization_config(tiny_llama_dir, tmp_path):
+    """A rule naming full-model block 7 names block 3 of the exported 4-block model."""
+    from test_quantization import QCONFIGS, write_quantized_checkpoint
+
+    qcfg = dict(QCONFIGS["gptq"], dynamic={r"-:model\.layers\.7\..*": {}})
+    model = tmp_path / "gptq"
+    write_quantized_checkpoint(tiny_llama_dir, model, "gptq", qcfg, float_blocks=(7,))
+    plan = _plan(model)
+    assert list(plan.kept) == [0, 1, 2, 7]
+    out = export_pruned(model, tmp_path / "pruned", plan)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["dynamic"] == {r"-:model\.layers\.3\..*": {}}

@@ -41,14 +41,14 @@ def _explicit_model(model_dir, maps):
     return model
 
 
-def _folded_model(model_dir, maps):
+def _folded_model(model_dir, maps, kept=KEPT):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(**remap.remap_config(checkpoint.read_config(model_dir), KEPT))
+    config = AutoConfig.for_model(**remap.remap_config(checkpoint.read_config(model_dir), kept))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     files = checkpoint.safetensors_files(model_dir)
     site = heal.heal_site(checkpoint.read_config(model_dir))
-    state = dict(heal.fold_stream(weights.iter_kept_weights(files, KEPT), maps, KEPT, site))
+    state = dict(heal.fold_stream(weights.iter_kept_weights(files, kept), maps, kept, site))
     model.load_state_dict(state, strict=True)
     return model
 
@@ -315,3 +315,102 @@ def test_every_family_folds_its_map_where_the_fit_caught_it(arch, family_model):
     if 1 not in dense:  # an MoE block or another MLP layout before the run: refused by name
         with pytest.raises(heal.HealError, match="mlp.down_proj"):
             heal.check_foldable([0, 1, 3], 4, names, tied=True, site=site)
+
+
+def test_a_tied_config_leaves_the_run_at_block_zero_unhealed_even_with_lm_head_stored(tiny_llama_dir, tmp_path):
+    """``tie_word_embeddings`` ties the embedding to the LM head even where the checkpoint also
+    stores ``lm_head.weight``: folding a map into the embedding would change the head too."""
+    tied = tmp_path / "tied"
+    shutil.copytree(tiny_llama_dir, tied)
+    config = json.loads((tied / "config.json").read_text())
+    (tied / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    assert "lm_head.weight" in checkpoint.tensor_names(tied)
+    starts, _, _ = heal.maps_request(tied, _options(tmp_path), KEPT, NUM_BLOCKS)
+    assert starts == [3, 7]
+    untied_starts, _, _ = heal.maps_request(tiny_llama_dir, _options(tmp_path), KEPT, NUM_BLOCKS)
+    assert untied_starts == [0, 3, 7]
+
+
+def test_distillation_loss_is_the_kl_of_the_folded_model(tiny_llama_dir):
+    """``HealedKL`` (what distillation minimises) is ``KL(p_full || p_pruned)`` of the model the
+    loader builds with these maps folded in, at every position but the last, in nats."""
+    ids = torch.randint(3, 500, (3, 16), generator=torch.Generator().manual_seed(0))
+    maps = _random_maps(_hf(tiny_llama_dir).config.hidden_size, [0, 3, 7], seed=1)
+    objective = heal_fit.HealedKL(tiny_llama_dir, ids, KEPT, sorted(maps))
+    full = torch.log_softmax(_logits(_hf(tiny_llama_dir), ids)[:, :-1], -1)
+    pruned = torch.log_softmax(_logits(_folded_model(tiny_llama_dir, maps), ids)[:, :-1], -1)
+    expected = float((full.exp() * (full - pruned)).sum(-1).mean())
+    assert float(objective(maps)) == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert float(objective({})) == pytest.approx(
+        float((full.exp() * (full - torch.log_softmax(_logits(_folded_model(tiny_llama_dir, {}), ids)[:, :-1], -1)))
+              .sum(-1).mean()), rel=1e-4, abs=1e-6)
+    kept = [0, 1, 2, 5, 6]  # maps at 3 and 7 only: the stream before block 2 is the full model's
+    inner = {s: maps[s] for s in (3, 7)}
+    pruned = torch.log_softmax(_logits(_folded_model(tiny_llama_dir, inner, kept), ids)[:, :-1], -1)
+    expected = float((full.exp() * (full - pruned)).sum(-1).mean())
+    assert float(heal_fit.HealedKL(tiny_llama_dir, ids, kept, [3, 7])(inner)) == pytest.approx(expected, rel=1e-4,
+                                                                                                 abs=1e-6)
+
+
+def test_distillation_loss_counts_an_unhealed_pruned_run_before_the_first_map(tiny_llama_dir):
+    """With a tied embedding the run at block 0 stays unhealed, so the maps start at 3 and 7.
+    The loss must still be the served model's: started from the full model's stream at block 2
+    (past pruned block 0), it was another model's (0.30 nats against the served model's 0.81)."""
+    ids = torch.randint(3, 500, (3, 16), generator=torch.Generator().manual_seed(0))
+    maps = _random_maps(_hf(tiny_llama_dir).config.hidden_size, [3, 7], seed=1)
+    objective = heal_fit.HealedKL(tiny_llama_dir, ids, KEPT, sorted(maps))
+    full = torch.log_softmax(_logits(_hf(tiny_llama_dir), ids)[:, :-1], -1)
+    pruned = torch.log_softmax(_logits(_folded_model(tiny_llama_dir, maps), ids)[:, :-1], -1)
+    served = float((full.exp() * (full - pruned)).sum(-1).mean())
+    assert float(objective(maps)) == pytest.approx(served, rel=1e-4, abs=1e-6)
+
+
+def test_fold_stream_refuses_a_checkpoint_without_the_tensors_its_maps_target():
+    """A whole checkpoint (``complete``) whose fold target never comes, or whose FP8 target
+    weight comes without its scale, is refused; a partial weight push is not."""
+    site = HealSite()
+    eye = {3: torch.eye(4)}  # folds into block 2, which is kept block 1 of KEPT
+    stream = [("model.embed_tokens.weight", torch.ones(8, 4)), ("model.layers.0.mlp.down_proj.weight", torch.ones(4, 6))]
+    with pytest.raises(heal.HealError, match="never came"):
+        list(heal.fold_stream(iter(stream), eye, KEPT, site))
+    assert [name for name, _ in heal.fold_stream(iter(stream), eye, KEPT, site, complete=False)] == [
+        name for name, _ in stream]
+    fp8 = [("model.layers.1.mlp.down_proj.weight", torch.ones(4, 6).to(torch.float8_e4m3fn))]  # no weight_scale
+    with pytest.raises(heal.HealError, match="never came"):
+        list(heal.fold_stream(iter(fp8), {3: torch.ones(4)}, KEPT, site))
+
+
+def test_export_of_a_sharded_checkpoint_folds_each_map_into_the_shard_of_its_block(tiny_llama_dir, tmp_path):
+    """One block per shard: the map of the run at 3 folds into block 2's shard, not into the
+    (pruned, unread) shard of block 3; the export loads as the folded model, with an index."""
+    from fake_hub import write_sharded_repo
+    from vllm_miprun.tools.export import export_pruned
+
+    sharded = tmp_path / "sharded"
+    write_sharded_repo(tiny_llama_dir, sharded, blocks_per_shard=1)
+
+    class Plan:
+        kept = tuple(KEPT)
+
+        def to_json(self):
+            return {"kept": KEPT}
+
+    maps = _random_maps(128, [0, 3, 7], seed=2)
+    out = export_pruned(sharded, tmp_path / "healed", Plan(), maps)
+    assert (out / checkpoint.INDEX_NAME).is_file() and len(list(out.glob("*.safetensors"))) > 1
+    ids = torch.randint(0, 200, (1, 16), generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(_logits(_hf(out), ids), _logits(_folded_model(tiny_llama_dir, maps), ids), atol=1e-5)
+    two = tmp_path / "two-shards"  # every block in one shard, the head in another: still an index
+    write_sharded_repo(tiny_llama_dir, two, blocks_per_shard=8)
+    out = export_pruned(two, tmp_path / "healed-two", Plan(), maps)
+    assert (out / checkpoint.INDEX_NAME).is_file() and len(list(out.glob("*.safetensors"))) == 2
+    assert torch.allclose(_logits(_hf(out), ids), _logits(_folded_model(tiny_llama_dir, maps), ids), atol=1e-5)
+
+
+def test_require_cache_refuses_to_fit_missing_maps(tiny_llama_dir, tmp_path, monkeypatch):
+    def no_fit(*_a, **_k):
+        raise AssertionError("require_cache must not fit")
+
+    monkeypatch.setattr(heal, "fit_maps", no_fit)
+    with pytest.raises(heal.HealError, match="no heal maps at .* and require_cache is set"):
+        heal.prepare_maps(tiny_llama_dir, _options(tmp_path, require_cache=True), KEPT, NUM_BLOCKS, progress=False)

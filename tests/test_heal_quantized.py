@@ -69,6 +69,10 @@ def test_fp8_per_tensor_scales_are_refused_at_the_tensor_level_too(tiny_llama_di
     heal.check_quantized_targets(header, [6])  # a per-channel block passes
     with pytest.raises(heal.HealError, match=r"scale of shape \[1\] is not one scale per output channel"):
         heal.check_quantized_targets(header, [2])
+    # block 2 is where the map of the run starting at 3 folds (KEPT keeps 2, prunes 3 and 4)
+    assert 2 in KEPT and 3 not in KEPT and 4 not in KEPT
+    with pytest.raises(heal.HealError, match=r"model.layers.2.mlp.down_proj: its FP8 scale of shape \[1\]"):
+        heal.maps_request(folder, _options(tmp_path), KEPT, NUM_BLOCKS)
 
 
 def test_a_diagonal_map_folds_exactly_into_fp8_channel_scales(tiny_llama_dir, tmp_path):

@@ -186,3 +186,14 @@ def test_vllm_serve_exits_in_the_front_process_with_one_line(tiny_llama_dir, tmp
     assert done.returncode == code and len(errors) == 1 and words in errors[0], output[-4000:]
     assert "Traceback" not in output and len(errors[0]) < 1000
     assert "EngineCore" not in output and "Starting vLLM" not in output  # stopped before any engine
+
+
+def test_serve_parser_reads_the_extra_config_strictly(serve_parser, capsys):
+    """``vllm serve``'s own ``--model-loader-extra-config`` goes through the strict reader once
+    the plugin's flags are added: a key given twice is one argparse error, not the last value."""
+    with pytest.raises(SystemExit) as exit_:
+        serve_parser.parse_args(["--model-loader-extra-config", '{"keep": 0.5, "keep": 0.7}'])
+    assert exit_.value.code == 2
+    assert "--model-loader-extra-config must be a JSON object" in capsys.readouterr().err
+    args = serve_parser.parse_args(["--model-loader-extra-config", '{"keep": 0.5}'])
+    assert args.model_loader_extra_config == {"keep": 0.5}

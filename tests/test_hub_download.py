@@ -273,7 +273,7 @@ def test_metrics_read_the_snapshot_in_the_engines_download_folder(hub, monkeypat
     prepare_engine_args(args)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     kept = args.hf_overrides[remap.KEPT_FIELD]
-    hf_config = SimpleNamespace(**{remap.KEPT_FIELD: kept, remap.FULL_FIELD: 8})
+    hf_config = SimpleNamespace(**{remap.KEPT_FIELD: kept, remap.FULL_FIELD: 8, "miprun_plan_digest": "0123456789ab"})
     model_config = SimpleNamespace(model=REPO_ID, revision="v1", hf_config=hf_config, served_model_name=REPO_ID,
                                    dtype="float32")
     load_config = LoadConfig(load_format="miprun", download_dir=hub.download_dir, ignore_patterns=list(IGNORE),
@@ -285,3 +285,25 @@ def test_metrics_read_the_snapshot_in_the_engines_download_folder(hub, monkeypat
     exporter = exporter_for(vllm_config)
     assert exporter.model_dir == hub.snapshot_folder(hub.download_dir, "v1")
     assert exporter.kept == list(kept) and exporter.num_blocks == 8
+    assert exporter.digest == "0123456789ab"  # the miprun_plan_info gauge's label
+
+
+def test_worker_download_of_a_planned_config_fetches_only_the_kept_blocks_shards(hub):
+    """vLLM asks the loader to download before loading: a config that already carries the plan
+    (the front process planned) gets the metadata and the kept blocks' shards, nothing else."""
+    from types import SimpleNamespace
+
+    from vllm.config.load import LoadConfig
+
+    from vllm_miprun.vllm.loader import MiprunModelLoader
+
+    kept = [0, 1, 2, 3]
+    wanted = expected_shards(hub.weight_map, kept)
+    assert 0 < len(wanted) < len(set(hub.weight_map.values()))
+    load_config = LoadConfig(load_format="miprun", download_dir=hub.download_dir, ignore_patterns=list(IGNORE),
+                             model_loader_extra_config={"keep": 0.5, "method": "last"})
+    hf_config = SimpleNamespace(**{remap.KEPT_FIELD: kept, remap.FULL_FIELD: 8})
+    model_config = SimpleNamespace(model=REPO_ID, revision="v1", hf_config=hf_config)
+    MiprunModelLoader(load_config).download_model(model_config)
+    metadata, shards = hub.downloads()
+    assert metadata == model_files.METADATA_PATTERNS and shards == wanted

@@ -356,3 +356,107 @@ def test_throughput_gain_after_requests(scraped):
         base = _value(scraped, "miprun_throughput_baseline_tokens_per_second", baseline="estimated",
                       source="predicted-speedup")
         assert base == pytest.approx(rate / gain)
+
+
+# --- the exporter's gauges, without an engine -------------------------------------------
+
+
+def _sample(name: str, **labels: str) -> float | None:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels)
+
+
+def test_exporter_gauges_count_the_pruned_blocks(tiny_llama_dir, tmp_path, monkeypatch):
+    """K of L kept: the figures follow from the config and the headers, and the KV capacity
+    falls back to L/K when the worker reported no KV layouts."""
+    monkeypatch.setenv(reports.RUN_DIR_ENV, str(tmp_path))
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    total, kept = int(config["num_hidden_layers"]), [0, 1, 2, 3, 4, 5]
+    metrics.Exporter("gauges-test", tiny_llama_dir, config, kept, total, 2, cache_dir=str(tmp_path)).publish_static()
+    name = {"model_name": "gauges-test"}
+    assert _sample("miprun_blocks_total", **name) == total == 8
+    assert _sample("miprun_blocks_kept", **name) == len(kept)
+    assert _sample("miprun_keep_ratio", **name) == pytest.approx(len(kept) / total)
+    assert _sample("miprun_kv_capacity_ratio", **name) == pytest.approx(total / len(kept))
+    per_block = 2 * config["num_key_value_heads"] * (config["hidden_size"] // config["num_attention_heads"]) * 2
+    assert _sample("miprun_kv_cache_bytes_per_token_saved", **name) == (total - len(kept)) * per_block
+    assert _sample("miprun_weight_bytes_saved", **name) == _stored_bytes_of_blocks(tiny_llama_dir, [6, 7]) > 0
+
+
+def test_exporter_rate_averages_engines_counts_busy_steps_and_updates_when_idle(tiny_llama_dir, tmp_path,
+                                                                                 monkeypatch):
+    monkeypatch.setenv(reports.RUN_DIR_ENV, str(tmp_path))
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    exporter = metrics.Exporter("rate-test", tiny_llama_dir, config, [0, 1, 2, 3], 8, 2, cache_dir=str(tmp_path))
+    exporter.publish_static()
+    rate = lambda: _sample("miprun_generation_tokens_per_second", model_name="rate-test")  # noqa: E731
+    t = time.time() + 100
+    exporter.step(0, t, 5, 1)  # prefill after idle: not counted
+    exporter.step(0, t + 1, 10, 1)  # 10 tokens in 1 busy second; the gauge follows (not throttled)
+    assert rate() == pytest.approx(10.0)
+    exporter.step(0, t + 1.25, 5, 0)  # the last busy step: shown at once, though within the throttle
+    assert rate() == pytest.approx(15 / 1.25)
+    exporter.step(0, t + 50, 7, 1)  # after an idle spell: neither its tokens nor the gap count
+    exporter.step(1, t + 51, 4, 1)  # a second engine: 40 tokens in 1 busy second
+    exporter.step(1, t + 52, 40, 1)
+    exporter.refresh(t + 52, force=True)
+    assert rate() == pytest.approx((15 / 1.25 + 40.0) / 2)  # per engine, comparable to one full model
+
+
+def test_kv_engine_counts_blocks_of_one_engine():
+    from types import SimpleNamespace as NS
+
+    def engine(**parallel):
+        base = {"data_parallel_external_lb": False, "data_parallel_hybrid_lb": False, "data_parallel_size": 4,
+                "data_parallel_size_local": 2, "tensor_parallel_size": 2}
+        config = NS(parallel_config=NS(**{**base, **parallel}),
+                    cache_config=NS(num_gpu_blocks=800, kv_cache_memory_bytes=None))
+        return metrics._kv_engine(config)
+
+    assert engine() == {"blocks": 200, "fixed_memory": None, "tp": 2}  # vLLM sums the 4 engines
+    assert engine(data_parallel_hybrid_lb=True)["blocks"] == 400  # the 2 local engines
+    assert engine(data_parallel_external_lb=True)["blocks"] == 800  # this server talks to one engine
+
+
+def test_kv_capacity_ratio_counts_the_pruned_weights_freed_on_one_rank(tiny_llama_dir, tmp_path, monkeypatch):
+    """Without a fixed KV size the full model's pool is smaller by the pruned weights, and with
+    tensor parallelism each rank holds only its share of them."""
+    monkeypatch.setenv(reports.RUN_DIR_ENV, str(tmp_path))
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    kept = [0, 2, 3, 4, 5, 6]  # blocks 1 and 7 pruned
+    saved = _stored_bytes_of_blocks(tiny_llama_dir, [1, 7])
+    block = saved // 10
+    layouts = {"pruned": {"bytes_per_block": block, "blocks_per_request": 4},
+               "full": {"bytes_per_block": 2 * block, "blocks_per_request": 8}}
+    reports.publish({"kept": kept, "num_blocks": 8, "load_seconds": 0.1, "kv_layouts": layouts})
+
+    def ratio(tp: int) -> float:
+        engine = {"blocks": 100, "fixed_memory": None, "tp": tp}
+        return metrics.Exporter(f"kv-tp{tp}", tiny_llama_dir, config, kept, 8, 2, kv_engine=engine).kv_capacity_ratio()
+
+    # the full model's pool: 100.5 blocks' memory less the freed bytes, in blocks twice the size
+    assert ratio(1) == pytest.approx((100 / 4) / (((100.5 * block - saved) // (2 * block)) / 8))
+    assert ratio(2) == pytest.approx((100 / 4) / (((100.5 * block - saved // 2) // (2 * block)) / 8))
+    assert ratio(2) < ratio(1)
+
+
+def test_cached_baseline_is_read_from_the_newest_score_cache(tiny_llama_dir, tmp_path):
+    """Several score caches of these weights: the benchmark record of the newest one is the baseline."""
+    from vllm_miprun.model.fingerprint import model_fingerprint
+    from vllm_miprun.pipeline import store as sc
+
+    fingerprint, num_blocks = model_fingerprint(tiny_llama_dir), 8
+    span = [[float(j - i) if i < j else None for j in range(num_blocks + 1)] for i in range(num_blocks + 1)]
+    for age, (dataset, rate) in enumerate((("newer", 2000.0), ("older", 1000.0))):
+        record = sc.ScoreCache(
+            fingerprint=fingerprint, model={"name": tiny_llama_dir.name, "num_blocks": num_blocks},
+            calibration={"dataset": dataset}, estimator={"name": "gaussian"},
+            block_scores=[1.0] * num_blocks, span_scores=span,
+            baselines={"block_influence": [0.1] * num_blocks, "angular": span, "skip_mi_iso": span}, timings={},
+            throughput={"tokens_per_s": rate, "batch_size": 1, "device": "cpu", "measured_by": "test"})
+        path = sc.cache_path(tiny_llama_dir, fingerprint, record.calibration, tmp_path)
+        sc.write_cache(path, record)
+        os.utime(path, (time.time() - 1000 * (age + 1),) * 2)
+    baseline = metrics.find_cached_baseline(tiny_llama_dir, None, tmp_path)
+    assert (baseline.kind, baseline.source, baseline.tokens_per_s) == ("measured", "benchmark", 2000.0)

@@ -440,3 +440,15 @@ def test_the_top_level_help_describes_every_command_and_a_flow_that_parses(capsy
         assert parser.parse_args(argv).command == argv[0]
     serve_flags = {word for word in flow[-1].split() if word.startswith("--")}
     assert serve_flags and serve_flags <= {row.serve_flag for row in OPTIONS}
+
+
+def test_entry_wording_gives_a_switch_true_and_keeps_the_next_word_as_prose():
+    from vllm_miprun.option_flags import entry_wording
+    from vllm_miprun.options import OPTIONS
+
+    switch = next(row for row in OPTIONS if row.switch)
+    assert entry_wording(f"pass {switch.serve_flag} once") == \
+        f'pass model_loader_extra_config={{"{switch.name}": true}} once'
+    assert entry_wording(f"pass {switch.serve_flag}") == f'pass model_loader_extra_config={{"{switch.name}": true}}'
+    assert entry_wording("e.g. --miprun-keep 0.75; or --miprun-method last") == \
+        'e.g. model_loader_extra_config={"keep": 0.75}; or model_loader_extra_config={"method": "last"}'

@@ -94,3 +94,36 @@ def test_nixl_refuses_a_prefill_decode_pair_that_kept_other_blocks(tiny_llama_di
     assert nixl_hash({"drop": [4, 5]}) == last
     dense_config = EngineArgs(model=str(tiny_llama_dir), enforce_eager=True).create_engine_config()
     assert nixl_hash(None) == compute_nixl_compatibility_hash(dense_config, "CPU_ATTN")
+
+
+def test_the_loader_checks_the_digest_against_the_full_model_block_count(tiny_llama_dir):
+    """The config a worker gets says the kept blocks and the full model's count (L, not K):
+    the digest is checked against those, so a consistent config loads and a mixed one is refused."""
+    from types import SimpleNamespace
+
+    from vllm_miprun.model import remap
+    from vllm_miprun.vllm.loader import check_config_digest
+
+    plan = make_plan(tiny_llama_dir, MiprunOptions.from_dict({"keep": 0.75, "method": "last"}))
+    fields = {**remap.pruned_fields(tiny_llama_dir, _config(tiny_llama_dir), plan.kept), **digest_fields(plan)}
+    assert fields["miprun_num_blocks_full"] == plan.num_blocks == 8
+    assert check_config_digest(SimpleNamespace(**fields)) == plan.digest
+    mixed = {**fields, "miprun_kept_layers": [0, 1, 2, 3, 4, 6]}
+    with pytest.raises(OptionError, match="carries plan digest"):
+        check_config_digest(SimpleNamespace(**mixed))
+
+
+def _config(model_dir):
+    from vllm_miprun.model.checkpoint import read_config
+
+    return read_config(model_dir)
+
+
+def test_plan_report_lists_kept_and_pruned_blocks(tiny_llama_dir):
+    from vllm_miprun.vllm.loader import plan_report
+
+    plan = make_plan(tiny_llama_dir, MiprunOptions.from_dict({"keep": 0.5, "method": "last"}))
+    report = plan_report(plan, 1.23456)
+    assert report["kept"] == list(plan.kept) and len(plan.kept) == 4
+    assert report["pruned"] == [b for b in range(8) if b not in plan.kept]
+    assert report["plan_seconds"] == 1.235 and report["digest"] == plan.digest

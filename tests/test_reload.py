@@ -198,3 +198,23 @@ def test_loader_gives_vllm_reload_the_kept_tensors_under_full_model_names(tiny_l
         names = [name for name, _ in loader.get_all_weights(model_config, None)]
     blocks = {int(name.split(".")[2]) for name in names if name.startswith("model.layers.")}
     assert blocks == {0, 1, 2, 7} and "model.embed_tokens.weight" in names
+
+
+def test_loader_hands_the_ep_filter_to_the_weight_reader(tmp_path, monkeypatch):
+    """With vLLM's expert-parallel weight filter on (it sets ``local_expert_ids``), the loader's
+    own stream skips other ranks' experts before reading them."""
+    from safetensors.torch import save_file
+    from vllm.config.load import LoadConfig
+
+    from vllm_miprun.vllm import loader as loader_module
+
+    tensors = {"model.embed_tokens.weight": torch.zeros(2, 2)}
+    for block in range(3):
+        tensors.update({f"model.layers.{block}.mlp.experts.{e}.down_proj.weight": torch.zeros(2, 2) for e in range(4)})
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    monkeypatch.setattr(loader_module, "init_ep_weight_filter",
+                        lambda loader, model, model_config: setattr(loader, "local_expert_ids", {1, 3}))
+    loader = loader_module.MiprunModelLoader(LoadConfig(load_format="miprun", model_loader_extra_config={"keep": 0.5}))
+    names = [name for name, _ in loader._kept_weights(None, None, [tmp_path / "model.safetensors"], [0, 2])]
+    assert sorted(names) == sorted(["model.embed_tokens.weight"] + [
+        f"model.layers.{b}.mlp.experts.{e}.down_proj.weight" for b in (0, 2) for e in (1, 3)])

@@ -70,3 +70,16 @@ def test_error_while_recording_is_logged_once_then_the_logger_is_a_no_op(records
     assert warning.exc_info is not None and warning.exc_info[0] is ValueError
     assert "disabled after an error in record" in warning.getMessage()
     assert "gauges keep their last values" in warning.getMessage()
+
+
+def test_a_scheduler_report_without_a_step_says_whether_the_engine_is_busy(records, tmp_path):
+    """An idle scheduler report (0 running) marks the engine idle, so the gap before the next
+    step is not counted as busy decode time."""
+    stat_logger = metrics.MiprunStatLogger(object())
+    stat_logger.exporter = metrics.Exporter("idle", tmp_path, {}, kept=[0, 1, 3], num_blocks=4, kv_dtype_bytes=2)
+    scheduler, _ = _stats(0, 2)
+    stat_logger.record(scheduler, None, engine_idx=1)
+    assert stat_logger.exporter.running == {1: True}
+    scheduler, _ = _stats(0, 0)
+    stat_logger.record(scheduler, None, engine_idx=1)
+    assert stat_logger.exporter.running == {1: False}

@@ -117,3 +117,23 @@ def test_tensor_parallel_workers_that_plan_alone_calibrate_once_and_serve(tiny_l
     assert len(list((tmp_path / "scores").glob("*.json"))) == 1
     result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
     assert len(result["tokens"]) == 4
+
+
+def test_worker_plan_patches_the_text_config_of_a_multimodal_model_too():
+    """A multimodal config nests the language model's config (hf_text_config): the kept blocks
+    must reach it too, or vLLM builds every block of the text model."""
+    from types import SimpleNamespace
+
+    from vllm_miprun.vllm.loader import _apply_overrides_in_place
+
+    text = SimpleNamespace(num_hidden_layers=8)
+    outer = SimpleNamespace(text_config=text)
+    model_config = SimpleNamespace(hf_config=outer, hf_text_config=text, get_model_arch_config=lambda: "rebuilt")
+    _apply_overrides_in_place(model_config, {"num_hidden_layers": 4, "miprun_kept_layers": [0, 1, 2, 7]})
+    assert text.num_hidden_layers == outer.num_hidden_layers == 4
+    assert text.miprun_kept_layers == outer.miprun_kept_layers == [0, 1, 2, 7]
+    assert model_config.model_arch_config == "rebuilt"
+    same = SimpleNamespace(num_hidden_layers=8)
+    plain = SimpleNamespace(hf_config=same, hf_text_config=same, get_model_arch_config=lambda: "rebuilt")
+    _apply_overrides_in_place(plain, {"num_hidden_layers": 4})
+    assert same.num_hidden_layers == 4

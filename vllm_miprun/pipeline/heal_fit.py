@@ -142,7 +142,11 @@ class HealedKL:
         from vllm_miprun.model.blockwise import BlockwiseModel
 
         self.model = BlockwiseModel(model_dir, device=device, resident_blocks=True)
-        first = max(0, min(starts) - 1)  # the first block whose output a map changes
+        # The full model's stream is the pruned one's up to the first pruned block, or up to the
+        # block a map folds into (the one before its run). A pruned run left unhealed (block 0
+        # with tied embeddings) can come before every map: the stream starts there, not past it.
+        first_pruned = min(b for b in range(self.model.num_blocks) if b not in set(kept))
+        first = max(0, min(first_pruned, min(starts) - 1))
         self.entering, self.final = _dense_states(self.model, ids.to(device), first)
         self.blocks = [b for b in kept if b >= first]
 

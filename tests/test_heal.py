@@ -73,17 +73,20 @@ def test_fold_equals_explicit_map_after_block(tiny_llama_dir):
     assert (folded - plain).abs().max() > 0.1  # the maps do change the model
 
 
+class _KeptPlan:
+    """The part of a plan that ``export_pruned`` reads."""
+
+    kept = tuple(KEPT)
+
+    def to_json(self):
+        return {"kept": KEPT}
+
+
 def test_export_writes_the_same_folded_weights(tiny_llama_dir, tmp_path):
     from vllm_miprun.tools.export import export_pruned
 
-    class Plan:
-        kept = tuple(KEPT)
-
-        def to_json(self):
-            return {"kept": KEPT}
-
     maps = _random_maps(128, [0, 3, 7], seed=2)
-    out = export_pruned(tiny_llama_dir, tmp_path / "healed", Plan(), maps)
+    out = export_pruned(tiny_llama_dir, tmp_path / "healed", _KeptPlan(), maps)
     ids = torch.randint(0, 200, (1, 16), generator=torch.Generator().manual_seed(3))
     assert torch.allclose(_logits(_hf(out), ids), _logits(_folded_model(tiny_llama_dir, maps), ids), atol=1e-5)
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == len(KEPT)
@@ -389,20 +392,14 @@ def test_export_of_a_sharded_checkpoint_folds_each_map_into_the_shard_of_its_blo
     sharded = tmp_path / "sharded"
     write_sharded_repo(tiny_llama_dir, sharded, blocks_per_shard=1)
 
-    class Plan:
-        kept = tuple(KEPT)
-
-        def to_json(self):
-            return {"kept": KEPT}
-
     maps = _random_maps(128, [0, 3, 7], seed=2)
-    out = export_pruned(sharded, tmp_path / "healed", Plan(), maps)
+    out = export_pruned(sharded, tmp_path / "healed", _KeptPlan(), maps)
     assert (out / checkpoint.INDEX_NAME).is_file() and len(list(out.glob("*.safetensors"))) > 1
     ids = torch.randint(0, 200, (1, 16), generator=torch.Generator().manual_seed(3))
     assert torch.allclose(_logits(_hf(out), ids), _logits(_folded_model(tiny_llama_dir, maps), ids), atol=1e-5)
     two = tmp_path / "two-shards"  # every block in one shard, the head in another: still an index
     write_sharded_repo(tiny_llama_dir, two, blocks_per_shard=8)
-    out = export_pruned(two, tmp_path / "healed-two", Plan(), maps)
+    out = export_pruned(two, tmp_path / "healed-two", _KeptPlan(), maps)
     assert (out / checkpoint.INDEX_NAME).is_file() and len(list(out.glob("*.safetensors"))) == 2
     assert torch.allclose(_logits(_hf(out), ids), _logits(_folded_model(tiny_llama_dir, maps), ids), atol=1e-5)
 

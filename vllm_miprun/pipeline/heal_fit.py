@@ -145,7 +145,7 @@ class HealedKL:
         # The full model's stream is the pruned one's up to the first pruned block, or up to the
         # block a map folds into (the one before its run). A pruned run left unhealed (block 0
         # with tied embeddings) can come before every map: the stream starts there, not past it.
-        first_pruned = min(b for b in range(self.model.num_blocks) if b not in set(kept))
+        first_pruned = min(set(range(self.model.num_blocks)) - set(kept))
         first = max(0, min(first_pruned, min(starts) - 1))
         self.entering, self.final = _dense_states(self.model, ids.to(device), first)
         self.blocks = [b for b in kept if b >= first]

@@ -274,9 +274,9 @@ def answered_by_cache(model_dir: str | Path, options: MiprunOptions) -> bool:
         return True
     if options.keep is None or options.protect:
         return False
+    key = None if compute is None else calibration_key(options.calibration, compute)  # None: a scores file
     try:
-        cache = score_cache.read_cache(path, None, None if compute is None else calibration_key(options.calibration,
-                                                                                              compute))
+        cache = score_cache.read_cache(path, None, key)
     except score_cache.CacheError:
         return False
     num_prune = cache.num_blocks - selectors.keep_count(options.keep, cache.num_blocks)

@@ -57,12 +57,17 @@ def merge_extra_config(explicit: dict[str, Any] | None, flags: dict[str, Any]) -
     return merged
 
 
+def load_format(engine_args) -> str:
+    """``--load-format`` as vLLM reads it (``LoadConfig`` lower-cases it)."""
+    return str(engine_args.load_format).lower()
+
+
 def apply_flags(engine_args, args: argparse.Namespace) -> None:
     """Move the ``--miprun-*`` flags into the engine args (they imply miprun)."""
     flags = serve_flag_values(args)
     if not flags:
         return
-    if str(engine_args.load_format).lower() not in ("auto", LOAD_FORMAT):  # vLLM lower-cases it too
+    if load_format(engine_args) not in ("auto", LOAD_FORMAT):
         raise OptionError(
             f"--miprun-* flags need --load-format {LOAD_FORMAT} (or no --load-format), "
             f"got --load-format {engine_args.load_format}"
@@ -75,7 +80,7 @@ def apply_flags(engine_args, args: argparse.Namespace) -> None:
 
 def prepare_engine_args(engine_args) -> None:
     """Validate, plan, and write the pruned config into ``hf_overrides`` (once)."""
-    if str(engine_args.load_format).lower() != LOAD_FORMAT:
+    if load_format(engine_args) != LOAD_FORMAT:
         return
     check_vllm_supported()  # an unchecked vLLM release: one line, unless the user opted in
     check_load_strategy(engine_args)
@@ -153,7 +158,7 @@ def write_plan_back(engine_args, args: argparse.Namespace) -> None:
     never see the ``--miprun-*`` flags; from these fields they build the same pruned
     config without planning again (``hf_overrides`` already holds the kept blocks).
     """
-    if str(engine_args.load_format).lower() != LOAD_FORMAT:
+    if load_format(engine_args) != LOAD_FORMAT:
         return
     for name in PLANNED_FIELDS:
         setattr(args, name, getattr(engine_args, name))

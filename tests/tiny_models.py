@@ -15,6 +15,8 @@ as real checkpoints ship, so the pruner must derive it too.
 
 from __future__ import annotations
 
+import atexit
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -69,9 +71,15 @@ def tokenizer_dir() -> Path:
     global _tokenizer_dir
     if _tokenizer_dir is None or not (_tokenizer_dir / "tokenizer.json").is_file():
         folder = Path(tempfile.mkdtemp(prefix="miprun-tok-"))
+        atexit.register(_remove_if_mine, folder, os.getpid())  # runs left 780 of these in /tmp
         _train_tokenizer(folder)
         _tokenizer_dir = folder
     return _tokenizer_dir
+
+
+def _remove_if_mine(folder: Path, pid: int) -> None:
+    if os.getpid() == pid:  # not in a forked child that inherited the handler
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _config(arch: str, num_layers: int, hidden_size: int, num_heads: int, num_kv_heads: int):

@@ -441,22 +441,56 @@ def test_kv_capacity_ratio_counts_the_pruned_weights_freed_on_one_rank(tiny_llam
     assert ratio(2) < ratio(1)
 
 
-def test_cached_baseline_is_read_from_the_newest_score_cache(tiny_llama_dir, tmp_path):
-    """Several score caches of these weights: the benchmark record of the newest one is the baseline."""
+def _write_aged_caches(model_dir: Path, folder: Path, **records: dict) -> dict[str, Path]:
+    """One score cache of ``model_dir``'s weights per ``dataset=fields`` (listed newest
+    first, each 1,000 s older than the one before); their paths by dataset."""
     from vllm_miprun.model.fingerprint import model_fingerprint
     from vllm_miprun.pipeline import store as sc
 
-    fingerprint, num_blocks = model_fingerprint(tiny_llama_dir), 8
+    fingerprint, num_blocks = model_fingerprint(model_dir), 8
     span = [[float(j - i) if i < j else None for j in range(num_blocks + 1)] for i in range(num_blocks + 1)]
-    for age, (dataset, rate) in enumerate((("newer", 2000.0), ("older", 1000.0))):
+    paths = {}
+    for age, (dataset, fields) in enumerate(records.items()):
         record = sc.ScoreCache(
-            fingerprint=fingerprint, model={"name": tiny_llama_dir.name, "num_blocks": num_blocks},
+            fingerprint=fingerprint, model={"name": model_dir.name, "num_blocks": num_blocks},
             calibration={"dataset": dataset}, estimator={"name": "gaussian"},
             block_scores=[1.0] * num_blocks, span_scores=span,
             baselines={"block_influence": [0.1] * num_blocks, "angular": span, "skip_mi_iso": span}, timings={},
-            throughput={"tokens_per_s": rate, "batch_size": 1, "device": "cpu", "measured_by": "test"})
-        path = sc.cache_path(tiny_llama_dir, fingerprint, record.calibration, tmp_path)
-        sc.write_cache(path, record)
-        os.utime(path, (time.time() - 1000 * (age + 1),) * 2)
+            **fields)
+        paths[dataset] = sc.cache_path(model_dir, fingerprint, record.calibration, folder)
+        sc.write_cache(paths[dataset], record)
+        os.utime(paths[dataset], (time.time() - 1000 * (age + 1),) * 2)
+    return paths
+
+
+def _throughput(rate: float) -> dict:
+    return {"tokens_per_s": rate, "batch_size": 1, "device": "cpu", "measured_by": "test"}
+
+
+def test_cached_baseline_is_read_from_the_newest_score_cache(tiny_llama_dir, tmp_path):
+    """Several score caches of these weights: the benchmark record of the newest one is the baseline."""
+    _write_aged_caches(tiny_llama_dir, tmp_path, newer={"throughput": _throughput(2000.0)},
+                       older={"throughput": _throughput(1000.0)})
     baseline = metrics.find_cached_baseline(tiny_llama_dir, None, tmp_path)
     assert (baseline.kind, baseline.source, baseline.tokens_per_s) == ("measured", "benchmark", 2000.0)
+
+
+def test_cached_baseline_prefers_the_plans_cache_then_the_newest_profile_then_any_measurement(
+        tiny_llama_dir, tmp_path):
+    """Only latency profiles cached: the newest one's full-model rate, unless the plan names
+    its own cache; a measured benchmark record in any cache beats every profile."""
+    from vllm_miprun.core.profile_fit import make_profile
+
+    fast, slow = make_profile(8, 1, [(8, 0.010), (4, 0.006)]), make_profile(8, 1, [(8, 0.040), (4, 0.024)])
+    paths = _write_aged_caches(tiny_llama_dir, tmp_path, newer={"profile": fast}, older={"profile": slow})
+
+    def rate(plan=None) -> tuple:
+        baseline = metrics.find_cached_baseline(tiny_llama_dir, plan, tmp_path)
+        return baseline.kind, baseline.source, baseline.tokens_per_s
+
+    fast_rate, slow_rate = rate()[2], rate({"cache_path": str(paths["older"])})[2]
+    assert rate() == ("estimated", "latency-profile", pytest.approx(1 / 0.010, rel=0.05))
+    assert slow_rate == pytest.approx(fast_rate / 4)  # the plan's own (older) cache, not the newest
+    _write_aged_caches(tiny_llama_dir, tmp_path / "measured", newer={"profile": fast},
+                       oldest={"throughput": _throughput(123.0)})
+    assert metrics.find_cached_baseline(tiny_llama_dir, None, tmp_path / "measured").tokens_per_s == 123.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -339,6 +340,13 @@ def test_memory_metrics_match_headers_and_config(scraped):
 @pytest.mark.engine
 def test_load_seconds_come_from_the_worker(scraped):
     assert 0 < _value(scraped, "miprun_load_seconds") < scraped["seconds"]
+    # the worker's load line names what it built, and what it left out, in the plan's numbering
+    plan = scraped["plan"]
+    built = re.search(r"miprun: built (\d+) of (\d+) blocks, kept (\[[\d, ]*\]), pruned (\[[\d, ]*\])",
+                      scraped["log"].read_text())
+    assert built, f"no load line in {scraped['log']}"
+    assert (int(built[1]), int(built[2])) == (len(plan.kept), plan.num_blocks)
+    assert (json.loads(built[3]), json.loads(built[4])) == (list(plan.kept), list(plan.pruned))
 
 
 @pytest.mark.engine

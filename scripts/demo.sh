@@ -22,6 +22,13 @@ VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} .venv/bin/vllm serve "$MODEL
   --miprun-keep "$KEEP" --miprun-require-cache --served-model-name smollm2-pruned \
   --host 127.0.0.1 --port "$PORT" --enforce-eager --max-model-len 2048 >"$LOG" 2>&1 &
 SERVER=$!
-trap 'kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null || true' EXIT
+# On success the server's log goes; on failure it stays, and its path is the last line.
+stop_server() {
+  local status=$?
+  kill "$SERVER" 2>/dev/null || true  # set -e holds here too, and the server may be gone
+  wait "$SERVER" 2>/dev/null || true
+  if [ "$status" -eq 0 ]; then rm -f "$LOG"; else echo "the server's log: $LOG" >&2; fi
+}
+trap stop_server EXIT
 .venv/bin/python scripts/ask.py --port "$PORT" --model smollm2-pruned --server-pid "$SERVER" --log "$LOG" \
   --dense-model-dir "$MODEL" --plan-options "{\"keep\": ${KEEP}}"

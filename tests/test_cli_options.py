@@ -54,6 +54,26 @@ def test_flags_become_extra_config_and_imply_miprun(serve_parser, tiny_llama_dir
 FLAGS_HALF = ["--miprun-keep", "0.5", "--miprun-method", "last"]
 
 
+def test_with_the_rust_frontend_the_front_process_still_plans_and_says_the_gauges_are_missing(
+        serve_parser, tiny_llama_dir, monkeypatch, caplog):
+    """``VLLM_USE_RUST_FRONTEND=1 vllm serve``: vLLM's ``run_multi_api_server`` builds the engine
+    args with ``from_cli_args`` (the plan, written back into the namespace it passes to the Rust
+    process as JSON); the Rust frontend then serves ``/metrics`` without the plugin's gauges."""
+    import logging
+
+    from vllm_miprun.vllm import engine_args
+
+    monkeypatch.setenv("VLLM_USE_RUST_FRONTEND", "1")
+    args = serve_parser.parse_args(["--model", str(tiny_llama_dir), *FLAGS_HALF])
+    with caplog.at_level(logging.WARNING, logger=engine_args.logger.name):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        planned = AsyncEngineArgs.from_cli_args(args)
+    assert planned.hf_overrides[remap.KEPT_FIELD] == [0, 1, 2, 7]
+    assert args.hf_overrides[remap.KEPT_FIELD] == [0, 1, 2, 7] and args.load_format == "miprun"
+    assert caplog.text.count("miprun_* gauges are not exported") == 1
+
+
 @pytest.mark.parametrize("load_format, options", [
     ("MIPRUN", FLAGS_HALF),
     ("MiPrun", FLAGS_HALF),

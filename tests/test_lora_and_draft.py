@@ -139,6 +139,23 @@ def test_eagle3_depths_follow_the_kept_blocks_and_refuse_merged_depths():
     assert got == [(2, 4, 5)]
 
 
+def test_dflash_family_depths_reach_the_same_renumbering():
+    """DFlash (and DFlash2, XPress, LiLiCorr, DSpark) drafts name block outputs, 0-based, in
+    ``target_layer_ids``; vLLM 0.32-0.34 reads them as depths ``id + 1``
+    (``get_eagle3_aux_layers_from_config``) and hands them to the target's
+    ``set_aux_hidden_state_layers``, the setter the loader wraps."""
+    kept = [0, 1, 2, 3, 7, 8, 9]  # blocks 4-6 pruned, of 10
+    target_layer_ids = [1, 3, 8]  # outputs of full-model blocks 1, 3 and 8
+    got = []
+    model = SimpleNamespace(set_aux_hidden_state_layers=got.append)
+    lora_and_draft.route_eagle3_to_kept_blocks(model, kept, 10)
+    model.set_aux_hidden_state_layers(tuple(i + 1 for i in target_layer_ids))
+    assert got == [(2, 4, 6)]  # after kept blocks 0-1, 0-3, and 0-3 + 7-8
+    # two outputs inside one pruned run are one state: refused, naming the draft kinds it covers
+    with pytest.raises(OptionError, match=r"speculative draft \(EAGLE-3, DFlash, DSpark\).*after blocks \[5, 7\]"):
+        model.set_aux_hidden_state_layers(tuple(i + 1 for i in [4, 6]))
+
+
 def test_an_mtp_draft_is_built_from_its_own_config(monkeypatch):
     """vLLM builds an MTP draft from vllm_config.model_config: the pruned target's, unless replaced."""
     seen = {}

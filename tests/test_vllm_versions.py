@@ -227,3 +227,24 @@ def test_fault_tolerance_with_eplb_is_refused_only_where_vllm_reloads_experts_by
         engine_args.prepare_engine_args(both)  # before planning: both has no model to plan
     for one in ({"enable_fault_tolerance": False}, {"enable_eplb": False}):
         engine_args.check_fault_tolerance(SimpleNamespace(**{**vars(both), **one}))
+
+
+def test_the_rust_frontend_is_named_in_one_warning_because_it_exports_no_miprun_gauge(caplog):
+    """``VLLM_USE_RUST_FRONTEND=1`` (opt-in; ``vllm-rs serve`` sets it for its Python engine):
+    the front process still plans through ``from_cli_args``, but the Rust frontend serves
+    ``/metrics`` itself and loads no ``vllm.stat_logger_plugins``."""
+    import logging
+    from types import SimpleNamespace
+
+    from vllm_miprun.vllm import engine_args
+
+    miprun, auto = SimpleNamespace(load_format="MIPRUN"), SimpleNamespace(load_format="auto")
+    for value, enabled in (("1", True), ("0", False), ("", False), ("yes", False)):
+        assert engine_args.rust_frontend_enabled({"VLLM_USE_RUST_FRONTEND": value}) is enabled
+    assert engine_args.rust_frontend_enabled({}) is False
+    with caplog.at_level(logging.WARNING, logger=engine_args.logger.name):
+        assert engine_args.warn_rust_frontend_metrics(miprun, {}) is False
+        assert engine_args.warn_rust_frontend_metrics(auto, {"VLLM_USE_RUST_FRONTEND": "1"}) is False
+        assert caplog.text == ""
+        assert engine_args.warn_rust_frontend_metrics(miprun, {"VLLM_USE_RUST_FRONTEND": "1"}) is True
+    assert "Rust frontend serves /metrics itself" in caplog.text and "miprun_* gauges are not exported" in caplog.text

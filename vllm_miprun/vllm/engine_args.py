@@ -9,6 +9,8 @@
   ways with different values is an error) and switches ``--load-format`` to ``miprun``:
   any ``--miprun-*`` flag implies it. It then plans (below); a ``MiprunError`` becomes
   a one-line exit with status 1 and no traceback, since no engine process exists yet.
+  With vLLM's Rust frontend (``VLLM_USE_RUST_FRONTEND=1``) it warns that no ``miprun_*``
+  gauge will reach ``/metrics``.
 * ``create_engine_config`` plans when the load format is ``miprun`` and nobody has yet
   (the Python ``LLM(...)`` path), raising the ``MiprunError`` to the caller, its hint
   written as the ``model_loader_extra_config`` entry to give.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 import time
 from typing import Any
@@ -146,6 +149,35 @@ def check_fault_tolerance(engine_args) -> None:
         )
 
 
+RUST_FRONTEND_ENV = "VLLM_USE_RUST_FRONTEND"
+
+
+def rust_frontend_enabled(environ=os.environ) -> bool:
+    """Whether ``vllm serve`` hands HTTP to vLLM's Rust frontend (``vllm-rs``): opt-in with
+    ``VLLM_USE_RUST_FRONTEND=1``, read as vLLM reads it (``bool(int(...))``); ``vllm-rs serve``
+    sets it for the Python engine it starts."""
+    try:
+        return bool(int(environ.get(RUST_FRONTEND_ENV, "0")))
+    except ValueError:
+        return False  # vLLM itself refuses such a value
+
+
+def warn_rust_frontend_metrics(engine_args, environ=os.environ) -> bool:
+    """Say once, in the front process, that the Rust frontend exports no miprun gauge.
+
+    The plan still runs here and the engines still build the pruned model; but the Rust
+    frontend serves ``/metrics`` itself and runs no Python ``AsyncLLM``, the only place vLLM
+    loads ``vllm.stat_logger_plugins``, so the ``miprun_*`` gauges never appear."""
+    if load_format(engine_args) != LOAD_FORMAT or not rust_frontend_enabled(environ):
+        return False
+    logger.warning(
+        "miprun: %s=1: vLLM's Rust frontend serves /metrics itself and loads no stat-logger plugin, "
+        "so the miprun_* gauges are not exported; the pruned model is served as planned (see the plan "
+        "and load log lines). Unset %s to get the gauges", RUST_FRONTEND_ENV, RUST_FRONTEND_ENV,
+    )
+    return True
+
+
 # The EngineArgs fields the plan decides, written back into the parsed arguments.
 PLANNED_FIELDS = ("load_format", "model_loader_extra_config", "hf_overrides", "dtype")
 
@@ -257,6 +289,7 @@ def _wrap_from_cli_args(original):
             apply_flags(engine_args, args)
             prepare_engine_args(engine_args)
             write_plan_back(engine_args, args)
+            warn_rust_frontend_metrics(engine_args)
         except USER_ERRORS as error:  # MiprunError and missing files: one line, no traceback,
             # exit status 1 (vLLM's front process), nothing started yet
             raise SystemExit(f"vllm-miprun: error: {error}") from None

@@ -26,7 +26,11 @@ draft's ``eagle_aux_hidden_state_layer_ids``, else ``(2, L // 2, L - 3)``). The 
 renumbers them on the pruned target: depth ``t`` of the full model is the state after the
 kept blocks below ``t``, the same stream a pruned run passes on unchanged. Two depths that
 fall into one pruned run would become one state, and the draft would get fewer inputs than
-it was trained on, so that is refused in one line.
+it was trained on, so that is refused in one line. The other drafts that read hidden states
+(DFlash and its DFlash2, XPress and LiLiCorr drafts, DSpark, ``extract_hidden_states``)
+reach the same setter: vLLM (0.32 to 0.34) turns their ``target_layer_ids`` (block outputs,
+0-based) into depths ``id + 1`` in ``get_eagle3_aux_layers_from_config`` and calls the
+target's ``set_aux_hidden_state_layers`` from one place, so they are renumbered alike.
 """
 
 from __future__ import annotations
@@ -171,8 +175,8 @@ def eagle3_depths(kept: list[int], num_blocks: int, layers) -> tuple[int, ...]:
     if len(set(depths)) < len(set(layers)):
         pruned = [i for i in range(num_blocks) if i not in set(kept)]
         raise OptionError(
-            f"the EAGLE-3 draft reads the target's hidden states after blocks {list(layers)} of the full "
-            f"model, but with blocks {pruned} pruned some of them are the same state (depths {list(depths)}); "
+            f"the speculative draft (EAGLE-3, DFlash, DSpark) reads the target's hidden states after blocks "
+            f"{list(layers)} of the full model, but with blocks {pruned} pruned some of them are the same state (depths {list(depths)}); "
             "prune fewer blocks between them, or serve without this draft"
         )
     return depths
@@ -186,7 +190,7 @@ def route_eagle3_to_kept_blocks(model, kept: list[int], num_blocks: int) -> None
 
     def set_full_model_depths(layers) -> None:
         depths = eagle3_depths(kept, num_blocks, layers)
-        logger.info("miprun: EAGLE-3 hidden states after blocks %s of the full model are read at depths %s "
+        logger.info("miprun: the draft's hidden states after blocks %s of the full model are read at depths %s "
                     "of the pruned one", list(layers), list(depths))
         set_pruned_depths(depths)
 

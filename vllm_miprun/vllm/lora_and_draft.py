@@ -176,8 +176,8 @@ def eagle3_depths(kept: list[int], num_blocks: int, layers) -> tuple[int, ...]:
         pruned = [i for i in range(num_blocks) if i not in set(kept)]
         raise OptionError(
             f"the speculative draft (EAGLE-3, DFlash, DSpark) reads the target's hidden states after blocks "
-            f"{list(layers)} of the full model, but with blocks {pruned} pruned some of them are the same state (depths {list(depths)}); "
-            "prune fewer blocks between them, or serve without this draft"
+            f"{list(layers)} of the full model, but with blocks {pruned} pruned some of them are the same "
+            f"state (depths {list(depths)}); prune fewer blocks between them, or serve without this draft"
         )
     return depths
 

@@ -156,6 +156,81 @@ def test_dflash_family_depths_reach_the_same_renumbering():
         model.set_aux_hidden_state_layers(tuple(i + 1 for i in [4, 6]))
 
 
+def _planned(kept: list[int], num_blocks: int, speculative_config) -> SimpleNamespace:
+    """A VllmConfig's fields that check_draft_depths reads, for a pruned target."""
+    hf_config = SimpleNamespace(miprun_kept_layers=kept, miprun_num_blocks_full=num_blocks)
+    return SimpleNamespace(model_config=SimpleNamespace(hf_config=hf_config), speculative_config=speculative_config)
+
+
+def _draft(method: str, **draft_fields) -> SimpleNamespace:
+    return SimpleNamespace(method=method, draft_model_config=SimpleNamespace(hf_config=SimpleNamespace(**draft_fields)))
+
+
+def test_merged_draft_depths_are_refused_from_the_config_vllm_builds():
+    """The front process reads the depths with vLLM's own reader of the draft's config
+    (EAGLE-3 ids as given, DFlash ids + 1, else the full model's defaults) and refuses merged
+    ones; drafts that read no hidden state, and targets not planned yet, are left alone."""
+    kept = [0, 1, 2, 7]  # blocks 3-6 pruned, of 8
+    lora_and_draft.check_draft_depths(_planned(kept, 8, _draft("eagle3", eagle_aux_hidden_state_layer_ids=[1, 2, 8])))
+    merged = r"after blocks \[4, 6\] of the full model.*blocks \[3, 4, 5, 6\] pruned.*depths \[3, 3\]"
+    with pytest.raises(OptionError, match=merged):
+        lora_and_draft.check_draft_depths(_planned(kept, 8, _draft("eagle3", eagle_aux_hidden_state_layer_ids=[4, 6])))
+    with pytest.raises(OptionError, match=merged):  # DFlash names block outputs: 3 and 5 are depths 4 and 6
+        lora_and_draft.check_draft_depths(_planned(kept, 8, _draft("dflash", dflash_config={"target_layer_ids": [3, 5]})))
+    with pytest.raises(OptionError, match=r"after blocks \[2, 4, 5\]"):  # no ids: (2, L // 2, L - 3) of L = 8
+        lora_and_draft.check_draft_depths(_planned(kept, 8, _draft("eagle3")))
+    lora_and_draft.check_draft_depths(_planned(kept, 8, _draft("draft_model")))  # reads no hidden state
+    lora_and_draft.check_draft_depths(_planned(kept, 8, None))
+    unplanned = _planned(kept, 8, _draft("eagle3"))
+    unplanned.model_config.hf_config = SimpleNamespace()  # the worker plans: its setter checks
+    lora_and_draft.check_draft_depths(unplanned)
+
+    class Speculative034:  # vLLM 0.34: each method's config says whether it reads hidden states
+        uses_aux_hidden_states = property(lambda self: self.method == "custom")
+
+        def __init__(self, method: str):
+            self.method, self.draft_model_config = method, SimpleNamespace(hf_config=SimpleNamespace())
+
+    with pytest.raises(OptionError, match=r"after blocks \[2, 4, 5\]"):
+        lora_and_draft.check_draft_depths(_planned(kept, 8, Speculative034("custom")))
+    lora_and_draft.check_draft_depths(_planned(kept, 8, Speculative034("eagle3")))
+
+
+def _eagle3_draft(target: Path, out: Path, layer_ids: list[int]) -> Path:
+    """An EAGLE-3 draft folder for ``target``: its config only, which is all vLLM reads in the
+    front process."""
+    config = json.loads((target / "config.json").read_text())
+    config.update(architectures=["Eagle3LlamaForCausalLM"], num_hidden_layers=1,
+                  eagle_aux_hidden_state_layer_ids=layer_ids)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_an_eagle3_draft_reading_merged_depths_is_refused_before_any_engine_starts(
+        tiny_llama_dir, tmp_path, serve_parser):
+    """Real engine arguments: LLM(...) gets the OptionError from create_engine_config, and
+    ``vllm serve`` exits in one line; a draft whose depths stay apart gets its config."""
+    from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+
+    def engine_args(layer_ids: list[int]) -> dict:
+        draft = _eagle3_draft(tiny_llama_dir, tmp_path / f"draft-{len(layer_ids)}-{layer_ids[0]}", layer_ids)
+        return dict(model=str(tiny_llama_dir), load_format="miprun", model_loader_extra_config=KEEP_HALF,
+                    speculative_config={"method": "eagle3", "model": str(draft), "num_speculative_tokens": 2},
+                    enforce_eager=True, dtype="float32", max_model_len=256)
+
+    config = EngineArgs(**engine_args([1, 2, 4])).create_engine_config()
+    assert config.speculative_config.method == "eagle3"
+    assert config.model_config.hf_config.miprun_kept_layers == [0, 1, 2, 7]  # blocks 3-6 pruned
+    with pytest.raises(OptionError, match=r"after blocks \[5, 7\] of the full model.*depths \[3, 3\]"):
+        EngineArgs(**engine_args([5, 7])).create_engine_config()
+    args = serve_parser.parse_args(["--model", str(tiny_llama_dir), "--miprun-keep", "0.5", "--miprun-method", "last",
+                                    "--speculative-config", json.dumps(engine_args([5, 7])["speculative_config"]),
+                                    "--enforce-eager", "--dtype", "float32", "--max-model-len", "256"])
+    with pytest.raises(SystemExit, match=r"^vllm-miprun: error: the speculative draft .*depths \[3, 3\]"):
+        AsyncEngineArgs.from_cli_args(args).create_engine_config()
+
+
 def test_an_mtp_draft_is_built_from_its_own_config(monkeypatch):
     """vLLM builds an MTP draft from vllm_config.model_config: the pruned target's, unless replaced."""
     seen = {}

@@ -36,6 +36,7 @@ from vllm_miprun.errors import USER_ERRORS, MiprunError
 from vllm_miprun.model import remap
 from vllm_miprun.option_flags import add_serve_flags, entry_wording, serve_flag_values
 from vllm_miprun.options import MiprunOptions, OptionError, option
+from vllm_miprun.vllm import lora_and_draft
 from vllm_miprun.vllm.compat import check_vllm_supported, reloads_experts_by_served_names
 from vllm_miprun.vllm.cpu_dtype import apply_cpu_dtype_default
 
@@ -281,10 +282,14 @@ def _settle_flags_when_parsed(parser: argparse.ArgumentParser) -> None:
     parser.parse_known_args = parse_known_args
 
 
+_FROM_CLI = "_miprun_from_cli"  # set on EngineArgs made from a command line: errors exit in one line
+
+
 def _wrap_from_cli_args(original):
     @functools.wraps(original)
     def from_cli_args(cls, args: argparse.Namespace):
         engine_args = original(cls, args)
+        setattr(engine_args, _FROM_CLI, True)
         try:
             apply_flags(engine_args, args)
             prepare_engine_args(engine_args)
@@ -306,7 +311,14 @@ def _wrap_create_engine_config(original):
         except MiprunError as error:  # a Python caller (LLM(...)): its hint names the dict entry
             error.args = (entry_wording(str(error)),)
             raise
-        return original(self, *args, **kwargs)
+        config = original(self, *args, **kwargs)
+        try:
+            lora_and_draft.check_draft_depths(config)  # vLLM has just read the draft's config
+        except MiprunError as error:
+            if getattr(self, _FROM_CLI, False):
+                raise SystemExit(f"vllm-miprun: error: {error}") from None
+            raise
+        return config
 
     return create_engine_config
 

@@ -44,6 +44,7 @@ from vllm.logger import init_logger
 
 from vllm_miprun.errors import OptionError
 from vllm_miprun.model.checkpoint import INDEX_NAME
+from vllm_miprun.model.remap import FULL_FIELD, KEPT_FIELD
 from vllm_miprun.vllm import model_files
 
 logger = init_logger(f"vllm.{__name__}")
@@ -182,6 +183,38 @@ def eagle3_depths(kept: list[int], num_blocks: int, layers) -> tuple[int, ...]:
     return depths
 
 
+def full_model_default_depths(num_blocks: int) -> tuple[int, int, int]:
+    """vLLM's default EAGLE-3 depths, ``(2, L // 2, L - 3)``, of the full model's L blocks."""
+    return 2, num_blocks // 2, num_blocks - 3
+
+
+# The drafts vLLM 0.32 and 0.33 make the target output hidden states for (the model runner's
+# list); 0.34 asks each method's config (``uses_aux_hidden_states``).
+HIDDEN_STATE_METHODS = ("eagle3", "dflash", "dspark", "extract_hidden_states")
+
+
+def draft_reads_hidden_states(speculative_config) -> bool:
+    if hasattr(type(speculative_config), "uses_aux_hidden_states"):
+        return bool(speculative_config.uses_aux_hidden_states)
+    return getattr(speculative_config, "method", None) in HIDDEN_STATE_METHODS
+
+
+def check_draft_depths(vllm_config) -> None:
+    """Refuse, in the front process and before any engine starts, a draft whose hidden-state
+    depths the plan merges. The worker's setter (below) refuses the same, but only once the
+    weights are loaded; vLLM's own reading of the draft's config names the depths here."""
+    speculative_config = getattr(vllm_config, "speculative_config", None)
+    hf_config = vllm_config.model_config.hf_config
+    kept = getattr(hf_config, KEPT_FIELD, None)
+    if speculative_config is None or kept is None or not draft_reads_hidden_states(speculative_config):
+        return
+    from vllm.v1.worker.gpu.spec_decode.eagle.eagle3_utils import get_eagle3_aux_layers_from_config
+
+    num_blocks = int(getattr(hf_config, FULL_FIELD))
+    layers = get_eagle3_aux_layers_from_config(speculative_config) or full_model_default_depths(num_blocks)
+    eagle3_depths(list(kept), num_blocks, layers)
+
+
 def route_eagle3_to_kept_blocks(model, kept: list[int], num_blocks: int) -> None:
     """Make the target's EAGLE-3 aux-layer setter take full-model depths (see the module doc)."""
     if not hasattr(model, "set_aux_hidden_state_layers"):
@@ -195,4 +228,4 @@ def route_eagle3_to_kept_blocks(model, kept: list[int], num_blocks: int) -> None
         set_pruned_depths(depths)
 
     model.set_aux_hidden_state_layers = set_full_model_depths
-    model.get_eagle3_default_aux_hidden_state_layers = lambda: (2, num_blocks // 2, num_blocks - 3)
+    model.get_eagle3_default_aux_hidden_state_layers = lambda: full_model_default_depths(num_blocks)

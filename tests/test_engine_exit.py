@@ -3,6 +3,7 @@ teardown on success (its output flushed), and takes the normal path otherwise.""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -26,8 +27,9 @@ finish({code})
     (False, 0, True),   # no engine: a plain exit
 ])
 def test_finish_skips_teardown_only_after_an_engine_succeeded(engine, code, teardown):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # else nothing waits for a flush
     proc = subprocess.run([sys.executable, "-c", SCRIPT.format(engine=engine, code=code)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == code, proc.stderr
     assert proc.stdout.startswith("RESULT\n") and "LOGGED" in proc.stderr
     assert ("TEARDOWN" in proc.stdout) is teardown

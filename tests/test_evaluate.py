@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import textwrap
@@ -285,3 +286,139 @@ def test_cli_parses_prune_options_and_prints_json(tiny_llama_dir, capsys):
     no_keep = parser.parse_args(["eval", str(tiny_llama_dir), "--method", "last"])
     with pytest.raises(ev.EvalError, match="--keep"):
         ev.options_from_args(no_keep)
+
+
+# --------------------------------------------------------------------------- the driver's own logic
+# A ready backend object (evaluate() accepts one) that answers from a table and records what
+# it was asked: the averaging, the splits and the refusals, without a model.
+
+
+class _TableBackend:
+    def __init__(self, tokenizer, logliks=None, max_length=2048, num_blocks=4, kept=None):
+        self.tokenizer, self.max_length, self.num_blocks, self.kept = tokenizer, max_length, num_blocks, kept
+        self.logliks, self.requests = list(logliks or []), []
+
+    def loglikelihood(self, requests, progress=False):
+        self.requests += [(list(c), list(k)) for c, k in requests]
+        return [self.logliks.pop(0) if self.logliks else -float(len(k)) for _, k in requests]
+
+    def greedy(self, prompts, max_tokens):
+        return [[7] * max_tokens for _ in prompts]
+
+    def close(self):
+        raise AssertionError("a ready backend is not closed by evaluate()")
+
+
+def test_acc_norm_divides_by_the_choices_characters_and_gold_must_name_a_choice(tiny_tokenizer):
+    # choice "a" scores -2 (-2 per character), "bbbbbbbb" -4 (-0.5 per character)
+    example = tasks.MCExample.shared_context("Pick one:", ["a", "bbbbbbbb"], gold=1)
+    metrics = ev.score_examples(_TableBackend(tiny_tokenizer, [-2.0, -4.0]), [example])
+    assert (metrics["acc"], metrics["acc_norm"], metrics["examples"], metrics["requests"]) == (0.0, 1.0, 1, 2)
+    for gold in (2, -1):
+        bad = tasks.MCExample.shared_context("Pick one:", ["a", "b"], gold=gold)
+        with pytest.raises(ev.EvalError, match=f"gold index {gold} for 2 choices"):
+            ev.score_examples(_TableBackend(tiny_tokenizer), [bad])
+
+
+def test_zero_shot_average_is_the_plain_mean_of_acc_norm(tiny_llama_dir, tiny_tokenizer):
+    report = ev.evaluate(tiny_llama_dir, ["piqa", "arc_easy", "hellaswag"], backend=_TableBackend(tiny_tokenizer),
+                         limit=6, progress=False)
+    norms = [report["tasks"][t]["acc_norm"] for t in ("piqa", "arc_easy", "hellaswag")]
+    accs = [report["tasks"][t]["acc"] for t in ("piqa", "arc_easy", "hellaswag")]
+    assert report["mc_avg_acc_norm"] == sum(norms) / 3
+    # the table backend makes these differ, so acc or a geometric mean would show
+    assert sum(accs) != sum(norms) and math.prod(norms) ** (1 / 3) != sum(norms) / 3, (accs, norms)
+
+
+def test_perplexity_reads_the_evaluation_split_and_ppl_limit_overrides_limit(tiny_llama_dir, tiny_tokenizer):
+    from vllm_miprun.pipeline.corpora import sample_token_windows
+
+    backend = _TableBackend(tiny_tokenizer, max_length=16)
+    report = ev.evaluate(tiny_llama_dir, "wiki-ppl", backend=backend, limit=3, ppl_limit=2, seq_len=16,
+                         progress=False)  # seq_len may equal the window: 15 tokens are scored after the first
+    assert report["tasks"]["wiki-ppl"]["windows"] == 2 and report["tasks"]["wiki-ppl"]["tokens"] == 30
+    held_out = sample_token_windows(tiny_tokenizer, "wiki", 2, 16, 0, part="evaluation")
+    assert backend.requests == [([int(w[0])], [int(t) for t in w[1:]]) for w in held_out]
+    with pytest.raises(ev.EvalError, match="seq_len 17 exceeds the model window 16"):
+        ev.evaluate(tiny_llama_dir, "wiki-ppl", backend=backend, limit=1, seq_len=17, progress=False)
+
+
+def test_a_ready_backend_that_kept_every_block_is_its_own_greedy_reference(tiny_llama_dir, tiny_tokenizer,
+                                                                           monkeypatch):
+    from vllm_miprun.tools import eval_generate as gen
+
+    monkeypatch.setattr(gen, "AGREEMENT_PROMPTS", 2)
+    backend = _TableBackend(tiny_tokenizer, num_blocks=4, kept=[0, 1, 2, 3])
+    metrics = ev.evaluate(tiny_llama_dir, "greedy-agreement", backend=backend, progress=False)["tasks"]
+    assert (metrics["greedy-agreement"]["mean_prefix"], metrics["greedy-agreement"]["full_match"]) == (
+        gen.AGREEMENT_TOKENS, 1.0)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda d: ev.evaluate(d, "wiki-ppl", backend="transformers", seq_len=1), "seq_len must be at least 2"),
+    (lambda d: ev.evaluate(d, "wiki-ppl", backend="transformers", limit=0), "limit must be a positive integer"),
+    (lambda d: ev.evaluate(d, "piqa", backend="transformers", ppl_limit=0), "ppl_limit must be a positive integer"),
+    (lambda d: ev.evaluate(d, [], backend="transformers"), "no task given"),
+    (lambda d: ev.make_backend(d, "tensorrt"), "backend must be one of vllm, transformers"),
+    (lambda d: ev.make_backend(d, "vllm", prune=[0, 1]), "not kept indices"),
+])
+def test_bad_evaluation_arguments_are_refused_before_any_model_is_read(tmp_path, call, message):
+    """The folder does not exist: reaching the model would be another error."""
+    with pytest.raises(ev.EvalError, match=message):
+        call(tmp_path / "no-model")
+
+
+def test_extra_config_must_be_a_json_object(tiny_llama_dir):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="vllm-miprun")
+    ev.add_eval_parser(parser.add_subparsers(dest="command"))
+    for raw in ("[0.5]", "nope"):
+        args = parser.parse_args(["eval", str(tiny_llama_dir), "--extra-config", raw])
+        with pytest.raises(ev.EvalError, match="--extra-config must be a JSON object"):
+            ev.options_from_args(args)
+
+
+def test_the_transformers_window_never_exceeds_the_models_positions(tiny_llama_dir):
+    assert ev.TransformersBackend(tiny_llama_dir, max_length=10**6).max_length == 2048  # the config's
+    assert ev.TransformersBackend(tiny_llama_dir, max_length=64).max_length == 64
+
+
+def test_fit_request_refuses_what_cannot_be_scored():
+    assert tasks.fit_request(([1], [2, 3, 4]), 4) == ([1], [2, 3, 4])  # one context token is enough
+    with pytest.raises(ev.EvalError, match="4 tokens does not fit the 4-token window"):
+        tasks.fit_request(([1], [2, 3, 4, 5]), 4)
+    with pytest.raises(ev.EvalError, match="empty continuation"):
+        tasks.fit_request(([1, 2], []), 4)
+
+
+def test_task_names_expand_once_and_mc_loaders_refuse_other_tasks(tiny_tokenizer):
+    assert tasks.parse_tasks("wiki-ppl,ppl,wiki-ppl") == list(tasks.PPL_TASKS)
+    with pytest.raises(ev.EvalError, match="wiki-ppl is a perplexity task, not multiple choice"):
+        tasks.load_examples("wiki-ppl")
+    # lm-eval: an empty context becomes the end-of-text token (not the beginning one)
+    assert tiny_tokenizer.eos_token_id != tiny_tokenizer.bos_token_id
+    ctx, cont = tasks.encode_pair(tiny_tokenizer, "", "The cat")
+    assert ctx == [tiny_tokenizer.eos_token_id]
+    assert cont == tiny_tokenizer("The cat", add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("answer, gold", [("1", 0), ("2", 1)])
+def test_winogrande_answer_names_the_option_one_based(answer, gold):
+    example = tasks.TASKS["winogrande"].to_example(
+        {"sentence": "The cup fell off the table because _ was wobbly.", "option1": "the cup",
+         "option2": "the table", "answer": answer})
+    assert example.gold == gold
+    assert example.contexts == ("The cup fell off the table because the cup",
+                                "The cup fell off the table because the table")
+
+
+def test_transformers_batches_stay_within_the_token_budget(tiny_llama_dir):
+    backend = ev.TransformersBackend(tiny_llama_dir, max_batch_tokens=64)
+    shapes = []
+    backend.model.model.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(
+        tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    requests = [([3 + i], list(range(10, 25))) for i in range(10)]  # 10 requests of 16 tokens
+    scores = backend.loglikelihood(requests)
+    assert shapes == [(4, 16), (4, 16), (2, 16)]  # 64 // 16 rows at a time
+    assert len(scores) == 10

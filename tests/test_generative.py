@@ -29,6 +29,27 @@ def test_matching_prefix_and_agreement_on_hand_made_sequences():
     assert metrics["mean_prefix"] == 2.5 and metrics["full_match"] == 0.5 and metrics["prompts"] == 2
     with pytest.raises(ev.EvalError, match="as many"):
         gen.agreement_metrics([[1]], [[1], [2]], 1)
+    with pytest.raises(ev.EvalError, match="as many"):
+        gen.agreement_metrics([], [], 4)
+    one_short = gen.agreement_metrics([[1, 2, 3, 4]], [[1, 2, 3, 9]], 4)  # 3 of 4: not a full match
+    assert one_short["mean_prefix"] == 3 and one_short["full_match"] == 0.0
+    # only the first ``length`` tokens count, however long the continuations
+    assert gen.agreement_metrics([[1, 2, 3]], [[1, 2, 3]], 2) == {"mean_prefix": 2.0, "full_match": 1.0,
+                                                                 "prompts": 1, "tokens": 2}
+
+
+def test_agreement_prompts_are_every_strided_window_of_the_held_out_wiki_text():
+    from transformers import AutoTokenizer
+
+    from tiny_models import tokenizer_dir
+    from vllm_miprun.pipeline.corpora import sample_token_windows
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir())
+    prompts = gen.agreement_prompts(tokenizer)
+    stride, length = gen.AGREEMENT_STRIDE, gen.AGREEMENT_PROMPT_LEN
+    assert len(prompts) == gen.AGREEMENT_PROMPTS and {len(p) for p in prompts} == {length}
+    held_out = sample_token_windows(tokenizer, "wiki", 2 * stride + 1, length, 0, part="evaluation")
+    assert prompts[:3] == [[int(t) for t in held_out[i * stride]] for i in range(3)]
 
 
 @pytest.mark.parametrize("generated, answer, right", [
@@ -39,6 +60,7 @@ def test_matching_prefix_and_agreement_on_hand_made_sequences():
     (" signsmith", "signs", False),
     ("", "signs", False),
     (" anything", "", False),
+    ("", "", False),  # an empty answer is never matched, not even by empty text
 ])
 def test_exact_match_takes_the_first_word_without_punctuation(generated, answer, right):
     assert gen.exact_match(generated, answer) is right

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -46,6 +47,23 @@ def test_worker_output_and_exit_code_come_back():
         [sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr); sys.exit(3)"],
         timeout_s=30, env=os.environ)
     assert (code, out.strip(), err.strip()) == (3, "out", "err")
+
+
+def test_a_worker_that_exits_normally_leaves_no_orphan(tmp_path):
+    """What a finished worker left running in its group (an EngineCore it did not stop) is killed too."""
+    pid_file = tmp_path / "grandchild.pid"
+    script = ("import subprocess, sys; "
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+              "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+              f"open({str(pid_file)!r}, 'w').write(str(p.pid))")
+    code, _, err = harness.run_in_own_group([sys.executable, "-c", script], timeout_s=30, env=os.environ)
+    assert code == 0, err
+    grandchild = int(pid_file.read_text())
+    gone = _gone(grandchild)
+    if not gone:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(grandchild, 9)
+    assert gone, f"grandchild {grandchild} outlived its finished worker"
 
 
 def _started_with_grandchild(tmp_path) -> tuple[subprocess.Popen, int]:
@@ -138,6 +156,25 @@ def test_stamp_records_commit_machine_date_and_command():
     assert time.strptime(result["when"], "%Y-%m-%dT%H:%M:%SZ")
     kept = harness.stamp({"command": "python given.py"})
     assert kept["command"] == "python given.py"  # a benchmark's own command line wins
+
+
+def test_git_commit_says_when_tracked_files_changed(tmp_path, monkeypatch):
+    def git(*argv):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *argv], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "tracked.txt").write_text("one\n")
+    git("add", "tracked.txt")
+    git("commit", "-q", "-m", "one")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    monkeypatch.setattr(harness, "ROOT", tmp_path)
+    (tmp_path / "untracked.txt").write_text("not part of the commit\n")
+    assert harness.git_commit() == head
+    (tmp_path / "tracked.txt").write_text("two\n")
+    assert harness.git_commit() == head + "+dirty"
+    monkeypatch.setattr(harness, "ROOT", tmp_path / "missing")
+    assert harness.git_commit() is None
 
 
 def test_default_model_dir_names_the_fix(tmp_path, monkeypatch):

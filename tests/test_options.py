@@ -452,3 +452,46 @@ def test_entry_wording_gives_a_switch_true_and_keeps_the_next_word_as_prose():
     assert entry_wording(f"pass {switch.serve_flag}") == f'pass model_loader_extra_config={{"{switch.name}": true}}'
     assert entry_wording("e.g. --miprun-keep 0.75; or --miprun-method last") == \
         'e.g. model_loader_extra_config={"keep": 0.75}; or model_loader_extra_config={"method": "last"}'
+
+
+def test_stability_agreement_is_the_mean_jaccard_over_pairs_and_ranges_print_compactly():
+    from vllm_miprun.tools import cli
+
+    assert cli.mean_pairwise_jaccard([{3, 4}]) == 1.0  # one seed: nothing disagrees
+    assert cli.mean_pairwise_jaccard([{1, 2}, {2, 3}]) == 1 / 3  # |{2}| / |{1, 2, 3}|
+    assert cli.mean_pairwise_jaccard([{1}, {1}, {1}, {2}]) == 3 / 6  # 6 pairs, 3 agree
+    assert cli.compact_ranges([7, 0, 1, 2, 4, 6]) == "0-2,4,6-7"
+    assert (cli.compact_ranges([5]), cli.compact_ranges([])) == ("5", "-")
+
+
+def test_cli_stability_runs_every_seed_and_writes_its_table(tiny_llama_dir, tmp_path, capsys):
+    from vllm_miprun.tools import cli
+
+    out = tmp_path / "table.json"
+    code = cli.main(["stability", str(tiny_llama_dir), "--methods", "last", "--seeds", "3", "--keep", "0.5",
+                     "--cache-dir", str(tmp_path / "scores"), "--json-out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    table = json.loads(out.read_text())
+    assert (table["keep"], table["seeds"]) == (0.5, 3)
+    assert table["methods"]["last"] == {"mean_pairwise_jaccard": 1.0, "pruned_sets": [[3, 4, 5, 6]] * 3}
+
+
+def test_cli_plan_never_calibrates(tiny_llama_dir, tmp_path, capsys):
+    """`plan` reads the cached scores: with none, one line and exit 2, and no cache written."""
+    from vllm_miprun.tools import cli
+
+    assert cli.main(["plan", str(tiny_llama_dir), "--keep", "0.5", "--samples", "2", "--seq-len", "16",
+                     "--cache-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_calibrate_force_recomputes_a_matching_cache(tiny_llama_dir, tmp_path, capsys):
+    from vllm_miprun.tools import cli
+
+    args = ["calibrate", str(tiny_llama_dir), "--samples", "2", "--seq-len", "16", "--cache-dir", str(tmp_path)]
+    verbs = []
+    for extra in ([], [], ["--force"]):
+        assert cli.main(args + extra) == 0
+        verbs.append(capsys.readouterr().out.split()[0])
+    assert verbs == ["wrote", "reused", "wrote"]

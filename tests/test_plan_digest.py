@@ -96,6 +96,29 @@ def test_nixl_refuses_a_prefill_decode_pair_that_kept_other_blocks(tiny_llama_di
     assert nixl_hash(None) == compute_nixl_compatibility_hash(dense_config, "CPU_ATTN")
 
 
+def test_the_nixl_fold_goes_in_once_however_often_it_is_installed(monkeypatch):
+    """A worker may build the loader more than once; folding the digest twice would give one
+    plan two hashes (an instance that folded once could not pair with one that folded twice)."""
+    import sys
+    import types
+
+    from vllm_miprun.vllm import kv_transfer
+
+    module = types.ModuleType(kv_transfer.NIXL_WORKER_MODULE)
+    module.compute_nixl_compatibility_hash = lambda vllm_config, backend: f"vllm:{backend}"
+    monkeypatch.setitem(sys.modules, kv_transfer.NIXL_WORKER_MODULE, module)
+    for _ in range(3):
+        kv_transfer.cover_plan_in_nixl_hash()
+
+    def config(digest):
+        hf_config = types.SimpleNamespace(**({DIGEST_FIELD: digest} if digest else {}))
+        return types.SimpleNamespace(model_config=types.SimpleNamespace(hf_config=hf_config))
+
+    assert module.compute_nixl_compatibility_hash(config("abc"), "CPU_ATTN") == kv_transfer.hash_with_plan(
+        "vllm:CPU_ATTN", "abc")
+    assert module.compute_nixl_compatibility_hash(config(None), "CPU_ATTN") == "vllm:CPU_ATTN"
+
+
 def test_the_loader_checks_the_digest_against_the_full_model_block_count(tiny_llama_dir):
     """The config a worker gets says the kept blocks and the full model's count (L, not K):
     the digest is checked against those, so a consistent config loads and a mixed one is refused."""

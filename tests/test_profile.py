@@ -204,3 +204,56 @@ def test_profile_command_prints_fit_beside_the_one_model_estimate(tiny_llama_dir
     estimate = ideal_speedup(config, 4, 1, mean_decode_context(16, 8), DTYPE_BYTES["float32"])["estimate"]
     assert stored["measured"]["runs"][1]["estimated_speedup"] == pytest.approx(estimate)
     assert f"speed-up fitted {0.006 / 0.004:.3f}x, estimated without a profile {estimate:.3f}x" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--keeps", "1.0,1.0"], "two or more distinct ratios"),
+    (["--keeps", "1.0,0"], "two or more distinct ratios"),
+    (["--output-tokens", "1"], "--output-tokens >= 2"),  # a decode time needs two tokens
+])
+def test_profile_main_refuses_bad_numbers_before_any_engine(tiny_llama_dir, monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(profile, "run_engine", lambda spec: pytest.fail("an engine was started"))
+    with pytest.raises(SystemExit) as exit_:
+        profile.profile_main([str(tiny_llama_dir), *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def _line_engine(specs, fixed_s=0.002, block_s=0.0005):
+    def run(spec):
+        specs.append(spec)
+        kept = {1.0: 8, 0.5: 4}[spec["extra"]["keep"]]
+        return {"batches": {"1": {"tpot_s": fixed_s + block_s * kept, "ttft_s": 0.01}}}
+    return run
+
+
+def test_profile_main_sizes_the_kv_cache_in_gib_and_no_store_writes_nothing(tiny_llama_dir, tmp_path,
+                                                                           monkeypatch, capsys):
+    specs = []
+    monkeypatch.setattr(profile, "run_engine", _line_engine(specs))
+    argv = [str(tiny_llama_dir), "--keeps", "1.0,0.5", "--cache-dir", str(tmp_path), "--json"]
+    assert profile.profile_main(argv + ["--no-store", "--kv-cache-gib", "0.5"]) == 0
+    assert json.loads(capsys.readouterr().out)["written"] == []
+    assert speed_store.read_profile(tiny_llama_dir, tmp_path) is None and not list(tmp_path.iterdir())
+    assert {s["kv_bytes"] for s in specs} == {2**29}
+    specs.clear()
+    assert profile.profile_main(argv) == 0
+    assert {s["kv_bytes"] for s in specs} == {2**28}  # the default, 0.25 GiB
+    assert speed_store.read_profile(tiny_llama_dir, tmp_path)["fixed_s"] == pytest.approx(0.002)
+
+
+def test_a_profile_that_is_only_noise_is_not_stored(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(profile, "run_engine", _line_engine([], fixed_s=0.01, block_s=-0.0005))  # faster with more
+    code = profile.profile_main([str(tiny_llama_dir), "--keeps", "1.0,0.5", "--cache-dir", str(tmp_path)])
+    assert code == 2 and "profile not stored" in capsys.readouterr().err
+    assert speed_store.read_profile(tiny_llama_dir, tmp_path) is None
+
+
+def test_run_engine_fails_on_a_worker_exit_status_even_after_a_result_line(monkeypatch):
+    """A worker that printed its result and then died (e.g. in vLLM's teardown) is not a
+    measurement to trust: measure.py leaves with status 0 once its result is out."""
+    line = profile.RESULT_MARK + json.dumps({"batches": {}})
+    monkeypatch.setattr(profile, "run_in_own_group", lambda argv, timeout_s, env: (-6, line + "\n", "abort"))
+    with pytest.raises(RuntimeError, match=r"engine run failed \(exit -6\)"):
+        profile.run_engine({"model": "m", "load_format": "miprun", "extra": {}})
+    monkeypatch.setattr(profile, "run_in_own_group", lambda argv, timeout_s, env: (0, line + "\n", ""))
+    assert profile.run_engine({"model": "m"})["batches"] == {}

@@ -62,6 +62,15 @@ def test_a_push_folds_the_heal_map_into_its_block():
     torch.testing.assert_close(got["model.layers.2.mlp.down_proj.weight"], _block_tensor(5))
 
 
+def test_a_push_of_some_tensors_needs_not_carry_the_fold_target():
+    """A trainer may push only some tensors: the heal fold applies to what comes, and a map
+    whose down_proj is not in this push is no error (the first load checks the whole checkpoint)."""
+    model = _Recorder()
+    full_model_weights.take_full_model_names(model, [0, 2, 5], 6, {3: torch.eye(4)}, LLAMA)  # folds into block 2
+    model.load_weights([("model.layers.5.mlp.down_proj.weight", _block_tensor(5))])
+    assert [name for name, _ in model.seen] == ["model.layers.2.mlp.down_proj.weight"]
+
+
 class _GemmaLike(nn.Module):
     """Loads like Gemma 2/3 and Cohere2: ``AutoWeightsLoader`` with the instance's mapper."""
 

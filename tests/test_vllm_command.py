@@ -270,6 +270,34 @@ def _gauge(text: str, name: str) -> float:
     return float(match.group(1))
 
 
+@pytest.mark.parametrize("given, allowed", [
+    (None, None),                 # no allow-list: every plugin loads, nothing to add
+    ("lora_x", "lora_x,miprun"),  # the user's plugins stay
+    ("", "miprun"),               # an empty allow-list would load none
+    ("miprun,lora_x", "miprun,lora_x"),
+])
+def test_the_plugin_joins_a_vllm_plugins_allow_list(monkeypatch, given, allowed):
+    from vllm_miprun.vllm.serve import ensure_plugin_allowed
+
+    if given is None:
+        monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_PLUGINS", given)
+    ensure_plugin_allowed()
+    assert os.environ.get("VLLM_PLUGINS") == allowed
+
+
+def test_vllm_miprun_vllm_returns_vllms_exit_status(monkeypatch, capsys):
+    """`vllm-miprun serve/vllm ...` hand vLLM's own CLI its arguments; its usage error is status 2, not 0."""
+    from vllm_miprun.vllm.serve import vllm_main
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(metadata, "version", metadata.version)  # vllm_main patches the lookup: undone after
+    monkeypatch.setenv("VLLM_PLUGINS", os.environ.get("VLLM_PLUGINS", "miprun"))
+    assert vllm_main(["serve", "--no-such-flag"]) == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
 @pytest.mark.engine
 def test_vllm_serve_as_typed_answers_and_reports_pruning(served):
     answer = served["answer"]

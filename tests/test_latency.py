@@ -43,6 +43,21 @@ def test_step_costs_arithmetic_on_smollm2():
     assert four["block_flops"] == 4 * (2 * SMOL_BLOCK_PARAMS + 4 * 100 * 9 * 64)
     assert four["block_bytes"] == SMOL_BLOCK_PARAMS * 2 + 4 * 100 * kv_bytes_per_token_per_block(LLAMA_LIKE, 2)
     assert four["rest_bytes"] == 49152 * 576 * 2
+    # an explicit head_dim (Qwen3, Gemma) sizes the projections, not hidden_size / heads
+    wide = decode_step_costs({**LLAMA_LIKE, "head_dim": 128}, batch_size=1, context_tokens=10)
+    assert wide["block_params"] == 2 * 576 * 9 * 128 + 2 * 576 * 3 * 128 + 3 * 576 * 1536
+    assert wide["block_flops"] == 2 * wide["block_params"] + 4 * 10 * 9 * 128
+    # a one-byte cache (fp8 weights and KV): the KV reads shrink with the weights
+    one = decode_step_costs(LLAMA_LIKE, batch_size=4, context_tokens=100, bytes_per_param=1)
+    assert one["block_bytes"] == SMOL_BLOCK_PARAMS + 4 * 100 * kv_bytes_per_token_per_block(LLAMA_LIKE, 1)
+    # a text_config that is not the language model's (no num_hidden_layers) is not read
+    assert decode_step_costs({**LLAMA_LIKE, "text_config": {"hidden_size": 64}}) == decode_step_costs(LLAMA_LIKE)
+
+
+@pytest.mark.parametrize("key", ["hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"])
+def test_a_config_size_of_zero_is_refused_naming_it(key):
+    with pytest.raises(ValueError, match=f"model config '{key}' must be a positive integer, got 0"):
+        decode_step_costs({**LLAMA_LIKE, key: 0})
 
 
 def test_estimate_is_the_roofline_of_the_step_costs():
@@ -63,6 +78,9 @@ def test_one_default_workload_for_planner_and_ideal():
     assert default == explicit
     for kept in (30, 23, 15, 1):
         assert ideal_speedup(LLAMA_LIKE, kept)["estimate"] == pytest.approx(default.speedup(range(kept)))
+    one_byte = LatencyModel.from_config(LLAMA_LIKE, bytes_per_param=1)
+    assert one_byte.speedup(range(15)) != pytest.approx(default.speedup(range(15)), rel=1e-3)
+    assert ideal_speedup(LLAMA_LIKE, 15, bytes_per_param=1)["estimate"] == pytest.approx(one_byte.speedup(range(15)))
 
 
 def test_ideal_speedup_ratios_on_smollm2():
@@ -172,8 +190,17 @@ def test_profile_round_trip_and_errors():
         LatencyModel.from_profile({"batch_size": 1, "fixed_s": 0.0})
     with pytest.raises(ValueError, match="block_s"):
         LatencyModel.from_profile({"batch_size": 1, "fixed_s": 0.0, "block_s": [0.1, -1]})
-    with pytest.raises(ValueError, match="0..2"):
-        model.predict([3])
+    for outside in (3, -1):
+        with pytest.raises(ValueError, match=r"0\.\.2, got \[-?\d\]"):
+            model.predict([outside])
+    for block_s in ((), (0.001, True)):
+        with pytest.raises(ValueError, match="block_s must be one finite cost"):
+            LatencyModel(fixed_s=0.001, block_s=block_s)
+    with pytest.raises(ValueError, match="fixed_s must be a finite number"):
+        LatencyModel(fixed_s=True, block_s=(0.001,))
+    with pytest.raises(ValueError, match="batch size must be a positive integer, got True"):
+        LatencyModel.from_profile({**profile, "batch_size": True})
+    assert model.budget_seconds("0.5") == 0.5 * model.full_s  # a fraction of the whole, fixed cost included
 
 
 @pytest.mark.parametrize(
@@ -191,7 +218,7 @@ def test_parse_latency_budget(spec, expected):
     assert parse_latency_budget(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["0", "1.2", "-0.5", "nan", "abc", "12s", "0ms", "12ms@bs0", None, True])
+@pytest.mark.parametrize("spec", ["0", "1.2", "-0.5", "nan", "abc", "12s", "0ms", "1e999ms", "12ms@bs0", None, True])
 def test_parse_latency_budget_errors(spec):
     with pytest.raises(ValueError, match="budget|batch size"):
         parse_latency_budget(spec)

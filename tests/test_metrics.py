@@ -57,6 +57,7 @@ def test_pruned_weight_bytes_from_headers(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors")
     expected = 4 * 9 * 4 + 4 * 2 + 4 * 10 * 4  # blocks 1 and 2
     assert weights.pruned_weight_bytes([tmp_path / "model.safetensors"], [1, 2]) == expected
+    assert weights.pruned_weight_bytes([tmp_path / "model.safetensors"], [2, 1, 2]) == expected  # each block once
     assert weights.pruned_weight_bytes([tmp_path / "model.safetensors"], []) == 0
 
 

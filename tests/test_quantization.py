@@ -512,6 +512,25 @@ def test_gptq_and_awq_lists_are_pinned_for_the_pruned_model():
     new = remap_quantization_config(QCONFIGS["awq"], [0, 2, 3], names)
     assert "model.layers.2.mlp.down_proj" in new["modules_to_not_convert"]
     assert "model.layers.1.mlp.down_proj" not in new["modules_to_not_convert"]
+    # AutoAWQ stores qweight, qzeros and scales per linear: none of those modules is unconverted
+    awq = [n for n in _names() if n.endswith(".weight")] + [
+        f"model.layers.{b}.{s}.{leaf}" for b in range(4) for s in LINEARS for leaf in ("qweight", "qzeros", "scales")
+        if (b, s) != (3, "mlp.down_proj")] + ["model.layers.3.mlp.down_proj.weight"]
+    assert remap_quantization_config(QCONFIGS["awq"], [0, 2, 3], awq)["modules_to_not_convert"] == sorted(
+        ["model.embed_tokens", "model.norm", "lm_head", "model.layers.2.mlp.down_proj"]
+        + [f"model.layers.{b}.input_layernorm" for b in range(3)])
+
+
+def test_gptq_nested_module_lists_and_unprefixed_dynamic_keys_are_renumbered():
+    """``modules_in_block_to_quantize`` may be a list of lists (kept nested); a ``dynamic`` key
+    without ``+:`` or ``-:`` is a positive rule, matched as written."""
+    nested = [["self_attn.q_proj", "self_attn.k_proj"], ["model.layers.3.mlp.down_proj"]]
+    rules = {r"model\.layers\.3\..*": {"bits": 8}}
+    new = remap_quantization_config(dict(QCONFIGS["gptq"], modules_in_block_to_quantize=nested, dynamic=rules),
+                                    [0, 2, 3], _names())
+    assert new["modules_in_block_to_quantize"] == [["self_attn.q_proj", "self_attn.k_proj"],
+                                                   ["model.layers.2.mlp.down_proj"]]
+    assert new["dynamic"] == {r"model\.layers\.2\..*": {"bits": 8}}
 
 
 def test_awq_substring_entries_renumber():
@@ -625,6 +644,10 @@ def test_universe_knows_fused_names():
     universe = Universe(_names(2))
     assert "self_attn.qkv_proj" in universe.suffixes and "mlp.gate_up_proj" in universe.suffixes
     assert universe.blocks == {0, 1} and "lm_head" in universe.others
+    # a fused name needs every checkpoint module it fuses
+    partial = Universe(["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+                        "model.layers.0.mlp.gate_proj.weight"])
+    assert partial.suffixes == {"self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj"}
 
 
 # ---------------------------------------------------------------- weight renaming

@@ -58,6 +58,52 @@ def test_monotone_closure_repairs_violations():
     assert fixed[0, 2] == 0.5 and fixed[0, 3] == 0.5
 
 
+# A skip-channel MI already monotone under the DPI (a longer run keeps less), so the closure
+# leaves each cost at its closed form: {(i, j): I_skip(h_i; h_j)} on 3 blocks, d = 8.
+SKIP_MI = {(0, 1): 4.0, (1, 2): 3.0, (2, 3): 5.0, (0, 2): 2.0, (1, 3): 1.5, (0, 3): 1.0}
+
+
+def _span_matrix(values):
+    out = np.full((4, 4), np.nan)
+    for (i, j), value in values.items():
+        out[i, j] = value
+    return out
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0, 3.0])
+def test_span_costs_are_their_closed_forms(power):
+    import math
+    from types import SimpleNamespace
+
+    from vllm_miprun.core.matrices import to_nested_list
+    from vllm_miprun.core.span_cost import mi_fallback_cost, skip_cost
+
+    skip = _span_matrix(SKIP_MI)
+    cost = skip_cost(skip, 8, power)
+    fallback = mi_fallback_cost(skip, power)
+    for (i, j), value in SKIP_MI.items():
+        assert cost[i, j] == pytest.approx(math.exp(-2.0 * value / 8) ** power, rel=1e-12)
+        assert fallback[i, j] == pytest.approx((1.0 - value / 5.0) ** power, rel=1e-12, abs=1e-15)
+    assert np.isnan(cost[np.tril_indices(4)]).all() and np.isnan(fallback[np.tril_indices(4)]).all()
+    cache = SimpleNamespace(baselines={"skip_mi_iso": to_nested_list(skip)}, span_scores=to_nested_list(2 * skip),
+                            estimator={"name": "gaussian"}, model={"hidden_size": 8})
+    np.testing.assert_array_equal(span_cost_matrix(cache, power), cost)
+    cache.estimator = {}  # a cache that names no estimator is a Gaussian one
+    np.testing.assert_array_equal(span_cost_matrix(cache, power), cost)
+    cache.model = {}
+    with pytest.raises(ValueError, match="no model.hidden_size; recalibrate"):
+        span_cost_matrix(cache, power)
+
+
+def test_span_matrices_keep_float64_and_store_only_the_upper_triangle():
+    from vllm_miprun.core.matrices import from_nested_list, to_nested_list
+
+    rows = to_nested_list(np.arange(9.0).reshape(3, 3) + 0.1)
+    assert rows == [[None, 1.1, 2.1], [None, None, 5.1], [None, None, None]]
+    back = from_nested_list(rows)
+    assert back.dtype == np.float64 and float(back[0, 1]) == 1.1 and np.isnan(back[1, 1])
+
+
 def test_refine_picks_the_proposal_with_the_best_bound(tiny_llama_dir, calibrated):
     result, _ = calibrated
     cost = span_cost_matrix(result.cache)
@@ -327,6 +373,62 @@ def test_one_shared_evaluator_gives_every_count_a_fresh_evaluators_selection(tin
     assert shared.block_passes < fresh_passes / 2  # one full pass, and the greedy prefixes measured once
     with pytest.raises(ValueError, match="must be a CalibrationKL on these calibration tokens"):
         refine(tiny_llama_dir, ids[:1], cost, 3, model=model, evaluator=shared)
+
+
+def test_a_shared_evaluator_counts_only_new_work_and_must_match_the_objective(tiny_llama_dir, calibrated):
+    result, _ = calibrated
+    cost = span_cost_matrix(result.cache)
+    model = BlockwiseModel(tiny_llama_dir, resident_blocks=True)
+    ids = calibration_ids(tiny_llama_dir, SMALL)[:2]
+    shared = CalibrationKL(model, ids)
+    assert shared.block_passes == model.num_blocks  # the full pass
+    assert CalibrationKL(model, ids, states=shared.states).block_passes == 0  # states given: no pass
+    first = refine(tiny_llama_dir, ids, cost, 3, model=model, evaluator=shared)
+    assert first.details["block_passes"] == shared.block_passes - model.num_blocks > 0
+    again = refine(tiny_llama_dir, ids, cost, 3, model=model, evaluator=shared)
+    assert again.pruned == first.pruned
+    assert (again.details["block_passes"], again.run_evaluations) == (0, 0)  # every set from the memo
+    with pytest.raises(ValueError, match="must be a CalibrationCE on these calibration tokens, got a CalibrationKL"):
+        refine(tiny_llama_dir, ids, cost, 3, model=model, objective="ce", evaluator=shared)
+
+
+def test_refine_and_sleb_never_prune_a_protected_block(tiny_llama_dir, calibrated):
+    """Protect the blocks each search prunes unprotected: it must find two others."""
+    from vllm_miprun.pipeline.refine import sleb
+
+    result, _ = calibrated
+    cost = span_cost_matrix(result.cache)
+    model = BlockwiseModel(tiny_llama_dir, resident_blocks=True)
+    ids = calibration_ids(tiny_llama_dir, SMALL)[:1]
+    protect = set(refine(tiny_llama_dir, ids, cost, 2, model=model).pruned)
+    guarded = refine(tiny_llama_dir, ids, cost, 2, protect=protect, model=model)
+    assert len(guarded.pruned) == 2 and not protect & set(guarded.pruned)
+    protect = set(sleb(model, ids, 2).pruned)
+    guarded = sleb(model, ids, 2, protect=protect)
+    assert len(guarded.pruned) == 2 and not protect & set(guarded.pruned)
+
+
+def test_a_resumed_chain_holds_the_states_of_its_own_pruned_model(tiny_llama_dir):
+    """A set measured from another set's stored states keeps that set's states before the
+    resume point, not the full model's: the greedy reads its noise from them."""
+    model = BlockwiseModel(tiny_llama_dir, resident_blocks=True)
+    ids = calibration_ids(tiny_llama_dir, SMALL)[:2]
+    evaluate = CalibrationKL(model, ids)
+    evaluate(frozenset({2}))
+    passes = evaluate.block_passes
+    evaluate(frozenset({2, 5}))
+    assert evaluate.block_passes == passes + 2  # resumed from {2}'s state at block 5: blocks 6 and 7
+    fresh = CalibrationKL(model, ids, states=evaluate.states)
+    assert evaluate.block_noise(frozenset({2, 5})) == pytest.approx(fresh.block_noise(frozenset({2, 5})), rel=1e-9)
+
+
+def test_max_evaluations_caps_the_wide_rounds_too_and_excludes_a_known_trace(tiny_llama_dir):
+    model = BlockwiseModel(tiny_llama_dir, resident_blocks=True)
+    ids = calibration_ids(tiny_llama_dir, SMALL)[:2]
+    capped = refine(tiny_llama_dir, ids, np.zeros((9, 9)), 2, model=model, drift=0.0, max_evaluations=2)
+    assert [len(step["tried"]) for step in capped.details["greedy_trace"]] == [1, 1]  # drifted, still 1 a round
+    with pytest.raises(ValueError, match="known .* or max_evaluations, not both"):
+        refine(tiny_llama_dir, ids, np.zeros((9, 9)), 2, model=model, max_evaluations=2, known=[3])
 
 
 def test_a_quality_budget_plan_is_the_same_with_and_without_the_shared_evaluator(tiny_llama_dir, tmp_path,

@@ -69,13 +69,37 @@ def test_batched_pca_spans_the_reference_subspace(rows, width):
         torch.testing.assert_close(projected.abs(), reference.abs(), rtol=1e-6, atol=1e-8)
 
 
-def test_batched_renyi_matches_the_per_pair_estimator():
+@pytest.mark.parametrize("alpha, constant", [(1.01, False), (1.0, False), (1.01, True)])
+def test_batched_renyi_matches_the_per_pair_estimator(alpha, constant):
+    """alpha = 1 is the von Neumann limit; a state whose rows are all equal (median distance 0)
+    gets the per-pair code's kernel width 1 and shares no information."""
     states = _states(count=4, rows=30, width=6)
-    matrix = span_batch.renyi_mi_matrix(states, alpha=1.01)
+    if constant:
+        states[1] = torch.ones_like(states[1])
+    matrix = span_batch.renyi_mi_matrix(states, alpha=alpha)
     for i in range(4):
         for j in range(i + 1, 4):
-            assert float(matrix[i, j]) == pytest.approx(mi.renyi_mi(states[i], states[j], alpha=1.01), rel=1e-9)
+            reference = mi.renyi_mi(states[i], states[j], alpha=alpha)
+            assert float(matrix[i, j]) == pytest.approx(reference, rel=1e-9, abs=1e-9)
+            assert abs(reference) > 0.1 or (constant and 1 in (i, j))
     assert torch.isnan(matrix[2, 1]) and torch.isnan(matrix[1, 1])
+
+
+def test_more_states_than_one_batched_chunk_match_the_per_pair_code():
+    """11 states: PCA in chunks of 8 and 3 states, row 0's 10 Renyi pairs in chunks of 8 and 2."""
+    states = _states(count=span_batch.CHUNK + 3, rows=20, width=6)
+    assert len(states) > span_batch.CHUNK + 1
+    for state, projected in zip(states, span_batch.pca_project_many(states, 3), strict=True):
+        torch.testing.assert_close(projected.abs(), mi.pca_project(state, 3).abs(), rtol=1e-6, atol=1e-8)
+    matrix = span_batch.renyi_mi_matrix(states, alpha=1.01)
+    for i in range(len(states)):
+        for j in range(i + 1, len(states)):
+            assert float(matrix[i, j]) == pytest.approx(mi.renyi_mi(states[i], states[j], alpha=1.01), rel=1e-9)
+
+
+def test_an_unknown_estimator_is_refused_naming_it():
+    with pytest.raises(ValueError, match="estimator must be gaussian or renyi, got 'knn'"):
+        scoring.span_mi_matrix(_states(count=3), "knn", scoring.estimator_params("gaussian"))
 
 
 def test_skip_moments_accumulated_over_row_chunks_match_one_pass(monkeypatch):

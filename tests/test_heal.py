@@ -139,8 +139,10 @@ def _calibration_kl(model_dir, maps, ids):
 
 def test_prepare_maps_fits_stores_and_reuses(tiny_llama_dir, tmp_path, monkeypatch):
     options = _options(tmp_path)
+    assert heal.needs_fit(tiny_llama_dir, options, KEPT, NUM_BLOCKS)
     maps = heal.prepare_maps(tiny_llama_dir, options, KEPT, NUM_BLOCKS, progress=False)
     assert sorted(maps) == [0, 3, 7]
+    assert not heal.needs_fit(tiny_llama_dir, options, KEPT, NUM_BLOCKS)  # stored: read, not fitted
     stored = list((tmp_path / "cache").glob("*-heal-*.safetensors"))
     assert len(stored) == 1
     ids = heal.heal_ids(tiny_llama_dir, options.calibration)
@@ -192,6 +194,40 @@ def test_sequential_and_independent_fits_agree_on_the_first_inner_run(tiny_llama
         fits[sequential] = heal.fit_maps(tiny_llama_dir, ids, kept, [3, 7], progress=False)
     assert torch.allclose(fits[False][3], fits[True][3], atol=1e-5)  # same (unpruned) prefix
     assert not torch.allclose(fits[False][7], fits[True][7], atol=1e-3)  # healed prefix differs
+
+
+def test_a_runs_map_is_the_least_squares_stand_in_for_the_state_after_the_run(tiny_llama_dir, tmp_path):
+    """Block 2's output is ``r + d`` (``d`` its MLP's contribution): the map of the pruned run
+    [3, 5) is the per-channel least-squares ``T`` with ``r + T d ≈ h_5``, the full model's state
+    after the run, that is ``T_kk = Σ d_k (h_5 − r)_k / Σ d_k²``."""
+    from vllm_miprun.model.blockwise import BlockwiseModel
+
+    kept = [0, 1, 2, 5, 6, 7]
+    ids = heal.heal_ids(tiny_llama_dir, _options(tmp_path).calibration)
+    (fitted,) = heal.fit_maps(tiny_llama_dir, ids, kept, [3], progress=False).values()
+    model = BlockwiseModel(tiny_llama_dir)
+    hidden = model.embed_tokens(ids)
+    for block in range(5):
+        with model.block(block) as layer:
+            if block == 2:
+                r, d = heal_fit.block_parts(model, layer, hidden)
+            hidden = model.run_block(layer, hidden)
+    x, y = d.reshape(-1, d.shape[-1]).double(), (hidden - r).reshape(-1, d.shape[-1]).double()
+    expected = (x * y).sum(0) / (x * x).sum(0)
+    assert heal_math.is_diagonal(fitted)
+    torch.testing.assert_close(torch.diagonal(fitted).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_heal_windows_take_the_samples_from_each_corpus_of_the_mix(tiny_llama_dir):
+    """The recipe fits on wiki and c4 together: ``samples`` windows from each, in that order."""
+    from dataclasses import replace
+
+    from vllm_miprun.pipeline.calibrate import calibration_ids
+
+    settings = CalibrationSettings(samples=2, seq_len=16)  # dataset wiki, one of the mix
+    expected = torch.cat([calibration_ids(tiny_llama_dir, replace(settings, dataset=name)) for name in ("wiki", "c4")])
+    assert heal.RECIPE["mix"] == ["wiki", "c4"]
+    assert torch.equal(heal.heal_ids(tiny_llama_dir, settings), expected)
 
 
 def test_stored_maps_for_other_weights_or_settings_are_refused(tiny_llama_dir, tmp_path):
@@ -401,6 +437,9 @@ def test_export_of_a_sharded_checkpoint_folds_each_map_into_the_shard_of_its_blo
     write_sharded_repo(tiny_llama_dir, two, blocks_per_shard=8)
     out = export_pruned(two, tmp_path / "healed-two", _KeptPlan(), maps)
     assert (out / checkpoint.INDEX_NAME).is_file() and len(list(out.glob("*.safetensors"))) == 2
+    stored = sum(end - start for shard in out.glob("*.safetensors")
+                 for start, end in (info["data_offsets"] for info in checkpoint.read_header(shard).values()))
+    assert json.loads((out / checkpoint.INDEX_NAME).read_text())["metadata"]["total_size"] == stored  # bytes
     assert torch.allclose(_logits(_hf(out), ids), _logits(_folded_model(tiny_llama_dir, maps), ids), atol=1e-5)
 
 

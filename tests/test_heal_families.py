@@ -66,6 +66,28 @@ def test_folded_export_equals_the_map_applied_to_the_block_contribution(arch, fa
     torch.testing.assert_close(_logits(in_place, ids), explicit, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_block_parts_split_off_what_the_block_adds_to_the_residual_stream(arch, family_dirs):
+    """The fit's ``(r, d)``: ``r + d`` is the block's output and ``d`` what it adds last
+    (Granite: ``residual_multiplier`` times the MLP output), caught at ``CONTRIBUTION``."""
+    from vllm_miprun.model.blockwise import BlockwiseModel
+    from vllm_miprun.pipeline.heal_fit import block_parts
+
+    model = BlockwiseModel(family_dirs[arch])
+    hidden = model.embed_tokens(torch.randint(0, 200, (2, 20), generator=torch.Generator().manual_seed(1)))
+    scale = model.config.residual_multiplier if arch == "granite" else 1.0
+    with model.block(1) as layer:
+        caught = []
+        handle = layer.get_submodule(CONTRIBUTION[arch]).register_forward_hook(lambda _m, _i, out: caught.append(out))
+        try:
+            out = model.run_block(layer, hidden)
+        finally:
+            handle.remove()
+        r, d = block_parts(model, layer, hidden)
+    torch.testing.assert_close(d, caught[0] * scale, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(r + d, out, rtol=1e-5, atol=1e-5)
+
+
 def _options(tmp_path):
     return MiprunOptions(keep=0.5, heal="linear", cache_dir=str(tmp_path / "cache"),
                          calibration=CalibrationSettings(samples=4, seq_len=32))

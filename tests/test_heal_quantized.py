@@ -80,6 +80,10 @@ def test_a_diagonal_map_folds_exactly_into_fp8_channel_scales(tiny_llama_dir, tm
     qcfg = _ct_fp8("channel")
     write_quantized_checkpoint(tiny_llama_dir, folder, "compressed-tensors", qcfg)
     heal.check_heal_quantization(checkpoint.read_config(folder))  # accepted
+    # heal=distill trains one scale per channel here (a full map folds into no FP8 scale),
+    # and a full map on the same float model
+    assert heal.recipe_for("distill", checkpoint.read_config(folder))["form"] == "diag"
+    assert heal.recipe_for("distill", checkpoint.read_config(tiny_llama_dir))["form"] == "full"
     gen = torch.Generator().manual_seed(0)
     # Scales up to 3x and negative entries: a fold into the FP8 values would clip at 448 and re-round.
     maps = {start: torch.diag(3 * torch.rand(128, generator=gen) * torch.sign(torch.randn(128, generator=gen)))

@@ -14,7 +14,7 @@ from vllm_miprun.pipeline.store import read_cache, update_cache
 from vllm_miprun.pipeline.calibrate import calibrate, calibration_ids
 from vllm_miprun.core.span_cost import monotone_closure, span_cost_matrix
 from vllm_miprun.options import CalibrationSettings, MiprunOptions
-from vllm_miprun.pipeline.forward_search import GREEDY_TRACE_KEY, SELECTION_KEYS
+from vllm_miprun.pipeline.forward_search import GREEDY_TRACE_KEY, SELECTION_KEYS, ForwardSearch
 from vllm_miprun.pipeline.plan import make_plan
 from vllm_miprun.pipeline.refine import CalibrationCE, CalibrationKL, refine
 from vllm_miprun.core.selection import dpi_violations
@@ -141,6 +141,28 @@ def test_kl_objective_is_zero_for_the_full_model_and_matches_its_definition(tiny
     # prefix reuse from a stored chain gives the same value as a fresh evaluator
     evaluate(frozenset({2}))
     assert evaluate(frozenset({2, 6})) == pytest.approx(CalibrationKL(model, ids)(frozenset({2, 6})), rel=1e-6)
+
+
+def test_token_nll_is_the_mean_cross_entropy_of_each_next_token(tiny_llama_dir):
+    """SLEB's loss: each position predicts the token after it, averaged over every predicted
+    token, whatever the micro-batches (3 sequences in batches of 2)."""
+    model = BlockwiseModel(tiny_llama_dir)
+    ids = calibration_ids(tiny_llama_dir, SMALL)[:3]
+    final = model.forward_from(model.embed_tokens(ids), 0, frozenset({2, 5}))
+    logits = model.norm(final[:, :-1]) @ model.lm_head_weight.T
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert float(model.token_nll(final, ids, batch_size=2)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_one_model_runs_windows_of_each_length_as_a_fresh_model_does(tiny_llama_dir):
+    """The masks and rotary tables recorded for one window length are not reused for another."""
+    model = BlockwiseModel(tiny_llama_dir)
+    ids = calibration_ids(tiny_llama_dir, SMALL)[:2]
+    for length in (32, 20, 32):
+        window = ids[:, :length]
+        fresh = BlockwiseModel(tiny_llama_dir)
+        expected = fresh.forward_from(fresh.embed_tokens(window), 0, frozenset({3}))
+        assert torch.equal(model.forward_from(model.embed_tokens(window), 0, frozenset({3})), expected), length
 
 
 def test_kl_with_the_teachers_stored_probabilities_is_the_same_to_the_last_bit(tiny_llama_dir):
@@ -289,6 +311,7 @@ def test_mi_prun_plan_is_cached_and_reused(tiny_llama_dir, calibrated):
     assert stored == list(first.pruned)
     again = make_plan(tiny_llama_dir, options, progress=False)
     assert again.kept == first.kept and again.scores_source == "cache-hit"
+    assert first.objective is not None and again.objective == first.objective  # J of the cached set, as computed
     # The stored answer is what later plans use: replace it and the plan follows.
     other = [b for b in range(8) if b not in first.pruned][:4]
     update_cache(result.path, lambda cache: cache.selections[SELECTION_KEYS["mi-prun"]].update({"4": other}))
@@ -324,6 +347,25 @@ def test_mi_prun_plan_resumes_the_greedy_order_a_deeper_plan_stored(tiny_llama_d
     assert read_cache(path).selections[GREEDY_TRACE_KEY] == {"4": order}  # the longer order stays
 
 
+def test_forward_search_reads_four_calibration_sequences_and_keeps_blocks_within_max_memory(tiny_llama_dir,
+                                                                                          monkeypatch):
+    """SLEB sees the first 4 calibration sequences however many are asked for, and the model
+    it runs keeps blocks resident within the ``max_memory`` option (0 by default on the CPU)."""
+    from vllm_miprun.pipeline import refine as refine_module
+
+    options = MiprunOptions(keep=0.5, method="sleb", max_memory="1m",
+                            calibration=CalibrationSettings(samples=6, seq_len=32))
+    forward = ForwardSearch(tiny_llama_dir, options, None)
+    model, ids = forward._load()
+    assert torch.equal(ids, calibration_ids(tiny_llama_dir, options.calibration)[:4])
+    assert model.resident_blocks and model.budget.max_memory == 1 << 20
+    seen = []
+    real = refine_module.sleb
+    monkeypatch.setattr(refine_module, "sleb", lambda model, ids, *a, **k: seen.append(ids) or real(model, ids, *a, **k))
+    assert len(forward.run("sleb", 8, 1, frozenset()).pruned) == 1
+    assert len(seen) == 1 and torch.equal(seen[0], ids)
+
+
 def test_sleb_plan_caches_every_prefix_of_its_greedy_trace(tiny_llama_dir, calibrated):
     result, cache_dir = calibrated
     deep = make_plan(tiny_llama_dir, MiprunOptions(keep=0.5, method="sleb", cache_dir=str(cache_dir),
@@ -335,6 +377,18 @@ def test_sleb_plan_caches_every_prefix_of_its_greedy_trace(tiny_llama_dir, calib
     shallow = make_plan(tiny_llama_dir, MiprunOptions(keep=0.75, method="sleb", cache_dir=str(cache_dir),
                                                       calibration=SMALL), progress=False)
     assert list(shallow.pruned) == stored["2"]
+
+
+def test_a_plan_with_protected_blocks_neither_reads_nor_fills_the_cached_answers(tiny_llama_dir, calibrated):
+    """Cached answers are for unprotected searches: a protected plan searches on its own and
+    never prunes a protected block, even where the cache holds an answer for its count."""
+    result, cache_dir = calibrated
+    settings = dict(keep=0.875, method="sleb", cache_dir=str(cache_dir), calibration=SMALL)  # prune 1 of 8
+    free = make_plan(tiny_llama_dir, MiprunOptions(**settings), progress=False)
+    (block,) = free.pruned
+    guarded = make_plan(tiny_llama_dir, MiprunOptions(**settings, protect=str(block)), progress=False)
+    assert len(guarded.pruned) == 1 and block not in guarded.pruned
+    assert read_cache(result.path).selections["sleb"]["1"] == [block]
 
 
 def test_skip_mi_matches_its_definition():

@@ -124,6 +124,13 @@ def test_forward_search_stays_within_the_block_budget(tiny_llama_dir):
     assert sorted(bounded._resident) == [6, 7]  # the later blocks, which resumed passes re-run
 
 
+def test_a_streaming_pass_reads_each_next_block_while_the_current_one_runs(tiny_llama_dir):
+    model = BlockwiseModel(tiny_llama_dir)
+    ids = torch.randint(3, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.forward_from(model.embed_tokens(ids), 0)
+    assert (model.reader.reads, model.reader.prefetch_hits) == (8, 7)  # block 0 read when asked, 1..7 ahead
+
+
 def test_max_memory_option_is_parsed_and_checked():
     assert parse_bytes("8GiB") == 8 << 30 and parse_bytes("500MB") == 500_000_000 and parse_bytes(1024) == 1024
     assert MiprunOptions(keep=0.5, max_memory="1.5g").max_memory == int(1.5 * (1 << 30))
@@ -139,3 +146,5 @@ def test_blocks_load_frozen_streamed_and_resident(tiny_llama_dir):
         for _ in range(2):  # the second time a resident block comes from memory
             with model.block(3) as layer:
                 assert not any(p.requires_grad for p in layer.parameters())
+        # max_memory is a budget for resident blocks only: a streaming model keeps none
+        assert sorted(model._resident) == ([3] if resident else []) and model.blocks_loaded == (1 if resident else 2)

@@ -282,6 +282,11 @@ def _settle_flags_when_parsed(parser: argparse.ArgumentParser) -> None:
     parser.parse_known_args = parse_known_args
 
 
+def one_line_exit(error: Exception) -> SystemExit:
+    """A user error in vLLM's front process: one line, exit status 1, no traceback."""
+    return SystemExit(f"vllm-miprun: error: {error}")
+
+
 _FROM_CLI = "_miprun_from_cli"  # set on EngineArgs made from a command line: errors exit in one line
 
 
@@ -297,7 +302,7 @@ def _wrap_from_cli_args(original):
             warn_rust_frontend_metrics(engine_args)
         except USER_ERRORS as error:  # MiprunError and missing files: one line, no traceback,
             # exit status 1 (vLLM's front process), nothing started yet
-            raise SystemExit(f"vllm-miprun: error: {error}") from None
+            raise one_line_exit(error) from None
         return engine_args
 
     return from_cli_args
@@ -316,7 +321,7 @@ def _wrap_create_engine_config(original):
             lora_and_draft.check_draft_depths(config)  # vLLM has just read the draft's config
         except MiprunError as error:
             if getattr(self, _FROM_CLI, False):
-                raise SystemExit(f"vllm-miprun: error: {error}") from None
+                raise one_line_exit(error) from None
             raise
         return config
 

@@ -189,6 +189,28 @@ def test_a_run_folder_that_is_gone_is_not_used(tmp_path, monkeypatch):
         shutil.rmtree(made)
 
 
+def test_a_killed_front_process_leaves_a_folder_the_next_run_removes(tmp_path):
+    """SIGKILL skips the exit hook; the next front process on this host removes the folder."""
+    make_and_die = ("import os, signal; from vllm_miprun.vllm import reports; "
+                    "print(reports.run_dir(create=True), flush=True); os.kill(os.getpid(), signal.SIGKILL)")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env.pop(reports.RUN_DIR_ENV, None)
+    done = subprocess.run([sys.executable, "-c", make_and_die], env=env, capture_output=True, text=True, timeout=60)
+    orphan = Path(done.stdout.strip())
+    assert done.returncode == -9 and orphan.parent == tmp_path and (orphan / reports.OWNER_FILE).is_file()
+    live = tmp_path / f"{reports.RUN_DIR_PREFIX}live"  # this process owns it
+    elsewhere = tmp_path / f"{reports.RUN_DIR_PREFIX}elsewhere"  # a dead pid, but on another host
+    unowned = tmp_path / f"{reports.RUN_DIR_PREFIX}unowned"
+    dead_pid = json.loads((orphan / reports.OWNER_FILE).read_text())["pid"]
+    for folder, owner in [(live, {"pid": os.getpid(), "host": os.uname().nodename}),
+                          (elsewhere, {"pid": dead_pid, "host": "another-host"}), (unowned, None)]:
+        folder.mkdir()
+        if owner is not None:
+            _write(folder, reports.OWNER_FILE, owner)
+    assert reports.remove_orphaned_run_dirs(tmp_path) == [orphan]
+    assert not orphan.exists() and live.is_dir() and elsewhere.is_dir() and unowned.is_dir()
+
+
 def test_every_metric_has_help_text():
     assert all(len(help_text) > 20 for help_text, _ in metrics.METRICS.values())
 

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -25,6 +26,8 @@ from typing import Any
 logger = logging.getLogger(f"vllm.{__name__}")
 
 RUN_DIR_ENV = "MIPRUN_RUN_DIR"
+RUN_DIR_PREFIX = "vllm-miprun-run-"
+OWNER_FILE = "owner.json"  # {"pid", "host"} of the front process that made the folder
 PLAN_FILE = "plan.json"
 LOAD_PREFIX = "load-"
 
@@ -41,11 +44,41 @@ def run_dir(create: bool = False) -> Path | None:
         return Path(value)
     if not create:
         return None
-    path = tempfile.mkdtemp(prefix="vllm-miprun-run-")
+    remove_orphaned_run_dirs(Path(tempfile.gettempdir()))
+    path = tempfile.mkdtemp(prefix=RUN_DIR_PREFIX)
+    _write_json(Path(path) / OWNER_FILE, {"pid": os.getpid(), "host": socket.gethostname()})
     os.environ[RUN_DIR_ENV] = path  # inherited by every process started from here on
     _created_run_dir = (os.getpid(), path)
     atexit.register(_remove_run_dir)
     return Path(path)
+
+
+def remove_orphaned_run_dirs(parent: Path) -> list[Path]:
+    """Remove the run folders whose front process is gone; returns those removed.
+
+    A front process removes its folder at exit, but not when it is SIGKILLed (or ends
+    by ``os._exit``). Only folders that name their owner on this host are judged:
+    another host's process (a /tmp shared between containers) cannot be checked.
+    """
+    removed = []
+    host = socket.gethostname()
+    for folder in parent.glob(f"{RUN_DIR_PREFIX}*"):
+        owner = _read_json(folder / OWNER_FILE) or {}
+        pid = owner.get("pid")
+        if owner.get("host") == host and isinstance(pid, int) and pid > 0 and not _process_alive(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
 
 
 def _remove_run_dir() -> None:

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from vllm_miprun.errors import ModelFolderError
-from vllm_miprun.tools import harness
+from vllm_miprun.tools import assets, harness
 
 SPAWN_GRANDCHILD = ("import subprocess, sys, time; "
                     "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
@@ -185,3 +185,39 @@ def test_default_model_dir_names_the_fix(tmp_path, monkeypatch):
     (tmp_path / "models" / "SmolLM2-135M").mkdir(parents=True)
     (tmp_path / "models" / "SmolLM2-135M" / "model.safetensors").write_bytes(b"")
     assert harness.default_model_dir() == tmp_path / "models" / "SmolLM2-135M"
+
+
+def test_a_rebuilt_model_folder_replaces_the_old_one_whole(tmp_path, monkeypatch):
+    """`assets prepare --force`: the new folder replaces the old by renames; a failure
+    between them leaves no folder that looks complete, so the next prepare builds again."""
+    target = tmp_path / "models" / "SmolLM2-135M"
+    target.mkdir(parents=True)
+    (target / "model.safetensors").write_text("old")
+    (target / "only-in-old.json").write_text("{}")
+
+    def staged(text):
+        folder = tmp_path / f"staging-{text}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_text(text)
+        return folder
+
+    assets.install_folder(staged("new"), target)
+    assert sorted(p.name for p in target.iterdir()) == ["model.safetensors"]
+    assert (target / "model.safetensors").read_text() == "new"
+    assert [p.name for p in target.parent.iterdir()] == ["SmolLM2-135M"]  # the old one is gone
+
+    real_replace, calls = os.replace, []
+
+    def killed_after_the_first_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if killed between the two renames
+        real_replace(src, dst)
+
+    monkeypatch.setattr(assets.os, "replace", killed_after_the_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        assets.install_folder(staged("newer"), target)
+    monkeypatch.setenv("MIPRUN_HOME", str(tmp_path))
+    assert not (assets.smollm2_dir() / "model.safetensors").exists()
+    with pytest.raises(ModelFolderError, match="assets prepare"):
+        harness.default_model_dir()

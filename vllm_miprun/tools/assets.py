@@ -62,12 +62,24 @@ def prepare_smollm2(force: bool = False) -> Path:
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        install_folder(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def install_folder(staging: Path, target: Path) -> None:
+    """Put the complete folder ``staging`` at ``target``, replacing any old one by renames.
+
+    The old folder is renamed aside before it is deleted, so a kill at any point leaves
+    either the old folder whole, the new one whole, or none (``prepare`` builds it again):
+    never a folder with some files deleted that still looks complete.
+    """
+    old = target.with_name(f".old-{target.name}-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def prepare(force: bool = False) -> dict[str, Path]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -81,6 +82,27 @@ def test_fingerprint_follows_weights_not_path(tiny_llama_dir, tmp_path):
     tensors[name] = tensors[name] * 1.5  # same shapes, different weights
     save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
     assert model_fingerprint(copy) != model_fingerprint(tiny_llama_dir)
+
+
+def test_fingerprint_is_read_once_per_process_until_a_file_changes(tiny_llama_dir, tmp_path, monkeypatch):
+    """One start asks several times (cached plan? plan, heal, metrics); the samples are read once,
+    and again after any write to a shard, even one that keeps its size and its mtime."""
+    from vllm_miprun.model import fingerprint
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_llama_dir, copy)
+    reads = []
+    real_read = fingerprint._hash_safetensors_file
+    monkeypatch.setattr(fingerprint, "_hash_safetensors_file", lambda *args: reads.append(1) or real_read(*args))
+    first = model_fingerprint(copy)
+    assert model_fingerprint(copy) == first and len(reads) == 1
+    shard = copy / "model.safetensors"
+    stat = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # the last tensor's last byte: sampled
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the same size and mtime as before
+    assert model_fingerprint(copy) != first and len(reads) == 2
 
 
 def _fingerprint_after(folder, change) -> str:

@@ -130,6 +130,16 @@ def test_a_key_given_twice_is_refused(tmp_path):
     assert "appears more than once" in _refused(tmp_path, text)
 
 
+def test_a_long_key_given_twice_is_named_in_a_short_line():
+    from vllm_miprun import strict_json
+
+    key = "k" * 5000
+    with pytest.raises(ValueError) as err:
+        strict_json.loads(json.dumps({"a": {key: 1}}).replace("}}", f', "{key}": 2}}}}'))
+    assert str(err.value) == f"the key {key[:80]!r} appears more than once in one object"
+    assert strict_json.loads('{"a": {"b": 1}, "b": {"b": 2}}') == {"a": {"b": 1}, "b": {"b": 2}}
+
+
 # Shapes a mutation pass found accepted unchecked; each fails with its check removed.
 
 

@@ -195,6 +195,49 @@ def test_plan_source_times_the_plan_and_applies_flat_overrides(tiny_llama_dir):
     assert planned.plan.kept == [0, 1] and 0.05 <= planned.plan_seconds < 5
 
 
+def test_plan_seconds_count_both_plans_when_a_plan_needs_every_shard(hub):
+    """A plan that turns out to need weights the snapshot lacks runs twice: both runs count."""
+    import time
+    from types import SimpleNamespace
+
+    from vllm_miprun.pipeline.hub_alias import MissingWeightsError
+
+    calls = []
+
+    def plan_for(folder, hf_config):
+        calls.append(folder)
+        time.sleep(0.05)
+        if len(calls) == 1:
+            raise MissingWeightsError("needs block 3")
+        return SimpleNamespace(kept=[0, 1, 2, 7])
+
+    source = model_files.ModelSource(REPO_ID, "v1", hub.download_dir, tuple(IGNORE))
+    planned = model_files.plan_source(source, MiprunOptions(keep=0.5, method="last"), plan_for)
+    assert len(calls) == 2 and planned.plan.kept == [0, 1, 2, 7]
+    assert 0.1 <= planned.plan_seconds < 10
+
+
+@pytest.mark.parametrize("metadata, total", [
+    ({"total_size": 1234}, 1234), ({"total_size": "1234"}, 1234),
+    ({"total_size": 12.5}, None), ({"total_size": "12x"}, None), ({"total_size": -5}, None),
+    ({"total_size": None}, None), ({}, None), (None, None),
+])
+def test_index_total_bytes_is_a_whole_byte_count_or_unknown(tmp_path, metadata, total):
+    index = {"weight_map": {}} if metadata is None else {"metadata": metadata, "weight_map": {}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert model_files.index_total_bytes(tmp_path) == total
+    assert model_files.index_total_bytes(tmp_path / "no-index") is None
+
+
+def test_a_hub_error_is_named_by_its_first_line(monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    source = model_files.ModelSource(REPO_ID, "v1")
+    error = model_files._fetch_error(source, ["*.json"], OSError("  Cannot reach the hub.\nTraceback: details\n"))
+    assert str(error) == (f"miprun could not fetch ['*.json'] of {REPO_ID!r} (revision v1) from the hub: "
+                          "OSError: Cannot reach the hub.; expected a local folder or a hub id that is cached "
+                          "or reachable")
+
+
 def test_layers_past_the_stack_are_always_fetched(tmp_path, tiny_llama_dir):
     """DeepSeek-V3 keeps its multi-token-prediction layer at index num_hidden_layers. It is
     no block of the stack, so pruning never drops its shard: an MTP draft reads it."""

@@ -56,6 +56,24 @@ def test_options_page_lists_every_environment_variable():
     assert rows == set(envs.ENV_VARS), rows ^ set(envs.ENV_VARS)
 
 
+def test_environment_defaults_and_spellings(monkeypatch, tmp_path):
+    """The defaults ENV_VARS and docs/options.md state, and every spelling of an opt-in."""
+    from vllm_miprun import envs
+
+    monkeypatch.delenv("MIPRUN_HOME", raising=False)
+    monkeypatch.delenv("MIPRUN_CACHE_DIR", raising=False)
+    assert envs.home() == Path.home() / ".cache" / "vllm-miprun"
+    assert envs.cache_dir() == Path.home() / ".cache" / "vllm-miprun" / "scores"
+    monkeypatch.setenv("MIPRUN_HOME", str(tmp_path))
+    assert envs.cache_dir() == tmp_path / "scores"
+    for value, allowed in (("1", True), ("true", True), (" YES ", True), ("On", True), ("TRUE", True),
+                           ("0", False), ("no", False), ("", False), ("2", False)):
+        monkeypatch.setenv(envs.ALLOW_UNTESTED_VLLM, value)
+        assert envs.allow_untested_vllm() is allowed, value
+    monkeypatch.delenv(envs.ALLOW_UNTESTED_VLLM)
+    assert envs.allow_untested_vllm() is False
+
+
 def test_readme_names_every_target():
     """The README's one sentence on targets lists every target the options accept."""
     text = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())

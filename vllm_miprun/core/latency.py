@@ -113,6 +113,9 @@ class LatencyModel:
                 f"latency profile lacks {missing}; expected keys batch_size, fixed_s, block_s. "
                 "Re-run `vllm-miprun profile MODEL_DIR`"
             )
+        if not isinstance(profile["block_s"], (list, tuple)):
+            raise ValueError(f"latency profile block_s must be a list of seconds per block, got "
+                             f"{profile['block_s']!r:.80}; re-run `vllm-miprun profile MODEL_DIR`")
         details = {k: v for k, v in profile.items() if k not in ("batch_size", "fixed_s", "block_s", "source")}
         return cls(
             fixed_s=profile["fixed_s"],
@@ -338,7 +341,12 @@ def _check_batch_size(batch_size) -> int:
 
 
 def _finite_non_negative(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+    if not isinstance(x, numbers.Real) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x) and x >= 0
+    except OverflowError:  # an integer beyond float range
+        return False
 
 
 def _config_int(config: Mapping, key: str, default=...):

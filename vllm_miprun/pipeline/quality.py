@@ -54,7 +54,10 @@ def stored_ratio(nll: dict[str, float], pruned: Iterable[int]) -> float | None:
     keys = set_key(pruned), set_key(())
     if not all(key in nll for key in keys):
         return None
-    return math.exp(nll[keys[0]] - nll[keys[1]])
+    try:
+        return math.exp(nll[keys[0]] - nll[keys[1]])
+    except OverflowError:  # finite NLLs far apart: a ratio beyond any budget
+        return math.inf
 
 
 def validation_ids(model_dir, calibration):

@@ -71,6 +71,51 @@ def test_non_finite_scores_are_refused(tmp_path, bad):
         sc.read_cache(path)
 
 
+@pytest.mark.parametrize("pruned", [[[1]], [{}], [True], [1.0]])
+def test_selection_of_non_integer_blocks_is_refused(tmp_path, pruned):
+    """Unhashable entries used to escape as a TypeError; True passed as block 1."""
+    data = _cache().to_json()
+    data["selections"] = {"sleb": {"1": pruned}}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(sc.CacheError, match="must list 1 distinct blocks in 0..2"):
+        sc.read_cache(path)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("timings", {"total_s": None}, "timings holds None"),
+    ("timings", {"total_s": {"a": []}}, "timings holds"),
+    ("timings", {"total_s": "1.0"}, "timings holds '1.0'"),
+    ("model", {"name": "m", "hidden_size": "64"}, "model.hidden_size must be a positive integer"),
+    ("model", {"name": "m", "hidden_size": [64]}, "model.hidden_size must be a positive integer"),
+    ("model", {"name": "m", "hidden_size": 0}, "model.hidden_size must be a positive integer"),
+    ("model", {"name": "m", "hidden_size": True}, "model.hidden_size must be a positive integer"),
+    ("profile", {"batch_size": 1, "fixed_s": 0.0, "block_s": None}, "profile is not a latency profile"),
+    ("profile", {"batch_size": 1, "fixed_s": 0.0, "block_s": 5}, "profile is not a latency profile"),
+    ("profile", {"a": 1}, "profile is not a latency profile"),
+])
+def test_fields_read_after_the_scores_are_checked_on_read(tmp_path, field, value, message):
+    """Planning (hidden size, latency profile) and `vllm-miprun scores` (timings) read these;
+    a wrong type used to escape there as a TypeError, AttributeError or bare ValueError."""
+    data = _cache().to_json()
+    data[field] = value
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(sc.CacheError, match=message):
+        sc.read_cache(path)
+
+
+def test_null_timings_read_as_none(tmp_path):
+    from vllm_miprun.tools.cli import format_block_table
+
+    data = _cache().to_json()
+    data["timings"] = None
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(data))
+    assert sc.read_cache(path).timings == {}
+    assert "timings" in format_block_table(sc.read_cache(path))
+
+
 def test_tampered_selection_is_refused(tmp_path):
     data = _cache().to_json()
     data["selections"] = {"sleb": {"2": [1, 7]}}  # block 7 does not exist in a 3-block model

@@ -45,6 +45,7 @@ from __future__ import annotations
 import numpy as np
 
 from vllm_miprun.core.matrices import from_nested_list
+from vllm_miprun.errors import CacheError
 
 POWER = 2.0
 SKIP_KEY = "skip_mi_iso"
@@ -83,7 +84,8 @@ def _estimator_name(cache) -> str:
 
 
 def _dim_from(cache) -> int:
-    raise ValueError("the score cache has no model.hidden_size; recalibrate")
+    raise CacheError("the score cache has no model.hidden_size; recalibrate with "
+                     "`vllm-miprun calibrate MODEL_DIR --force`")
 
 
 def upper_triangle(matrix: np.ndarray) -> np.ndarray:

@@ -45,6 +45,7 @@ from typing import Any
 from filelock import FileLock
 
 from vllm_miprun import __version__, envs, strict_json
+from vllm_miprun.core.latency import LatencyModel
 from vllm_miprun.errors import CacheError  # noqa: F401 - re-exported
 
 logger = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class ScoreCache:
             block_scores=data["block_scores"],
             span_scores=data["span_scores"],
             baselines=data["baselines"],
-            timings=data.get("timings", {}),
+            timings=data.get("timings") or {},
             selections=data.get("selections") or {},
             profile=data.get("profile"),
             throughput=data.get("throughput"),
@@ -325,6 +326,7 @@ def _check_shape(data: Any, source: str) -> None:
     for key in ("timings", "selections", "profile", "throughput"):  # optional: absent or null is none
         if not isinstance(data.get(key, {}), (dict, type(None))):
             raise bad(f"{key!r} must be an object or null")
+    _check_fields_read_later(data, bad)
     if "skip_mi_iso" not in data["baselines"]:
         raise CacheError(
             f"score cache {source} was written by vllm-miprun {data['code_version']} without "
@@ -347,14 +349,29 @@ def _check_shape(data: Any, source: str) -> None:
         if not isinstance(by_count, dict):
             raise bad(f"selections.{method} must be an object of block lists")
         for num_prune, pruned in by_count.items():
-            if (not isinstance(pruned, list) or len(set(pruned)) != len(pruned) or str(len(pruned)) != num_prune
-                    or not all(isinstance(b, int) and 0 <= b < count for b in pruned)):
+            if (not isinstance(pruned, list) or str(len(pruned)) != num_prune
+                    or not all(type(b) is int and 0 <= b < count for b in pruned) or len(set(pruned)) != len(pruned)):
                 raise bad(f"selections.{method}.{num_prune} must list {num_prune} distinct blocks in 0..{count - 1}")
     quality = data.get("quality") or {}
     if not isinstance(quality, dict) or not all(isinstance(by_set, dict) for by_set in quality.values()):
         raise bad("quality must map a validation setup to {pruned blocks: mean NLL}")
     for setup, by_set in quality.items():
         _check_finite(list(by_set.values()), f"quality.{setup}", bad)
+
+
+def _check_fields_read_later(data: dict, bad) -> None:
+    """What planning and ``vllm-miprun scores`` read besides the scores: the hidden size,
+    the measured latency profile and the timings."""
+    hidden = data["model"].get("hidden_size")
+    if hidden is not None and (type(hidden) is not int or hidden < 1):
+        raise bad(f"model.hidden_size must be a positive integer or null, got {hidden!r:.40}")
+    timings = data.get("timings") or {}
+    _check_finite(list(timings.values()), "timings", bad)
+    if data.get("profile"):
+        try:
+            LatencyModel.from_profile(data["profile"])
+        except ValueError as err:
+            raise bad(f"profile is not a latency profile ({err})") from None
 
 
 def _check_versions(data: dict, source: str, bad) -> None:

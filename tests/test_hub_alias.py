@@ -247,7 +247,10 @@ def test_two_commits_of_one_repo_keep_their_own_aliases(tmp_path, tiny_llama_dir
         assert hub_alias.known_fingerprint(partial, cache) == fingerprints[commit]
 
 
-@pytest.mark.parametrize("tamper", ["other-fingerprint", "nan"])
+DEEPLY_NESTED = "[" * 100_000 + "]" * 100_000  # json raises RecursionError, not a ValueError
+
+
+@pytest.mark.parametrize("tamper", ["other-fingerprint", "nan", "deeply-nested"])
 def test_a_complete_snapshot_rewrites_a_stale_alias(tmp_path, tiny_llama_dir, tamper):
     """Else every partial replica of that commit downloads every shard, for good."""
     full = _snapshot(tmp_path / "a", tiny_llama_dir, shards=True)
@@ -257,6 +260,8 @@ def test_a_complete_snapshot_rewrites_a_stale_alias(tmp_path, tiny_llama_dir, ta
     good = json.loads(path.read_text())
     if tamper == "nan":
         path.write_text(path.read_text().replace('"format_version": 1', '"format_version": NaN'))
+    elif tamper == "deeply-nested":
+        path.write_text(DEEPLY_NESTED)
     else:
         path.write_text(json.dumps({**good, "fingerprint": "sha256:" + "0" * 64}))
     assert hub_alias.weights_fingerprint(full, cache) == fingerprint
@@ -266,7 +271,7 @@ def test_a_complete_snapshot_rewrites_a_stale_alias(tmp_path, tiny_llama_dir, ta
 @pytest.mark.parametrize("tamper", ["truncated", "other-repo", "other-commit", "bad-fingerprint", "newer",
                                     "version-string", "version-null", "version-float", "version-true",
                                     "version-0", "config-differs",
-                                    "index-differs", "nan"])
+                                    "index-differs", "nan", "deeply-nested"])
 def test_a_bad_alias_is_ignored_with_a_warning(tmp_path, tiny_llama_dir, tamper, caplog):
     full = _snapshot(tmp_path / "a", tiny_llama_dir, shards=True)
     partial = _snapshot(tmp_path / "b", tiny_llama_dir, shards=False)
@@ -278,6 +283,8 @@ def test_a_bad_alias_is_ignored_with_a_warning(tmp_path, tiny_llama_dir, tamper,
         path.write_text(path.read_text()[:40])
     elif tamper == "nan":
         path.write_text(path.read_text().replace('"format_version": 1', '"format_version": NaN'))
+    elif tamper == "deeply-nested":
+        path.write_text(DEEPLY_NESTED)
     else:
         changes = {"other-repo": {"repo_id": "org/other"}, "other-commit": {"commit": "b" * 40},
                    "bad-fingerprint": {"fingerprint": "sha256:xyz"}, "newer": {"format_version": 99},

@@ -131,6 +131,17 @@ def test_a_sidecar_profile_that_does_not_parse_is_not_read(tiny_llama_dir, tmp_p
     assert speed_store.read_profile(tiny_llama_dir, tmp_path) is None
 
 
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000,  # json raises RecursionError
+                                  '{"profile": {"batch_size": 1, "fixed_s": 0.1, "block_s": null}}'])
+def test_a_sidecar_that_does_not_parse_is_not_read_and_is_rewritten(tiny_llama_dir, tmp_path, text):
+    path = speed_store.speed_path(tiny_llama_dir, tmp_path)
+    path.write_text(text)
+    assert speed_store.read_profile(tiny_llama_dir, tmp_path) is None
+    assert speed_store.read_speed(tiny_llama_dir, tmp_path) is None
+    speed_store.store_speed(tiny_llama_dir, tmp_path, throughput={"tokens_per_s": 10.0, "batch_size": 1})
+    assert speed_store.read_speed(tiny_llama_dir, tmp_path)["throughput"]["tokens_per_s"] == 10.0
+
+
 def test_store_speed_writes_the_profile_into_the_score_caches_of_these_weights_only(tiny_llama_dir, tiny_qwen2_dir,
                                                                                       tmp_path):
     """Two models in folders of the same name share a cache-file prefix; only this model's cache changes."""

@@ -139,7 +139,7 @@ def record_alias(model_dir: str | Path, fingerprint: str, cache_dir: str | Path 
     try:
         if json.loads(path.read_text(encoding="utf-8")) == record:
             return path
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         pass
     try:
         store.ensure_writable(path.parent)
@@ -165,7 +165,7 @@ def read_alias(model_dir: str | Path, cache_dir: str | Path | None = None) -> st
     try:
         record = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
         problem = alias_problem(record, snapshot, pinned_digests(model_dir))
-    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    except (OSError, ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         problem = f"it cannot be read ({type(err).__name__}: {err})"
     if problem:
         logger.warning("ignoring hub alias %s: %s; %s@%s needs every shard to find its scores",

@@ -41,7 +41,7 @@ def read_speed(model_dir: str | Path, cache_dir: str | Path | None = None,
     path = speed_path(model_dir, cache_dir, fingerprint)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: a deeply nested file
         return None
     if not isinstance(data, dict) or data.get("format") != SPEED_FORMAT or data.get("fingerprint") != fingerprint:
         return None
@@ -74,7 +74,7 @@ def store_speed(model_dir: str | Path, cache_dir: str | Path | None = None, *,
         data = None
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             pass
         if not isinstance(data, dict) or data.get("fingerprint") != fingerprint:
             data = {"format": SPEED_FORMAT, "format_version": SPEED_FORMAT_VERSION,

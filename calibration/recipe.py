@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_miprun.option_flags import entry_wording
+from vllm_miprun.option_values import MAX_TEXT_CHARS, shown
 from vllm_miprun.options import BY_NAME, HEAL_MODES, MiprunOptions, OptionError
 
 KEYS = ("model", "revision", "download_dir", "options", "targets", "heal")
@@ -53,18 +54,19 @@ def read_recipe(path: str | Path) -> Recipe:
     try:
         text = path.read_text()
         data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: nested too deeply
         raise OptionError(f"recipe {path} must be a readable JSON or TOML file: {err}") from None
     if not isinstance(data, dict):
         raise OptionError(f"recipe {path} must hold a table of {', '.join(KEYS)}, got {type(data).__name__}")
     unknown = sorted(set(data) - set(KEYS))
-    if unknown or not isinstance(data.get("model"), str):
+    if unknown or not _is_text(data.get("model")):
         raise OptionError(f"recipe {path} takes the keys {', '.join(KEYS)} with a model name or folder; "
-                          f"got unknown keys {unknown} and model={data.get('model')!r}")
+                          f"got unknown keys {shown(unknown)} and model={shown(data.get('model'))}")
+    _check_types(path, data)
     options = dict(data.get("options") or {})
     bad = sorted(k for k in options if k not in BY_NAME or k in NOT_SHARED)
     if bad:
-        raise OptionError(f"recipe {path}: options may not hold {bad}; targets go in `targets`, heal in "
+        raise OptionError(f"recipe {path}: options may not hold {shown(bad)}; targets go in `targets`, heal in "
                           "`heal`, and the cache folder is the runner's --cache-dir")
     targets = tuple(_target(path, t) for t in data.get("targets") or ())
     if not targets:
@@ -76,14 +78,31 @@ def read_recipe(path: str | Path) -> Recipe:
         try:
             recipe.options_for(target, None)
         except OptionError as err:
-            raise OptionError(f"recipe {path}, target {target}: {entry_wording(str(err), container='')}") from None
+            raise OptionError(f"recipe {path}, target {shown(target)}: "
+                              f"{entry_wording(str(err), container='')}") from None
     return recipe
+
+
+def _is_text(value: Any) -> bool:
+    """A name, folder or revision: non-empty text without NUL, at most MAX_TEXT_CHARS long."""
+    return isinstance(value, str) and bool(value.strip()) and "\0" not in value and len(value) <= MAX_TEXT_CHARS
+
+
+def _check_types(path: Path, data: dict[str, Any]) -> None:
+    """The containers and texts besides ``model``: what iterating or handing them on assumes."""
+    for key in ("revision", "download_dir"):
+        if data.get(key) is not None and not _is_text(data[key]):
+            raise OptionError(f"recipe {path}: {key} must be a non-empty text (or left out), got {shown(data[key])}")
+    for key, kind, example in (("options", dict, '{"samples": 128}'), ("targets", list, '[{"keep": 0.75}]')):
+        if data.get(key) is not None and not isinstance(data[key], kind):
+            raise OptionError(f"recipe {path}: {key} must be a {'table' if kind is dict else 'list'} such as "
+                              f"{example}, got {shown(data[key])}")
 
 
 def _target(path: Path, target: Any) -> dict[str, Any]:
     if not isinstance(target, dict) or len(target) != 1 or next(iter(target)) not in TARGET_KEYS:
         raise OptionError(f'recipe {path}: each target is {{"keep": R}} or {{"latency_budget": B}}, '
-                          f"got {target!r}")
+                          f"got {shown(target)}")
     return dict(target)
 
 
@@ -91,5 +110,6 @@ def _heal(path: Path, value: Any) -> str:
     if isinstance(value, bool):
         return "linear" if value else "none"
     if value not in HEAL_MODES:
-        raise OptionError(f"recipe {path}: heal must be true, false or one of {', '.join(HEAL_MODES)}; got {value!r}")
+        raise OptionError(f"recipe {path}: heal must be true, false or one of {', '.join(HEAL_MODES)}; "
+                          f"got {shown(value)}")
     return value

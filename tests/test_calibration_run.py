@@ -28,12 +28,33 @@ def _recipe(folder: Path, name: str, data: dict) -> Path:
     ({"model": "m", "targets": [{"keep": 0.5}], "options": {"keep": 0.5}}, "may not hold ['keep']"),
     ({"model": "m", "targets": [{"keep": 0.5}], "colour": 1}, "unknown keys ['colour']"),
     ({"model": "m", "targets": [{"keep": 0.5}], "heal": "yes"}, "heal must be true, false or one of none, linear, distill"),
+    # wrong types used to escape as TypeError/ValueError, or pass unchecked to the runner
+    ({"model": "m", "targets": 5}, "targets must be a list such as"),
+    ({"model": "m", "targets": True}, "targets must be a list such as"),
+    ({"model": "m", "targets": [{"keep": 0.5}], "options": "ab"}, "options must be a table such as"),
+    ({"model": "m", "targets": [{"keep": 0.5}], "options": [["method", "sleb"]]}, "options must be a table such as"),
+    ({"model": "m", "targets": [{"keep": 0.5}], "revision": 5}, "revision must be a non-empty text"),
+    ({"model": "m", "targets": [{"keep": 0.5}], "download_dir": ["d"]}, "download_dir must be a non-empty text"),
+    ({"model": "", "targets": [{"keep": 0.5}]}, "with a model name or folder"),
+    ({"model": "m\0", "targets": [{"keep": 0.5}]}, "with a model name or folder"),
+    ({"model": "m", "targets": [{"latency_budget": "x" * 100_000}]}, "latency_budget"),
 ])
 def test_bad_recipes_are_refused_before_any_work(tmp_path, data, message):
     """Each refusal names the recipe's key, and its hint is a recipe entry, not a flag."""
     with pytest.raises(OptionError) as err:
         read_recipe(_recipe(tmp_path, "bad", data))
     assert message in str(err.value) and "--miprun-" not in str(err.value), str(err.value)
+    assert len(str(err.value)) < 1000  # values are shown cut, never whole
+
+
+@pytest.mark.parametrize("name, text", [("deep.json", "[" * 100_000 + "]" * 100_000),
+                                        ("deep.toml", "model = " + "[" * 100_000 + "]" * 100_000),
+                                        ("deep_table.toml", "model = " + "{a = " * 10_000 + "1" + "}" * 10_000)])
+def test_a_deeply_nested_recipe_is_refused_in_one_line(tmp_path, name, text):
+    """The parsers raise RecursionError, which is not a ValueError."""
+    (tmp_path / name).write_text(text)
+    with pytest.raises(OptionError, match="must be a readable JSON or TOML file"):
+        read_recipe(tmp_path / name)
 
 
 def _serve_plan(model_dir: Path, cache_dir: Path, *flags: str) -> dict:

@@ -142,6 +142,33 @@ def test_extra_config_json_is_an_object_without_repeated_keys(text):
     assert "--model-loader-extra-config must be a JSON object" in str(err.value)
 
 
+@pytest.mark.parametrize("raw", [{"keep": [10**5000]}, {"keep": {"a": -10**5000}}, {"latency_budget": 10**5000},
+                                 {"keep": 0.5, "protect": 10**5000}, {"keep": 0.5, "protect": [1, 10**5000]},
+                                 {"drop": [10**5000]}, {"keep": 0.5, "seed": [10**5000]}])
+def test_integers_of_over_4300_digits_inside_values_are_refused_in_one_line(raw):
+    """Python refuses to turn them into text; that ValueError (or an AttributeError from
+    the error message's own shortening) used to escape instead of the option's error."""
+    name = next(key for key in raw if key != "keep" or len(raw) == 1)
+    with pytest.raises(OptionError, match=name) as err:
+        MiprunOptions.from_dict(raw)
+    assert len(str(err.value)) < 400 and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("drop", [["0-99999"] * 50, "0-99999," * 50])
+def test_a_drop_that_repeats_long_ranges_stops_at_the_first_repeat(drop, monkeypatch):
+    """Each range expanded in full before the repeat check: 1,000 copies of 0-99999 (14 kB
+    of JSON) took 4 GB, a list of 99,999 copies would take 10**10 integers."""
+    from vllm_miprun import option_values
+
+    expanded = []
+    real = option_values._drop_item
+    monkeypatch.setattr(option_values, "_drop_item", lambda item: expanded.append(real(item)) or expanded[-1])
+    with pytest.raises(OptionError, match="more than once") as err:
+        MiprunOptions.from_dict({"drop": drop})
+    assert sum(map(len, expanded)) <= 200_000
+    assert len(str(err.value)) < 400  # the repeated blocks are shown cut, like the value
+
+
 def test_extra_config_json_passes_nan_and_huge_numbers_to_the_option_parsers():
     raw = option_flags.extra_config_json('{"keep": NaN, "samples": 1' + "0" * 400 + "}")
     assert math.isnan(raw["keep"]) and raw["samples"] == HUGE_INT

@@ -26,8 +26,9 @@ def shown(value: Any) -> str:
     and never an error itself (Python refuses to print integers of over 4300 digits)."""
     try:
         text = repr(value)
-    except ValueError:
-        text = f"<an integer of {value.bit_length()} bits>"
+    except ValueError:  # an integer of over 4300 digits, alone or inside a list or object
+        text = f"<an integer of {value.bit_length()} bits>" if isinstance(value, int) else \
+            f"<a {type(value).__name__} holding an integer of over 4300 digits>"
     return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
 
 
@@ -44,7 +45,7 @@ def parse_keep(value: Any) -> float:
 
 def parse_latency_budget(value: Any) -> str:
     """A budget ``core.latency`` reads (``0.8``, ``12ms``, ``12ms@bs8``), kept as text."""
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or len(str(value)) > SHOWN_CHARS:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or _longer_than_shown(value):
         raise OptionError(f"latency_budget must be a fraction such as 0.8 or a time such as 12ms@bs8, "
                           f"got {shown(value)}")
     text = str(value).strip()
@@ -53,6 +54,13 @@ def parse_latency_budget(value: Any) -> str:
     except (ValueError, OverflowError) as err:
         raise OptionError(" ".join(str(err).split())) from None
     return text
+
+
+def _longer_than_shown(value: str | int | float) -> bool:
+    try:
+        return len(str(value)) > SHOWN_CHARS
+    except ValueError:  # an integer of over 4300 digits
+        return True
 
 
 def parse_quality_budget(value: Any) -> float:
@@ -81,14 +89,17 @@ def parse_drop(value: Any) -> tuple[int, ...]:
         items = list(value)
     else:
         raise OptionError(f"drop must be block indices and ranges such as '12-18,25', got {shown(value)}")
-    blocks: list[int] = [block for item in items for block in _drop_item(item)]
-    if not blocks:
-        raise OptionError(f"drop names no block, got {shown(value)}; give indices and ranges such as 12-18,25")
     seen: set[int] = set()
-    twice = sorted({b for b in blocks if b in seen or seen.add(b)})
-    if twice:
-        raise OptionError(f"drop names block(s) {twice} more than once in {shown(value)}; name each block once")
-    return tuple(sorted(blocks))
+    for item in items:  # stops at the first repeat: ranges repeated in a long list never all expand
+        blocks = _drop_item(item)
+        twice = seen.intersection(blocks)
+        if twice:
+            raise OptionError(f"drop names block(s) {shown(sorted(twice))} more than once in {shown(value)}; "
+                              "name each block once")
+        seen.update(blocks)
+    if not seen:
+        raise OptionError(f"drop names no block, got {shown(value)}; give indices and ranges such as 12-18,25")
+    return tuple(sorted(seen))
 
 
 def _drop_item(item: Any) -> list[int]:

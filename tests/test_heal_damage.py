@@ -7,6 +7,7 @@ first load's cost. ``require_cache`` forbids fitting at load, so there it is one
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -37,7 +38,8 @@ def stored(tiny_llama_dir, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("damage", [lambda raw: raw[:-7], lambda raw: raw[:50], lambda raw: b"\xff" * 64,
-                                    lambda raw: raw[:8] + b"[" + raw[9:]])
+                                    lambda raw: raw[:8] + b"[" + raw[9:],
+                                    lambda raw: raw[:-4] + b"\xff" * 4])  # a NaN in the last map
 def test_damaged_heal_file_is_refitted_with_a_warning(tiny_llama_dir, tmp_path, stored, damage, caplog):
     maps, path = stored
     path.write_bytes(damage(path.read_bytes()))
@@ -62,3 +64,48 @@ def _record_args(model_dir, tmp_path):
     from vllm_miprun.model.fingerprint import model_fingerprint
 
     return model_fingerprint(model_dir), _options(tmp_path).calibration.to_json(), KEPT, NUM_BLOCKS
+
+
+RECORD = heal.heal_record("sha256:" + "a" * 64, {"dataset": "wiki"}, [0, 1, 3], 4)  # one run, at block 2
+
+
+def _maps_file(tmp_path, tensors, metadata=None):
+    from safetensors.torch import save
+
+    path = tmp_path / "maps.safetensors"
+    path.write_bytes(save(tensors, metadata=metadata or {"miprun": json.dumps(RECORD, sort_keys=True)}))
+    return path
+
+
+@pytest.mark.parametrize("tensors, why", [
+    ({"map2": torch.ones(8)}, "not map.<block>"),  # was an IndexError
+    ({"weight": torch.ones(8)}, "not map.<block>"),
+    ({"map.٣": torch.ones(8)}, "not map.<block>"),
+    ({}, "runs starting at [], the plan's runs start at [2]"),  # was read, and the run left unhealed
+    ({"map.2": torch.ones(8), "map.3": torch.ones(8)}, "runs starting at [2, 3]"),
+    ({"map.2": torch.ones(8, dtype=torch.int32)}, "torch.int32 tensor"),  # was folded as it is
+    ({"map.2": torch.ones(8, dtype=torch.bool)}, "torch.bool tensor"),
+    ({"map.2": torch.tensor(1.0)}, "shape []"),  # was an IndexError in the fold
+    ({"map.2": torch.ones(2, 8)}, "shape [2, 8]"),
+    ({"map.2": torch.ones(2, 2, 2)}, "shape [2, 2, 2]"),
+    ({"map.2": torch.ones(0)}, "shape [0]"),
+    ({"map.2": torch.full((8,), float("nan"))}, "not finite"),  # was folded into the weights
+])
+def test_maps_that_cannot_fold_are_damaged_not_a_traceback(tmp_path, tensors, why):
+    """A file whose record matches but whose tensors are not the plan's maps is a failed
+    write or disk: DamagedMapsError, which prepare_maps fits again (or refuses under
+    require_cache), never an error inside the fold."""
+    with pytest.raises(heal.DamagedMapsError, match="cannot be read") as err:
+        heal.read_maps(_maps_file(tmp_path, tensors), RECORD)
+    assert why in str(err.value)
+
+
+def test_deeply_nested_metadata_is_damaged(tmp_path):
+    path = _maps_file(tmp_path, {"map.2": torch.ones(8)}, {"miprun": "[" * 100_000 + "]" * 100_000})
+    with pytest.raises(heal.DamagedMapsError, match="cannot be read"):  # was a RecursionError
+        heal.read_maps(path, RECORD)
+
+
+def test_maps_of_the_plan_read_back(tmp_path):
+    for transform in (torch.ones(8), torch.eye(8), torch.ones(8, dtype=torch.float16)):
+        assert torch.equal(heal.read_maps(_maps_file(tmp_path, {"map.2": transform}), RECORD)[2], transform)

@@ -125,9 +125,9 @@ def read_maps(path: Path, record: dict[str, Any]) -> dict[int, torch.Tensor]:
         read_shard_header(path)  # cut or garbled: refused before safetensors maps it
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             stored = json.loads((handle.metadata() or {}).get("miprun", "null"))
-            maps = {int(name.split(".", 1)[1]): handle.get_tensor(name) for name in handle.keys()}
-    except (OSError, SafetensorError, ValueError) as err:
-        raise DamagedMapsError(f"heal maps {path} cannot be read ({' '.join(str(err).split())})") from None
+            maps = {_run_start(name): handle.get_tensor(name) for name in handle.keys()}
+    except (OSError, SafetensorError, ValueError, RecursionError) as err:  # RecursionError: nested metadata
+        raise DamagedMapsError(f"heal maps {path} cannot be read ({' '.join(str(err).split())[:200]})") from None
     if not isinstance(stored, dict) or stored.get("format") != HEAL_FORMAT:
         raise HealError(f"{path} is not a miprun heal-map file; delete it and load again")
     if stored.get("fingerprint") != record["fingerprint"]:
@@ -141,7 +141,36 @@ def read_maps(path: Path, record: dict[str, Any]) -> dict[int, torch.Tensor]:
                 f"heal maps {path} were made for {field}={stored.get(field)!r}, not {record[field]!r}; "
                 "delete them or load with the settings they were made for"
             )
+    problem = _maps_problem(maps, record)
+    if problem:
+        raise DamagedMapsError(f"heal maps {path} cannot be read ({problem})")
     return maps
+
+
+def _run_start(name: str) -> int:
+    """The run start of a stored tensor's name, ``map.<block>``."""
+    prefix, _, start = name.partition(".")
+    if prefix != "map" or not start.isascii() or not start.isdigit() or len(start) > 5:
+        raise ValueError(f"it holds the tensor {name[:40]!r}, not map.<block>")
+    return int(start)
+
+
+def _maps_problem(maps: dict[int, torch.Tensor], record: dict[str, Any]) -> str | None:
+    """Why maps whose record matches cannot be folded (a failed write or disk), or None:
+    one per run of the plan (the run at block 0 may stay unhealed), each a finite float
+    ``[d]`` or ``[d, d]`` of one size ``d``."""
+    starts = [start for start, _ in heal_math.pruned_runs(pruned_of(record["kept"], record["num_blocks"]))]
+    if set(maps) - set(starts) or {start for start in starts if start > 0} - set(maps):
+        return f"it holds maps for runs starting at {sorted(maps)[:20]}, the plan's runs start at {starts[:20]}"
+    for start, transform in maps.items():
+        shape = list(transform.shape)
+        if (not transform.dtype.is_floating_point or len(shape) not in (1, 2) or not shape[0]
+                or shape[1:] not in ([], shape[:1]) or shape[0] != next(iter(maps.values())).shape[0]):
+            return (f"map.{start} is a {transform.dtype} tensor of shape {shape}, not a float [d] or [d, d] "
+                    "like the others")
+        if not torch.isfinite(transform).all():
+            return f"map.{start} holds values that are not finite"
+    return None
 
 
 # --------------------------------------------------------------------------- fit

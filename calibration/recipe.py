@@ -17,6 +17,7 @@ Everything is checked when the file is read, before any model is touched.
 from __future__ import annotations
 
 import json
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from vllm_miprun.option_flags import entry_wording
 from vllm_miprun.option_values import MAX_TEXT_CHARS, shown
 from vllm_miprun.options import BY_NAME, HEAL_MODES, MiprunOptions, OptionError
 
+MAX_RECIPE_BYTES = 1 << 20
 KEYS = ("model", "revision", "download_dir", "options", "targets", "heal")
 TARGET_KEYS = ("keep", "latency_budget")
 # Set per target or by the runner, not in ``options``.
@@ -52,6 +54,8 @@ def read_recipe(path: str | Path) -> Recipe:
     """Read and check one recipe file; raise ``OptionError`` naming the file and the key."""
     path = Path(path)
     try:
+        if not stat.S_ISREG(path.stat().st_mode) or path.stat().st_size > MAX_RECIPE_BYTES:  # a FIFO would hang
+            raise OSError(f"not a regular file of at most {MAX_RECIPE_BYTES >> 20} MiB")
         text = path.read_text()
         data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     except (OSError, ValueError, RecursionError) as err:  # RecursionError: nested too deeply

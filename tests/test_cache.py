@@ -46,6 +46,25 @@ def test_corrupt_files_are_detected(tmp_path, text, message):
         sc.read_cache(path)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder", "oversized"])
+def test_a_scores_path_that_is_not_a_cache_file_is_refused_before_reading(tmp_path, kind):
+    """``scores`` is the user's path: a FIFO used to block the read forever, /dev/zero to
+    read until memory ran out."""
+    path = tmp_path / "c.json"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        path = "/dev/zero"
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        with open(path, "wb") as sparse:
+            sparse.truncate(sc.MAX_CACHE_BYTES + 1)
+    with pytest.raises(sc.CacheError, match="is not a regular file|bytes long") as err:
+        sc.read_cache(path)
+    assert "expected a score cache file" in str(err.value)
+
+
 def test_truncated_real_cache_is_detected(tmp_path):
     path = sc.write_cache(tmp_path / "c.json", _cache())
     path.write_text(path.read_text()[:-40])

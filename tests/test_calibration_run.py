@@ -47,6 +47,22 @@ def test_bad_recipes_are_refused_before_any_work(tmp_path, data, message):
     assert len(str(err.value)) < 1000  # values are shown cut, never whole
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device", "oversized"])
+def test_a_recipe_path_that_is_not_a_recipe_file_is_refused_before_reading(tmp_path, kind):
+    """A FIFO used to block the read forever, /dev/zero to read until memory ran out."""
+    import os
+
+    path = tmp_path / "r.json"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "device":
+        path = Path("/dev/zero")
+    else:
+        path.write_text(json.dumps({"model": "m", "targets": [{"keep": 0.5}], "revision": "x" * (1 << 20)}))
+    with pytest.raises(OptionError, match="not a regular file of at most 1 MiB"):
+        read_recipe(path)
+
+
 @pytest.mark.parametrize("name, text", [("deep.json", "[" * 100_000 + "]" * 100_000),
                                         ("deep.toml", "model = " + "[" * 100_000 + "]" * 100_000),
                                         ("deep_table.toml", "model = " + "{a = " * 10_000 + "1" + "}" * 10_000)])

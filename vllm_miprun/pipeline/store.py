@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import re
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ TEMP_NAME = re.compile(r"^\.(.+\.[A-Za-z0-9_]{8}\.tmp|probe-[A-Za-z0-9_]{8})$")
 # A temp file younger than this is left alone even when unlocked: its writer may sit
 # between mkstemp and taking the lock (microseconds), or be a probe still in use.
 STALE_TEMP_SECONDS = 1.0
+# A cache of a 1,000-block model is about 100 MB; a larger file is not one of ours.
+MAX_CACHE_BYTES = 1 << 30
 _swept: set[Path] = set()
 
 
@@ -187,6 +190,7 @@ def read_cache(path: str | Path, fingerprint: str | None = None,
     """Read and validate a cache; with ``fingerprint``/``calibration``, also check they match."""
     path = Path(path)
     try:
+        _check_regular_file(path, path.stat())
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise CacheError(f"score cache {path} does not exist; create it with `vllm-miprun calibrate MODEL_DIR`") from None
@@ -211,6 +215,14 @@ def read_cache(path: str | Path, fingerprint: str | None = None,
             f"not {calibration}; recalibrate with these settings or pass the matching ones"
         )
     return cache
+
+
+def _check_regular_file(path: Path, info: os.stat_result) -> None:
+    """Refuse, before opening it, what would hang the read (a FIFO) or never end (a device)."""
+    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_CACHE_BYTES:
+        what = "not a regular file" if not stat.S_ISREG(info.st_mode) else f"{info.st_size} bytes long"
+        raise CacheError(f"score cache {path} is {what}; expected a score cache file of at most "
+                         f"{MAX_CACHE_BYTES >> 20} MiB written by `vllm-miprun calibrate`; point to one")
 
 
 # How long a process waits for another one's calibration or forward search.

@@ -112,6 +112,7 @@ def test_selection_of_non_integer_blocks_is_refused(tmp_path, pruned):
     ("profile", {"batch_size": 1, "fixed_s": 0.0, "block_s": None}, "profile is not a latency profile"),
     ("profile", {"batch_size": 1, "fixed_s": 0.0, "block_s": 5}, "profile is not a latency profile"),
     ("profile", {"a": 1}, "profile is not a latency profile"),
+    ("profile", {"batch_size": 1, "fixed_s": 0.0, "block_s": [0.1]}, "profile.block_s must list 3 costs"),
 ])
 def test_fields_read_after_the_scores_are_checked_on_read(tmp_path, field, value, message):
     """Planning (hidden size, latency profile) and `vllm-miprun scores` (timings) read these;

@@ -381,9 +381,12 @@ def _check_fields_read_later(data: dict, bad) -> None:
     _check_finite(list(timings.values()), "timings", bad)
     if data.get("profile"):
         try:
-            LatencyModel.from_profile(data["profile"])
+            profile = LatencyModel.from_profile(data["profile"])
         except ValueError as err:
             raise bad(f"profile is not a latency profile ({err})") from None
+        if profile.num_blocks != len(data["block_scores"]):
+            raise bad(f"profile.block_s must list {len(data['block_scores'])} costs, one per block, "
+                      f"got {profile.num_blocks}")
 
 
 def _check_versions(data: dict, source: str, bad) -> None:

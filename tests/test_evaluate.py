@@ -373,10 +373,14 @@ def test_extra_config_must_be_a_json_object(tiny_llama_dir):
 
     parser = argparse.ArgumentParser(prog="vllm-miprun")
     ev.add_eval_parser(parser.add_subparsers(dest="command"))
-    for raw in ("[0.5]", "nope"):
+    for raw in ("[0.5]", "nope",
+                "[" * 100_000 + "]" * 100_000,  # was a RecursionError
+                '{"keep": 0.5, "keep": 0.9}',  # was read as keep 0.9
+                '{"keep": "' + "x" * 5000):  # was shown whole
         args = parser.parse_args(["eval", str(tiny_llama_dir), "--extra-config", raw])
-        with pytest.raises(ev.EvalError, match="--extra-config must be a JSON object"):
+        with pytest.raises(ev.EvalError, match="--extra-config must be a JSON object") as err:
             ev.options_from_args(args)
+        assert len(str(err.value)) < 400
 
 
 def test_the_transformers_window_never_exceeds_the_models_positions(tiny_llama_dir):

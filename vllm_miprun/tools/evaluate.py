@@ -371,15 +371,18 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 def options_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
     """``--extra-config`` with the plan flags on top; None for the dense model."""
+    from vllm_miprun import strict_json
     from vllm_miprun.option_flags import given_options
+    from vllm_miprun.option_values import shown
     from vllm_miprun.options import TARGETS, command_options
 
-    try:
-        options = json.loads(args.extra_config) if args.extra_config else {}
-    except ValueError as err:
-        raise EvalError(f"--extra-config must be a JSON object, got {args.extra_config!r} ({err})") from None
+    try:  # strict: a key given twice is refused, as in --model-loader-extra-config
+        options = strict_json.loads(args.extra_config) if args.extra_config else {}
+    except (ValueError, RecursionError) as err:  # RecursionError: nested too deeply
+        raise EvalError(f"--extra-config must be a JSON object, got {shown(args.extra_config)} "
+                        f"({' '.join(str(err).split())[:200]})") from None
     if not isinstance(options, dict):
-        raise EvalError(f"--extra-config must be a JSON object, got {args.extra_config!r}")
+        raise EvalError(f"--extra-config must be a JSON object, got {shown(args.extra_config)}")
     options.update(given_options(args, command_options("eval")))
     if options and not any(target in options for target in TARGETS):
         raise EvalError("plan options need a target: add --keep R, --latency-budget B, --quality-budget R "

@@ -198,3 +198,50 @@ def test_packed_and_many_dimensioned_tensors_are_sized_as_safetensors_sizes_them
     tensors = {"a": {"dtype": dtype, "shape": shape, "data_offsets": [0, data_bytes]}}
     shard = _handmade(tmp_path / "m", tensors, data_bytes)
     assert checkpoint.read_shard_header(shard)[1] == tensors
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # json raises RecursionError, not a ValueError
+
+
+@pytest.mark.parametrize("text, why", [("{", "cannot be read as JSON"), (DEEP, "cannot be read as JSON"),
+                                       ("[1]", "holds a JSON list, not an object"),
+                                       (b'{"a": "\xff"}', "cannot be read as JSON")])
+def test_a_damaged_config_json_is_refused_naming_it(tiny_llama_dir, tmp_path, text, why):
+    """It used to escape as a bare JSON error naming no file, a RecursionError, or an
+    AttributeError of the first reader that called .get on a list."""
+    folder = shutil.copytree(tiny_llama_dir, tmp_path / "m")
+    (folder / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ModelFolderError, match=why) as err:
+        checkpoint.read_config(folder)
+    assert "config.json" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("index", [{"metadata": {}}, {"weight_map": []}, {"weight_map": None},
+                                   {"weight_map": {"model.norm.weight": 5}}, {"weight_map": {"a": [1]}}, [], DEEP])
+def test_a_damaged_safetensors_index_is_refused_naming_it(tiny_llama_dir, tmp_path, index):
+    """Each reader of the index used to fail its own way: KeyError, AttributeError,
+    TypeError (a shard named by a number or a list), RecursionError."""
+    folder = shutil.copytree(tiny_llama_dir, tmp_path / "m")
+    (folder / checkpoint.INDEX_NAME).write_text(index if isinstance(index, str) else json.dumps(index))
+    for reader in (checkpoint.safetensors_files, checkpoint.missing_shards, checkpoint.tensor_names):
+        with pytest.raises(ModelFolderError, match=checkpoint.INDEX_NAME):
+            reader(folder)
+
+
+@pytest.mark.parametrize("field, value, error, message", [
+    ("num_hidden_layers", 10**30, "OptionError", r"num_hidden_layers as a positive integer, got 10+ \(at most 10+\)"),
+    ("quantization_config", True, "UnsupportedQuantizationError", "quantization_config=True"),  # AttributeError
+    ("hidden_size", None, "ValueError", "model config lacks 'hidden_size'"),  # TypeError
+    ("vocab_size", 10**50, "ValueError", r"'vocab_size' must be a positive integer, got 10+ \(at most 2\*\*40\)"),
+])
+def test_config_values_no_model_has_are_refused_before_planning(tiny_llama_dir, tmp_path, field, value, error, message):
+    """Were: a hang over 10**30 blocks, AttributeError, TypeError, OverflowError."""
+    from vllm_miprun.options import MiprunOptions
+    from vllm_miprun.pipeline.plan import make_plan
+
+    folder = shutil.copytree(tiny_llama_dir, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(ValueError, match=message) as err:
+        make_plan(folder, MiprunOptions.from_dict({"drop": "1", "cache_dir": str(tmp_path / "c")}), progress=False)
+    assert type(err.value).__name__ == error

@@ -340,6 +340,9 @@ def _check_batch_size(batch_size) -> int:
     return int(batch_size)
 
 
+MAX_CONFIG_INT = 2**40  # a size beyond any model's: float arithmetic on it must stay finite
+
+
 def _finite_non_negative(x) -> bool:
     if not isinstance(x, numbers.Real) or isinstance(x, bool):
         return False
@@ -350,11 +353,11 @@ def _finite_non_negative(x) -> bool:
 
 
 def _config_int(config: Mapping, key: str, default=...):
-    value = config.get(key, default)
-    if value is ...:
-        raise ValueError(f"model config lacks {key!r}; pass the model's config.json as a dict")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"model config {key!r} must be a positive integer, got {value!r}")
+    value = config.get(key)
+    if value is None:  # absent, or null in config.json
+        if default is ...:
+            raise ValueError(f"model config lacks {key!r}; pass the model's config.json as a dict")
+        return default
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= MAX_CONFIG_INT:
+        raise ValueError(f"model config {key!r} must be a positive integer, got {str(value)[:40]} (at most 2**40)")
     return int(value)

@@ -36,7 +36,31 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
             f"{model_dir} has no config.json; expected a Hugging Face model folder "
             "(config.json plus *.safetensors)"
         )
-    return json.loads(path.read_text())
+    return _json_object(path, "the model's Hugging Face config")
+
+
+def read_weight_map(model_dir: str | Path) -> dict[str, str]:
+    """The safetensors index's ``weight_map`` (tensor name -> shard file), checked."""
+    path = Path(model_dir) / INDEX_NAME
+    weight_map = _json_object(path, "a safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(shard, str) and shard for shard in weight_map.values()):
+        raise ModelFolderError(f"{path} has no weight_map of tensor name -> shard file name (got "
+                               f"{type(weight_map).__name__} {str(weight_map)[:80]}); restore the file from the "
+                               "model's source")
+    return weight_map
+
+
+def _json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object file of the model folder; ``ModelFolderError`` naming it otherwise."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: nested too deeply
+        raise ModelFolderError(f"{path} cannot be read as JSON ({' '.join(str(err).split())[:200]}); expected "
+                               f"{what}; restore the file from the model's source") from None
+    if not isinstance(data, dict):
+        raise ModelFolderError(f"{path} holds a JSON {type(data).__name__}, not an object; expected {what}; "
+                               "restore the file from the model's source")
+    return data
 
 
 def safetensors_files(model_dir: str | Path) -> list[Path]:
@@ -45,8 +69,7 @@ def safetensors_files(model_dir: str | Path) -> list[Path]:
     model_dir = Path(model_dir)
     index = model_dir / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [model_dir / name for name in sorted(set(weight_map.values()))]
+        return [model_dir / name for name in sorted(set(read_weight_map(model_dir).values()))]
     files = sorted(p for p in model_dir.glob("*.safetensors") if not p.name.startswith("consolidated"))
     if not files:
         raise ModelFolderError(
@@ -61,7 +84,7 @@ def missing_shards(model_dir: str | Path) -> list[str]:
     index = Path(model_dir) / INDEX_NAME
     if not index.is_file():
         return []
-    names = set(json.loads(index.read_text())["weight_map"].values())
+    names = set(read_weight_map(model_dir).values())
     return sorted(name for name in names if not (Path(model_dir) / name).is_file())
 
 
@@ -70,7 +93,7 @@ def tensor_names(model_dir: str | Path) -> list[str]:
     snapshot fetched only in part still has all its names), else the safetensors headers."""
     index = Path(model_dir) / INDEX_NAME
     if index.is_file():
-        return sorted(json.loads(index.read_text())["weight_map"])
+        return sorted(read_weight_map(model_dir))
     return sorted(tensor_bytes(safetensors_files(model_dir)))
 
 

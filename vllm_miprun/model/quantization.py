@@ -50,10 +50,17 @@ class UnsupportedQuantizationError(OptionError):
 
 def quantization_config(hf_config: dict[str, Any]) -> dict[str, Any] | None:
     """The checkpoint's quantization config, where vLLM looks for it, or None."""
-    for holder in (hf_config, hf_config.get("text_config") or {}):
+    text_config = hf_config.get("text_config")
+    for holder in (hf_config, text_config if isinstance(text_config, dict) else {}):
         if holder.get("quantization_config"):
-            return holder["quantization_config"]
-    return hf_config.get("compression_config") or None
+            return _config_object(holder["quantization_config"], "quantization_config")
+    return _config_object(hf_config.get("compression_config") or None, "compression_config")
+
+
+def _config_object(value: Any, key: str) -> dict[str, Any] | None:
+    if value is not None and not isinstance(value, dict):
+        _refuse(f"{key}={str(value)[:80]} (config.json gives it as a {type(value).__name__}, not an object)")
+    return value
 
 
 def quant_method(hf_config: dict[str, Any]) -> str | None:

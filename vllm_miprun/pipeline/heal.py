@@ -331,7 +331,7 @@ def _headers_holding(model_dir: str | Path, blocks: list[int]) -> dict[str, dict
         files = checkpoint.safetensors_files(model_dir)
     else:
         prefixes = tuple(f"model.layers.{block}.mlp.down_proj." for block in blocks)
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = checkpoint.read_weight_map(model_dir)
         files = sorted({Path(model_dir) / shard for name, shard in weight_map.items() if name.startswith(prefixes)})
     return {name: info for path in files for name, info in checkpoint.read_header(path).items()}
 

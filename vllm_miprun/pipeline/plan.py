@@ -24,6 +24,7 @@ from vllm_miprun.model.quantization import check_checkpoint_quantization
 from vllm_miprun.core.latency import LatencyModel
 from vllm_miprun.pipeline.quality import QualityProbe, select_for_quality, stored_ratio, validation_setup
 from vllm_miprun.pipeline.speed_store import read_profile
+from vllm_miprun.option_values import MAX_BLOCK_INDEX
 from vllm_miprun.options import MiprunOptions, OptionError, check_drop, resolve_device
 from vllm_miprun.pipeline.forward_search import (FORWARD_METHODS, SELECTION_KEYS, ForwardSearch,
                                                  cached_selection)
@@ -361,6 +362,7 @@ def _score_inputs(cache) -> dict[str, Any]:
 
 def _num_blocks(config: dict) -> int:
     value = config.get("num_hidden_layers")
-    if not isinstance(value, int) or value < 1:
-        raise OptionError(f"config.json must give num_hidden_layers as a positive integer, got {value!r}")
+    if type(value) is not int or not 1 <= value <= MAX_BLOCK_INDEX + 1:  # more would take forever to plan
+        raise OptionError(f"config.json must give num_hidden_layers as a positive integer, got {str(value)[:40]} "
+                          f"(at most {MAX_BLOCK_INDEX + 1})")
     return value

@@ -40,7 +40,7 @@ from vllm.logger import init_logger
 
 from vllm_miprun.errors import ModelFolderError
 from vllm_miprun.model import checkpoint, weights
-from vllm_miprun.model.checkpoint import INDEX_NAME, check_shards, missing_shards, read_config
+from vllm_miprun.model.checkpoint import INDEX_NAME, check_shards, missing_shards, read_config, read_weight_map
 from vllm_miprun.model.remap import layer_index
 from vllm_miprun.pipeline.hub_alias import MissingWeightsError, has_every_shard, snapshot_id
 
@@ -210,7 +210,7 @@ def shard_split(model_dir: str | Path, kept) -> tuple[list[str], list[str]]:
     index = Path(model_dir) / INDEX_NAME
     if not index.is_file():
         return list(WEIGHT_PATTERNS), []
-    weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+    weight_map = read_weight_map(model_dir)
     wanted, depth = set(kept), int(read_config(model_dir)["num_hidden_layers"])
 
     def is_needed(name: str) -> bool:
@@ -226,7 +226,9 @@ def index_total_bytes(model_dir: str | Path) -> int | None:
     index = Path(model_dir) / INDEX_NAME
     if not index.is_file():
         return None
-    total = (json.loads(index.read_text()).get("metadata") or {}).get("total_size")
+    read_weight_map(model_dir)  # the index is a JSON object: refused in one line otherwise
+    metadata = json.loads(index.read_text()).get("metadata")
+    total = metadata.get("total_size") if isinstance(metadata, dict) else None
     return int(total) if isinstance(total, (int, float, str)) and str(total).isdigit() else None
 
 

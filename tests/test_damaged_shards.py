@@ -231,11 +231,12 @@ def test_a_damaged_safetensors_index_is_refused_naming_it(tiny_llama_dir, tmp_pa
 @pytest.mark.parametrize("field, value, error, message", [
     ("num_hidden_layers", 10**30, "OptionError", r"num_hidden_layers as a positive integer, got 10+ \(at most 10+\)"),
     ("quantization_config", True, "UnsupportedQuantizationError", "quantization_config=True"),  # AttributeError
-    ("hidden_size", None, "ValueError", "model config lacks 'hidden_size'"),  # TypeError
-    ("vocab_size", 10**50, "ValueError", r"'vocab_size' must be a positive integer, got 10+ \(at most 2\*\*40\)"),
+    ("hidden_size", None, "ModelFolderError", r"config.json: model config lacks .hidden_size."),  # TypeError
+    ("vocab_size", 10**50, "ModelFolderError", r"'vocab_size' must be a positive integer, got 10+ \(at most 2\*\*40\)"),
 ])
 def test_config_values_no_model_has_are_refused_before_planning(tiny_llama_dir, tmp_path, field, value, error, message):
-    """Were: a hang over 10**30 blocks, AttributeError, TypeError, OverflowError."""
+    """Were: a hang over 10**30 blocks, AttributeError, TypeError, OverflowError. Each is a MiprunError
+    (what `LLM(...)` raises), so a plain ValueError would not do."""
     from vllm_miprun.options import MiprunOptions
     from vllm_miprun.pipeline.plan import make_plan
 

@@ -22,6 +22,7 @@ from vllm_miprun.core import selection as selectors
 from vllm_miprun.model.checkpoint import read_config
 from vllm_miprun.model.quantization import check_checkpoint_quantization
 from vllm_miprun.core.latency import LatencyModel
+from vllm_miprun.errors import ModelFolderError
 from vllm_miprun.pipeline.quality import QualityProbe, select_for_quality, stored_ratio, validation_setup
 from vllm_miprun.pipeline.speed_store import read_profile
 from vllm_miprun.option_values import MAX_BLOCK_INDEX
@@ -320,7 +321,11 @@ def latency_model(model_dir, config: dict, cache: score_cache.ScoreCache | None,
     if profile:
         return LatencyModel.from_profile(profile)
     logger.info("no latency profile; using the FLOP-and-byte estimate from the model config")
-    return LatencyModel.from_config(config)
+    try:
+        return LatencyModel.from_config(config)
+    except ValueError as err:  # a size the estimate needs is missing or absurd: the folder's fault
+        raise ModelFolderError(f"{Path(model_dir) / 'config.json'}: {err}; the speed estimate needs it "
+                               "(or measure the speed with `vllm-miprun profile MODEL_DIR`)") from None
 
 
 def _select(model_dir, options: MiprunOptions, num_blocks: int, protect: frozenset[int],

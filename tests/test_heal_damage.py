@@ -51,6 +51,22 @@ def test_damaged_heal_file_is_refitted_with_a_warning(tiny_llama_dir, tmp_path, 
     assert sorted(heal.read_maps(path, record)) == sorted(maps)  # the file was rewritten whole
 
 
+def test_maps_of_another_width_are_fitted_again(tiny_llama_dir, tmp_path, stored, caplog):
+    """Maps that agree with each other and with the record, but are not as wide as the model's
+    hidden size, could only fail inside the fold: they are damaged, so fitted again."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    maps, path = stored
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    path.write_bytes(save({f"map.{s}": torch.eye(3) for s in maps}, metadata=metadata))
+    with caplog.at_level(logging.WARNING, logger=heal.logger.name):
+        again = heal.prepare_maps(tiny_llama_dir, _options(tmp_path), KEPT, NUM_BLOCKS, progress=False)
+    assert "is 3 wide, the model's hidden size is" in caplog.text and "fitting them again" in caplog.text
+    assert all(torch.allclose(again[s], maps[s], atol=1e-5) for s in maps)
+
+
 def test_damaged_heal_file_under_require_cache_is_one_line(tiny_llama_dir, tmp_path, stored):
     _, path = stored
     path.write_bytes(path.read_bytes()[:-7])
@@ -104,6 +120,13 @@ def test_deeply_nested_metadata_is_damaged(tmp_path):
     path = _maps_file(tmp_path, {"map.2": torch.ones(8)}, {"miprun": "[" * 100_000 + "]" * 100_000})
     with pytest.raises(heal.DamagedMapsError, match="cannot be read"):  # was a RecursionError
         heal.read_maps(path, RECORD)
+
+
+def test_maps_narrower_than_the_model_are_damaged(tmp_path):
+    path = _maps_file(tmp_path, {"map.2": torch.ones(8)})
+    assert torch.equal(heal.read_maps(path, RECORD, width=8)[2], torch.ones(8))
+    with pytest.raises(heal.DamagedMapsError, match="map.2 is 8 wide, the model's hidden size is 16"):
+        heal.read_maps(path, RECORD, width=16)
 
 
 def test_maps_of_the_plan_read_back(tmp_path):

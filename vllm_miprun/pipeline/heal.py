@@ -115,8 +115,9 @@ def write_maps(path: Path, record: dict[str, Any], maps: dict[int, torch.Tensor]
     return path
 
 
-def read_maps(path: Path, record: dict[str, Any]) -> dict[int, torch.Tensor]:
-    """The maps in ``path``, refused unless they were made for exactly ``record``."""
+def read_maps(path: Path, record: dict[str, Any], width: int | None = None) -> dict[int, torch.Tensor]:
+    """The maps in ``path``, refused unless they were made for exactly ``record`` (and,
+    given ``width``, the model's hidden size, are that wide)."""
     from safetensors import SafetensorError, safe_open
 
     from vllm_miprun.model.checkpoint import read_shard_header
@@ -141,7 +142,7 @@ def read_maps(path: Path, record: dict[str, Any]) -> dict[int, torch.Tensor]:
                 f"heal maps {path} were made for {field}={stored.get(field)!r}, not {record[field]!r}; "
                 "delete them or load with the settings they were made for"
             )
-    problem = _maps_problem(maps, record)
+    problem = _maps_problem(maps, record, width)
     if problem:
         raise DamagedMapsError(f"heal maps {path} cannot be read ({problem})")
     return maps
@@ -155,10 +156,10 @@ def _run_start(name: str) -> int:
     return int(start)
 
 
-def _maps_problem(maps: dict[int, torch.Tensor], record: dict[str, Any]) -> str | None:
+def _maps_problem(maps: dict[int, torch.Tensor], record: dict[str, Any], width: int | None) -> str | None:
     """Why maps whose record matches cannot be folded (a failed write or disk), or None:
     one per run of the plan (the run at block 0 may stay unhealed), each a finite float
-    ``[d]`` or ``[d, d]`` of one size ``d``."""
+    ``[d]`` or ``[d, d]`` of one size ``d`` (the model's ``width`` when known)."""
     starts = [start for start, _ in heal_math.pruned_runs(pruned_of(record["kept"], record["num_blocks"]))]
     if set(maps) - set(starts) or {start for start in starts if start > 0} - set(maps):
         return f"it holds maps for runs starting at {sorted(maps)[:20]}, the plan's runs start at {starts[:20]}"
@@ -170,6 +171,8 @@ def _maps_problem(maps: dict[int, torch.Tensor], record: dict[str, Any]) -> str 
                     "like the others")
         if not torch.isfinite(transform).all():
             return f"map.{start} holds values that are not finite"
+        if isinstance(width, int) and shape[0] != width:
+            return f"map.{start} is {shape[0]} wide, the model's hidden size is {width}"
     return None
 
 
@@ -350,6 +353,8 @@ def prepare_maps(model_dir: str | Path, options, kept: list[int], num_blocks: in
     Reads no shard a worker did not fetch (a hub snapshot with only the kept blocks'
     shards): tensor names come from the index, the fingerprint from the hub alias.
     """
+    from vllm_miprun.model.checkpoint import read_config
+
     request = maps_request(model_dir, options, kept, num_blocks)
     if request is None:
         return {}
@@ -358,7 +363,7 @@ def prepare_maps(model_dir: str | Path, options, kept: list[int], num_blocks: in
     with FileLock(str(path) + ".lock", timeout=3600):  # tensor-parallel workers fit once, then read
         if path.exists():
             try:
-                return read_maps(path, record)
+                return read_maps(path, record, read_config(model_dir).get("hidden_size"))
             except DamagedMapsError as err:
                 if options.require_cache:
                     raise HealError(f"{err}; require_cache is set, so they are not fitted again: delete "

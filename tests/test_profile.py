@@ -13,6 +13,7 @@ from vllm_miprun.core import profile_fit
 from vllm_miprun.core.gains import exact_kv_memory
 from vllm_miprun.core.latency import LatencyModel, kv_bytes_per_token_per_block
 from vllm_miprun.pipeline import speed_store
+from vllm_miprun.pipeline.calibrate import CalibrationSettings, calibrate
 from vllm_miprun.tools import profiling as profile
 
 SMOL = {  # SmolLM2-135M's config.json, the fields the cost model reads
@@ -126,9 +127,25 @@ def test_store_and_read_speed_sidecar(tmp_path):
 
 def test_a_sidecar_profile_that_does_not_parse_is_not_read(tiny_llama_dir, tmp_path):
     """Planning then falls back to the estimate instead of failing on it."""
-    speed_store.store_speed(tiny_llama_dir, tmp_path, profile={"batch_size": 1, "fixed_s": 0.1, "block_s": "fast"})
+    speed_store.store_speed(tiny_llama_dir, tmp_path, throughput={"tokens_per_s": 10.0, "batch_size": 1})
+    path = speed_store.speed_path(tiny_llama_dir, tmp_path)
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "profile": {"batch_size": 1, "fixed_s": 0.1, "block_s": "fast"}}))
     assert speed_store.read_speed(tiny_llama_dir, tmp_path)["profile"]["block_s"] == "fast"
     assert speed_store.read_profile(tiny_llama_dir, tmp_path) is None
+
+
+@pytest.mark.parametrize("profile, words", [({"batch_size": 1, "fixed_s": 0.1, "block_s": "fast"}, "must be a list"),
+                                            ({"batch_size": 1, "fixed_s": 0.1, "block_s": [0.01] * 3},
+                                             "gives 3 block costs, the model has 8 blocks")])
+def test_a_profile_that_is_not_this_models_is_refused_before_anything_is_written(tiny_llama_dir, tmp_path,
+                                                                                 profile, words):
+    """Stored in the score caches, it would make each of them unreadable."""
+    calibrate(tiny_llama_dir, CalibrationSettings(samples=2, seq_len=16), cache_dir=tmp_path, progress=False)
+    before = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match=words):
+        speed_store.store_speed(tiny_llama_dir, tmp_path, profile=profile)
+    assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
 @pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000,  # json raises RecursionError

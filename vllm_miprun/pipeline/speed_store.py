@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from filelock import FileLock
 
 from vllm_miprun.core.latency import LatencyModel
+from vllm_miprun.model.checkpoint import read_config
 from vllm_miprun.model.fingerprint import model_fingerprint
 from vllm_miprun.pipeline import store as score_cache
 
@@ -62,10 +63,21 @@ def read_profile(model_dir: str | Path, cache_dir: str | Path | None = None,
     return profile
 
 
+def _check_profile(profile: Mapping, num_blocks: Any) -> None:
+    blocks = LatencyModel.from_profile(profile).num_blocks  # ValueError naming what is wrong
+    if blocks != num_blocks:
+        raise ValueError(f"latency profile gives {blocks} block costs, the model has {num_blocks} blocks; "
+                         "re-run `vllm-miprun profile MODEL_DIR`")
+
+
 def store_speed(model_dir: str | Path, cache_dir: str | Path | None = None, *,
                 profile: Mapping | None = None, throughput: Mapping | None = None) -> list[str]:
     """Write ``profile`` and/or ``throughput`` to the sidecar and to every score cache of
-    these weights in ``cache_dir``. Returns the paths written."""
+    these weights in ``cache_dir``. Returns the paths written. A ``profile`` that is not a
+    latency profile of this model raises ``ValueError`` before anything is written: stored
+    in the score caches, it would make every one of them unreadable."""
+    if profile is not None:
+        _check_profile(profile, read_config(model_dir).get("num_hidden_layers"))
     fingerprint = model_fingerprint(model_dir)
     path = speed_path(model_dir, cache_dir, fingerprint)
     score_cache.ensure_writable(path.parent)

@@ -75,6 +75,12 @@ def read_recipe(path: str | Path) -> Recipe:
     targets = tuple(_target(path, t) for t in data.get("targets") or ())
     if not targets:
         raise OptionError(f'recipe {path} needs at least one target, e.g. "targets": [{{"keep": 0.75}}]')
+    seen: set[str] = set()
+    for target in targets:
+        key = json.dumps(target, sort_keys=True)
+        if key in seen:
+            raise OptionError(f"recipe {path} gives the target {shown(target)} more than once; list each target once")
+        seen.add(key)
     recipe = Recipe(name=path.stem, model=data["model"], revision=data.get("revision"),
                     download_dir=data.get("download_dir"), options=options, targets=targets,
                     heal=_heal(path, data.get("heal", False)))

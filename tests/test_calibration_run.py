@@ -30,6 +30,8 @@ def _recipe(folder: Path, name: str, data: dict) -> Path:
     ({"model": "m", "targets": [{"keep": 0.5}], "heal": "yes"}, "heal must be true, false or one of none, linear, distill"),
     # wrong types used to escape as TypeError/ValueError, or pass unchecked to the runner
     ({"model": "m", "targets": 5}, "targets must be a list such as"),
+    ({"model": "m", "targets": [{"keep": 0.5}, {"keep": 0.75}, {"keep": 0.5}]},
+     "gives the target {'keep': 0.5} more than once"),
     ({"model": "m", "targets": True}, "targets must be a list such as"),
     ({"model": "m", "targets": [{"keep": 0.5}], "options": "ab"}, "options must be a table such as"),
     ({"model": "m", "targets": [{"keep": 0.5}], "options": [["method", "sleb"]]}, "options must be a table such as"),

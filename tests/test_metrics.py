@@ -191,7 +191,10 @@ def test_a_run_folder_that_is_gone_is_not_used(tmp_path, monkeypatch):
 
 
 def test_a_killed_front_process_leaves_a_folder_the_next_run_removes(tmp_path):
-    """SIGKILL skips the exit hook; the next front process on this host removes the folder."""
+    """SIGKILL skips the exit hook; the next front process of this user on this node removes
+    the folder, and only folders whose owner has surely ended (a reused process id too)."""
+    from vllm_miprun.vllm import process_owner
+
     make_and_die = ("import os, signal; from vllm_miprun.vllm import reports; "
                     "print(reports.run_dir(create=True), flush=True); os.kill(os.getpid(), signal.SIGKILL)")
     env = {**os.environ, "TMPDIR": str(tmp_path)}
@@ -199,17 +202,54 @@ def test_a_killed_front_process_leaves_a_folder_the_next_run_removes(tmp_path):
     done = subprocess.run([sys.executable, "-c", make_and_die], env=env, capture_output=True, text=True, timeout=60)
     orphan = Path(done.stdout.strip())
     assert done.returncode == -9 and orphan.parent == tmp_path and (orphan / reports.OWNER_FILE).is_file()
-    live = tmp_path / f"{reports.RUN_DIR_PREFIX}live"  # this process owns it
-    elsewhere = tmp_path / f"{reports.RUN_DIR_PREFIX}elsewhere"  # a dead pid, but on another host
-    unowned = tmp_path / f"{reports.RUN_DIR_PREFIX}unowned"
-    dead_pid = json.loads((orphan / reports.OWNER_FILE).read_text())["pid"]
-    for folder, owner in [(live, {"pid": os.getpid(), "host": os.uname().nodename}),
-                          (elsewhere, {"pid": dead_pid, "host": "another-host"}), (unowned, None)]:
+    me = process_owner.owner_record()
+    owners = {"live": me,  # this process
+              "reused-pid": {**me, "start": "0"},  # this process's id, but another process had it
+              "other-node": {**me, "pid": json.loads((orphan / reports.OWNER_FILE).read_text())["pid"],
+                             "node": "another-host|boot|pid:[1]"},  # a dead id, in another namespace
+              "unowned": None}
+    for name, owner in owners.items():
+        (tmp_path / f"{reports.RUN_DIR_PREFIX}{name}").mkdir()
+        if owner is not None:
+            _write(tmp_path / f"{reports.RUN_DIR_PREFIX}{name}", reports.OWNER_FILE, owner)
+    removed = reports.remove_orphaned_run_dirs(tmp_path)
+    assert sorted(removed) == sorted([orphan, tmp_path / f"{reports.RUN_DIR_PREFIX}reused-pid"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{reports.RUN_DIR_PREFIX}{name}"
+                                                         for name in ("live", "other-node", "unowned")]
+
+
+def test_folders_planted_in_tmp_neither_stop_nor_hang_a_start(tmp_path, monkeypatch):
+    """A shared /tmp may hold anything under our prefix: a FIFO or a link to /dev/zero as the
+    owner file, a process id no kernel has, a plain file, a link to another folder. Each is
+    left alone, quickly."""
+    from vllm_miprun.vllm import process_owner
+
+    planted = {"fifo": None, "zero": None, "huge-pid": {"pid": 10**20, "start": "1", "node": "x"}}
+    for name, owner in planted.items():
+        folder = tmp_path / f"{reports.RUN_DIR_PREFIX}{name}"
         folder.mkdir()
         if owner is not None:
             _write(folder, reports.OWNER_FILE, owner)
-    assert reports.remove_orphaned_run_dirs(tmp_path) == [orphan]
-    assert not orphan.exists() and live.is_dir() and elsewhere.is_dir() and unowned.is_dir()
+    os.mkfifo(tmp_path / f"{reports.RUN_DIR_PREFIX}fifo" / reports.OWNER_FILE)
+    os.symlink("/dev/zero", tmp_path / f"{reports.RUN_DIR_PREFIX}zero" / reports.OWNER_FILE)
+    (tmp_path / f"{reports.RUN_DIR_PREFIX}file").write_text("{}")
+    elsewhere = tmp_path / "elsewhere"  # a folder of someone else's, whose owner has ended
+    elsewhere.mkdir()
+    _write(elsewhere, reports.OWNER_FILE, {**process_owner.owner_record(), "start": "0"})
+    os.symlink(elsewhere, tmp_path / f"{reports.RUN_DIR_PREFIX}link")
+    started = time.monotonic()
+    assert reports.remove_orphaned_run_dirs(tmp_path) == []
+    assert time.monotonic() - started < 5 and len(list(tmp_path.iterdir())) == 6
+    assert (elsewhere / reports.OWNER_FILE).is_file()
+    monkeypatch.setattr(reports.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv(reports.RUN_DIR_ENV, raising=False)
+    monkeypatch.setattr(reports, "_created_run_dir", None)
+    monkeypatch.setattr(reports, "owner_gone", lambda owner: 1 / 0)  # whatever the sweep meets
+    made = reports.run_dir(create=True)
+    try:
+        assert made.parent == tmp_path and (made / reports.OWNER_FILE).is_file()
+    finally:
+        shutil.rmtree(made)
 
 
 def test_every_metric_has_help_text():

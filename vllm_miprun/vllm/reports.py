@@ -16,18 +16,20 @@ import json
 import logging
 import os
 import shutil
-import socket
+import stat
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from vllm_miprun.vllm.process_owner import owner_gone, owner_record
+
 logger = logging.getLogger(f"vllm.{__name__}")
 
 RUN_DIR_ENV = "MIPRUN_RUN_DIR"
 RUN_DIR_PREFIX = "vllm-miprun-run-"
-OWNER_FILE = "owner.json"  # {"pid", "host"} of the front process that made the folder
+OWNER_FILE = "owner.json"  # the front process that made the folder (process_owner.owner_record)
 PLAN_FILE = "plan.json"
 LOAD_PREFIX = "load-"
 
@@ -44,9 +46,12 @@ def run_dir(create: bool = False) -> Path | None:
         return Path(value)
     if not create:
         return None
-    remove_orphaned_run_dirs(Path(tempfile.gettempdir()))
+    try:  # housekeeping: it must never stop a start
+        remove_orphaned_run_dirs(Path(tempfile.gettempdir()))
+    except Exception as err:  # noqa: BLE001
+        logger.debug("miprun metrics: left the old run folders alone: %s", err)
     path = tempfile.mkdtemp(prefix=RUN_DIR_PREFIX)
-    _write_json(Path(path) / OWNER_FILE, {"pid": os.getpid(), "host": socket.gethostname()})
+    _write_json(Path(path) / OWNER_FILE, owner_record())
     os.environ[RUN_DIR_ENV] = path  # inherited by every process started from here on
     _created_run_dir = (os.getpid(), path)
     atexit.register(_remove_run_dir)
@@ -54,31 +59,38 @@ def run_dir(create: bool = False) -> Path | None:
 
 
 def remove_orphaned_run_dirs(parent: Path) -> list[Path]:
-    """Remove the run folders whose front process is gone; returns those removed.
+    """Remove this user's run folders whose front process has surely ended; returns them.
 
-    A front process removes its folder at exit, but not when it is SIGKILLed (or ends
-    by ``os._exit``). Only folders that name their owner on this host are judged:
-    another host's process (a /tmp shared between containers) cannot be checked.
+    A front process removes its folder at exit, but not when it is SIGKILLed (or ends by
+    ``os._exit``). A folder is judged only by its owner record (``process_owner``), read
+    without following links or blocking, so nothing planted in a shared /tmp can hang or
+    stop a start, and a folder whose owner cannot be told apart is left alone.
     """
     removed = []
-    host = socket.gethostname()
     for folder in parent.glob(f"{RUN_DIR_PREFIX}*"):
-        owner = _read_json(folder / OWNER_FILE) or {}
-        pid = owner.get("pid")
-        if owner.get("host") == host and isinstance(pid, int) and pid > 0 and not _process_alive(pid):
+        try:
+            info = folder.lstat()
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            owner = _read_small_json(folder / OWNER_FILE)
+        except (OSError, ValueError, RecursionError):
+            continue
+        if owner_gone(owner):
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
+def _read_small_json(path: Path, limit: int = 4096) -> Any:
+    """A small JSON file, refused (OSError) when it is a link, a FIFO, a device or too long."""
+    handle = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(handle, "rb") as file:
+        if not stat.S_ISREG(os.fstat(handle).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(f"{path} is longer than {limit} bytes")
+    return json.loads(data)
 
 
 def _remove_run_dir() -> None:

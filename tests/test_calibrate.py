@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 import shutil
 
 import pytest
@@ -86,7 +87,8 @@ def test_fingerprint_follows_weights_not_path(tiny_llama_dir, tmp_path):
 
 def test_fingerprint_is_read_once_per_process_until_a_file_changes(tiny_llama_dir, tmp_path, monkeypatch):
     """One start asks several times (cached plan? plan, heal, metrics); the samples are read once,
-    and again after any write to a shard, even one that keeps its size and its mtime."""
+    and again after any write to a shard, even one that keeps its size and its mtime. A folder
+    written in the last two seconds is read every time: a timestamp tick may hide a write."""
     from vllm_miprun.model import fingerprint
 
     copy = tmp_path / "copy"
@@ -95,14 +97,17 @@ def test_fingerprint_is_read_once_per_process_until_a_file_changes(tiny_llama_di
     real_read = fingerprint._hash_safetensors_file
     monkeypatch.setattr(fingerprint, "_hash_safetensors_file", lambda *args: reads.append(1) or real_read(*args))
     first = model_fingerprint(copy)
-    assert model_fingerprint(copy) == first and len(reads) == 1
+    assert model_fingerprint(copy) == first and len(reads) == 2  # just written: not kept
+    monkeypatch.setattr(fingerprint, "RACY_NS", 0)  # as if the folder were old
+    assert model_fingerprint(copy) == first and model_fingerprint(copy) == first and len(reads) == 3
     shard = copy / "model.safetensors"
     stat = shard.stat()
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF  # the last tensor's last byte: sampled
+    time.sleep(0.05)  # past any timestamp tick, so the write shows in ctime
     shard.write_bytes(bytes(data))
     os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the same size and mtime as before
-    assert model_fingerprint(copy) != first and len(reads) == 2
+    assert model_fingerprint(copy) != first and len(reads) == 4
 
 
 def _fingerprint_after(folder, change) -> str:

@@ -8,47 +8,62 @@ it fast for multi-GB checkpoints. Each shard is checked against its size first
 
 A process asks for the same folder's fingerprint several times in one start (is the plan
 cached? then the plan, the heal maps, the metrics). The samples are random reads, slow on
-network storage, so the answer is kept per process while no file in it changed: any write
-changes a file's ``st_ctime_ns``, which no tool can set back.
+network storage, so the answer is kept per process while no file in it changed, by size,
+times, inode and device. Files are stat-ed through ``open`` (which revalidates NFS's cached
+attributes) and a folder with a file changed in the last two seconds is not kept: a
+timestamp tick may hide a second write (git's "racy clean" rule).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
+import threading
+import time
 from pathlib import Path
 
 from vllm_miprun.model.checkpoint import CONFIG_NAME, read_config, read_shard_header, safetensors_files
 
 SAMPLE_BYTES = 4096
 _KEPT = 8  # folders whose fingerprint this process keeps
+RACY_NS = 2_000_000_000  # a file changed this recently may change again within its timestamp tick
 _known: dict[tuple, str] = {}  # (folder, its files' stats) -> fingerprint
+_lock = threading.Lock()
 
 
 def model_fingerprint(model_dir: str | Path) -> str:
     key = _files_key(model_dir)
-    if key is None:  # a file is missing: the read names it
-        return _compute(model_dir)
-    if key not in _known:
-        _known[key] = _compute(model_dir)
-        while len(_known) > _KEPT:
-            del _known[next(iter(_known))]
-    return _known[key]
+    with _lock:
+        if key in _known:
+            return _known[key]
+    started = time.time_ns()
+    fingerprint = _compute(model_dir)
+    if key is not None and all(started - ctime > RACY_NS for *_, ctime, _, _ in key[1]):
+        with _lock:
+            _known[key] = fingerprint
+            while len(_known) > _KEPT:
+                del _known[next(iter(_known))]
+    return fingerprint
 
 
 def _files_key(model_dir: str | Path) -> tuple | None:
-    """The folder and the size, times and inode of every file the fingerprint reads."""
+    """The folder and the size, times, inode and device of every file the fingerprint
+    reads; None when one is missing (the read names it)."""
     config = Path(model_dir) / CONFIG_NAME
     if not config.is_file():
         return None
     stats = []
-    files = [config, *safetensors_files(model_dir)]
-    for file in files:
+    for file in [config, *safetensors_files(model_dir)]:
         try:
-            st = file.stat()
+            if not stat.S_ISREG(file.stat().st_mode):  # a FIFO would block the open: the read refuses it
+                return None
+            with open(file, "rb") as handle:
+                st = os.fstat(handle.fileno())
         except OSError:
             return None
-        stats.append((file.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+        stats.append((file.name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev))
     return (str(Path(model_dir).resolve()), tuple(stats))
 
 

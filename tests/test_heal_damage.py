@@ -101,6 +101,7 @@ def _maps_file(tmp_path, tensors, metadata=None):
     ({"map.2": torch.ones(8), "map.3": torch.ones(8)}, "runs starting at [2, 3]"),
     ({"map.2": torch.ones(8, dtype=torch.int32)}, "torch.int32 tensor"),  # was folded as it is
     ({"map.2": torch.ones(8, dtype=torch.bool)}, "torch.bool tensor"),
+    ({"map.2": torch.ones(8).to(torch.float8_e4m3fn)}, "torch.float8_e4m3fn tensor"),  # was NotImplementedError
     ({"map.2": torch.tensor(1.0)}, "shape []"),  # was an IndexError in the fold
     ({"map.2": torch.ones(2, 8)}, "shape [2, 8]"),
     ({"map.2": torch.ones(2, 2, 2)}, "shape [2, 2, 2]"),

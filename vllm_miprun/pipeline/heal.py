@@ -156,6 +156,10 @@ def _run_start(name: str) -> int:
     return int(start)
 
 
+# What a map may be stored as: float8 has no isfinite, and is not what the fit writes.
+MAP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _maps_problem(maps: dict[int, torch.Tensor], record: dict[str, Any], width: int | None) -> str | None:
     """Why maps whose record matches cannot be folded (a failed write or disk), or None:
     one per run of the plan (the run at block 0 may stay unhealed), each a finite float
@@ -165,7 +169,7 @@ def _maps_problem(maps: dict[int, torch.Tensor], record: dict[str, Any], width: 
         return f"it holds maps for runs starting at {sorted(maps)[:20]}, the plan's runs start at {starts[:20]}"
     for start, transform in maps.items():
         shape = list(transform.shape)
-        if (not transform.dtype.is_floating_point or len(shape) not in (1, 2) or not shape[0]
+        if (transform.dtype not in MAP_DTYPES or len(shape) not in (1, 2) or not shape[0]
                 or shape[1:] not in ([], shape[:1]) or shape[0] != next(iter(maps.values())).shape[0]):
             return (f"map.{start} is a {transform.dtype} tensor of shape {shape}, not a float [d] or [d, d] "
                     "like the others")
@@ -353,7 +357,7 @@ def prepare_maps(model_dir: str | Path, options, kept: list[int], num_blocks: in
     Reads no shard a worker did not fetch (a hub snapshot with only the kept blocks'
     shards): tensor names come from the index, the fingerprint from the hub alias.
     """
-    from vllm_miprun.model.checkpoint import read_config
+    from vllm_miprun.model import checkpoint
 
     request = maps_request(model_dir, options, kept, num_blocks)
     if request is None:
@@ -363,7 +367,7 @@ def prepare_maps(model_dir: str | Path, options, kept: list[int], num_blocks: in
     with FileLock(str(path) + ".lock", timeout=3600):  # tensor-parallel workers fit once, then read
         if path.exists():
             try:
-                return read_maps(path, record, read_config(model_dir).get("hidden_size"))
+                return read_maps(path, record, checkpoint.read_config(model_dir).get("hidden_size"))
             except DamagedMapsError as err:
                 if options.require_cache:
                     raise HealError(f"{err}; require_cache is set, so they are not fitted again: delete "

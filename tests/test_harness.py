@@ -221,3 +221,7 @@ def test_a_rebuilt_model_folder_replaces_the_old_one_whole(tmp_path, monkeypatch
     assert not (assets.smollm2_dir() / "model.safetensors").exists()
     with pytest.raises(ModelFolderError, match="assets prepare"):
         harness.default_model_dir()
+    monkeypatch.setattr(assets.os, "replace", real_replace)
+    assets.install_folder(staged("newest"), target)  # the next prepare: the old model set aside is gone
+    assert [p.name for p in target.parent.iterdir()] == ["SmolLM2-135M"]
+    assert (target / "model.safetensors").read_text() == "newest"

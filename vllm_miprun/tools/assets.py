@@ -75,11 +75,13 @@ def install_folder(staging: Path, target: Path) -> None:
     either the old folder whole, the new one whole, or none (``prepare`` builds it again):
     never a folder with some files deleted that still looks complete.
     """
-    old = target.with_name(f".old-{target.name}-{os.getpid()}")
+    for leftover in target.parent.glob(f".old-{target.name}-*"):  # from a run killed before its delete
+        shutil.rmtree(leftover, ignore_errors=True)
+    aside = Path(tempfile.mkdtemp(prefix=f".old-{target.name}-", dir=target.parent))
     if target.exists():
-        os.replace(target, old)
+        os.replace(target, aside / target.name)
     os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def prepare(force: bool = False) -> dict[str, Path]:

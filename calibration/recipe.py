@@ -54,8 +54,10 @@ def read_recipe(path: str | Path) -> Recipe:
     """Read and check one recipe file; raise ``OptionError`` naming the file and the key."""
     path = Path(path)
     try:
-        if not stat.S_ISREG(path.stat().st_mode) or path.stat().st_size > MAX_RECIPE_BYTES:  # a FIFO would hang
-            raise OSError(f"not a regular file of at most {MAX_RECIPE_BYTES >> 20} MiB")
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_RECIPE_BYTES:  # a FIFO would hang the read
+            what = "not a regular file" if not stat.S_ISREG(info.st_mode) else f"{info.st_size} bytes long"
+            raise OSError(f"it is {what}, not a recipe file of at most {MAX_RECIPE_BYTES >> 20} MiB")
         text = path.read_text()
         data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     except (OSError, ValueError, RecursionError) as err:  # RecursionError: nested too deeply

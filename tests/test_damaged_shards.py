@@ -228,6 +228,15 @@ def test_a_damaged_safetensors_index_is_refused_naming_it(tiny_llama_dir, tmp_pa
             reader(folder)
 
 
+def test_a_bad_weight_map_entry_is_named(tiny_llama_dir, tmp_path):
+    """Among many good entries, the one that is not a shard file name is the one shown."""
+    folder = shutil.copytree(tiny_llama_dir, tmp_path / "m")
+    weight_map = {f"model.layers.{i}.w": "model-00001-of-00002.safetensors" for i in range(20)}
+    (folder / checkpoint.INDEX_NAME).write_text(json.dumps({"weight_map": {**weight_map, "lm_head.weight": 5}}))
+    with pytest.raises(ModelFolderError, match=r"weight_map gives 'lm_head.weight' -> 5, not a shard file name"):
+        checkpoint.read_weight_map(folder)
+
+
 @pytest.mark.parametrize("field, value, error, message", [
     ("num_hidden_layers", 10**30, "OptionError", r"num_hidden_layers as a positive integer, got 10+ \(at most 10+\)"),
     ("quantization_config", True, "UnsupportedQuantizationError", "quantization_config=True"),  # AttributeError

@@ -162,16 +162,18 @@ def _text(name: str, what: str) -> Callable[[Any], str]:
     return parse
 
 
+def _is_block_index(item: Any) -> bool:
+    """An int that may become text: ``str()`` refuses integers of over 4300 digits."""
+    return isinstance(item, int) and not isinstance(item, bool) and 0 <= item <= MAX_BLOCK_INDEX
+
+
 def parse_protect(value: Any) -> str:
     """Text such as ``first,last`` or ``0,29``; a list is joined. Read against the model's
     block count when planning (``core.selection.parse_protect``)."""
     what = "'first', 'last' or block indices such as 0,29"
-    def index(item: Any) -> bool:  # only these become text: str() refuses integers of over 4300 digits
-        return isinstance(item, int) and not isinstance(item, bool) and 0 <= item <= MAX_BLOCK_INDEX
-
-    if isinstance(value, (list, tuple)) and all(isinstance(item, str) or index(item) for item in value):
+    if isinstance(value, (list, tuple)) and all(isinstance(item, str) or _is_block_index(item) for item in value):
         value = ",".join(str(item) for item in value[:MAX_BLOCK_INDEX + 2])
-    elif index(value):
+    elif _is_block_index(value):
         value = str(value)
     text = _text("protect", what)(value)
     for item in text.split(","):

@@ -356,7 +356,7 @@ def _config_int(config: Mapping, key: str, default=...):
     value = config.get(key)
     if value is None:  # absent, or null in config.json
         if default is ...:
-            raise ValueError(f"model config lacks {key!r}; pass the model's config.json as a dict")
+            raise ValueError(f"model config lacks {key!r}, which the speed estimate needs")
         return default
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= MAX_CONFIG_INT:
         raise ValueError(f"model config {key!r} must be a positive integer, got {str(value)[:40]} (at most 2**40)")

@@ -39,15 +39,25 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
     return _json_object(path, "the model's Hugging Face config")
 
 
-def read_weight_map(model_dir: str | Path) -> dict[str, str]:
-    """The safetensors index's ``weight_map`` (tensor name -> shard file), checked."""
+def read_index(model_dir: str | Path) -> dict[str, Any]:
+    """The safetensors index, with its ``weight_map`` (tensor name -> shard file) checked."""
     path = Path(model_dir) / INDEX_NAME
-    weight_map = _json_object(path, "a safetensors index").get("weight_map")
-    if not isinstance(weight_map, dict) or not all(isinstance(shard, str) and shard for shard in weight_map.values()):
+    index = _json_object(path, "a safetensors index")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
         raise ModelFolderError(f"{path} has no weight_map of tensor name -> shard file name (got "
                                f"{type(weight_map).__name__} {str(weight_map)[:80]}); restore the file from the "
                                "model's source")
-    return weight_map
+    bad = next(((name, shard) for name, shard in weight_map.items() if not isinstance(shard, str) or not shard), None)
+    if bad is not None:
+        raise ModelFolderError(f"{path}: weight_map gives {str(bad[0])[:80]!r} -> {str(bad[1])[:80]}, not a shard "
+                               "file name; restore the file from the model's source")
+    return index
+
+
+def read_weight_map(model_dir: str | Path) -> dict[str, str]:
+    """The safetensors index's ``weight_map`` (tensor name -> shard file), checked."""
+    return read_index(model_dir)["weight_map"]
 
 
 def _json_object(path: Path, what: str) -> dict[str, Any]:

@@ -324,8 +324,8 @@ def latency_model(model_dir, config: dict, cache: score_cache.ScoreCache | None,
     try:
         return LatencyModel.from_config(config)
     except ValueError as err:  # a size the estimate needs is missing or absurd: the folder's fault
-        raise ModelFolderError(f"{Path(model_dir) / 'config.json'}: {err}; the speed estimate needs it "
-                               "(or measure the speed with `vllm-miprun profile MODEL_DIR`)") from None
+        raise ModelFolderError(f"{Path(model_dir) / 'config.json'}: {err}; restore config.json from the "
+                               "model's source") from None
 
 
 def _select(model_dir, options: MiprunOptions, num_blocks: int, protect: frozenset[int],

@@ -29,7 +29,6 @@ folder.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -226,8 +225,7 @@ def index_total_bytes(model_dir: str | Path) -> int | None:
     index = Path(model_dir) / INDEX_NAME
     if not index.is_file():
         return None
-    read_weight_map(model_dir)  # the index is a JSON object: refused in one line otherwise
-    metadata = json.loads(index.read_text()).get("metadata")
+    metadata = checkpoint.read_index(model_dir).get("metadata")
     total = metadata.get("total_size") if isinstance(metadata, dict) else None
     return int(total) if isinstance(total, (int, float, str)) and str(total).isdigit() else None
 

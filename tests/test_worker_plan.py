@@ -70,8 +70,12 @@ RANK_SCRIPT = textwrap.dedent('''
         print("AGREE")
     except RankPlanError as error:
         print("REFUSED " + str(error))
-    dist.barrier()  # both ranks done before either tears gloo down (else: "terminate called ...")
-    dist.destroy_process_group()
+    dist.barrier()  # both ranks have answered before either leaves
+    # torch's gloo teardown aborts now and then ("terminate called without an active
+    # exception", exit -6; 2 of 60 runs of this script here):
+    # the check is done, so leave without it
+    sys.stdout.flush()
+    os._exit(0)
 ''')
 
 

@@ -3,6 +3,8 @@ config to every process; a config or a set of ranks holding two plans refuses to
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch.multiprocessing as mp
 
@@ -41,8 +43,10 @@ def _rank(rank: int, port: int, digests: list[str], results) -> None:
         results.put((rank, "ok"))
     except RankPlanError as err:
         results.put((rank, str(err)))
-    finally:
-        dist.destroy_process_group()
+    dist.barrier()  # both ranks have answered before either leaves
+    results.close()
+    results.join_thread()  # the answer is in the pipe, then leave past torch's gloo teardown,
+    os._exit(0)  # which aborts now and then ("terminate called ...", see test_worker_plan)
 
 
 @pytest.mark.parametrize("digests, refused", [

@@ -33,3 +33,18 @@ def test_finish_skips_teardown_only_after_an_engine_succeeded(engine, code, tear
     assert proc.returncode == code, proc.stderr
     assert proc.stdout.startswith("RESULT\n") and "LOGGED" in proc.stderr
     assert ("TEARDOWN" in proc.stdout) is teardown
+
+
+def test_leaving_past_the_teardown_still_removes_the_run_folder_made_here(tmp_path):
+    """``os._exit`` runs no atexit hook, the run folder's removal included: a CLI run or a
+    script that ends this way must not leave its folder for the next start to sweep."""
+    script = ("from vllm_miprun.vllm import reports\n"
+              "from vllm_miprun.vllm.engine_exit import exit_after_engine\n"
+              "print(reports.run_dir(create=True), flush=True)\n"
+              "exit_after_engine(0)\n")
+    env = {k: v for k, v in os.environ.items() if k != "MIPRUN_RUN_DIR"} | {"TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    made = proc.stdout.strip()
+    assert made.startswith(str(tmp_path / "vllm-miprun-run-")), made
+    assert not os.path.exists(made) and not list(tmp_path.iterdir())

@@ -17,6 +17,8 @@ import os
 import sys
 from typing import NoReturn
 
+from vllm_miprun.vllm.reports import remove_own_run_dir
+
 
 def engine_ran_here() -> bool:
     """Whether this process imported vLLM's in-process engine (``vllm.LLM``)."""
@@ -24,7 +26,9 @@ def engine_ran_here() -> bool:
 
 
 def exit_after_engine(code: int = 0) -> NoReturn:
-    """Flush logs and standard streams, then end the process with ``code`` at once."""
+    """Remove this process's run folder, flush logs and standard streams, then end the
+    process with ``code`` at once (``os._exit`` runs no atexit hook, the folder's included)."""
+    remove_own_run_dir()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

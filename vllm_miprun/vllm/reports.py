@@ -54,7 +54,7 @@ def run_dir(create: bool = False) -> Path | None:
     _write_json(Path(path) / OWNER_FILE, owner_record())
     os.environ[RUN_DIR_ENV] = path  # inherited by every process started from here on
     _created_run_dir = (os.getpid(), path)
-    atexit.register(_remove_run_dir)
+    atexit.register(remove_own_run_dir)
     return Path(path)
 
 
@@ -93,7 +93,9 @@ def _read_small_json(path: Path, limit: int = 4096) -> Any:
     return json.loads(data)
 
 
-def _remove_run_dir() -> None:
+def remove_own_run_dir() -> None:
+    """Remove the run folder this process made (at exit; ``os._exit`` skips atexit, so
+    ``engine_exit`` calls it itself)."""
     if _created_run_dir is not None and _created_run_dir[0] == os.getpid():
         shutil.rmtree(_created_run_dir[1], ignore_errors=True)
 

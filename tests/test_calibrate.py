@@ -324,3 +324,22 @@ def test_boundary_stats_keep_each_sequences_last_token_and_never_position_zero(t
     influence = 1.0 - scoring.mean_cosine(hidden.flatten(0, 1), after.flatten(0, 1))
     assert stats.block_influence[0] == pytest.approx(influence)
     assert len(stats.last_tokens) == len(stats.mi_states) == model.num_blocks + 1 == len(stats.block_influence) + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_influence_cosine_is_the_float64_mean_over_every_row(dtype):
+    """ShortGPT's mean cosine, taken in chunks of rows, against numpy's float64 on the same
+    inputs: every row counts once (the last, partial chunk included), in float64 whatever
+    the states' dtype."""
+    import numpy as np
+
+    from vllm_miprun.core import scoring
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(1000, 64, generator=generator).to(dtype)
+    b = (a.float() + 0.5 * torch.randn(1000, 64, generator=generator)).to(dtype)
+    b[-7:] = -a[-7:]  # the partial last chunk points the other way: dropping it would show
+    x, y = a.double().numpy(), b.double().numpy()
+    expected = float(np.mean((x * y).sum(1) / np.sqrt((x * x).sum(1) * (y * y).sum(1))))
+    for rows in (256, 1000, 3):
+        assert abs(scoring.mean_cosine(a, b, rows=rows) - expected) <= 1e-12

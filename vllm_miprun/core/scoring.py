@@ -31,9 +31,16 @@ def estimator_params(estimator: str) -> dict:
     return dict(GAUSSIAN_DEFAULTS if estimator == "gaussian" else RENYI_DEFAULTS)
 
 
-def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean cosine similarity of matching rows (tokens) of ``a`` and ``b`` [N, d]."""
-    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).mean())
+def mean_cosine(a: torch.Tensor, b: torch.Tensor, rows: int = 256) -> float:
+    """Mean cosine similarity of matching rows (tokens) of ``a`` and ``b`` [N, d], in float64.
+
+    Converted ``rows`` rows at a time: the float64 copies of a chunk stay in the CPU's cache,
+    where copies of the whole [8192, 576] pair did not (calibration spent 16% of its time
+    here). Each row's cosine is computed alone, so the chunking changes no value."""
+    per_row = [torch.nn.functional.cosine_similarity(a[start:start + rows].double(), b[start:start + rows].double(),
+                                                     dim=-1)
+               for start in range(0, a.shape[0], rows)]
+    return float(torch.cat(per_row).mean())
 
 
 def angular_matrix(last_tokens: Sequence[torch.Tensor]) -> np.ndarray:

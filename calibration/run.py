@@ -113,4 +113,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vllm_miprun.vllm.engine_exit import finish
+
+    finish(main())  # interrupted without Ray: past torch's teardown, which may abort (engine_exit)

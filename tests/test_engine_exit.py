@@ -1,5 +1,6 @@
 """engine_exit: a process that ran an in-process engine leaves past the interpreter's
-teardown on success (its output flushed), and takes the normal path otherwise."""
+teardown on success (its output flushed), an interrupted one with nothing else running
+does too, and every other takes the normal path."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import atexit, sys
 atexit.register(lambda: print("TEARDOWN", flush=True))
 if {engine}:  # what `from vllm import LLM` leaves behind
     sys.modules["vllm.entrypoints.llm"] = type(sys)("vllm.entrypoints.llm")
+if {ray}:  # what `import ray` leaves behind
+    sys.modules["ray"] = type(sys)("ray")
 from vllm_miprun.vllm.engine_exit import finish
 print("RESULT")  # block-buffered into the pipe: only a flush gets it out before os._exit
 sys.stderr.write("LOGGED\\n")
@@ -21,14 +24,17 @@ finish({code})
 """
 
 
-@pytest.mark.parametrize(("engine", "code", "teardown"), [
-    (True, 0, False),   # success after an engine: straight out, output kept
-    (True, 3, True),    # a failure keeps vLLM's exit hooks (the engine may still be up)
-    (False, 0, True),   # no engine: a plain exit
+@pytest.mark.parametrize(("engine", "ray", "code", "teardown"), [
+    (True, False, 0, False),     # success after an engine: straight out, output kept
+    (True, False, 3, True),      # a failure keeps vLLM's exit hooks (the engine may still be up)
+    (False, False, 0, True),     # no engine: a plain exit
+    (False, False, 130, False),  # interrupted, nothing else running: straight out (teardown may abort)
+    (True, False, 130, True),    # interrupted with an engine: vLLM's exit hooks stop it
+    (False, True, 130, True),    # interrupted with Ray: its exit hooks stop its processes
 ])
-def test_finish_skips_teardown_only_after_an_engine_succeeded(engine, code, teardown):
+def test_finish_skips_the_teardown_only_where_nothing_is_left_to_stop(engine, ray, code, teardown):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # else nothing waits for a flush
-    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(engine=engine, code=code)],
+    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(engine=engine, ray=ray, code=code)],
                           capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == code, proc.stderr
     assert proc.stdout.startswith("RESULT\n") and "LOGGED" in proc.stderr

@@ -41,16 +41,21 @@ def test_finish_skips_the_teardown_only_where_nothing_is_left_to_stop(engine, ra
     assert ("TEARDOWN" in proc.stdout) is teardown
 
 
-def test_leaving_past_the_teardown_still_removes_the_run_folder_made_here(tmp_path):
-    """``os._exit`` runs no atexit hook, the run folder's removal included: a CLI run or a
-    script that ends this way must not leave its folder for the next start to sweep."""
-    script = ("from vllm_miprun.vllm import reports\n"
+@pytest.mark.parametrize("leave", ["exit_after_engine(0)", "sys.exit(0)"])
+def test_every_run_folder_made_here_is_removed_however_the_process_leaves(tmp_path, leave):
+    """``os._exit`` runs no atexit hook, the run folders' removal included: a CLI run or a
+    script that ends this way must not leave its folder for the next start to sweep. A
+    process whose folder was unset under it makes a second one; both go."""
+    script = ("import os, sys\n"
+              "from vllm_miprun.vllm import reports\n"
               "from vllm_miprun.vllm.engine_exit import exit_after_engine\n"
+              "print(reports.run_dir(create=True))\n"
+              "del os.environ[reports.RUN_DIR_ENV]\n"
               "print(reports.run_dir(create=True), flush=True)\n"
-              "exit_after_engine(0)\n")
+              f"{leave}\n")
     env = {k: v for k, v in os.environ.items() if k != "MIPRUN_RUN_DIR"} | {"TMPDIR": str(tmp_path)}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
-    made = proc.stdout.strip()
-    assert made.startswith(str(tmp_path / "vllm-miprun-run-")), made
-    assert not os.path.exists(made) and not list(tmp_path.iterdir())
+    made = proc.stdout.split()
+    assert len(set(made)) == 2 and all(path.startswith(str(tmp_path / "vllm-miprun-run-")) for path in made), made
+    assert not list(tmp_path.iterdir())

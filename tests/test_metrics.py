@@ -181,7 +181,7 @@ def test_kv_layouts_come_from_the_newest_report_that_has_them(run_folder):
 def test_a_run_folder_that_is_gone_is_not_used(tmp_path, monkeypatch):
     """A stale MIPRUN_RUN_DIR (its run ended): a new folder is made, not writes that fail."""
     monkeypatch.setenv(reports.RUN_DIR_ENV, str(tmp_path / "gone"))
-    monkeypatch.setattr(reports, "_created_run_dir", None)
+    monkeypatch.setattr(reports, "_created_run_dirs", [])
     assert reports.run_dir() is None
     made = reports.run_dir(create=True)
     try:
@@ -243,7 +243,7 @@ def test_folders_planted_in_tmp_neither_stop_nor_hang_a_start(tmp_path, monkeypa
     assert (elsewhere / reports.OWNER_FILE).is_file()
     monkeypatch.setattr(reports.tempfile, "tempdir", str(tmp_path))
     monkeypatch.delenv(reports.RUN_DIR_ENV, raising=False)
-    monkeypatch.setattr(reports, "_created_run_dir", None)
+    monkeypatch.setattr(reports, "_created_run_dirs", [])
     monkeypatch.setattr(reports, "owner_gone", lambda owner: 1 / 0)  # whatever the sweep meets
     made = reports.run_dir(create=True)
     try:

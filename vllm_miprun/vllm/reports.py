@@ -35,12 +35,13 @@ LOAD_PREFIX = "load-"
 
 _lock = threading.Lock()
 _published: dict[str, dict[str, Any]] = {}  # "plan" / "load" -> last report in this process
-_created_run_dir: tuple[int, str] | None = None  # (pid, path) made here, removed at exit
+# (pid, path) of every folder made here, removed at exit: a process whose folder was removed
+# or unset under it makes another, and the first must not be left behind either.
+_created_run_dirs: list[tuple[int, str]] = []
 
 
 def run_dir(create: bool = False) -> Path | None:
     """This run's report folder (``$MIPRUN_RUN_DIR``); made and exported if asked."""
-    global _created_run_dir
     value = os.environ.get(RUN_DIR_ENV)
     if value and Path(value).is_dir():
         return Path(value)
@@ -53,8 +54,9 @@ def run_dir(create: bool = False) -> Path | None:
     path = tempfile.mkdtemp(prefix=RUN_DIR_PREFIX)
     _write_json(Path(path) / OWNER_FILE, owner_record())
     os.environ[RUN_DIR_ENV] = path  # inherited by every process started from here on
-    _created_run_dir = (os.getpid(), path)
-    atexit.register(remove_own_run_dir)
+    if not _created_run_dirs:
+        atexit.register(remove_own_run_dir)
+    _created_run_dirs.append((os.getpid(), path))
     return Path(path)
 
 
@@ -94,10 +96,11 @@ def _read_small_json(path: Path, limit: int = 4096) -> Any:
 
 
 def remove_own_run_dir() -> None:
-    """Remove the run folder this process made (at exit; ``os._exit`` skips atexit, so
-    ``engine_exit`` calls it itself)."""
-    if _created_run_dir is not None and _created_run_dir[0] == os.getpid():
-        shutil.rmtree(_created_run_dir[1], ignore_errors=True)
+    """Remove the run folders this process made (at exit; ``os._exit`` skips atexit, so
+    ``engine_exit`` calls it itself). A forked child inherits the list, not the folders."""
+    for pid, path in _created_run_dirs:
+        if pid == os.getpid():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -48,6 +49,21 @@ def test_reader_drops_a_hint_that_was_not_taken():
     reader.hint(0, ["a"])
     assert float(reader.get(0, ["a"])["a"][0, 0]) == 0.0 and reader.prefetch_hits == 1
     reader.close()
+
+
+def test_the_prefetch_thread_is_a_daemon_that_answers_in_order_and_ends_on_shutdown():
+    """A daemon, so that it can never hold the interpreter's exit (an interrupted start
+    once waited forever for a pool's worker); failures reach the caller."""
+    worker = stream.DaemonWorker("miprun-test")
+    thread = next(t for t in threading.enumerate() if t.name == "miprun-test")
+    assert thread.daemon
+    futures = [worker.submit(pow, 2, n) for n in range(4)] + [worker.submit(int, "x")]
+    assert [f.result(timeout=10) for f in futures[:4]] == [1, 2, 4, 8]
+    with pytest.raises(ValueError):
+        futures[4].result(timeout=10)
+    worker.shutdown()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
 
 
 def test_budget_keeps_later_blocks_and_never_exceeds_max_memory():
@@ -148,3 +164,19 @@ def test_blocks_load_frozen_streamed_and_resident(tiny_llama_dir):
                 assert not any(p.requires_grad for p in layer.parameters())
         # max_memory is a budget for resident blocks only: a streaming model keeps none
         assert sorted(model._resident) == ([3] if resident else []) and model.blocks_loaded == (1 if resident else 2)
+
+
+def test_loading_a_block_starts_no_thread_pool(tiny_llama_dir, monkeypatch):
+    """transformers' loader starts a pool of non-daemon threads per call unless told not
+    to; a Ctrl-C landing in one of their starts left a thread that held the interpreter's
+    exit forever. A block is already in memory when it loads: no pool."""
+    import transformers.core_model_loading as hf_loading
+
+    pools = []
+    monkeypatch.setattr(hf_loading, "ThreadPoolExecutor", lambda *a, **k: pools.append(a) or pytest.fail("a pool"))
+    monkeypatch.delenv("HF_DEACTIVATE_ASYNC_LOAD", raising=False)
+    model = BlockwiseModel(tiny_llama_dir)
+    with model.block(0) as layer:
+        assert not any(p.is_meta for p in layer.parameters())
+    assert pools == [] and model.blocks_assigned == 0  # transformers' loader ran, without a pool
+    assert "HF_DEACTIVATE_ASYNC_LOAD" not in os.environ  # put back as it was

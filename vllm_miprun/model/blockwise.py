@@ -19,6 +19,7 @@ Where the blocks live is the family's business (:mod:`vllm_miprun.model.architec
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,6 +75,23 @@ class TensorIndex:
     def bytes_with_prefix(self, prefix: str) -> int:
         """On-disk size of the tensors under ``prefix``, from the headers alone."""
         return sum(self.size[n] for n in self.names_with_prefix(prefix))
+
+
+@contextmanager
+def _sequential_transformers_load() -> Iterator[None]:
+    """transformers' loader starts a pool of (non-daemon) threads per call unless
+    ``HF_DEACTIVATE_ASYNC_LOAD`` is set. For one block already in memory they buy nothing,
+    and a Ctrl-C landing while the pool starts a thread left a thread nobody wakes: the
+    interpreter then waited for it forever at exit (an interrupted ``vllm serve``)."""
+    before = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
+    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
+        else:
+            os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = before
 
 
 def _loaded_as_stored(layer: nn.Module, relative: dict[str, torch.Tensor]) -> bool:
@@ -181,7 +199,8 @@ class BlockwiseModel:
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # one bar per block would drown calibration's own
         try:
-            convert_and_load_state_dict_in_model(self.skeleton, state, load_config)
+            with _sequential_transformers_load():
+                convert_and_load_state_dict_in_model(self.skeleton, state, load_config)
         finally:
             if bars:
                 hf_logging.enable_progress_bar()

@@ -15,8 +15,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import torch
 
@@ -74,6 +76,38 @@ def default_max_memory(device: str | torch.device) -> int:
     return max(0, int(free - DEVICE_MARGIN_BYTES - DEVICE_MARGIN_FRACTION * total))
 
 
+class DaemonWorker:
+    """One daemon thread that runs submitted calls in order, each answered by a ``Future``.
+
+    Not a ``ThreadPoolExecutor``: its worker is no daemon, and the executor registers it
+    for the exit-time wake-up only after ``Thread.start`` returns. A Ctrl-C landing inside
+    that start (it waits for the thread) left a live worker nobody wakes, and the
+    interpreter waited for it forever at exit. A daemon thread never holds the exit."""
+
+    def __init__(self, name: str):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable, *args) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as error:  # noqa: BLE001 - the caller's result() raises it
+                future.set_exception(error)
+
+    def shutdown(self) -> None:
+        """Let the thread end after the calls already submitted."""
+        self._jobs.put(None)
+
+
 class PrefetchingReader:
     """Read tensor groups by key; ``hint`` starts reading the next one in a thread.
 
@@ -85,7 +119,7 @@ class PrefetchingReader:
 
     def __init__(self, read: ReadFn, device: str | torch.device, dtype: torch.dtype):
         self._read, self.device, self.dtype = read, torch.device(device), dtype
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="miprun-prefetch")
+        self._pool = DaemonWorker("miprun-prefetch")
         self._pending: tuple[object, Future] | None = None
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.prefetch_hits = 0
@@ -133,7 +167,7 @@ class PrefetchingReader:
 
     def close(self) -> None:
         self._drop_pending()
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown()
 
 
 def stream_groups(read: ReadFn, groups: Iterable[list[str]], device: str | torch.device,

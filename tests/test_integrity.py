@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -19,23 +21,29 @@ def _calibrate_cmd(model_dir, cache_dir, samples: int = 4) -> list[str]:
             "--seq-len", "32", "--cache-dir", str(cache_dir)]
 
 
-def _start_and_await(cmd: list[str], marker: bytes, timeout: float = 120):
-    """Start ``cmd``; return it with its stderr so far once ``marker`` shows there (a
-    thread keeps reading, so ``proc.wait`` then ``"".join(err)`` has the rest)."""
+def _start_and_await(cmd: list[str], marker: bytes, timeout: float = 120, env: dict[str, str] | None = None,
+                     with_stdout: bool = False):
+    """Start ``cmd``; return it with its stderr (and stdout, where vLLM logs, if
+    ``with_stdout``) so far once ``marker`` shows there (a thread keeps reading, so
+    ``proc.wait`` then ``"".join(err)`` has the rest)."""
     # the harness's start: the child handles SIGINT even when the tests run in the background
-    proc = harness.start_in_own_group(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=False)
+    proc = harness.start_in_own_group(cmd, env=env, stdout=subprocess.PIPE if with_stdout else subprocess.DEVNULL,
+                                      stderr=subprocess.STDOUT if with_stdout else subprocess.PIPE, text=False)
+    stream = proc.stdout if with_stdout else proc.stderr
     err: list[bytes] = []
     seen = threading.Event()
 
     def pump() -> None:  # tqdm ends its updates with \r, not \n: read raw chunks
-        for chunk in iter(lambda: os.read(proc.stderr.fileno(), 4096), b""):
+        for chunk in iter(lambda: os.read(stream.fileno(), 4096), b""):
             err.append(chunk)
             if marker in b"".join(err[-2:]):
                 seen.set()
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
-    assert seen.wait(timeout), b"".join(err).decode(errors="replace")[-3000:]
+    if not seen.wait(timeout):
+        harness.kill_group(proc)
+        raise AssertionError(b"".join(err).decode(errors="replace")[-3000:])
     return proc, reader, err
 
 
@@ -54,6 +62,99 @@ def test_interrupted_calibration_leaves_no_cache(tiny_llama_dir, tmp_path, signu
     assert proc.returncode == 130, err[-3000:]
     assert "interrupted; nothing was written" in err and "Traceback" not in err
     assert [p.name for p in cache_dir.iterdir() if not p.name.endswith(".lock")] == []
+
+
+@pytest.fixture
+def sigint_as_at_a_terminal(monkeypatch):
+    """SIGINT handled as in a foreground process (a background run ignores it, and then an
+    asyncio runner installs no handler of its own); no signal recorded yet."""
+    from vllm_miprun import errors
+
+    monkeypatch.setattr(errors, "_SIGNALLED", [])
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield errors
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_cuts_blocking_work_inside_an_event_loop_short(sigint_as_at_a_terminal):
+    """asyncio's runner answers a first Ctrl-C by cancelling its main task, which blocking
+    work never yields to; inside ``interruptible_in_event_loop`` it unwinds at once, and
+    the runner's handler is back afterwards."""
+    import asyncio
+    import time
+
+    errors = sigint_as_at_a_terminal
+    seen = {}
+
+    async def main() -> None:
+        runner_handler = signal.getsignal(signal.SIGINT)
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            with errors.interruptible_in_event_loop():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)  # the blocking work the signal must cut short
+        seen["seconds"] = time.monotonic() - start
+        seen["handler back"] = signal.getsignal(signal.SIGINT) is runner_handler
+        seen["records"] = list(errors._SIGNALLED)
+
+    asyncio.run(main())
+    assert seen == {"seconds": pytest.approx(0, abs=2), "handler back": True, "records": []}
+
+
+def test_a_swallowed_ctrl_c_still_stops_the_work_at_its_end(sigint_as_at_a_terminal):
+    """C code the KeyboardInterrupt passes through may drop it; the signal is still acted on."""
+    import asyncio
+
+    errors = sigint_as_at_a_terminal
+
+    async def main() -> None:
+        with pytest.raises(KeyboardInterrupt):
+            with errors.interruptible_in_event_loop():
+                try:
+                    os.kill(os.getpid(), signal.SIGINT)
+                except KeyboardInterrupt:
+                    pass  # dropped on its way out
+        assert errors._SIGNALLED == []
+
+    asyncio.run(main())
+
+
+def test_outside_an_event_loop_the_process_keeps_its_own_handler(sigint_as_at_a_terminal):
+    errors = sigint_as_at_a_terminal
+    with errors.interruptible_in_event_loop():
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("shape", ["one server", "two API servers", "plan child"])
+def test_ctrl_c_while_vllm_serve_calibrates_stops_the_start(tiny_llama_dir, tmp_path, shape):
+    """Ctrl-C (SIGINT to the group, as a terminal sends it) while ``vllm serve`` calibrates:
+    the start stops at once with status 130 and one line, before any engine, with no score
+    cache and no process left. vLLM's event loop used to hold the first Ctrl-C until the
+    plan and the engine start were done; two API servers exited 0; the plan child's death
+    read as an error."""
+    from engine_kit import engine_env
+
+    cache_dir = tmp_path / "scores"
+    extra = {"samples": 1024, "seq_len": 128, "cache_dir": str(cache_dir)}  # a pass of many seconds
+    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", str(tiny_llama_dir), "--miprun-keep", "0.75",
+           "--enforce-eager", "--max-model-len", "256", "--port", str(harness.free_port()),
+           "--model-loader-extra-config", json.dumps(extra)]
+    cmd += ["--api-server-count", "2"] if shape == "two API servers" else []
+    env = engine_env(**({"MIPRUN_PLAN_CHILD": "always"} if shape == "plan child" else {}))
+    marker = b"calibrating now" if shape == "plan child" else b"calibrating blocks"  # the child shows no bar
+    proc, reader, chunks = _start_and_await(cmd, marker, env=env, with_stdout=True)
+    try:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
+    finally:
+        left = harness.kill_group(proc)
+    log = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 130, log[-3000:]
+    assert "interrupted while planning" in log and "miprun plan:" not in log, log[-3000:]
+    assert left == [], f"processes left in the server's session: {left}"
+    assert not cache_dir.exists() or [p.name for p in cache_dir.iterdir() if not p.name.endswith(".lock")] == []
 
 
 def test_concurrent_calibrations_both_finish_with_a_valid_cache(tiny_llama_dir, tmp_path):

@@ -8,8 +8,11 @@
 
 from __future__ import annotations
 
+import signal
 import sys
-from typing import Callable
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 
 class MiprunError(ValueError):
@@ -62,6 +65,42 @@ def check_interrupted() -> None:
     between blocks of long passes, where stopping is always safe."""
     if _SIGNALLED:
         raise KeyboardInterrupt
+
+
+@contextmanager
+def interruptible_in_event_loop() -> Iterator[None]:
+    """Ctrl-C stops blocking work done inside a running asyncio event loop (``vllm serve``
+    plans there, in its front process, before the engine starts).
+
+    The runner ``vllm serve`` runs under answers a first Ctrl-C only by cancelling its main
+    task, which a minute of calibration never yields to; the cancellation was then lost and
+    the server started anyway. Here SIGINT unwinds at once, as :func:`interrupt`, and a
+    signal whose KeyboardInterrupt something swallowed still stops the work at its end.
+    Elsewhere (no loop, another thread, SIGINT ignored) the process's own handler stays."""
+    if (threading.current_thread() is not threading.main_thread() or not _event_loop_running()
+            or signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.default_int_handler, interrupt)):
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, interrupt)
+    already = len(_SIGNALLED)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        came = len(_SIGNALLED) > already
+        del _SIGNALLED[already:]  # a caller that catches the interrupt may plan again
+    if came:
+        raise KeyboardInterrupt
+
+
+def _event_loop_running() -> bool:
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def run_command(prog: str, command: Callable[[], int],

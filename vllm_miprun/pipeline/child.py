@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_miprun import envs
-from vllm_miprun.errors import MiprunError
+from vllm_miprun.errors import EXIT_INTERRUPTED, MiprunError
 from vllm_miprun.options import MiprunOptions, resolve_device
 from vllm_miprun.pipeline.plan import SCORE_FREE_METHODS, Plan
 
@@ -194,6 +194,8 @@ def main(argv: list[str]) -> int:
     request_path, answer_path = Path(argv[0]), Path(argv[1])
     try:
         answer = {"result": serve_request(json.loads(request_path.read_text(encoding="utf-8")))}
+    except KeyboardInterrupt:  # Ctrl-C reaches the parent too (one group); it says so in one line
+        return EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001 - every failure goes back to the parent as one line
         cls = type(error)
         answer = {"error": {"class": f"{cls.__module__}.{cls.__qualname__}", "message": str(error)}}

@@ -32,7 +32,7 @@ from typing import Any
 from vllm.logger import init_logger
 
 from vllm_miprun import route_library_logs_to_vllm
-from vllm_miprun.errors import USER_ERRORS, MiprunError
+from vllm_miprun.errors import EXIT_INTERRUPTED, USER_ERRORS, MiprunError, interruptible_in_event_loop
 from vllm_miprun.model import remap
 from vllm_miprun.option_flags import add_serve_flags, entry_wording, serve_flag_values
 from vllm_miprun.options import MiprunOptions, OptionError, option
@@ -106,12 +106,13 @@ def prepare_engine_args(engine_args) -> None:
     engine_args.model_loader_extra_config = worker_paths.carry_paths(engine_args.model_loader_extra_config)
     options = MiprunOptions.from_dict(engine_args.model_loader_extra_config)
     source = model_files.ModelSource.from_engine_args(engine_args)
-    planned = model_files.plan_source(
-        source, options, lambda folder, hf_config: plan_outside_cuda(folder, options, hf_config), overrides)
-    plan = planned.plan
-    pruned_fields = remap.pruned_fields(planned.folder, planned.hf_config, plan.kept)
-    start = time.perf_counter()
-    heal_outside_cuda(planned.folder, options, list(plan.kept), plan.num_blocks)  # fit once here, workers read
+    with interruptible_in_event_loop():  # Ctrl-C while `vllm serve` calibrates stops the start
+        planned = model_files.plan_source(
+            source, options, lambda folder, hf_config: plan_outside_cuda(folder, options, hf_config), overrides)
+        plan = planned.plan
+        pruned_fields = remap.pruned_fields(planned.folder, planned.hf_config, plan.kept)
+        start = time.perf_counter()
+        heal_outside_cuda(planned.folder, options, list(plan.kept), plan.num_blocks)  # fit once here, workers read
     engine_args.hf_overrides = {**overrides, **pruned_fields, **digest_fields(plan)}
     report = plan_report(plan, planned.plan_seconds + time.perf_counter() - start)
     logger.info(
@@ -287,6 +288,13 @@ def one_line_exit(error: Exception) -> SystemExit:
     return SystemExit(f"vllm-miprun: error: {error}")
 
 
+def interrupted_exit() -> SystemExit:
+    """Ctrl-C or SIGTERM while the front process plans: one line, exit status 130. Planning
+    made no call that exits, so a status-0 ``SystemExit`` there is a signal handler's."""
+    logger.warning("miprun: interrupted while planning; no engine was started and no partial file written")
+    return SystemExit(EXIT_INTERRUPTED)
+
+
 _FROM_CLI = "_miprun_from_cli"  # set on EngineArgs made from a command line: errors exit in one line
 
 
@@ -303,6 +311,10 @@ def _wrap_from_cli_args(original):
         except USER_ERRORS as error:  # MiprunError and missing files: one line, no traceback,
             # exit status 1 (vLLM's front process), nothing started yet
             raise one_line_exit(error) from None
+        except KeyboardInterrupt:  # Ctrl-C while planning: every write is atomic, nothing started
+            raise interrupted_exit() from None
+        except SystemExit as stop:  # the multi-server launcher's own handler stops with status 0
+            raise (interrupted_exit() if stop.code in (None, 0) else stop) from None
         return engine_args
 
     return from_cli_args

@@ -66,6 +66,26 @@ def test_the_prefetch_thread_is_a_daemon_that_answers_in_order_and_ends_on_shutd
     assert not thread.is_alive()
 
 
+def test_a_prefetch_thread_ends_with_the_reader_nobody_holds(tiny_llama_dir):
+    """Every streamed model makes a reader; one that is dropped unclosed must not leave
+    its thread behind (a long-lived server plans many times)."""
+    import gc
+
+    def prefetch_threads() -> set:
+        return {t for t in threading.enumerate() if t.name == "miprun-prefetch"}
+
+    before = prefetch_threads()
+    for _ in range(3):
+        model = BlockwiseModel(tiny_llama_dir)
+        with model.block(0):
+            pass
+        del model
+    gc.collect()
+    for thread in prefetch_threads() - before:
+        thread.join(timeout=10)
+    assert prefetch_threads() - before == set()
+
+
 def test_budget_keeps_later_blocks_and_never_exceeds_max_memory():
     budget = stream.ResidentBudget(250)
     assert budget.admit(0, 100) == (True, [])

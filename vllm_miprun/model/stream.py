@@ -17,6 +17,7 @@ import ctypes.util
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 
@@ -82,30 +83,34 @@ class DaemonWorker:
     Not a ``ThreadPoolExecutor``: its worker is no daemon, and the executor registers it
     for the exit-time wake-up only after ``Thread.start`` returns. A Ctrl-C landing inside
     that start (it waits for the thread) left a live worker nobody wakes, and the
-    interpreter waited for it forever at exit. A daemon thread never holds the exit."""
+    interpreter waited for it forever at exit. A daemon thread never holds the exit. The
+    thread holds the queue, not the worker, so a worker nobody holds any more lets it end."""
 
     def __init__(self, name: str):
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._run, name=name, daemon=True).start()
+        threading.Thread(target=_run_jobs, args=(self._jobs,), name=name, daemon=True).start()
+        weakref.finalize(self, self._jobs.put, None)
 
     def submit(self, fn: Callable, *args) -> Future:
         future: Future = Future()
         self._jobs.put((future, fn, args))
         return future
 
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            future, fn, args = job
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args))
-            except BaseException as error:  # noqa: BLE001 - the caller's result() raises it
-                future.set_exception(error)
-
     def shutdown(self) -> None:
         """Let the thread end after the calls already submitted."""
         self._jobs.put(None)
+
+
+def _run_jobs(jobs: queue.SimpleQueue) -> None:
+    while (job := jobs.get()) is not None:
+        future, fn, args = job
+        if not future.set_running_or_notify_cancel():
+            continue
+        try:
+            future.set_result(fn(*args))
+        except BaseException as error:  # noqa: BLE001 - the caller's result() raises it
+            future.set_exception(error)
+        del job, future, fn, args  # hold no call's objects while waiting for the next
 
 
 class PrefetchingReader:

@@ -73,9 +73,10 @@ def interruptible_in_event_loop() -> Iterator[None]:
     plans there, in its front process, before the engine starts).
 
     The runner ``vllm serve`` runs under answers a first Ctrl-C only by cancelling its main
-    task, which a minute of calibration never yields to; the cancellation was then lost and
-    the server started anyway. Here SIGINT unwinds at once, as :func:`interrupt`, and a
-    signal whose KeyboardInterrupt something swallowed still stops the work at its end.
+    task, which a minute of calibration never yields to, so the plan and then the engine's
+    start ran to their end before the process stopped. Here SIGINT unwinds at once, as
+    :func:`interrupt`, and a signal whose KeyboardInterrupt something swallowed still
+    stops the work at its end.
     Elsewhere (no loop, another thread, SIGINT ignored) the process's own handler stays."""
     if (threading.current_thread() is not threading.main_thread() or not _event_loop_running()
             or signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.default_int_handler, interrupt)):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 RESULT_MARK = "MIPRUN_RESULT "
 RUNNER = Path(__file__).with_name("engine_runner.py")
+VLLM = Path(sys.executable).parent / "vllm"  # the `vllm` command of this environment
 
 
 def engine_env(*, without: Iterable[str] = (), scrub_miprun: bool = False, path_first: Iterable[str | Path] = (),

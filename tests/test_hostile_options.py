@@ -18,11 +18,11 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from engine_kit import VLLM
 from vllm_miprun import option_flags
 from vllm_miprun.options import OPTIONS, MiprunOptions, OptionError
 
@@ -182,7 +182,6 @@ def test_extra_config_json_passes_nan_and_huge_numbers_to_the_option_parsers():
 # Marked `engine` (run them under the machine's engine lock, like the engine tests): each
 # starts vLLM's CLI (about 15 s of imports), though none gets as far as an engine.
 
-VLLM = Path(sys.executable).parent / "vllm"
 SERVE_CASES = {
     "huge integer in extra config": (["--load-format", "miprun", "--model-loader-extra-config",
                                       '{"keep": 1' + "0" * 400 + "}"], 1, "keep must be a number"),

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -133,11 +132,11 @@ def test_ctrl_c_while_vllm_serve_calibrates_stops_the_start(tiny_llama_dir, tmp_
     cache and no process left. vLLM's event loop used to hold the first Ctrl-C until the
     plan and the engine start were done; two API servers exited 0; the plan child's death
     read as an error."""
-    from engine_kit import engine_env
+    from engine_kit import VLLM, engine_env
 
     cache_dir = tmp_path / "scores"
     extra = {"samples": 1024, "seq_len": 128, "cache_dir": str(cache_dir)}  # a pass of many seconds
-    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", str(tiny_llama_dir), "--miprun-keep", "0.75",
+    cmd = [str(VLLM), "serve", str(tiny_llama_dir), "--miprun-keep", "0.75",
            "--enforce-eager", "--max-model-len", "256", "--port", str(harness.free_port()),
            "--model-loader-extra-config", json.dumps(extra)]
     cmd += ["--api-server-count", "2"] if shape == "two API servers" else []

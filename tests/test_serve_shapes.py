@@ -14,16 +14,13 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from engine_kit import engine_env
+from engine_kit import VLLM, engine_env
 from vllm_miprun.model.remap import FULL_FIELD, KEPT_FIELD
 from vllm_miprun.tools import harness
 
-VLLM = Path(sys.executable).parent / "vllm"
 KV_BYTES = 16 * 2**20
 KEPT = 6  # keep 0.75 of the tiny model's 8 blocks
 

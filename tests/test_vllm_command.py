@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from engine_kit import engine_env
+from engine_kit import VLLM, engine_env
 from vllm_miprun.tools import harness
 from vllm_miprun.vllm import launcher
 from vllm_miprun.vllm.launcher import Current
@@ -218,7 +218,6 @@ def test_stock_models_keep_vllms_default(serve_parser, tiny_llama_dir, dtype_log
 
 # --- the environment's `vllm` script, as typed (engine) ----------------------------------
 
-VLLM = Path(sys.executable).parent / "vllm"
 KV_BYTES = 16 * 2**20
 PRUNED = 2  # round-half-up(0.75 x 8) = 6 of the tiny model's 8 blocks are kept
 

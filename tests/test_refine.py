@@ -366,6 +366,52 @@ def test_forward_search_reads_four_calibration_sequences_and_keeps_blocks_within
     assert len(seen) == 1 and torch.equal(seen[0], ids)
 
 
+def test_a_calibration_hands_the_search_its_full_pass_to_the_bit(tiny_llama_dir, tmp_path, monkeypatch):
+    """The calibration of a first MI-PRUN plan runs the first SEARCH_WINDOWS windows through
+    each block as a batch of their own and keeps their states: the search's own full pass, to
+    the last bit. A search handed them tokenises nothing, skips that pass (one block pass per
+    block fewer) and finds the same blocks with the same losses as a search on its own."""
+    from vllm_miprun.pipeline import forward_search
+    from vllm_miprun.pipeline.calibrate import SEARCH_WINDOWS
+
+    settings = CalibrationSettings(samples=6, seq_len=32)
+    batches = []
+    real_run_block = BlockwiseModel.run_block
+    monkeypatch.setattr(BlockwiseModel, "run_block",
+                        lambda self, layer, hidden, *a, **k: batches.append(hidden.shape[0])
+                        or real_run_block(self, layer, hidden, *a, **k))
+    result = calibrate(tiny_llama_dir, settings, cache_dir=tmp_path, progress=False, keep_search_start=True)
+    assert batches == [SEARCH_WINDOWS, 6 - SEARCH_WINDOWS] * 8  # the search's batch apart, in every block
+    start = result.search_start
+    assert torch.equal(start.input_ids, calibration_ids(tiny_llama_dir, settings))
+    own = CalibrationKL(BlockwiseModel(tiny_llama_dir), start.input_ids[:SEARCH_WINDOWS]).states
+    assert len(start.states) == 9 and all(torch.equal(a, b) for a, b in zip(start.states, own))
+    assert calibrate(tiny_llama_dir, settings, cache_dir=tmp_path, progress=False,
+                     keep_search_start=True).search_start is None  # a cache read runs no pass
+
+    options = MiprunOptions(keep=0.5, cache_dir=str(tmp_path), calibration=settings)
+    cost = span_cost_matrix(result.cache)
+    alone = ForwardSearch(tiny_llama_dir, options, cost)
+    found_alone = alone.run("mi-prun", 8, 4, frozenset())
+    monkeypatch.setattr(forward_search, "calibration_ids", lambda *a: pytest.fail("the search tokenised again"))
+    handed = ForwardSearch(tiny_llama_dir, options, cost, start)
+    found = handed.run("mi-prun", 8, 4, frozenset())
+    assert found.pruned == found_alone.pruned
+    assert [r["loss"] for r in found.details["greedy_trace"]] == [r["loss"] for r in found_alone.details["greedy_trace"]]
+    assert alone._mi_prun_loss.block_passes - handed._mi_prun_loss.block_passes == 8
+
+
+def test_a_first_mi_prun_plan_searches_from_its_calibration(tiny_llama_dir, tmp_path, monkeypatch):
+    """``make_plan`` from an empty score cache hands the calibration it runs to the search
+    (which would otherwise tokenise the calibration text again)."""
+    from vllm_miprun.pipeline import forward_search
+
+    monkeypatch.setattr(forward_search, "calibration_ids", lambda *a: pytest.fail("the search tokenised again"))
+    plan = make_plan(tiny_llama_dir, MiprunOptions(keep=0.5, cache_dir=str(tmp_path), calibration=SMALL),
+                     progress=False)
+    assert len(plan.pruned) == 4 and plan.scores_source == "computed"
+
+
 def test_sleb_plan_caches_every_prefix_of_its_greedy_trace(tiny_llama_dir, calibrated):
     result, cache_dir = calibrated
     deep = make_plan(tiny_llama_dir, MiprunOptions(keep=0.5, method="sleb", cache_dir=str(cache_dir),

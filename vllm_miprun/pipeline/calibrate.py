@@ -31,11 +31,27 @@ from vllm_miprun.options import CalibrationSettings, resolve_device
 logger = logging.getLogger(__name__)
 
 
+# MI-PRUN's search measures its bound on the first SEARCH_WINDOWS calibration windows
+# (pipeline.forward_search). Calibration runs them through each block as a batch of their own,
+# the batch the search runs, so their boundary states are the search's to the last bit, and a
+# plan that calibrates hands them over instead of the search running the full model again.
+SEARCH_WINDOWS = 2
+
+
 @dataclass
 class BoundaryStats:
     mi_states: list[torch.Tensor]      # L+1 x [mi_tokens, d]
     last_tokens: list[torch.Tensor]    # L+1 x [samples, d]
     block_influence: list[float]       # L
+    search_states: list[torch.Tensor] | None = None  # L+1 x [SEARCH_WINDOWS, seq_len, d], when asked
+
+
+@dataclass(frozen=True)
+class SearchStart:
+    """What a calibration that just ran gives MI-PRUN's search: the calibration windows
+    [samples, seq_len] and the boundary states of the first SEARCH_WINDOWS of them."""
+    input_ids: torch.Tensor
+    states: list[torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -43,6 +59,7 @@ class CalibrationResult:
     cache: score_cache.ScoreCache
     path: Path
     reused: bool
+    search_start: SearchStart | None = None  # only from a pass this call ran, and only when asked
 
 
 # The compute that caches made before the key named it were keyed as: the CPU's float32.
@@ -123,11 +140,13 @@ def calibration_ids(model_dir: str | Path, settings: CalibrationSettings) -> tor
 
 def calibrate(model_dir: str | Path, settings: CalibrationSettings, device: str = "cpu",
               cache_dir: str | Path | None = None, force: bool = False, progress: bool = True,
-              dtype: torch.dtype | None = None) -> CalibrationResult:
+              dtype: torch.dtype | None = None, keep_search_start: bool = False) -> CalibrationResult:
     """Return the cached scores for these weights and settings, computing them if needed.
 
     ``dtype`` is the blocks' compute dtype; None keeps the checkpoint's dtype on an
     accelerator and uses float32 on the CPU (the statistics are float32/float64 either way).
+    ``keep_search_start``: a pass run here also returns its :class:`SearchStart` (a plan about
+    to run MI-PRUN's search; the states cost SEARCH_WINDOWS windows' activations per boundary).
     """
     architectures.for_config(read_config(model_dir))  # not a model, or unsupported: refused before any work
     check_checkpoint_quantization(model_dir, read_config(model_dir))  # not a model / unreadable format
@@ -148,16 +167,22 @@ def calibrate(model_dir: str | Path, settings: CalibrationSettings, device: str 
         if path.exists() and not force:  # another process calibrated while this one waited
             return CalibrationResult(score_cache.read_cache(path, fingerprint, key), path, reused=True)
         start = time.perf_counter()
-        cache = compute_scores(model_dir, settings, fingerprint, device=resolve_device(device),
-                               progress=progress, dtype=dtype)
+        cache, search_start = _calibration_pass(model_dir, settings, fingerprint, resolve_device(device), progress,
+                                                dtype, keep_search_start)
         score_cache.write_cache(path, cache)
     logger.info("wrote score cache %s (calibrated in %.1f s)", path, time.perf_counter() - start)
-    return CalibrationResult(cache, path, reused=False)
+    return CalibrationResult(cache, path, reused=False, search_start=search_start)
 
 
 def compute_scores(model_dir: str | Path, settings: CalibrationSettings, fingerprint: str,
                    device: str = "cpu", progress: bool = True,
                    dtype: torch.dtype | None = None) -> score_cache.ScoreCache:
+    return _calibration_pass(model_dir, settings, fingerprint, device, progress, dtype, False)[0]
+
+
+def _calibration_pass(model_dir: str | Path, settings: CalibrationSettings, fingerprint: str, device: str,
+                      progress: bool, dtype: torch.dtype | None,
+                      keep_search_start: bool) -> tuple[score_cache.ScoreCache, SearchStart | None]:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     input_ids = calibration_ids(model_dir, settings)
@@ -167,7 +192,8 @@ def compute_scores(model_dir: str | Path, settings: CalibrationSettings, fingerp
     tic = time.perf_counter()
     model = BlockwiseModel(model_dir, device=device, dtype=dtype)
     compute = f"{torch.device(device).type}-{str(model.dtype).removeprefix('torch.')}"
-    stats = collect_boundary_stats(model, input_ids, params["mi_tokens"], settings.seed, progress)
+    stats = collect_boundary_stats(model, input_ids, params["mi_tokens"], settings.seed, progress,
+                                   keep_search_states=keep_search_start)
     timings["forward_s"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
@@ -179,6 +205,7 @@ def compute_scores(model_dir: str | Path, settings: CalibrationSettings, fingerp
 
     num_blocks = model.num_blocks
     config = read_config(model_dir)
+    search_start = SearchStart(input_ids, stats.search_states) if keep_search_start else None
     return score_cache.ScoreCache(
         fingerprint=fingerprint,
         model={
@@ -196,24 +223,34 @@ def compute_scores(model_dir: str | Path, settings: CalibrationSettings, fingerp
         baselines={"block_influence": stats.block_influence, "angular": to_nested_list(angular),
                    "skip_mi_iso": to_nested_list(skip_mi)},
         timings=timings,
-    )
+    ), search_start
 
 
 def collect_boundary_stats(model: BlockwiseModel, input_ids: torch.Tensor, mi_tokens: int, seed: int,
-                           progress: bool = True) -> BoundaryStats:
-    """Run the batch through every block once and keep what the scores need."""
+                           progress: bool = True, keep_search_states: bool = False) -> BoundaryStats:
+    """Run the batch through every block once and keep what the scores need (and, when
+    ``keep_search_states``, the first SEARCH_WINDOWS windows' states)."""
     samples, seq_len = input_ids.shape
     rows = _mi_rows(samples, seq_len, mi_tokens, seed)
     hidden = model.embed_tokens(input_ids)
-    stats = BoundaryStats([], [], [])
+    stats = BoundaryStats([], [], [], [] if keep_search_states else None)
     _keep_boundary(stats, hidden, rows)
     for index in tqdm(range(model.num_blocks), desc="calibrating blocks", disable=not progress):
         with model.block(index) as layer:
-            nxt = model.run_block(layer, hidden)
+            nxt = _run_block_search_windows_apart(model, layer, hidden)
         stats.block_influence.append(1.0 - scoring.mean_cosine(hidden.flatten(0, 1), nxt.flatten(0, 1)))
         hidden = nxt
         _keep_boundary(stats, hidden, rows)
     return stats
+
+
+def _run_block_search_windows_apart(model: BlockwiseModel, layer, hidden: torch.Tensor) -> torch.Tensor:
+    """The block on the first SEARCH_WINDOWS windows as one batch, then on the rest: a kernel
+    may round a row differently in a batch of another size (see SEARCH_WINDOWS)."""
+    head = model.run_block(layer, hidden[:SEARCH_WINDOWS])
+    if hidden.shape[0] <= SEARCH_WINDOWS:
+        return head
+    return torch.cat([head, model.run_block(layer, hidden[SEARCH_WINDOWS:])])
 
 
 def _mi_rows(samples: int, seq_len: int, mi_tokens: int, seed: int) -> torch.Tensor:
@@ -233,4 +270,6 @@ def _keep_boundary(stats: BoundaryStats, hidden: torch.Tensor, rows: torch.Tenso
     flat = hidden.flatten(0, 1)
     stats.mi_states.append(flat[rows.to(flat.device)].float().clone())
     stats.last_tokens.append(hidden[:, -1].float().clone())
+    if stats.search_states is not None:
+        stats.search_states.append(hidden[:SEARCH_WINDOWS].clone())
 

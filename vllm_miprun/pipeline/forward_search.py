@@ -13,6 +13,7 @@ from vllm_miprun.core.selection.sleb import prefix_answers as sleb_prefix_answer
 from vllm_miprun.model.checkpoint import missing_shards
 from vllm_miprun.options import MiprunOptions, resolve_device
 from vllm_miprun.pipeline import hub_alias, store as score_cache
+from vllm_miprun.pipeline.calibrate import SEARCH_WINDOWS, SearchStart, calibration_ids
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ FORWARD_METHODS = ("sleb", "mi-prun")
 # SLEB's greedy search sees the first 4 calibration sequences. MI-PRUN's soft-target bound
 # (KL to the full model) needs only the first 2: the same sets as 4 on SmolLM2, half the cost.
 FORWARD_MAX_SAMPLES = 4
-MI_PRUN_BOUND_SAMPLES = 2
+MI_PRUN_BOUND_SAMPLES = SEARCH_WINDOWS
 # Cached forward-search answers are stored under a key that names the search's configuration,
 # so a score cache filled under an earlier default never hands back that default's answer.
 SELECTION_KEYS = {"mi-prun": "mi-prun@kl2-drift", "sleb": "sleb"}
@@ -69,10 +70,15 @@ def _stored_order(selections: dict) -> list[int]:
 
 
 class ForwardSearch:
-    """Searches that run the model on calibration tokens; the model is loaded on first use."""
+    """Searches that run the model on calibration tokens; the model is loaded on first use.
 
-    def __init__(self, model_dir, options: MiprunOptions, cost):
+    ``start``: what the calibration this plan just ran computed (its windows, and the first
+    windows' boundary states, which are MI-PRUN's full pass); without it the search tokenises
+    the calibration text and runs the full model itself."""
+
+    def __init__(self, model_dir, options: MiprunOptions, cost, start: SearchStart | None = None):
         self.model_dir, self.options, self.cost = model_dir, options, cost
+        self._start = start
         self._model = None
         self._ids = None
         self._mi_prun_loss = None  # one evaluator for every count this plan searches (refine's memo)
@@ -96,10 +102,21 @@ class ForwardSearch:
 
     def _load(self):
         if self._ids is None:
-            from vllm_miprun.pipeline.calibrate import calibration_ids
-
-            self._ids = calibration_ids(self.model_dir, self.options.calibration)[:FORWARD_MAX_SAMPLES]
+            ids = self._start.input_ids if self._start else calibration_ids(self.model_dir, self.options.calibration)
+            self._ids = ids[:FORWARD_MAX_SAMPLES]
         return self.model(), self._ids
+
+    def _full_states(self, model):
+        """The calibration's states of the bound's windows when they are this model's (device
+        and dtype); None makes the evaluator run the full model itself. Handed over once."""
+        start, self._start = self._start, None
+        if start is None or len(start.states) != model.num_blocks + 1:
+            return None
+        import torch
+
+        first = start.states[0]
+        same = first.device.type == torch.device(model.device).type and first.dtype == model.dtype
+        return start.states if same else None
 
     def run(self, method: str, num_blocks: int, num_prune: int, protect: frozenset[int],
             known: Sequence[int] = ()) -> selectors.Selection:
@@ -112,7 +129,7 @@ class ForwardSearch:
             from vllm_miprun.pipeline.refine import CalibrationKL, refine
 
             if self._mi_prun_loss is None:
-                self._mi_prun_loss = CalibrationKL(model, ids[:MI_PRUN_BOUND_SAMPLES])
+                self._mi_prun_loss = CalibrationKL(model, ids[:MI_PRUN_BOUND_SAMPLES], states=self._full_states(model))
             result = refine(self.model_dir, ids[:MI_PRUN_BOUND_SAMPLES], self.cost, num_prune, protect, model=model,
                             evaluator=self._mi_prun_loss, known=known)
         else:

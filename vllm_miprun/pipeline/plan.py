@@ -131,16 +131,16 @@ def make_plan(model_dir: str | Path, options: MiprunOptions, hf_config: dict | N
         plan = explicit_plan(model_dir, config, options, num_blocks, protect)
         return _with_quality(plan, _probe(model_dir, options, None, None)) if measure_quality else plan
 
-    cache, path, source = None, None, "none-needed"
+    cache, path, source, start = None, None, "none-needed", None
     if options.method not in SCORE_FREE_METHODS:
-        cache, path, source = load_scores(model_dir, options, progress=progress)
+        cache, path, source, start = load_scores(model_dir, options, progress=progress)
         if cache.num_blocks != num_blocks:
             raise score_cache.CacheError(
                 f"score cache {path} scores {cache.num_blocks} blocks but the model has {num_blocks}; "
                 "recalibrate this model"
             )
     latency = latency_model(model_dir, config, cache, options.cache_dir)
-    forward = ForwardSearch(model_dir, options, _score_inputs(cache).get("cost"))
+    forward = ForwardSearch(model_dir, options, _score_inputs(cache).get("cost"), start)
     probe = _probe(model_dir, options, path, forward) if measure_quality or options.quality_budget else None
     selection = _select(model_dir, options, num_blocks, protect, cache, path, latency, forward, probe)
     plan = Plan(
@@ -224,17 +224,19 @@ def explicit_plan(model_dir: str | Path, config: dict, options: MiprunOptions, n
 
 
 def load_scores(model_dir: str | Path, options: MiprunOptions, progress: bool = True):
-    """(cache, path, source): the explicit ``scores`` file, the matching cache, or a new one."""
+    """(cache, path, source, search start): the explicit ``scores`` file, the matching cache, or
+    a new one; the last is MI-PRUN's :class:`~vllm_miprun.pipeline.calibrate.SearchStart` when
+    this call calibrated for an MI-PRUN plan, else None."""
     from vllm_miprun.pipeline.calibrate import calibrate, calibration_key, check_compute
 
     settings = options.calibration
     path, fingerprint, compute = scores_location(model_dir, options)
     if compute is None:
-        return score_cache.read_cache(path, fingerprint=fingerprint), path, "cache-hit"
+        return score_cache.read_cache(path, fingerprint=fingerprint), path, "cache-hit", None
     if path.exists():
         cache = score_cache.read_cache(path, fingerprint, calibration_key(settings, compute))
         check_compute(cache, compute, path)
-        return cache, path, "cache-hit"
+        return cache, path, "cache-hit", None
     if options.require_cache:
         raise score_cache.CacheError(
             f"no score cache for {model_dir} with calibration {settings.to_json()} at {path}, and "
@@ -245,8 +247,8 @@ def load_scores(model_dir: str | Path, options: MiprunOptions, progress: bool = 
                 "calibration options", model_dir, settings.to_json(),
                 path, model_dir)
     result = calibrate(model_dir, settings, device=resolve_device(options.device), cache_dir=options.cache_dir,
-                       progress=progress)
-    return result.cache, result.path, "cache-hit" if result.reused else "computed"
+                       progress=progress, keep_search_start=options.method == "mi-prun")
+    return result.cache, result.path, "cache-hit" if result.reused else "computed", result.search_start
 
 
 def scores_location(model_dir: str | Path, options: MiprunOptions) -> tuple[Path, str, str | None]:

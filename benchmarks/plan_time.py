@@ -7,7 +7,10 @@ process's one-time costs, imports and first kernel calls, so neither side carrie
 * **MI-PRUN**: ``make_plan`` from an empty score cache folder for each keep, as a first
   ``vllm-miprun plan`` or a first ``vllm serve`` does: calibration (tokenisation, one
   block-by-block pass with statistics, the span MI) and then the forward search (2 × 256
-  calibration tokens). The calibration share is the score cache's own ``total_s``.
+  calibration tokens). The calibration share is the score cache's own ``total_s``. Each
+  keep is planned ``--repeats`` times (3), each from an empty folder, and the run of median
+  seconds is reported: a plan of 10-45 s moves with the machine by 10% and more from one run
+  to the next, while SLEB's one run of minutes averages over that.
 * **ShortGPT** (for reference, the cheapest method that reads scores): the same, its
   selection a ranking of the scores.
 * **SLEB**: one search at the smallest keep, through the planner's own forward search
@@ -22,8 +25,8 @@ ahead of time, e.g. by ``python -m calibration.run``).
 
     PYTHONPATH=. OMP_NUM_THREADS=2 python benchmarks/plan_time.py
 
-Writes ``benchmarks/results/plan_time_smollm2.json`` and ``.png`` (about 20 minutes on an
-idle 2-core CPU, most of it SLEB at keep 0.6).
+Writes ``benchmarks/results/plan_time_smollm2.json`` and ``.png`` (about 12 minutes on an
+idle 2-core Intel Xeon, a third of it SLEB at keep 0.6).
 """
 
 from __future__ import annotations
@@ -76,6 +79,18 @@ def first_plan(model_dir: Path, keep: float, method: str = "mi-prun") -> dict:
             "search_s": round(seconds - calibration, 2)}
 
 
+def median_first_plan(model_dir: Path, keep: float, method: str, repeats: int) -> dict:
+    """The first plan of median seconds among ``repeats``, each from its own empty folder, with
+    every run's seconds (``samples``). One short plan moves with the machine by 10% and more
+    from one run to the next; SLEB's one long run averages over minutes. Every run must give
+    the same set."""
+    runs = [first_plan(model_dir, keep, method) for _ in range(repeats)]
+    if len({tuple(run["pruned"]) for run in runs}) != 1:
+        raise RuntimeError(f"{method} at keep {keep} gave different sets from run to run: {runs}")
+    median = sorted(runs, key=lambda run: run["seconds"])[(repeats - 1) // 2]
+    return {**median, "samples": [run["seconds"] for run in runs]}
+
+
 def sleb_run(model_dir: Path, keep: float, num_blocks: int, num_prune: int) -> tuple[float, list[dict]]:
     """SLEB's search for ``num_prune`` blocks as the planner runs it: seconds and greedy trace."""
     from vllm_miprun.options import MiprunOptions
@@ -116,6 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--out-json", default=str(RESULTS / "plan_time_smollm2.json"))
     p.add_argument("--out-png", default=str(RESULTS / "plan_time_smollm2.png"))
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. other load on the machine)")
+    p.add_argument("--repeats", type=int, default=3, help="first plans per method and keep; the median is reported")
     args = p.parse_args(argv)
 
     from vllm_miprun.core.selection import prune_count
@@ -128,8 +144,8 @@ def main(argv=None) -> int:
     mi_prun, shortgpt = {}, {}
     for keep in args.keeps:
         for method, found in (("mi-prun", mi_prun), ("shortgpt", shortgpt)):
-            print(f"[{time.strftime('%H:%M:%S')}] {method} keep {keep}: first plan", flush=True)
-            found[keep] = first_plan(model_dir, keep, method)
+            print(f"[{time.strftime('%H:%M:%S')}] {method} keep {keep}: {args.repeats} first plans", flush=True)
+            found[keep] = median_first_plan(model_dir, keep, method, args.repeats)
             print(f"  {found[keep]}", flush=True)
     deepest = max(prune_count(keep, num_blocks) for keep in args.keeps)
     print(f"[{time.strftime('%H:%M:%S')}] sleb: {deepest} blocks", flush=True)
@@ -140,11 +156,12 @@ def main(argv=None) -> int:
         "benchmark": "benchmarks/plan_time.py", "model": model_dir.name, "note": args.note,
         "target_ratio": TARGET_RATIO,
         "timed": "MI-PRUN and ShortGPT: make_plan from an empty score cache folder per keep (calibration + "
-                 "search; calibration_s is the cache's total_s; ShortGPT only ranks). SLEB: ForwardSearch.run "
+                 "search; calibration_s is the cache's total_s; ShortGPT only ranks), repeated, the run of median "
+                 "seconds reported (samples: every run's seconds). SLEB: one ForwardSearch.run "
                  "at the smallest keep (model, tokenisation, full pass, greedy); a smaller count's time is that "
                  "run less its later rounds. Before either: a warm-up (tokenizer, model classes, one forward pass of "
                  "2 windows) so that neither side pays the process's one-time costs",
-        "warm_up_s": round(warm_up_s, 2),
+        "warm_up_s": round(warm_up_s, 2), "repeats": args.repeats,
         "sleb_run_s": round(total, 2), "sleb_trace": trace, "rows": rows,
     })
     store.atomic_write_text(Path(args.out_json), json.dumps(result, indent=1) + "\n")

@@ -106,18 +106,6 @@ class ForwardSearch:
             self._ids = ids[:FORWARD_MAX_SAMPLES]
         return self.model(), self._ids
 
-    def _full_states(self, model):
-        """The calibration's states of the bound's windows when they are this model's (device
-        and dtype); None makes the evaluator run the full model itself. Handed over once."""
-        start, self._start = self._start, None
-        if start is None or len(start.states) != model.num_blocks + 1:
-            return None
-        import torch
-
-        first = start.states[0]
-        same = first.device.type == torch.device(model.device).type and first.dtype == model.dtype
-        return start.states if same else None
-
     def run(self, method: str, num_blocks: int, num_prune: int, protect: frozenset[int],
             known: Sequence[int] = ()) -> selectors.Selection:
         """``known``: MI-PRUN's greedy order from an earlier plan on this cache (see GREEDY_TRACE_KEY)."""
@@ -129,7 +117,9 @@ class ForwardSearch:
             from vllm_miprun.pipeline.refine import CalibrationKL, refine
 
             if self._mi_prun_loss is None:
-                self._mi_prun_loss = CalibrationKL(model, ids[:MI_PRUN_BOUND_SAMPLES], states=self._full_states(model))
+                # calibration ran on this model's device and dtype (both from these options)
+                states = self._start.states if self._start else None
+                self._mi_prun_loss = CalibrationKL(model, ids[:MI_PRUN_BOUND_SAMPLES], states=states)
             result = refine(self.model_dir, ids[:MI_PRUN_BOUND_SAMPLES], self.cost, num_prune, protect, model=model,
                             evaluator=self._mi_prun_loss, known=known)
         else:
